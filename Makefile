@@ -1,0 +1,33 @@
+# Two commands from nothing:  make test   /   make demo
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+# The pinned CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+TORCH   ?= torch==2.13.0
+STAMP   := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+demo: $(STAMP)
+	$(BIN)/python -m l2o.demo
+
+bench: $(STAMP)
+	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/graph_build.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
