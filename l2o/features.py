@@ -1,0 +1,101 @@
+"""Per-step optimizer statistics and the features a learned optimizer reads.
+
+Everything here works on *flat* vectors (all parameter entries of a model
+concatenated, see :class:`l2o.graph.ParamGraph`) and is purely functional, so
+the same code runs inside ``GMNOptimizer.step`` (no grad) and inside the
+unrolled, differentiated inner loop of meta-training.
+
+Per entry, following the small_fc_lopt / LOLv2 family (Metz et al. 2022):
+
+* the parameter value ``p`` and gradient ``g``;
+* momenta ``m_b = b m_b + (1 - b) g`` at ``MOMENTUM_BETAS``;
+* the second moment ``v = b2 v + (1 - b2) g^2`` and the bias-corrected Adam
+  direction ``a = m̂_0.9 / (sqrt(v̂) + eps)``;
+* every feature divided by its root-mean-square over the tensor it belongs to,
+  so inputs are scale-free across layers, models and losses.
+
+Time enters as ``tanh(t / tau - 1)`` for ``tau`` in ``TIME_SCALES``: one vector
+per step shared by every entry (the metanetworks fold it into biases).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+MOMENTUM_BETAS = (0.5, 0.9, 0.99, 0.999)
+ADAM_BETA1_INDEX = 1          # MOMENTUM_BETAS[1] == 0.9 is Adam's beta1
+SECOND_MOMENT_BETA = 0.999
+ADAM_EPS = 1e-8
+TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
+
+# p, g, the momenta, the Adam direction, sqrt(v)
+NUM_ENTRY_FEATURES = 2 + len(MOMENTUM_BETAS) + 2
+NUM_TIME_FEATURES = len(TIME_SCALES)
+_RMS_EPS = 1e-12
+# sqrt has an infinite derivative at 0; a tiny shift keeps meta-gradients finite
+# for entries whose gradient has always been zero.
+_SQRT_EPS = 1e-30
+
+
+def init_state(flat_params: Tensor) -> dict[str, Tensor]:
+    """Zero statistics for a flat parameter vector (float32 whatever the params' dtype)."""
+    n = flat_params.shape[0]
+    z = dict(device=flat_params.device, dtype=torch.float32)
+    return {
+        "m": torch.zeros(n, len(MOMENTUM_BETAS), **z),
+        "v": torch.zeros(n, **z),
+        "step": torch.zeros((), **z),
+    }
+
+
+def update_state(state: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
+    """One step of the running statistics (out of place, differentiable)."""
+    betas = torch.tensor(MOMENTUM_BETAS, device=grad.device, dtype=torch.float32)
+    g = grad.float()
+    m = state["m"] * betas + (1.0 - betas) * g.unsqueeze(1)
+    v = state["v"] * SECOND_MOMENT_BETA + (1.0 - SECOND_MOMENT_BETA) * g * g
+    return {"m": m, "v": v, "step": state["step"] + 1.0}
+
+
+def adam_direction(state: dict[str, Tensor]) -> Tensor:
+    """Bias-corrected Adam direction m̂ / (sqrt(v̂) + eps) from an updated state
+    (``step >= 1``). This is the nominal term of the learned update."""
+    t = state["step"].clamp(min=1.0)
+    b1 = MOMENTUM_BETAS[ADAM_BETA1_INDEX]
+    m_hat = state["m"][:, ADAM_BETA1_INDEX] / (1.0 - b1 ** t)
+    v_hat = state["v"] / (1.0 - SECOND_MOMENT_BETA ** t)
+    return m_hat / ((v_hat + _SQRT_EPS).sqrt() + ADAM_EPS)
+
+
+def per_tensor_rms(x: Tensor, tensor_id: Tensor, num_tensors: int) -> Tensor:
+    """Root-mean-square of each column of ``x`` [n, F] over each tensor's
+    entries, broadcast back to the entries: one index_add, one gather."""
+    sums = x.new_zeros(num_tensors, x.shape[1]).index_add_(0, tensor_id, x * x)
+    counts = torch.bincount(tensor_id, minlength=num_tensors).clamp(min=1).to(x.dtype)
+    rms = (sums / counts.unsqueeze(1) + _SQRT_EPS).sqrt()
+    return rms.index_select(0, tensor_id)
+
+
+def entry_features(params: Tensor, grad: Tensor, state: dict[str, Tensor], adam_dir: Tensor,
+                   tensor_id: Tensor, num_tensors: int) -> Tensor:
+    """[n, NUM_ENTRY_FEATURES] per-entry inputs, RMS-normalised per tensor.
+
+    ``state`` is the *updated* state of this step (momenta include ``grad``).
+    """
+    raw = torch.cat(
+        [
+            params.float().unsqueeze(1),
+            grad.float().unsqueeze(1),
+            state["m"],
+            adam_dir.unsqueeze(1),
+            (state["v"] + _SQRT_EPS).sqrt().unsqueeze(1),
+        ],
+        dim=1,
+    )
+    return raw / (per_tensor_rms(raw, tensor_id, num_tensors) + _RMS_EPS)
+
+
+def time_features(step: Tensor) -> Tensor:
+    """[NUM_TIME_FEATURES] encoding of the step count at several time scales."""
+    taus = torch.tensor(TIME_SCALES, device=step.device, dtype=torch.float32)
+    return torch.tanh(step.float() / taus - 1.0)

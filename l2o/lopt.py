@@ -1,0 +1,87 @@
+"""The learned-optimizer contract shared by the GMN and the graph-free baseline.
+
+A learned optimizer is an ``nn.Module`` that maps one training step's inputs to
+an update, functionally::
+
+    state = lopt.init_state(flat_params)
+    update, state = lopt(graph, flat_params, flat_grads, state)
+    flat_params = flat_params + lr * update
+
+Flat vectors are laid out by the :class:`~l2o.graph.ParamGraph`. Subclasses only
+implement :meth:`predict`, which turns per-entry features into two numbers per
+entry, a direction ``d`` and a log-magnitude ``s``. The update is
+
+.. math::
+    \\Delta = -\\exp(\\hat s)\\,\\big(w_{nom}\\,a + \\alpha\\,d\\big), \\qquad
+    \\hat s = c\\tanh(s / c)
+
+where ``a`` is the bias-corrected Adam direction (the *nominal* term, Harrison
+et al. 2022) with learned weight ``w_nom = exp(log_nominal)`` (initially Adam's
+usual 1e-3), ``alpha`` a small output scale (Metz et al. 2022) and ``c`` bounds
+the learned log step multiplier. With the output layers initialised near zero a
+fresh learned optimizer is Adam(lr=1e-3) plus a small perturbation: it trains,
+and meta-training only has to learn how to do better.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import features as F_
+from .graph.param_graph import ParamGraph
+
+
+class LearnedOptimizer(nn.Module):
+    kind: str = "base"
+
+    def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
+                 max_log_step: float = 3.0):
+        super().__init__()
+        self.out_scale = float(out_scale)
+        self.nominal = bool(nominal)
+        self.max_log_step = float(max_log_step)
+        self.nominal_lr = float(nominal_lr)  # initial value; the learned one is in log_nominal
+        self.log_nominal = nn.Parameter(torch.tensor(math.log(nominal_lr)), requires_grad=self.nominal)
+
+    # -------------------------------------------------------------- contract
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments; ``type(self)(**config())`` rebuilds the module."""
+        return {
+            "out_scale": self.out_scale,
+            "nominal": self.nominal,
+            "nominal_lr": self.nominal_lr,
+            "max_log_step": self.max_log_step,
+        }
+
+    def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
+        return F_.init_state(flat_params)
+
+    def predict(self, graph: ParamGraph, x: Tensor, t: Tensor) -> Tensor:
+        """[n, 2] (direction, log-magnitude) from entry features ``x`` [n, F]
+        and time features ``t`` [T]."""
+        raise NotImplementedError
+
+    def forward(self, graph: ParamGraph, params: Tensor, grad: Tensor,
+                state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        state = F_.update_state(state, grad)
+        adam = F_.adam_direction(state)
+        x = F_.entry_features(params, grad, state, adam, graph.tensor_id, graph.num_tensors)
+        out = self.predict(graph, x, F_.time_features(state["step"]))
+        direction, log_step = out[:, 0], out[:, 1]
+        log_step = self.max_log_step * torch.tanh(log_step / self.max_log_step)
+        step = self.out_scale * direction
+        if self.nominal:
+            step = step + self.log_nominal.exp() * adam
+        return -(step * log_step.exp()), state
+
+
+def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:
+    """Output layers start near zero so a fresh optimizer is its nominal term."""
+    with torch.no_grad():
+        linear.weight.mul_(scale)
+        if linear.bias is not None:
+            linear.bias.zero_()
+    return linear

@@ -1,0 +1,209 @@
+"""``torch.optim.Optimizer`` drop-ins driven by a learned optimizer.
+
+    opt = GMNOptimizer(model)                  # shipped pretrained weights
+    opt = GMNOptimizer(model, weights=None)    # untrained metanetwork (~Adam, lr 1e-3)
+    opt = MLPOptimizer(model.parameters(), weights="mlp.safetensors")
+
+Design notes:
+
+* State lives in two flat buffers (momenta ``m`` [n, 4], second moment ``v``
+  [n]) laid out by the ParamGraph; ``self.state[p]`` holds *views* into them,
+  so ``state_dict()`` has the usual per-parameter shape while ``step`` works
+  on the flat buffers with a handful of large tensor ops.
+* ``lr`` (per param group) multiplies the learned step, so
+  ``torch.optim.lr_scheduler`` works unchanged; ``lr=1.0`` is the step the
+  metanetwork was meta-trained to take.
+* A tensor whose gradient is ``None`` (unused, frozen) or non-finite is left
+  untouched for that step, and so is its state; non-finite gradients warn.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from . import checkpoint
+from .graph.param_graph import ParamGraph
+from .layout import tensor_layout
+from .lopt import LearnedOptimizer
+
+
+def _resolve_lopt(weights, kind: str) -> LearnedOptimizer:
+    if weights == "pretrained":
+        return checkpoint.load_pretrained(kind)
+    if weights is None:
+        return checkpoint.make_lopt(kind)
+    if isinstance(weights, LearnedOptimizer):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        return checkpoint.load_lopt(weights, expect_kind=kind)
+    raise TypeError(f"weights must be 'pretrained', None, a path or a LearnedOptimizer module, "
+                    f"got {type(weights).__name__}")
+
+
+class LearnedOptimizerBase(torch.optim.Optimizer):
+    """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout."""
+
+    def __init__(self, params: list[nn.Parameter], graph: ParamGraph, lopt: LearnedOptimizer,
+                 lr: float = 1.0):
+        if not lr >= 0.0:
+            raise ValueError(f"invalid learning-rate multiplier: {lr}")
+        if len(params) != len(graph.param_names):
+            raise ValueError(f"layout covers {len(graph.param_names)} tensors, got {len(params)} parameters")
+        self._ready = False
+        super().__init__(params, dict(lr=lr))
+        self._ready = True
+        device = params[0].device if params else torch.device("cpu")
+        self.graph = graph.to(device)
+        self.lopt = lopt.to(device).eval()
+        for p in self.lopt.parameters():
+            p.requires_grad_(False)
+        self._params = params            # model order == graph.param_names order
+        self._flat_params = [params[i] for i in graph.flat_order]
+        self._flat_state = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
+        self.param_groups[0].setdefault("step", 0)
+        self._point_state_views()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_ready", False):
+            raise NotImplementedError(
+                f"{type(self).__name__} optimizes one fixed set of parameters (its graph is built once); "
+                "create a new optimizer for a different set")
+        super().add_param_group(param_group)
+
+    # ---------------------------------------------------------------- state
+    def _point_state_views(self) -> None:
+        """Make ``self.state[p]`` views into the flat buffers."""
+        m_chunks = self._flat_state["m"].split(self.graph.numels)
+        v_chunks = self._flat_state["v"].split(self.graph.numels)
+        for p, m, v in zip(self._flat_params, m_chunks, v_chunks):
+            self.state[p] = {"m": m.view(*p.shape, m.shape[-1]), "v": v.view(p.shape)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        missing = [i for i, p in enumerate(self._flat_params) if "m" not in self.state.get(p, {})]
+        if missing:
+            raise ValueError(f"optimizer state_dict lacks learned-optimizer state for {len(missing)} tensors")
+        # load_state_dict copies the tensors: gather them back into the flat buffers
+        self._flat_state = {
+            "m": torch.cat([self.state[p]["m"].reshape(-1, self.state[p]["m"].shape[-1])
+                            for p in self._flat_params]).float(),
+            "v": torch.cat([self.state[p]["v"].reshape(-1) for p in self._flat_params]).float(),
+            "step": torch.tensor(float(self.param_groups[0]["step"]), device=self.graph.device),
+        }
+        self._point_state_views()
+
+    # ----------------------------------------------------------------- step
+    def _check_unchanged(self) -> None:
+        for p, shape in zip(self._params, self.graph.param_shapes):
+            if p.shape != shape:
+                raise RuntimeError(
+                    f"parameter shapes changed since {type(self).__name__} was created "
+                    f"({tuple(shape)} -> {tuple(p.shape)}); create a new optimizer for the new model")
+
+    def _active_mask(self, grads: list[Tensor | None], flat_g: Tensor) -> tuple[Tensor | None, list[str]]:
+        """Per-entry bool mask of entries to update (None: all), and names of
+        tensors skipped for non-finite gradients."""
+        inactive = [g is None or not p.requires_grad for p, g in zip(self._flat_params, grads)]
+        bad_names: list[str] = []
+        if not bool(torch.isfinite(flat_g).all()):
+            per_tensor_bad = torch.zeros(self.graph.num_tensors, device=flat_g.device).index_add_(
+                0, self.graph.tensor_id, (~torch.isfinite(flat_g)).float())
+            for k in per_tensor_bad.nonzero().flatten().tolist():
+                inactive[k] = True
+                bad_names.append(self.graph.param_names[self.graph.flat_order[k]])
+        if not any(inactive):
+            return None, bad_names
+        keep = torch.tensor([not x for x in inactive], device=flat_g.device)
+        return keep.index_select(0, self.graph.tensor_id), bad_names
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_unchanged()
+        grads = [p.grad for p in self._flat_params]
+        flat_g = torch.cat([g.reshape(-1).float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
+                            for p, g in zip(self._flat_params, grads)])
+        mask, bad = self._active_mask(grads, flat_g)
+        if bad:
+            warnings.warn(f"{type(self).__name__}: non-finite gradient in {', '.join(bad)}; "
+                          "skipped the update of these tensors this step", RuntimeWarning, stacklevel=2)
+        if mask is not None and not bool(mask.any()):
+            return loss
+
+        flat_p = torch.cat([p.detach().reshape(-1).float() for p in self._flat_params])
+        if mask is not None:
+            flat_g = torch.where(mask, flat_g, torch.zeros_like(flat_g))
+        group = self.param_groups[0]
+        state = dict(self._flat_state, step=torch.tensor(float(group["step"]), device=flat_p.device))
+        update, new_state = self.lopt(self.graph, flat_p, flat_g, state)
+
+        finite = torch.isfinite(update)
+        if not bool(finite.all()):
+            warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
+                          "those entries were not changed", RuntimeWarning, stacklevel=2)
+            mask = finite if mask is None else mask & finite
+        if mask is not None:
+            update = torch.where(mask, update, torch.zeros_like(update))
+            for key in ("m", "v"):
+                keep = mask.unsqueeze(1) if new_state[key].dim() == 2 else mask
+                new_state[key] = torch.where(keep, new_state[key], self._flat_state[key])
+        self._flat_state["m"].copy_(new_state["m"])
+        self._flat_state["v"].copy_(new_state["v"])
+        group["step"] += 1
+
+        chunks = update.split(self.graph.numels)
+        updates = [c.view(p.shape).to(p.dtype) for p, c in zip(self._flat_params, chunks)]
+        torch._foreach_add_(self._flat_params, updates, alpha=group["lr"])
+        return loss
+
+
+class GMNOptimizer(LearnedOptimizerBase):
+    """Graph-metanetwork learned optimizer for ``model``.
+
+    Args:
+        model: the ``nn.Module`` to train; its parameter graph is built once.
+        weights: ``"pretrained"`` (shipped weights), a path to a safetensors
+            file from ``meta_train.py``, a ``GMNLOpt`` module, or ``None`` for
+            a freshly initialised metanetwork.
+        lr: multiplier of the learned step (1.0 = as meta-trained).
+        example_inputs: passed to :func:`l2o.build_graph` when tracing needs shapes.
+        strict: raise on modules the graph builder does not understand.
+    """
+
+    def __init__(self, model: nn.Module, weights="pretrained", lr: float = 1.0,
+                 example_inputs=None, strict: bool = False):
+        if not isinstance(model, nn.Module):
+            raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph; "
+                            "for a bare parameter list use l2o.MLPOptimizer")
+        from .graph import build_graph
+
+        graph = build_graph(model, example_inputs=example_inputs, strict=strict)
+        named = dict(model.named_parameters())
+        params = [named[n] for n in graph.param_names]
+        super().__init__(params, graph, _resolve_lopt(weights, "gmn"), lr=lr)
+
+
+class MLPOptimizer(LearnedOptimizerBase):
+    """Graph-free per-parameter learned optimizer (the ablation of the GMN).
+
+    ``params`` is an iterable of tensors or an ``nn.Module``.
+    """
+
+    def __init__(self, params: Iterable[nn.Parameter] | nn.Module, weights="pretrained",
+                 lr: float = 1.0):
+        if isinstance(params, nn.Module):
+            params = params.parameters()
+        params = list(params)
+        if params and isinstance(params[0], dict):
+            raise TypeError("MLPOptimizer takes one list of parameters, not param-group dicts")
+        if not params:
+            raise ValueError("MLPOptimizer got an empty parameter list")
+        layout = tensor_layout([p.shape for p in params])
+        super().__init__(params, layout, _resolve_lopt(weights, "mlp"), lr=lr)
