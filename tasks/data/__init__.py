@@ -1,0 +1,85 @@
+"""Offline datasets by name, each loaded once per process and cached in memory.
+
+Bundled or procedural (always available): digits, mnist1d, synthetic_cls,
+synthetic_reg, parity, reverse, sort, modadd, chars, and the autoencoder views
+digits_recon, mnist1d_recon.
+From a local directory (`root=` or $L2O_DATA; never downloaded): mnist,
+fashion_mnist, cifar10.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import cifar, idx
+from .arrays import ArrayData, TokenStreamData, as_reconstruction, batch_stream
+from .chars import load_chars_data
+from .digits import load_digits_data
+from .local import ENV_VAR, DatasetNotFoundError, data_root
+from .mnist1d import load_mnist1d_data
+from .sequences import (load_modadd_data, load_parity_data, load_reverse_data,
+                        load_sort_data)
+from .synthetic import load_classification_data, load_regression_data
+
+BUNDLED = {
+    "digits": load_digits_data,
+    "mnist1d": load_mnist1d_data,
+    "synthetic_cls": load_classification_data,
+    "synthetic_reg": load_regression_data,
+    "parity": load_parity_data,
+    "reverse": load_reverse_data,
+    "sort": load_sort_data,
+    "modadd": load_modadd_data,
+    "chars": load_chars_data,
+    # Autoencoder views: inputs as targets, sharing the tensors of the base dataset.
+    "digits_recon": lambda: as_reconstruction(load_dataset("digits")),
+    "mnist1d_recon": lambda: as_reconstruction(load_dataset("mnist1d")),
+}
+LOCAL = {
+    "mnist": lambda root: idx.load_idx_data("mnist", root),
+    "fashion_mnist": lambda root: idx.load_idx_data("fashion_mnist", root),
+    "cifar10": cifar.load_cifar10_data,
+}
+DATASETS = sorted(BUNDLED) + sorted(LOCAL)
+
+_cache: dict[tuple[str, str | None], object] = {}
+
+
+def _resolved_root(root) -> str | None:
+    try:
+        return str(data_root(root).resolve())
+    except DatasetNotFoundError:
+        return None
+
+
+def load_dataset(name: str, root=None):
+    """The dataset object for `name` (ArrayData or TokenStreamData), cached."""
+    if name in BUNDLED:
+        key = (name, None)
+        if key not in _cache:
+            _cache[key] = BUNDLED[name]()
+        return _cache[key]
+    if name in LOCAL:
+        key = (name, _resolved_root(root))
+        if key not in _cache:
+            _cache[key] = LOCAL[name](root)  # raises DatasetNotFoundError with the layout
+        return _cache[key]
+    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def is_available(name: str, root=None) -> bool:
+    """Whether `name` can be loaded without error (checks files, loads nothing)."""
+    if name in BUNDLED:
+        return True
+    if name in ("mnist", "fashion_mnist"):
+        return idx.is_available(name, root)
+    if name == "cifar10":
+        return cifar.is_available(root)
+    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
+def clear_cache() -> None:
+    _cache.clear()
+
+
+__all__ = ["ArrayData", "TokenStreamData", "DatasetNotFoundError", "ENV_VAR", "DATASETS",
+           "load_dataset", "is_available", "clear_cache", "batch_stream"]
