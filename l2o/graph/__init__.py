@@ -1,0 +1,33 @@
+"""The parameter graph: any ``nn.Module`` as the graph a metanetwork reads.
+
+``build_graph(model, example_inputs=None, strict=False)`` traces the model
+with torch.fx. Nodes are neurons / channels / token ids / attention units;
+every weight entry is an edge, every bias / norm entry a node-held slot, and
+anything unrecognised a per-tensor fallback node. Supported layers:
+
+| Module / op | Nodes | Edges (kind, edge_pos) | Node-held entries |
+|---|---|---|---|
+| ``Linear`` | ``out_features`` new | ``W[o,i]``: in ``i`` -> out ``o`` (LINEAR; spatial pos after a flatten) | bias: BIAS |
+| ``Conv1d/2d``, ``ConvTranspose1d/2d`` (groups, depthwise, any stride/padding) | ``out_channels`` new | every kernel tap (CONV, kernel offset in [-1,1]) | bias: BIAS |
+| ``Embedding`` | ``num_embeddings`` INPUT token nodes, ``embedding_dim`` new | ``W[t,d]``: token -> dim (EMBEDDING) | -- |
+| ``BatchNorm1d/2d``, ``InstanceNorm1d/2d``, ``GroupNorm`` | none | -- | weight/bias: NORM_WEIGHT/NORM_BIAS per channel |
+| ``LayerNorm``, ``RMSNorm`` | none | -- | NORM_WEIGHT/NORM_BIAS on the normalised neurons |
+| ``MultiheadAttention`` | 3E q/k/v + E out | in-proj (ATTN_Q/K/V), out-proj from v units (ATTN_OUT) | in_proj_bias, bias_k/v: ATTN_BIAS; out bias: BIAS |
+| ``TransformerEncoderLayer`` / ``TransformerEncoder`` | as MHA + FF Linear | as above | residual stream merged; norms as LayerNorm |
+| ``x + f(x)``, ``a * b``, ``stack``, ``where`` | merged pairwise | -- | -- |
+| ``torch.cat`` on the feature dim (other dims: merge) | concatenated | -- | -- |
+| flatten / view / reshape of a ``C x H x W`` map | C channel nodes kept | next Linear: column -> channel ``col // HW``, pos = (y, x) in [-1,1] | -- |
+| activations, dropout, pooling, ``mean``, softmax, transpose, ... | passed through | -- | -- |
+| anything else with parameters (custom module, bare ``nn.Parameter``, untraceable code) | one TENSOR node per tensor | -- | all entries: FALLBACK (+ one warning; ``strict=True`` raises) |
+
+The merged node of a residual add is HIDDEN unless one side is INPUT/OUTPUT.
+``node_depth`` is the layer index (longest chain of weight layers from the
+inputs) divided by the maximum; TENSOR nodes have depth 0.
+"""
+from .builder import build_graph
+from .draw import draw_graph
+from .errors import UnsupportedModuleError
+from .param_graph import EdgeKind, EntryKind, NodeType, ParamGraph
+
+__all__ = ["build_graph", "draw_graph", "ParamGraph", "NodeType", "EdgeKind", "EntryKind",
+           "UnsupportedModuleError"]

@@ -1,0 +1,196 @@
+"""``build_graph``: trace a model with torch.fx and map it to a ParamGraph.
+
+Walk: every fx value carries the node list of its feature dimension
+(:mod:`values`); leaf modules of known kinds are mapped by
+:mod:`layers`, functions and tensor methods by :mod:`ops`. Network inputs
+get INPUT nodes lazily (sized by their first consumer); node lists reaching
+the output become OUTPUT nodes (``node_io_index`` = position in the
+concatenated output). A submodule fx cannot trace is walked on its own (its
+inputs wired to the caller's values), and if even that fails its children
+are walked separately; parameters nobody structured go on per-tensor
+fallback nodes.
+"""
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from . import ops
+from .errors import UnsupportedModuleError
+from .layers import mapper_for
+from .param_graph import NodeType, ParamGraph
+from .state import GraphState
+from .trace import propagate_shapes, trace
+from .values import LazyNodes, ParamRef, TupleVal, Val, depth_of
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _map_arg(env: dict, a: Any) -> Any:
+    return fx.node.map_aggregate(a, lambda x: env.get(x) if isinstance(x, fx.Node) else x)
+
+
+def _collect_nodes(v: Any, out: list[int]) -> None:
+    if isinstance(v, Val):
+        if v.nodes is not None:
+            out.extend(v.nodes.tolist())
+    elif isinstance(v, TupleVal):
+        for x in v.items:
+            _collect_nodes(x, out)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _collect_nodes(x, out)
+    elif isinstance(v, dict):
+        for x in v.values():
+            _collect_nodes(x, out)
+
+
+def _has_params(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None
+
+
+def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None,
+          example_inputs=None, top: bool = False) -> Any:
+    graph, opaque, root_failure = trace(module)
+    for qn, why in opaque.items():
+        state.opaque[_join(prefix, qn)] = why
+    if graph is None:
+        state.opaque[prefix or "<root>"] = root_failure
+        # The module's own forward is opaque, but its children may not be:
+        # structure each on its own (their inputs become unknown neurons).
+        for name, child in module.named_children():
+            if _has_params(child):
+                _walk(state, child, _join(prefix, name), None)
+        return None
+    if example_inputs is not None:
+        propagate_shapes(module, graph, example_inputs)
+
+    env: dict[fx.Node, Any] = {}
+    placeholders = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            if inputs is not None:
+                env[node] = inputs[placeholders] if placeholders < len(inputs) else None
+            else:
+                kind = NodeType.INPUT if top else NodeType.HIDDEN
+                env[node] = Val(lazy=LazyNodes(kind, group=placeholders))
+            placeholders += 1
+        elif node.op == "get_attr":
+            obj: Any = module
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            idx = state.param_id(obj) if isinstance(obj, nn.Parameter) else None
+            env[node] = ParamRef(idx) if idx is not None else None
+        elif node.op == "call_module":
+            qn = _join(prefix, str(node.target))
+            sub = module.get_submodule(str(node.target))
+            args, kwargs = _map_arg(env, node.args), _map_arg(env, node.kwargs)
+            fn = mapper_for(sub)
+            if fn is not None:
+                env[node] = fn(state, sub, qn, args, kwargs)
+            elif not _has_params(sub):
+                env[node] = ops.apply(state, node, args, kwargs)  # activation, pooling, Flatten, ...
+            else:
+                # unknown module with parameters: look inside it on its own
+                out = _walk(state, sub, qn, list(args))
+                env[node] = out if out is not None else ops.opaque_output(depth_of(*args))
+        elif node.op in ("call_function", "call_method"):
+            env[node] = ops.apply(state, node, _map_arg(env, node.args), _map_arg(env, node.kwargs))
+        elif node.op == "output":
+            out = _map_arg(env, node.args[0])
+            if top:
+                nodes: list[int] = []
+                _collect_nodes(out, nodes)
+                state.mark_outputs(nodes)
+            return out
+    return None
+
+
+def _owner(model: nn.Module, param_name: str) -> tuple[str, str]:
+    mod_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+    try:
+        cls = type(model.get_submodule(mod_name)).__name__
+    except AttributeError:
+        cls = "?"
+    return mod_name, cls
+
+
+def _reason_for(state: GraphState, mod_name: str) -> str:
+    probe = mod_name
+    while True:
+        key = probe or "<root>"
+        if key in state.opaque:
+            where = "" if probe == mod_name else f" (inside untraceable '{key}')"
+            return state.opaque[key] + where
+        if not probe:
+            break
+        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+    return "no graph mapping for this module or a parameter used directly"
+
+
+def _report_unstructured(model: nn.Module, state: GraphState, left: list[int], strict: bool) -> list[str]:
+    names = [state.param_names[i] for i in left]
+    by_module: "OrderedDict[tuple[str, str], list[str]]" = OrderedDict()
+    for n in names:
+        by_module.setdefault(_owner(model, n), []).append(n)
+    lines = [f"  {mod or '<root>'} ({cls}): {', '.join(ps)} -- {_reason_for(state, mod)}"
+             for (mod, cls), ps in by_module.items()]
+    if strict:
+        raise UnsupportedModuleError(
+            "build_graph(strict=True): these modules have parameters the parameter graph "
+            "cannot structure:\n" + "\n".join(lines))
+    warnings.warn(
+        f"build_graph: {len(names)} parameter tensor(s) have no graph structure and are "
+        "placed on per-tensor fallback nodes (still optimised, without neuron "
+        "structure):\n" + "\n".join(lines), stacklevel=3)
+    return names
+
+
+def _check(graph: ParamGraph) -> None:
+    """Every parameter entry in exactly one place."""
+    order = sorted(graph.flat_order)
+    assert order == list(range(len(graph.param_names))), "a parameter tensor is missing or placed twice"
+    counts = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).tolist()
+    assert counts == graph.numels, "tensor_id does not match parameter sizes"
+    assert graph.num_params == sum(s.numel() for s in graph.param_shapes)
+    assert graph.num_edges == sum(graph.numels[: graph.num_edge_params])
+    if graph.num_edges:
+        assert int(graph.edge_index.min()) >= 0 and int(graph.edge_index.max()) < graph.num_nodes
+    if graph.num_entries:
+        assert int(graph.entry_node.min()) >= 0 and int(graph.entry_node.max()) < graph.num_nodes
+
+
+def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
+                use_cache: bool = True) -> ParamGraph:
+    """The parameter graph of ``model`` (see :mod:`l2o.graph` for the rules).
+
+    ``example_inputs`` (a tensor or tuple) is only used for shape
+    propagation, which gives exact spatial positions after a flatten; without
+    it they are inferred from layer sizes (square maps assumed). Results are
+    cached per model and rebuilt when its parameter names/shapes change.
+    ``strict=True`` raises :class:`UnsupportedModuleError` instead of placing
+    unstructured parameters on fallback nodes.
+    """
+    signature = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    if use_cache:
+        hit = _CACHE.get(model)
+        if hit is not None and hit[0] == signature and hit[1] == strict:
+            return hit[2]
+    state = GraphState(model)
+    _walk(state, model, "", None, example_inputs, top=True)
+    left = state.unclaimed()
+    unstructured = _report_unstructured(model, state, left, strict) if left else []
+    graph = state.finish(left, unstructured)
+    _check(graph)
+    if use_cache:
+        _CACHE[model] = (signature, strict, graph)
+    return graph

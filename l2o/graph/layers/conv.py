@@ -1,0 +1,59 @@
+"""Conv1d / Conv2d (and their transposes): every kernel entry is an edge.
+
+``W[o, i, ky, kx]`` connects input channel ``g * in_per_group + i`` (``g`` the
+group of output channel ``o``) to output channel ``o``; its ``edge_pos`` is
+the kernel offset from the centre scaled to [-1, 1] (Conv1d: ``(0, dx)``).
+So a depthwise conv has ``k`` parallel edges per channel, one per tap.
+Strides, padding and dilation change no parameter, so they are not encoded.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..param_graph import EdgeKind, EntryKind, NodeType
+from ..values import Val, channel_nodes, depth_of
+
+
+def kernel_offsets(kernel_size: tuple[int, ...]) -> Tensor:
+    """[prod(kernel), 2] offsets from the kernel centre, each axis in [-1, 1]."""
+    def axis(k: int) -> Tensor:
+        return torch.linspace(-1.0, 1.0, k) if k > 1 else torch.zeros(1)
+    if len(kernel_size) == 1:
+        x = axis(kernel_size[0])
+        return torch.stack([torch.zeros_like(x), x], dim=1)
+    if len(kernel_size) == 2:
+        y, x = torch.meshgrid(axis(kernel_size[0]), axis(kernel_size[1]), indexing="ij")
+        return torch.stack([y.reshape(-1), x.reshape(-1)], dim=1)
+    raise NotImplementedError(f"kernels of {len(kernel_size)} spatial dims")
+
+
+def map_conv(state, mod: nn.modules.conv._ConvNd, qualname: str, args, kwargs):
+    x = args[0] if args else kwargs.get("input")
+    w = mod.weight
+    transposed = bool(getattr(mod, "transposed", False))
+    groups = mod.groups
+    in_nodes = channel_nodes(state, x, mod.in_channels)
+    depth = depth_of(x) + 1
+    out = state.new_nodes(mod.out_channels, NodeType.HIDDEN, depth)
+    a, b = w.shape[:2]          # (out, in/g) for conv, (in, out/g) for transposed
+    ks = tuple(w.shape[2:])
+    K = math.prod(ks)
+    r0 = torch.arange(a).view(a, 1)
+    r1 = torch.arange(b).view(1, b)
+    per_group_a = a // groups
+    if not transposed:
+        src2 = in_nodes[(r0 // per_group_a) * b + r1]          # [O, I/g]
+        dst2 = out.view(a, 1).expand(a, b)
+    else:
+        src2 = in_nodes.view(a, 1).expand(a, b)
+        dst2 = out[(r0 // per_group_a) * b + r1]               # [I, O/g]
+    src = src2.unsqueeze(-1).expand(a, b, K).reshape(-1)
+    dst = dst2.unsqueeze(-1).expand(a, b, K).reshape(-1)
+    pos = kernel_offsets(ks).view(1, 1, K, 2).expand(a, b, K, 2).reshape(-1, 2)
+    state.add_edges(w, src, dst, EdgeKind.CONV, pos)
+    if mod.bias is not None:
+        state.add_entries(mod.bias, out, EntryKind.BIAS)
+    return Val(own_nodes=out, depth=depth, fdim="chan")

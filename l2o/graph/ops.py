@@ -1,0 +1,135 @@
+"""How fx functions and tensor methods move node lists.
+
+* shape-preserving / elementwise ops (activations, dropout, pooling, mean,
+  softmax, transpose, view, scalar mul, ...): pass the first input's nodes
+  through -- they never mix neurons of the feature dim;
+* elementwise ops between two tensors with feature nodes (``x + f(x)``,
+  gating ``a * b``, ``torch.stack``, ``torch.where``): merge the node lists
+  pairwise, because a neuron permutation must act identically on both;
+* ``torch.cat`` along the feature dim concatenates node lists; along any
+  other dim it merges them (the inputs share their feature neurons);
+* ``flatten`` / ``view`` / ``reshape`` of a ``[B, C, *S]`` conv map into
+  ``[B, C*prod(S)]`` keeps the C channel nodes and records ``S`` so the
+  next Linear can give each column its spatial position;
+* ``F.linear`` with parameters fetched by ``get_attr`` is mapped like
+  ``nn.Linear``.
+Anything else passes its first node-carrying input through.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from torch import fx
+
+from .layers.linear import linear_core
+from .param_graph import NodeType
+from .values import LazyNodes, ParamRef, TupleVal, Val, depth_of, resolve
+
+_ELEMENTWISE = {
+    "add", "sub", "mul", "div", "truediv", "floordiv", "iadd", "isub", "imul", "itruediv",
+    "add_", "sub_", "mul_", "div_", "maximum", "minimum", "max", "min", "where", "stack",
+    "hstack", "vstack", "addcmul", "lerp",
+}
+_NOT_TENSOR = {"size", "dim", "numel", "getattr", "len", "ndimension", "type", "nelement"}
+_FLATTEN = {"flatten", "view", "reshape", "Flatten", "unflatten"}
+
+
+def _name(node: fx.Node) -> str:
+    t = node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _shape(n: Any):
+    meta = n.meta.get("tensor_meta") if isinstance(n, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _vals(xs) -> list[Val]:
+    out = []
+    for x in xs:
+        if isinstance(x, Val):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            out.extend(_vals(x))
+    return out
+
+
+def merge_all(state, vals: list[Val]) -> Val:
+    """Merge node lists of equal width; lazy ones take the known width."""
+    known = [v for v in vals if v.nodes is not None]
+    if not known:
+        return vals[0]
+    base = known[0]
+    n = int(base.nodes.shape[0])
+    for v in vals:
+        if v is base:
+            continue
+        nodes = resolve(state, v, n)
+        if int(nodes.shape[0]) == n:
+            state.merge(base.nodes, nodes)
+    return base.passthrough(depth=depth_of(*vals))
+
+
+def flatten(state, node: fx.Node, x: Val) -> Val:
+    src, dst = _shape(node.args[0]) if node.args else None, _shape(node)
+    if x.nodes is not None and src and dst and len(src) >= 3 and len(dst) == 2 \
+            and src[1] == int(x.nodes.shape[0]) and dst[1] == math.prod(src[1:]):
+        return x.passthrough(spatial=tuple(src[2:]), fdim="last")
+    if _name(node) in ("flatten", "Flatten") and x.fdim == "chan":
+        return x.passthrough(fdim="last")
+    return x
+
+
+def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
+    vals = _vals(tensors)
+    if not vals:
+        return None
+    if any(v.nodes is None for v in vals):
+        # widths unknown: cannot tell a feature concat from a batch concat
+        return merge_all(state, vals) if any(v.nodes is not None for v in vals) else vals[0]
+    shape = _shape(node)
+    fdim = vals[0].fdim
+    if shape is not None:
+        d = dim % len(shape)
+        feature = d == (1 if fdim == "chan" else len(shape) - 1)
+    else:
+        feature = dim == -1 or (dim == 1 and fdim in ("chan", "last", None)) or (dim >= 2 and fdim == "last")
+    if feature:
+        import torch
+        return Val(own_nodes=torch.cat([v.nodes for v in vals]), depth=depth_of(*vals), fdim=fdim)
+    return merge_all(state, vals)
+
+
+def apply(state, node: fx.Node, args: tuple, kwargs: dict) -> Any:
+    name = _name(node)
+    if name in _NOT_TENSOR:
+        return None
+    if node.target is operator.getitem:
+        base, idx = args[0], args[1]
+        if isinstance(base, TupleVal):
+            return base.items[idx] if isinstance(idx, int) and -len(base.items) <= idx < len(base.items) else None
+        return base if isinstance(base, Val) else None
+    if name in ("cat", "concat", "concatenate"):
+        tensors = args[0] if args else kwargs.get("tensors", ())
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        return _cat(state, node, tensors, dim if isinstance(dim, int) else 0)
+    if name == "linear" and len(args) >= 2 and isinstance(args[1], ParamRef):
+        w = state.params[args[1].index]
+        b = args[2] if len(args) > 2 else kwargs.get("bias")
+        b = state.params[b.index] if isinstance(b, ParamRef) else None
+        return linear_core(state, w, b, args[0])
+    vals = _vals(list(args) + list(kwargs.values()))
+    if not vals:
+        return None
+    if name in _ELEMENTWISE and len(vals) >= 2:
+        return merge_all(state, vals)
+    if name in _FLATTEN:
+        return flatten(state, node, vals[0])
+    return vals[0]
+
+
+def opaque_output(depth: int) -> Val:
+    """Output of a module we could not look into: unknown neurons."""
+    return Val(lazy=LazyNodes(NodeType.HIDDEN, group=-1, depth=depth + 1), depth=depth + 1)

@@ -1,0 +1,225 @@
+"""Accumulates nodes, edges and node-held entries, then assembles a ParamGraph.
+
+Everything per *entry* is a tensor chunk built with vectorised ops by the
+layer mappers; Python loops here only run per *node* (neurons / channels,
+a few thousand even for a ResNet), never per parameter entry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .param_graph import EdgeKind, EntryKind, NodeType, ParamGraph
+
+
+@dataclass
+class _EdgeChunk:
+    param: int
+    src: Tensor          # [numel] raw node ids, row-major over the weight
+    dst: Tensor
+    kind: Tensor | int   # EdgeKind per entry, or one for all
+    pos: Tensor | None   # [numel, 2] or None (zeros)
+
+
+@dataclass
+class _EntryChunk:
+    param: int
+    nodes: Tensor        # [numel] raw node ids, row-major over the tensor
+    kind: int
+
+
+class GraphState:
+    def __init__(self, model: nn.Module):
+        self.param_names: list[str] = []
+        self.param_shapes: list[torch.Size] = []
+        self.param_index: dict[int, int] = {}   # id(Parameter) -> index in param_names
+        self.params: list[nn.Parameter] = []
+        # named_parameters() drops duplicates, so a tied Parameter has one name
+        # and is claimed by whichever layer reaches it first.
+        for name, p in model.named_parameters():
+            self.param_index[id(p)] = len(self.param_names)
+            self.param_names.append(name)
+            self.param_shapes.append(p.shape)
+            self.params.append(p)
+        self.claimed: dict[int, str] = {}
+        self.edge_chunks: list[_EdgeChunk] = []
+        self.entry_chunks: list[_EntryChunk] = []
+        # per-node bookkeeping (lists: nodes are few, entries are many)
+        self._type: list[int] = []
+        self._depth: list[int] = []
+        self._parent: list[int] = []
+        self._input_key: list[tuple[int, int] | None] = []
+        self._output_pos: dict[int, int] = {}
+        self._token_groups = 0
+        # modules we could not structure: qualified name -> reason
+        self.opaque: dict[str, str] = {}
+
+    # ------------------------------------------------------------- nodes
+    @property
+    def num_raw_nodes(self) -> int:
+        return len(self._type)
+
+    def new_nodes(self, n: int, kind: NodeType, depth: int, input_group: int | None = None) -> Tensor:
+        start = len(self._type)
+        self._type.extend([int(kind)] * n)
+        self._depth.extend([int(depth)] * n)
+        self._parent.extend(range(start, start + n))
+        if kind == NodeType.INPUT:
+            if input_group is None:
+                # token sets not fed by a network input (e.g. position ids from
+                # arange) are ordered after all real inputs
+                input_group = 1_000_000 + self._token_groups
+                self._token_groups += 1
+            self._input_key.extend((input_group, i) for i in range(n))
+        else:
+            self._input_key.extend([None] * n)
+        return torch.arange(start, start + n)
+
+    def find(self, i: int) -> int:
+        parent = self._parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:  # path compression
+            parent[i], i = root, parent[i]
+        return root
+
+    def merge(self, a: Tensor, b: Tensor) -> None:
+        """Identify neurons pairwise (residual add, elementwise product, ...)."""
+        if a.shape != b.shape:
+            raise ValueError(f"cannot merge node lists of sizes {a.shape[0]} and {b.shape[0]}")
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx == ry:
+                continue
+            root, child = (rx, ry) if rx < ry else (ry, rx)
+            self._parent[child] = root
+            # INPUT/OUTPUT identities survive a merge; HIDDEN is the weakest
+            tr, tc = self._type[root], self._type[child]
+            if tr == NodeType.HIDDEN and tc != NodeType.HIDDEN:
+                self._type[root] = tc
+                self._input_key[root] = self._input_key[child]
+            self._depth[root] = max(self._depth[root], self._depth[child])
+
+    def mark_outputs(self, nodes: list[int]) -> None:
+        for pos, n in enumerate(nodes):
+            r = self.find(n)
+            if self._type[r] == NodeType.HIDDEN:
+                self._type[r] = int(NodeType.OUTPUT)
+            if self._type[r] == NodeType.OUTPUT:
+                self._output_pos.setdefault(r, pos)
+
+    # ----------------------------------------------------------- entries
+    def param_id(self, p) -> int | None:
+        return self.param_index.get(id(p)) if p is not None else None
+
+    def _take(self, p, where: str) -> int | None:
+        idx = self.param_id(p)
+        if idx is None or idx in self.claimed:
+            return None  # absent, not a model parameter, or tied and already placed
+        self.claimed[idx] = where
+        return idx
+
+    def add_edges(self, p, src: Tensor, dst: Tensor, kind, pos: Tensor | None = None) -> bool:
+        idx = self._take(p, "edge")
+        if idx is None:
+            return False
+        n = self.param_shapes[idx].numel()
+        assert src.shape[0] == n and dst.shape[0] == n, (self.param_names[idx], src.shape, n)
+        self.edge_chunks.append(_EdgeChunk(idx, src, dst, kind, pos))
+        return True
+
+    def add_entries(self, p, nodes: Tensor, kind: EntryKind) -> bool:
+        idx = self._take(p, "node")
+        if idx is None:
+            return False
+        n = self.param_shapes[idx].numel()
+        assert nodes.shape[0] == n, (self.param_names[idx], nodes.shape, n)
+        self.entry_chunks.append(_EntryChunk(idx, nodes, int(kind)))
+        return True
+
+    def unclaimed(self) -> list[int]:
+        return [i for i in range(len(self.param_names)) if i not in self.claimed]
+
+    # ---------------------------------------------------------- assemble
+    def finish(self, fallback: list[int], unstructured: list[str]) -> ParamGraph:
+        n_raw = len(self._type)
+        roots = [self.find(i) for i in range(n_raw)]
+        root_t = torch.tensor(roots, dtype=torch.long)
+        is_root = root_t == torch.arange(n_raw)
+        new_id = torch.cumsum(is_root.long(), 0) - 1
+        remap = new_id[root_t] if n_raw else torch.zeros(0, dtype=torch.long)
+        keep = is_root.nonzero().flatten().tolist()
+
+        node_type = [self._type[r] for r in keep]
+        depth = [float(self._depth[r]) for r in keep]
+        io = [-1] * len(keep)
+        inputs = sorted((self._input_key[r], j) for j, r in enumerate(keep)
+                        if node_type[j] == NodeType.INPUT)
+        for rank, (_, j) in enumerate(inputs):
+            io[j] = rank
+        for j, r in enumerate(keep):
+            if node_type[j] == NodeType.OUTPUT:
+                io[j] = self._output_pos.get(r, -1)
+        max_depth = max(depth, default=0.0)
+        # one TENSOR node per fallback tensor, depth 0: it has no place in the layer order
+        num_nodes = len(keep) + len(fallback)
+        node_type += [int(NodeType.TENSOR)] * len(fallback)
+        depth = [d / max_depth if max_depth > 0 else 0.0 for d in depth] + [0.0] * len(fallback)
+        io += [-1] * len(fallback)
+
+        # edges: preallocate and fill so 10M-entry models avoid extra copies
+        E = sum(self.param_shapes[c.param].numel() for c in self.edge_chunks)
+        edge_index = torch.empty(2, E, dtype=torch.long)
+        edge_kind = torch.empty(E, dtype=torch.long)
+        edge_pos = torch.zeros(E, 2)
+        flat_order, tensor_sizes = [], []
+        a = 0
+        for c in self.edge_chunks:
+            b = a + c.src.shape[0]
+            torch.index_select(remap, 0, c.src, out=edge_index[0, a:b])
+            torch.index_select(remap, 0, c.dst, out=edge_index[1, a:b])
+            if isinstance(c.kind, Tensor):
+                edge_kind[a:b] = c.kind
+            else:
+                edge_kind[a:b].fill_(int(c.kind))
+            if c.pos is not None:
+                edge_pos[a:b] = c.pos
+            flat_order.append(c.param)
+            tensor_sizes.append(b - a)
+            a = b
+
+        entry_nodes, entry_kinds = [], []
+        for c in self.entry_chunks:
+            entry_nodes.append(remap[c.nodes])
+            entry_kinds.append(torch.full((c.nodes.shape[0],), c.kind, dtype=torch.long))
+            flat_order.append(c.param)
+            tensor_sizes.append(c.nodes.shape[0])
+        for k, idx in enumerate(fallback):
+            n = self.param_shapes[idx].numel()
+            entry_nodes.append(torch.full((n,), len(keep) + k, dtype=torch.long))
+            entry_kinds.append(torch.full((n,), int(EntryKind.FALLBACK), dtype=torch.long))
+            flat_order.append(idx)
+            tensor_sizes.append(n)
+        empty = torch.zeros(0, dtype=torch.long)
+        tensor_id = torch.repeat_interleave(torch.arange(len(flat_order)),
+                                            torch.tensor(tensor_sizes, dtype=torch.long))
+        return ParamGraph(
+            num_nodes=num_nodes,
+            node_type=torch.tensor(node_type, dtype=torch.long),
+            node_io_index=torch.tensor(io, dtype=torch.long),
+            node_depth=torch.tensor(depth, dtype=torch.float32),
+            edge_index=edge_index,
+            edge_kind=edge_kind,
+            edge_pos=edge_pos,
+            entry_node=torch.cat(entry_nodes) if entry_nodes else empty,
+            entry_kind=torch.cat(entry_kinds) if entry_kinds else empty,
+            tensor_id=tensor_id,
+            param_names=list(self.param_names),
+            param_shapes=list(self.param_shapes),
+            flat_order=flat_order,
+            num_edge_params=len(self.edge_chunks),
+            unstructured=unstructured,
+        )
