@@ -1,0 +1,148 @@
+"""Offline datasets: procedural generators and the IDX / CIFAR-10 loaders on tiny generated files."""
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import tasks
+from tasks import data
+from tasks.data import DatasetNotFoundError, idx
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    data.clear_cache()
+    yield
+    data.clear_cache()
+
+
+def write_idx(path, array, gz=False):
+    codes = {np.uint8: 0x08, np.int32: 0x0C}
+    header = bytes([0, 0, codes[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    payload = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+def make_mnist(root, n_train=20, n_test=10, gz=False, folder="MNIST/raw"):
+    directory = root / folder
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8)}
+    for name, array in arrays.items():
+        write_idx(directory / name, array, gz=gz)
+    return arrays
+
+
+def make_cifar(root, per_batch=4):
+    directory = root / "cifar-10-batches-py"
+    directory.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
+        with open(directory / name, "wb") as f:
+            pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_idx_roundtrip(tmp_path, gz):
+    arrays = make_mnist(tmp_path, gz=gz)
+    loaded = data.load_dataset("mnist", root=tmp_path)
+    x, y = loaded.splits["train"]
+    assert x.shape == (20, 1, 28, 28) and x.dtype == torch.uint8
+    assert np.array_equal(x[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert np.array_equal(y.numpy(), arrays["train-labels-idx1-ubyte"].astype(np.int64))
+    assert loaded.size("test") == 10
+
+
+def test_idx_reads_wider_dtypes(tmp_path):
+    values = np.arange(24, dtype=np.int32).reshape(2, 3, 4)
+    write_idx(tmp_path / "ints", values)
+    assert np.array_equal(idx.read_idx(tmp_path / "ints"), values)
+    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(ValueError, match="IDX"):
+        idx.read_idx(tmp_path / "bad")
+
+
+def test_mnist_task_through_env_var(tmp_path, monkeypatch):
+    make_mnist(tmp_path, folder="FashionMNIST")
+    task = tasks.get_task("cnn_fashion_bn")
+    assert not task.available()
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    assert task.available()
+    x, y = next(task.batches("train", seed=0))
+    assert x.dtype == torch.float32 and x.shape == (task.batch_size, 1, 28, 28)
+    assert abs(x.mean().item()) < 2 and y.max() < 10
+    assert torch.isfinite(task.loss(task.init(0), (x, y)))
+    assert "cnn_fashion_bn" in [t.name for t in tasks.get_suite("train")]
+
+
+def test_cifar_roundtrip_and_task(tmp_path, monkeypatch):
+    make_cifar(tmp_path)
+    loaded = data.load_dataset("cifar10", root=tmp_path)
+    assert loaded.size("train") == 20 and loaded.size("test") == 4
+    assert loaded.splits["train"][0].shape == (20, 3, 32, 32)
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    task = tasks.get_task("cnn_cifar10")
+    x, y = next(task.batches("test", seed=0))
+    assert x.shape == (task.batch_size, 3, 32, 32)
+    assert torch.isfinite(task.loss(task.init(0), (x, y)))
+
+
+def test_missing_data_gives_clear_errors(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="L2O_DATA"):
+        data.load_dataset("mnist")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_dataset("mnist", root=tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*MNIST"):
+        data.load_dataset("mnist", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="data_batch_1.*cifar-10-batches-py"):
+        data.load_dataset("cifar10", root=tmp_path)
+    assert "cnn_cifar10" not in [t.name for t in tasks.get_suite("heldout")]
+    with pytest.raises(DatasetNotFoundError):
+        next(tasks.get_task("cnn_cifar10").batches())
+
+
+def test_procedural_datasets_are_deterministic():
+    from tasks.data.mnist1d import generate_mnist1d
+    a, b = generate_mnist1d(50, seed=3), generate_mnist1d(50, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], generate_mnist1d(50, seed=4)[0])
+    assert a[0].shape == (50, 1, 40)
+
+
+def test_sequence_targets():
+    x, y = data.load_dataset("sort").first("train", 8)
+    assert torch.equal(y, x.sort(1).values)
+    x, y = data.load_dataset("parity").first("train", 8)
+    assert torch.equal(y[:, -1], x.sum(1) % 2)
+    x, y = data.load_dataset("reverse").first("test", 8)
+    assert torch.equal(y, x.flip(1))
+    x, y = data.load_dataset("modadd").first("train", 8)
+    assert torch.equal(y, x.sum(1) % 23)
+
+
+def test_char_corpus_windows_predict_next_char():
+    corpus = data.load_dataset("chars")
+    assert corpus.size("train") > 20_000
+    x, y = next(tasks.get_task("transformer_charlm").batches("train", seed=0))
+    assert x.shape == y.shape == (32, 32)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_digits_standardised_and_split():
+    digits = data.load_dataset("digits")
+    x, y = digits.splits["train"]
+    assert x.shape[1:] == (1, 8, 8) and abs(x.mean().item()) < 1e-4
+    assert digits.size("train") + digits.size("test") == 1797
