@@ -85,8 +85,13 @@ class GMNLOpt(LearnedOptimizer):
 
     # ------------------------------------------------------------- encoders
     def encode_edges(self, g: ParamGraph, x_edge: Tensor, t: Tensor) -> Tensor:
-        return F.relu(self.edge_feat(x_edge) + self.edge_pos(g.edge_pos)
-                      + self.edge_kind(g.edge_kind) + self.edge_time(t))
+        # in-place sums on fresh intermediates: see GMNConv.message
+        e = self.edge_feat(x_edge)
+        e += self.edge_kind(g.edge_kind)
+        if g.has_edge_pos:  # all-zero positions (MLPs) contribute nothing
+            e += self.edge_pos(g.edge_pos)
+        e += self.edge_time(t)
+        return e.relu_()
 
     def encode_nodes(self, g: ParamGraph, x_entry: Tensor, t: Tensor) -> Tensor:
         h = (self.node_type(g.node_type) + self.node_depth(g.node_depth.unsqueeze(1))
@@ -107,9 +112,12 @@ class GMNLOpt(LearnedOptimizer):
             h, e = conv(h, e, graph.edge_index)
 
         src, dst = graph.edge_index[0], graph.edge_index[1]
-        z_edge = F.relu(self.edge_out_e(e) + self.edge_out_x(x_edge)
-                        + self.edge_out_src(h).index_select(0, src)
-                        + self.edge_out_dst(h).index_select(0, dst) + self.edge_out_time(t))
+        z_edge = self.edge_out_e(e)
+        z_edge += self.edge_out_x(x_edge)
+        z_edge += self.edge_out_src(h).index_select(0, src)
+        z_edge += self.edge_out_dst(h).index_select(0, dst)
+        z_edge += self.edge_out_time(t)
+        z_edge.relu_()
         z_entry = F.relu(self.entry_out_x(x_entry) + self.entry_out_h(h).index_select(0, graph.entry_node)
                          + self.entry_out_kind(graph.entry_kind) + self.entry_out_time(t))
         return torch.cat([self.edge_head(z_edge), self.entry_head(z_entry)], dim=0)

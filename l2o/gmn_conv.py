@@ -46,7 +46,13 @@ class GMNConv(MessagePassing):
         return self.update((agg_in, agg_out), h), e + m
 
     def message(self, e: Tensor, h_src: Tensor, h_dst: Tensor) -> Tensor:  # type: ignore[override]
-        return F.relu(self.edge_lin(e) + h_src + h_dst)
+        # In place on fresh intermediates: the step is memory-bound on large
+        # graphs, every edge-sized allocation costs page faults, and none of
+        # these values is needed by autograd (add's backward keeps nothing).
+        m = self.edge_lin(e)
+        m += h_src
+        m += h_dst
+        return m.relu_()
 
     def aggregate(self, m: Tensor, index: Tensor, dim_size: int) -> Tensor:  # type: ignore[override]
         if m.shape[0] == 0:

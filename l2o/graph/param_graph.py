@@ -107,6 +107,13 @@ class ParamGraph:
         return [self.param_shapes[i].numel() for i in self.flat_order]
 
     @property
+    def has_edge_pos(self) -> bool:
+        """Whether any edge carries a position (convs, flatten); cached, the graph is static."""
+        if not hasattr(self, "_has_edge_pos"):
+            self._has_edge_pos = bool(self.edge_pos.numel()) and bool(self.edge_pos.any())
+        return self._has_edge_pos
+
+    @property
     def device(self) -> torch.device:
         return self.edge_index.device
 
