@@ -6,6 +6,7 @@ a few thousand even for a ResNet), never per parameter entry.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +17,19 @@ from .param_graph import EdgeKind, EntryKind, NodeType, ParamGraph
 
 @dataclass
 class _EdgeChunk:
+    """Edges of one weight, in factored form.
+
+    ``src``/``dst``/``kind`` broadcast to ``shape`` (the weight's shape, or a
+    reshape of it with the same row-major order), ``pos`` to ``shape + (2,)``.
+    Expanding only when writing the final tensors keeps a 10M-edge build to
+    one write pass per output tensor.
+    """
     param: int
-    src: Tensor          # [numel] raw node ids, row-major over the weight
+    shape: tuple[int, ...]
+    src: Tensor            # raw node ids
     dst: Tensor
-    kind: Tensor | int   # EdgeKind per entry, or one for all
-    pos: Tensor | None   # [numel, 2] or None (zeros)
+    kind: Tensor | int     # EdgeKind, broadcastable, or one for all
+    pos: Tensor | None     # None means (0, 0)
 
 
 @dataclass
@@ -122,13 +131,18 @@ class GraphState:
         self.claimed[idx] = where
         return idx
 
-    def add_edges(self, p, src: Tensor, dst: Tensor, kind, pos: Tensor | None = None) -> bool:
+    def add_edges(self, p, shape: tuple[int, ...], src: Tensor, dst: Tensor, kind,
+                  pos: Tensor | None = None) -> bool:
+        """Edges of weight ``p``: entry at (row-major) index ``j`` of ``shape``
+        goes ``src[j] -> dst[j]``, with src/dst/kind/pos broadcast to ``shape``."""
         idx = self._take(p, "edge")
         if idx is None:
             return False
+        shape = tuple(int(d) for d in shape)
         n = self.param_shapes[idx].numel()
-        assert src.shape[0] == n and dst.shape[0] == n, (self.param_names[idx], src.shape, n)
-        self.edge_chunks.append(_EdgeChunk(idx, src, dst, kind, pos))
+        assert math.prod(shape) == n, (self.param_names[idx], shape, n)
+        torch.broadcast_shapes(src.shape, dst.shape, shape)  # fails early on a mapper bug
+        self.edge_chunks.append(_EdgeChunk(idx, shape, src, dst, kind, pos))
         return True
 
     def add_entries(self, p, nodes: Tensor, kind: EntryKind) -> bool:
@@ -170,29 +184,36 @@ class GraphState:
         depth = [d / max_depth if max_depth > 0 else 0.0 for d in depth] + [0.0] * len(fallback)
         io += [-1] * len(fallback)
 
-        # edges: preallocate and fill so 10M-entry models avoid extra copies
-        E = sum(self.param_shapes[c.param].numel() for c in self.edge_chunks)
+        # edges: preallocate and expand each factored chunk straight into place
+        E = sum(math.prod(c.shape) for c in self.edge_chunks)
         edge_index = torch.empty(2, E, dtype=torch.long)
         edge_kind = torch.empty(E, dtype=torch.long)
-        edge_pos = torch.zeros(E, 2)
+        edge_pos = torch.empty(E, 2)
         flat_order, tensor_sizes = [], []
         a = 0
         for c in self.edge_chunks:
-            b = a + c.src.shape[0]
-            torch.index_select(remap, 0, c.src, out=edge_index[0, a:b])
-            torch.index_select(remap, 0, c.dst, out=edge_index[1, a:b])
+            for ends in (c.src, c.dst):
+                assert ends.numel() == 0 or (0 <= int(ends.min()) and int(ends.max()) < n_raw), \
+                    f"edge endpoints of {self.param_names[c.param]} out of range"
+            b = a + math.prod(c.shape)
+            edge_index[0, a:b].view(c.shape).copy_(remap[c.src].expand(c.shape))
+            edge_index[1, a:b].view(c.shape).copy_(remap[c.dst].expand(c.shape))
             if isinstance(c.kind, Tensor):
-                edge_kind[a:b] = c.kind
+                edge_kind[a:b].view(c.shape).copy_(c.kind.expand(c.shape))
             else:
                 edge_kind[a:b].fill_(int(c.kind))
             if c.pos is not None:
-                edge_pos[a:b] = c.pos
+                edge_pos[a:b].view(c.shape + (2,)).copy_(c.pos.expand(c.shape + (2,)))
+            else:
+                edge_pos[a:b].zero_()
             flat_order.append(c.param)
             tensor_sizes.append(b - a)
             a = b
 
         entry_nodes, entry_kinds = [], []
         for c in self.entry_chunks:
+            assert c.nodes.numel() == 0 or (0 <= int(c.nodes.min()) and int(c.nodes.max()) < n_raw), \
+                f"entries of {self.param_names[c.param]} on nonexistent nodes"
             entry_nodes.append(remap[c.nodes])
             entry_kinds.append(torch.full((c.nodes.shape[0],), c.kind, dtype=torch.long))
             flat_order.append(c.param)
@@ -204,8 +225,11 @@ class GraphState:
             flat_order.append(idx)
             tensor_sizes.append(n)
         empty = torch.zeros(0, dtype=torch.long)
-        tensor_id = torch.repeat_interleave(torch.arange(len(flat_order)),
-                                            torch.tensor(tensor_sizes, dtype=torch.long))
+        tensor_id = torch.empty(sum(tensor_sizes), dtype=torch.long)
+        a = 0
+        for k, size in enumerate(tensor_sizes):
+            tensor_id[a:a + size].fill_(k)
+            a += size
         return ParamGraph(
             num_nodes=num_nodes,
             node_type=torch.tensor(node_type, dtype=torch.long),

@@ -29,7 +29,7 @@ from ..values import TupleVal, Val, channel_nodes, depth_of
 
 def _proj(state, weight, src_nodes, dst_nodes, kind):
     out_f, in_f = weight.shape
-    state.add_edges(weight, src_nodes.repeat(out_f), dst_nodes.repeat_interleave(in_f), kind)
+    state.add_edges(weight, (out_f, in_f), src_nodes.view(1, in_f), dst_nodes.view(out_f, 1), kind)
 
 
 def mha_core(state, mod: nn.MultiheadAttention, query, key, value) -> Val:
@@ -43,11 +43,11 @@ def mha_core(state, mod: nn.MultiheadAttention, query, key, value) -> Val:
     qkv = state.new_nodes(3 * E, NodeType.HIDDEN, depth)
     q, k, v = qkv.split(E)
     if mod.in_proj_weight is not None:
-        src = torch.cat([q_in.repeat(E), k_in.repeat(E), v_in.repeat(E)])
-        dst = qkv.repeat_interleave(E)
+        # rows [q | k | v] as a (3, E, E) block: block b reads input set b
+        src = torch.stack([q_in, k_in, v_in]).view(3, 1, E)
         kind = torch.tensor([int(EdgeKind.ATTN_Q), int(EdgeKind.ATTN_K),
-                             int(EdgeKind.ATTN_V)]).repeat_interleave(E * E)
-        state.add_edges(mod.in_proj_weight, src, dst, kind)
+                             int(EdgeKind.ATTN_V)]).view(3, 1, 1)
+        state.add_edges(mod.in_proj_weight, (3, E, E), src, qkv.view(3, E, 1), kind)
     else:
         _proj(state, mod.q_proj_weight, q_in, q, EdgeKind.ATTN_Q)
         _proj(state, mod.k_proj_weight, k_in, k, EdgeKind.ATTN_K)

@@ -50,10 +50,8 @@ def map_conv(state, mod: nn.modules.conv._ConvNd, qualname: str, args, kwargs):
     else:
         src2 = in_nodes.view(a, 1).expand(a, b)
         dst2 = out[(r0 // per_group_a) * b + r1]               # [I, O/g]
-    src = src2.unsqueeze(-1).expand(a, b, K).reshape(-1)
-    dst = dst2.unsqueeze(-1).expand(a, b, K).reshape(-1)
-    pos = kernel_offsets(ks).view(1, 1, K, 2).expand(a, b, K, 2).reshape(-1, 2)
-    state.add_edges(w, src, dst, EdgeKind.CONV, pos)
+    state.add_edges(w, (a, b, K), src2.unsqueeze(-1), dst2.unsqueeze(-1), EdgeKind.CONV,
+                    kernel_offsets(ks).view(1, 1, K, 2))
     if mod.bias is not None:
         state.add_entries(mod.bias, out, EntryKind.BIAS)
     return Val(own_nodes=out, depth=depth, fdim="chan")

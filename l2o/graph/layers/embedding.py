@@ -26,7 +26,7 @@ def embedding_core(state, weight, x) -> Val:
         tokens = state.new_nodes(T, NodeType.INPUT, 0)
     depth = depth_of(x) + 1
     out = state.new_nodes(D, NodeType.HIDDEN, depth)
-    state.add_edges(weight, tokens.repeat_interleave(D), out.repeat(T), EdgeKind.EMBEDDING)
+    state.add_edges(weight, (T, D), tokens.view(T, 1), out.view(1, D), EdgeKind.EMBEDDING)
     return Val(own_nodes=out, depth=depth, fdim="last")
 
 

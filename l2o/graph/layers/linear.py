@@ -18,11 +18,9 @@ def linear_core(state, weight, bias, x, kind: EdgeKind = EdgeKind.LINEAR) -> Val
     src_cols, col_pos = input_columns(state, x, in_f)
     depth = depth_of(x) + 1
     out = state.new_nodes(out_f, NodeType.HIDDEN, depth)
-    # row-major over W[o, i]: i varies fastest
-    src = src_cols.repeat(out_f)
-    dst = out.repeat_interleave(in_f)
-    pos = col_pos.repeat(out_f, 1) if col_pos is not None else None
-    state.add_edges(weight, src, dst, kind, pos)
+    # W[o, i]: source depends on the column, destination on the row
+    pos = col_pos.view(1, in_f, 2) if col_pos is not None else None
+    state.add_edges(weight, (out_f, in_f), src_cols.view(1, in_f), out.view(out_f, 1), kind, pos)
     if bias is not None:
         state.add_entries(bias, out, EntryKind.BIAS)
     return Val(own_nodes=out, depth=depth, fdim="last")
