@@ -65,7 +65,7 @@ def resnet_task(name, split, dataset, widths, strides, norm, act, batch_size=64)
 
 def named_tasks() -> list[Task]:
     return [
-        resnet_task("resnet_digits_bn", "train", "digits", [8, 16], [1, 2], "batch", "relu"),
+        resnet_task("resnet_digits_bn", "train", "digits", [8, 16], [1, 2], "batch", "relu", batch_size=32),
         resnet_task("resnet_digits_gn_deep", "heldout", "digits", [16, 16, 32, 32], [1, 1, 2, 1], "group", "silu"),
         resnet_task("resnet_cifar10_bn", "heldout", "cifar10", [16, 32, 32], [1, 2, 2], "batch", "relu",
                     batch_size=128),
@@ -84,4 +84,4 @@ def sample(seed: int, split: str = "train") -> Task:
         strides[-1] = 2
     widths = [base * (2 if (i == n_blocks - 1 and strides[-1] == 2) else 1) for i in range(n_blocks)]
     return resnet_task(sampled_name(FAMILY, split, seed), split, "digits", widths, strides, norm, act,
-                       batch_size=rng.choice([32, 64]))
+                       batch_size=32 if split == "train" else 64)
