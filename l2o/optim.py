@@ -82,7 +82,23 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         for p, m, v in zip(self._flat_params, m_chunks, v_chunks):
             self.state[p] = {"m": m.view(*p.shape, m.shape[-1]), "v": v.view(p.shape)}
 
+    def state_dict(self) -> dict:
+        # The metanetwork's weights travel with the state, so a restored
+        # optimizer continues identically even when it was built with weights=None.
+        sd = super().state_dict()
+        sd["lopt"] = {"kind": self.lopt.kind, "config": self.lopt.config(),
+                      "weights": {k: v.detach().clone() for k, v in self.lopt.state_dict().items()}}
+        return sd
+
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        lopt_record = state_dict.pop("lopt", None)
+        if lopt_record is not None:
+            if lopt_record["kind"] != self.lopt.kind or lopt_record["config"] != self.lopt.config():
+                raise ValueError(
+                    f"state_dict was saved with a {lopt_record['kind']} metanetwork of config "
+                    f"{lopt_record['config']}, this optimizer has {self.lopt.kind} {self.lopt.config()}")
+            self.lopt.load_state_dict(lopt_record["weights"])
         super().load_state_dict(state_dict)
         missing = [i for i, p in enumerate(self._flat_params) if "m" not in self.state.get(p, {})]
         if missing:
@@ -133,7 +149,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         mask, bad = self._active_mask(grads, flat_g)
         if bad:
             warnings.warn(f"{type(self).__name__}: non-finite gradient in {', '.join(bad)}; "
-                          "skipped the update of these tensors this step", RuntimeWarning, stacklevel=2)
+                          "skipped the update of these tensors this step", RuntimeWarning, stacklevel=3)
         if mask is not None and not bool(mask.any()):
             return loss
 
@@ -147,7 +163,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         finite = torch.isfinite(update)
         if not bool(finite.all()):
             warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
-                          "those entries were not changed", RuntimeWarning, stacklevel=2)
+                          "those entries were not changed", RuntimeWarning, stacklevel=3)
             mask = finite if mask is None else mask & finite
         if mask is not None:
             update = torch.where(mask, update, torch.zeros_like(update))
@@ -198,12 +214,13 @@ class MLPOptimizer(LearnedOptimizerBase):
 
     def __init__(self, params: Iterable[nn.Parameter] | nn.Module, weights="pretrained",
                  lr: float = 1.0):
+        names = None
         if isinstance(params, nn.Module):
-            params = params.parameters()
+            names, params = zip(*params.named_parameters()) if any(True for _ in params.parameters()) else ((), ())
         params = list(params)
         if params and isinstance(params[0], dict):
             raise TypeError("MLPOptimizer takes one list of parameters, not param-group dicts")
         if not params:
             raise ValueError("MLPOptimizer got an empty parameter list")
-        layout = tensor_layout([p.shape for p in params])
+        layout = tensor_layout([p.shape for p in params], names)
         super().__init__(params, layout, _resolve_lopt(weights, "mlp"), lr=lr)
