@@ -44,6 +44,18 @@ def _resolve_lopt(weights, kind: str) -> LearnedOptimizer:
                     f"got {type(weights).__name__}")
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / DataParallel / torch.compile wrappers,
+    whose forward fx cannot trace; parameters are the same objects."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 class LearnedOptimizerBase(torch.optim.Optimizer):
     """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout."""
 
@@ -200,6 +212,7 @@ class GMNOptimizer(LearnedOptimizerBase):
                             "for a bare parameter list use l2o.MLPOptimizer")
         from .graph import build_graph
 
+        model = unwrap_model(model)
         graph = build_graph(model, example_inputs=example_inputs, strict=strict)
         named = dict(model.named_parameters())
         params = [named[n] for n in graph.param_names]

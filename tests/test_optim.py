@@ -312,3 +312,14 @@ def test_missing_pretrained_weights_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint, "PRETRAINED_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="no pretrained GMN weights"):
         l2o.GMNOptimizer(mlp())
+
+
+def test_wrapped_models_are_unwrapped():
+    model = mlp()
+    wrapped = nn.DataParallel(model)  # CPU: a plain wrapper, fx cannot trace through it usefully
+    opt = l2o.GMNOptimizer(wrapped, weights=None)
+    assert not opt.graph.unstructured
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    before = model[0].weight.detach().clone()
+    train_steps(wrapped, opt, [(x, y)], F.cross_entropy)
+    assert not torch.equal(model[0].weight, before)
