@@ -1,0 +1,631 @@
+"""Tests of the parameter-graph builder (l2o.graph).
+
+Each structural test derives node / edge / entry counts by hand in a comment,
+checks the gather/scatter bijection, and (where the model has hidden
+symmetries) checks that a function-preserving permutation of neurons,
+channels or heads gives the same graph up to the induced node permutation.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from l2o.graph import (EdgeKind, EntryKind, NodeType, UnsupportedModuleError, build_graph,
+                       draw_graph)
+
+torch.manual_seed(0)
+
+
+# ------------------------------------------------------------------ helpers
+def params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def check_bijection(g, model):
+    ps = params(model)
+    out = g.scatter(g.gather(ps))
+    assert len(out) == len(ps)
+    for a, b in zip(out, ps):
+        assert torch.equal(a, b)
+    # every entry exactly once: number all entries, gather, expect a permutation
+    total = sum(p.numel() for p in ps)
+    ids, k = [], 0
+    for p in ps:
+        ids.append(torch.arange(k, k + p.numel()).view(p.shape))
+        k += p.numel()
+    flat = g.gather(ids)
+    assert torch.equal(torch.sort(flat).values, torch.arange(total))
+    assert g.num_params == total
+    assert torch.bincount(g.tensor_id, minlength=g.num_tensors).tolist() == g.numels
+    if g.num_edges:
+        assert 0 <= int(g.edge_index.min()) and int(g.edge_index.max()) < g.num_nodes
+    if g.num_entries:
+        assert 0 <= int(g.entry_node.min()) and int(g.entry_node.max()) < g.num_nodes
+    assert sorted(g.flat_order) == list(range(len(g.param_names)))
+    assert g.node_depth.min() >= 0 and g.node_depth.max() <= 1
+
+
+def counts(g):
+    return g.num_nodes, g.num_edges, g.num_entries
+
+
+def _slice(g, name):
+    """Flat-vector range of parameter ``name``."""
+    idx = g.param_names.index(name)
+    k = g.flat_order.index(idx)
+    start = sum(g.numels[:k])
+    return k, start, start + g.numels[k]
+
+
+def row_nodes(g, name):
+    """Node of each output row of an edge-held weight (dst of its first entry per row)."""
+    k, a, b = _slice(g, name)
+    assert k < g.num_edge_params
+    rows = g.param_shapes[g.flat_order[k]][0]
+    return g.edge_index[1, a:b].view(rows, -1)[:, 0].clone()
+
+
+def relabel(sigma, nodes, perm):
+    """B neuron o is A neuron perm[o]: node(perm[o]) in A maps to node(o) in B."""
+    sigma[nodes[perm]] = nodes
+
+
+def tables(g, model, sigma=None):
+    """Edge and node-slot multisets (with kinds, positions and values), with
+    node ids relabelled by ``sigma``."""
+    sigma = torch.arange(g.num_nodes) if sigma is None else sigma
+    flat = g.gather(params(model)).double()
+    ev, nv = g.split_flat(flat)
+    src, dst = sigma[g.edge_index[0]], sigma[g.edge_index[1]]
+    edges = torch.stack([src.double(), dst.double(), g.edge_kind.double(),
+                         g.edge_pos[:, 0].double(), g.edge_pos[:, 1].double(), ev], 1)
+    slots = torch.stack([sigma[g.entry_node].double(), g.entry_kind.double(), nv], 1)
+    return sorted(map(tuple, edges.tolist())), sorted(map(tuple, slots.tolist()))
+
+
+def check_isomorphic(model_a, model_b, sigma, x, atol=1e-5):
+    """model_b is model_a with permuted neurons: same function, and the graph of
+    A relabelled by sigma equals the graph of B (edges, features, node slots)."""
+    model_a.eval(), model_b.eval()
+    with torch.no_grad():
+        ya, yb = model_a(x), model_b(x)
+    assert torch.allclose(ya, yb, atol=atol), (ya - yb).abs().max()
+    ga, gb = build_graph(model_a), build_graph(model_b)
+    assert sorted(sigma.tolist()) == list(range(ga.num_nodes))
+    assert not torch.equal(sigma, torch.arange(ga.num_nodes)), "test permutation is trivial"
+    # node features move with the nodes
+    for attr in ("node_type", "node_io_index", "node_depth"):
+        fa, fb = getattr(ga, attr), getattr(gb, attr)
+        assert torch.equal(fb[sigma], fa), attr
+    assert tables(ga, model_a, sigma) == tables(gb, model_b)
+    # and the relabelling is not vacuous: without it the tables differ
+    assert tables(ga, model_a) != tables(gb, model_b)
+
+
+def perm(n):
+    p = torch.randperm(n)
+    while n > 1 and torch.equal(p, torch.arange(n)):
+        p = torch.randperm(n)
+    return p
+
+
+def group_perm(c, groups):
+    """Permutation of c channels that maps GroupNorm groups onto groups."""
+    size = c // groups
+    return torch.cat([g * size + perm(size) for g in perm(groups).tolist()])
+
+
+# ------------------------------------------------------------------ MLP
+def mlp():
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def test_mlp_counts_and_bijection():
+    m = mlp()
+    g = build_graph(m)
+    # nodes: 5 inputs + 7 + 6 hidden + 3 outputs = 21
+    # edges: 5*7 + 7*6 + 6*3 = 35 + 42 + 18 = 95;  bias slots: 7 + 6 + 3 = 16
+    assert counts(g) == (21, 95, 16)
+    check_bijection(g, m)
+    types = g.node_type.tolist()
+    assert types.count(NodeType.INPUT) == 5 and types.count(NodeType.OUTPUT) == 3
+    assert sorted(g.node_io_index[g.node_type == NodeType.INPUT].tolist()) == list(range(5))
+    assert sorted(g.node_io_index[g.node_type == NodeType.OUTPUT].tolist()) == list(range(3))
+    assert (g.edge_kind == EdgeKind.LINEAR).all() and (g.entry_kind == EntryKind.BIAS).all()
+    # W[o, i] is edge i -> o, row-major
+    w = m[0].weight
+    a = g.edge_index[:, :w.numel()].view(2, 7, 5)
+    assert torch.equal(a[0], a[0][0].expand(7, 5)) and torch.equal(a[1], a[1][:, :1].expand(7, 5))
+    assert g.node_depth[a[0, 0, 0]] == 0 and g.node_depth.max() == 1
+
+
+def test_mlp_permutation():
+    a = mlp()
+    b = mlp()
+    p1, p2 = perm(7), perm(6)
+    with torch.no_grad():
+        b[0].weight.copy_(a[0].weight[p1]); b[0].bias.copy_(a[0].bias[p1])
+        b[2].weight.copy_(a[2].weight[p2][:, p1]); b[2].bias.copy_(a[2].bias[p2])
+        b[4].weight.copy_(a[4].weight[:, p2]); b[4].bias.copy_(a[4].bias)
+    g = build_graph(a)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, row_nodes(g, "0.weight"), p1)
+    relabel(sigma, row_nodes(g, "2.weight"), p2)
+    check_isomorphic(a, b, sigma, torch.randn(4, 5))
+
+
+# ------------------------------------------------------------------ CNN + BN
+def cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 10))
+
+
+def randomise_bn(m):
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.normal_(); mod.running_var.uniform_(0.5, 2)
+            with torch.no_grad():
+                mod.weight.normal_(); mod.bias.normal_()
+
+
+def test_cnn_bn_counts_flatten_positions():
+    m = cnn()
+    x = torch.randn(2, 3, 8, 8)
+    for g in (build_graph(m, use_cache=False), build_graph(m, example_inputs=x, use_cache=False)):
+        # nodes: 3 input channels + 4 + 6 conv channels + 10 outputs = 23
+        #   (flatten keeps the 6 channel nodes; BN adds none)
+        # edges: 4*3*9 + 6*4*9 + 10*(6*4*4) = 108 + 216 + 960 = 1284
+        # slots: conv biases 4 + 6, BN scale+shift 2*4 + 2*6, linear bias 10 = 40
+        assert counts(g) == (23, 1284, 40)
+        check_bijection(g, m)
+        kinds = g.entry_kind.tolist()
+        assert kinds.count(EntryKind.NORM_WEIGHT) == 10 and kinds.count(EntryKind.NORM_BIAS) == 10
+        # conv edges carry kernel offsets; tap (ky=0, kx=2) is (-1, +1)
+        conv = g.edge_pos[:108].view(4, 3, 3, 3, 2)
+        assert conv[0, 0, 0, 2].tolist() == [-1.0, 1.0] and conv[1, 2, 1, 1].tolist() == [0.0, 0.0]
+        # linear after flatten: column j reads channel j // 16 at position (y, x) of j % 16
+        _, s, e = _slice(g, "8.weight")
+        lin_src = g.edge_index[0, s:e].view(10, 96)
+        ch = row_nodes(g, "4.weight")
+        assert torch.equal(lin_src[0], ch.repeat_interleave(16))
+        pos = g.edge_pos[s:e].view(10, 96, 2)[0]
+        j = 16 + 4 * 1 + 3      # channel 1, y=1, x=3 of a 4x4 map
+        assert torch.allclose(pos[j], torch.tensor([1 / 3 * 2 - 1, 1.0]))
+
+
+def test_cnn_permutation():
+    a, b = cnn(), cnn()
+    randomise_bn(a)
+    p1, p2 = perm(4), perm(6)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(b[1], name).copy_(getattr(a[1], name)[p1])
+            getattr(b[5], name).copy_(getattr(a[5], name)[p2])
+        b[0].weight.copy_(a[0].weight[p1]); b[0].bias.copy_(a[0].bias[p1])
+        b[4].weight.copy_(a[4].weight[p2][:, p1]); b[4].bias.copy_(a[4].bias[p2])
+        b[8].weight.copy_(a[8].weight.view(10, 6, 16)[:, p2].reshape(10, 96))
+    g = build_graph(a)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, row_nodes(g, "0.weight"), p1)
+    relabel(sigma, row_nodes(g, "4.weight"), p2)
+    check_isomorphic(a, b, sigma, torch.randn(2, 3, 8, 8))
+
+
+# ------------------------------------------------------------ ResNet block + GN
+class ResNetBlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn0 = nn.GroupNorm(2, 8)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn1 = nn.GroupNorm(2, 8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.gn2 = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.gn0(self.stem(x)))
+        h = F.relu(self.gn1(self.conv1(x)))
+        h = self.gn2(self.conv2(h))
+        x = F.relu(x + h)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_resnet_block_counts():
+    m = ResNetBlockNet()
+    g = build_graph(m)
+    # nodes: 3 inputs + 8 stem + 8 conv1 + 5 outputs = 24
+    #   (conv2's 8 output channels merge with the stem's through the residual add)
+    # edges: 8*3*9 + 8*8*9 + 8*8*9 + 5*8 = 216 + 576 + 576 + 40 = 1408
+    # slots: 3 conv biases * 8 + 3 GN * (8 + 8) + head bias 5 = 24 + 48 + 5 = 77
+    assert counts(g) == (24, 1408, 77)
+    check_bijection(g, m)
+    assert torch.equal(row_nodes(g, "stem.weight"), row_nodes(g, "conv2.weight"))
+    # depth: stem 1, conv1 2, conv2 (merged with stem) 3, head 4
+    assert g.node_depth[row_nodes(g, "stem.weight")].unique().tolist() == [0.75]
+
+
+def test_resnet_block_permutation():
+    a, b = ResNetBlockNet(), ResNetBlockNet()
+    ps, ph = group_perm(8, 2), group_perm(8, 2)   # residual stream, block hidden
+    with torch.no_grad():
+        for mod in a.modules():
+            if isinstance(mod, nn.GroupNorm):
+                mod.weight.normal_(); mod.bias.normal_()
+        b.stem.weight.copy_(a.stem.weight[ps]); b.stem.bias.copy_(a.stem.bias[ps])
+        b.gn0.weight.copy_(a.gn0.weight[ps]); b.gn0.bias.copy_(a.gn0.bias[ps])
+        b.conv1.weight.copy_(a.conv1.weight[ph][:, ps]); b.conv1.bias.copy_(a.conv1.bias[ph])
+        b.gn1.weight.copy_(a.gn1.weight[ph]); b.gn1.bias.copy_(a.gn1.bias[ph])
+        b.conv2.weight.copy_(a.conv2.weight[ps][:, ph]); b.conv2.bias.copy_(a.conv2.bias[ps])
+        b.gn2.weight.copy_(a.gn2.weight[ps]); b.gn2.bias.copy_(a.gn2.bias[ps])
+        b.head.weight.copy_(a.head.weight[:, ps]); b.head.bias.copy_(a.head.bias)
+    g = build_graph(a)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, row_nodes(g, "stem.weight"), ps)
+    relabel(sigma, row_nodes(g, "conv1.weight"), ph)
+    check_isomorphic(a, b, sigma, torch.randn(2, 3, 6, 6))
+
+
+# ------------------------------------------------------------ transformer
+class TinyLM(nn.Module):
+    def __init__(self, norm_first=False):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True,
+                                                norm_first=norm_first)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, tokens):
+        return self.head(self.block(self.emb(tokens)))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_counts(norm_first):
+    m = TinyLM(norm_first)
+    g = build_graph(m)
+    # nodes: 11 token inputs + 8 residual stream (embedding dims; attention out
+    #   and linear2 outputs merge into them) + 3*8 q/k/v + 12 FF hidden + 11 outputs = 66
+    # edges: emb 11*8 + in_proj 3*8*8 + out_proj 8*8 + linear1 12*8 + linear2 8*12
+    #   + head 11*8 = 88 + 192 + 64 + 96 + 96 + 88 = 624
+    # slots: in_proj_bias 24 + out_proj bias 8 + norm1 16 + linear1 bias 12
+    #   + linear2 bias 8 + norm2 16 + head bias 11 = 95
+    assert counts(g) == (66, 624, 95)
+    check_bijection(g, m)
+    kinds = torch.bincount(g.edge_kind, minlength=7).tolist()
+    assert kinds == [96 + 96 + 88, 0, 88, 64, 64, 64, 64]  # linear1, linear2, head are LINEAR
+    assert (g.entry_kind == EntryKind.ATTN_BIAS).sum() == 24
+    assert (g.node_type == NodeType.INPUT).sum() == 11 and (g.node_type == NodeType.OUTPUT).sum() == 11
+
+
+def test_transformer_head_permutation():
+    a, b = TinyLM(), TinyLM()
+    b.load_state_dict(a.state_dict())
+    E, H = 8, 2
+    hd = E // H
+    heads = perm(H)
+    dqk, dv = perm(hd), perm(hd)
+    # q and k of a head must move together (their dot product); v independently
+    p_qk = torch.cat([h * hd + dqk for h in heads.tolist()])
+    p_v = torch.cat([h * hd + dv for h in heads.tolist()])
+    p_ff = perm(12)
+    sa_a, sa_b = a.block.self_attn, b.block.self_attn
+    rows = torch.cat([p_qk, E + p_qk, 2 * E + p_v])
+    with torch.no_grad():
+        sa_b.in_proj_weight.copy_(sa_a.in_proj_weight[rows])
+        sa_b.in_proj_bias.copy_(sa_a.in_proj_bias[rows])
+        sa_b.out_proj.weight.copy_(sa_a.out_proj.weight[:, p_v])
+        b.block.linear1.weight.copy_(a.block.linear1.weight[p_ff])
+        b.block.linear1.bias.copy_(a.block.linear1.bias[p_ff])
+        b.block.linear2.weight.copy_(a.block.linear2.weight[:, p_ff])
+    g = build_graph(a)
+    q, k, v = row_nodes(g, "block.self_attn.in_proj_weight").split(E)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, q, p_qk)
+    relabel(sigma, k, p_qk)
+    relabel(sigma, v, p_v)
+    relabel(sigma, row_nodes(g, "block.linear1.weight"), p_ff)
+    check_isomorphic(a, b, sigma, torch.randint(0, 11, (2, 5)))
+
+
+def test_multihead_attention_kdim_vdim():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(6, 3, kdim=4, vdim=5, add_bias_kv=True)
+
+        def forward(self, q, k, v):
+            out, _ = self.attn(q, k, v)
+            return out
+
+    m = Cross()
+    g = build_graph(m)
+    # nodes: inputs 6 + 4 + 5, q/k/v 18, outputs 6 = 39
+    # edges: q_proj 6*6 + k_proj 6*4 + v_proj 6*5 + out_proj 6*6 = 126
+    # slots: in_proj_bias 18 + bias_k 6 + bias_v 6 + out bias 6 = 36
+    assert counts(g) == (39, 126, 36)
+    check_bijection(g, m)
+    assert sorted(g.node_io_index[g.node_type == NodeType.INPUT].tolist()) == list(range(15))
+
+
+# ------------------------------------------------------------ embeddings
+def test_embedding_model():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(10, 4)
+            self.pos = nn.Embedding(6, 4)
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, tokens):
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            return self.out((self.tok(tokens) + self.pos(positions)).mean(1))
+
+    m = Bag()
+    g = build_graph(m)
+    # nodes: 10 token + 6 position INPUT nodes, 4 embedding dims (tok and pos
+    #   dims merged by the add), 3 outputs = 23
+    # edges: 10*4 + 6*4 + 3*4 = 76; slots: output bias 3
+    assert counts(g) == (23, 76, 3)
+    check_bijection(g, m)
+    # token ids come first among the inputs (network input), positions after
+    io = g.node_io_index[g.edge_index[0, :40:4]]
+    assert io.tolist() == list(range(10))
+    assert (g.edge_kind[:64] == EdgeKind.EMBEDDING).all()
+
+
+# ------------------------------------------------------------ grouped conv1d
+class GroupedConv1d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, groups=2, padding=1)
+        self.dw = nn.Conv1d(8, 8, 5, groups=8, padding=2, stride=2)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.dw(torch.relu(self.c1(x)))).mean(-1))
+
+
+def test_grouped_conv1d():
+    m = GroupedConv1d()
+    g = build_graph(m)
+    # nodes: 4 inputs + 8 + 8 + 2 outputs = 22
+    # edges: c1 8*(4/2)*3 = 48, depthwise 8*1*5 = 40, fc 16 -> 104; slots: 8 + 8 + 2 = 18
+    assert counts(g) == (22, 104, 18)
+    check_bijection(g, m)
+    inputs = g.edge_index[0, :48].view(8, 2, 3)
+    in_nodes = torch.nonzero(g.node_type == NodeType.INPUT).flatten()
+    for o in range(8):  # output channel o of group o // 4 reads inputs 2*(o//4) + i
+        assert inputs[o, :, 0].tolist() == in_nodes[2 * (o // 4): 2 * (o // 4) + 2].tolist()
+    # depthwise: channel c -> c, 5 taps with 1-D offsets (0, dx)
+    dw = g.edge_index[:, 48:88].view(2, 8, 5)
+    assert torch.equal(dw[0, :, 0], row_nodes(g, "c1.weight"))
+    assert g.edge_pos[48:53].tolist() == [[0, -1], [0, -0.5], [0, 0], [0, 0.5], [0, 1]]
+
+
+def test_grouped_conv1d_permutation():
+    a, b = GroupedConv1d(), GroupedConv1d()
+    p = group_perm(8, 2)  # within conv groups only: inputs are not permutable
+    p = torch.cat([p[p < 4], p[p >= 4]])  # keep group order: groups read different inputs
+    with torch.no_grad():
+        b.c1.weight.copy_(a.c1.weight[p]); b.c1.bias.copy_(a.c1.bias[p])
+        b.dw.weight.copy_(a.dw.weight[p]); b.dw.bias.copy_(a.dw.bias[p])
+        b.fc.weight.copy_(a.fc.weight[:, p]); b.fc.bias.copy_(a.fc.bias)
+    g = build_graph(a)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, row_nodes(g, "c1.weight"), p)
+    relabel(sigma, row_nodes(g, "dw.weight"), p)
+    check_isomorphic(a, b, sigma, torch.randn(2, 4, 9))
+
+
+# ------------------------------------------------------------ concatenation
+class CatNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 5)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1))
+
+
+def test_concatenation():
+    m = CatNet()
+    g = build_graph(m)
+    # nodes: 4 inputs + 3 + 5 branch neurons + 2 outputs = 14
+    # edges: 4*3 + 4*5 + 8*2 = 48; slots: 3 + 5 + 2 = 10
+    assert counts(g) == (14, 48, 10)
+    check_bijection(g, m)
+    _, s, e = _slice(g, "out.weight")
+    cols = g.edge_index[0, s:e].view(2, 8)[0]
+    assert torch.equal(cols, torch.cat([row_nodes(g, "a.weight"), row_nodes(g, "b.weight")]))
+
+
+def test_concatenation_permutation():
+    a, b = CatNet(), CatNet()
+    pa, pb = perm(3), perm(5)
+    with torch.no_grad():
+        b.a.weight.copy_(a.a.weight[pa]); b.a.bias.copy_(a.a.bias[pa])
+        b.b.weight.copy_(a.b.weight[pb]); b.b.bias.copy_(a.b.bias[pb])
+        b.out.weight.copy_(a.out.weight[:, torch.cat([pa, 3 + pb])]); b.out.bias.copy_(a.out.bias)
+    g = build_graph(a)
+    sigma = torch.arange(g.num_nodes)
+    relabel(sigma, row_nodes(g, "a.weight"), pa)
+    relabel(sigma, row_nodes(g, "b.weight"), pb)
+    check_isomorphic(a, b, sigma, torch.randn(3, 4))
+
+
+# ------------------------------------------------------------ fallback paths
+class Scale(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.s
+
+
+class WithCustom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.scale = Scale(5)
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(self.scale(self.fc1(x)))
+
+
+def test_unsupported_module_non_strict_warns_once():
+    m = WithCustom()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        g = build_graph(m)
+        assert build_graph(m) is g            # cached: no second warning
+    ours = [w for w in caught if "build_graph" in str(w.message)]
+    assert len(ours) == 1
+    assert "scale" in str(ours[0].message) and "Scale" in str(ours[0].message)
+    assert g.unstructured == ["scale.s"]
+    check_bijection(g, m)
+    # nodes: 4 + 5 + 2 + one TENSOR node; fc edges 20 + 10; slots 5 + 2 biases + 5 fallback
+    assert counts(g) == (12, 30, 12)
+    t = torch.nonzero(g.node_type == NodeType.TENSOR).flatten()
+    assert t.numel() == 1
+    fb = g.entry_kind == EntryKind.FALLBACK
+    assert fb.sum() == 5 and (g.entry_node[fb] == t).all()
+
+
+def test_unsupported_module_strict_raises():
+    with pytest.raises(UnsupportedModuleError, match=r"scale \(Scale\)"):
+        build_graph(WithCustom(), strict=True)
+
+
+def test_builtin_module_without_mapping_falls_back():
+    class RNNNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.act = nn.PReLU(4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            out, _ = self.rnn(x)
+            return self.fc(self.act(out))
+
+    m = RNNNet()
+    with pytest.warns(UserWarning, match="rnn"):
+        g = build_graph(m)
+    check_bijection(g, m)
+    assert set(g.unstructured) == {n for n, _ in m.named_parameters() if not n.startswith("fc")}
+    assert (g.edge_kind == EdgeKind.LINEAR).sum() == 8
+
+
+def test_untraceable_root_does_not_crash():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(4, 6)
+            self.fc2 = nn.Linear(6, 2)
+            self.extra = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                x = -x
+            return self.fc2(torch.relu(self.fc1(x))) + self.extra.sum()
+
+    m = DataDependent()
+    with pytest.warns(UserWarning, match="could not trace"):
+        g = build_graph(m)
+    check_bijection(g, m)
+    # the children are still structured, each on its own; only `extra` falls back
+    assert g.unstructured == ["extra"]
+    assert g.num_edges == 4 * 6 + 6 * 2
+    with pytest.raises(UnsupportedModuleError):
+        build_graph(m, strict=True)
+
+
+def test_untraceable_child_keeps_rest_structured():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(5, 5)
+            self.own = nn.Parameter(torch.ones(5))
+
+        def forward(self, x):
+            if x.mean() > 0:
+                return self.inner(x) * self.own
+            return x
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1 = nn.Linear(3, 5)
+            self.branchy = Branchy()
+            self.fc2 = nn.Linear(5, 2)
+
+        def forward(self, x):
+            return self.fc2(self.branchy(self.fc1(x)))
+
+    m = Outer()
+    with pytest.warns(UserWarning, match="branchy"):
+        g = build_graph(m)
+    check_bijection(g, m)
+    assert g.unstructured == ["branchy.own"]
+    assert g.num_edges == 15 + 25 + 10
+    # fc1 -> fc2 is still wired through inputs and outputs of the network
+    assert (g.node_type == NodeType.INPUT).sum() == 3 and (g.node_type == NodeType.OUTPUT).sum() == 2
+
+
+def test_tied_weights_and_shared_module():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.mix = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 10)
+            self.head.weight = self.emb.weight   # tied
+
+        def forward(self, tokens):
+            h = self.mix(torch.tanh(self.mix(self.emb(tokens))))  # same module twice
+            return self.head(h)
+
+    m = Tied()
+    names = [n for n, _ in m.named_parameters()]
+    assert "head.weight" not in names      # one Parameter, one name
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # everything is structured: no warning
+        g = build_graph(m)
+    check_bijection(g, m)
+    # edges: embedding 40 + mix 16 (its second call and the tied head add no edges)
+    assert g.num_edges == 56 and g.num_entries == 4 + 10
+
+
+# ------------------------------------------------------------ cache / draw / speed
+def test_cache_and_invalidation():
+    m = mlp()
+    g = build_graph(m)
+    assert build_graph(m) is g
+    m[4] = nn.Linear(6, 4)
+    g2 = build_graph(m)
+    assert g2 is not g and (g2.node_type == NodeType.OUTPUT).sum() == 4
+
+
+def test_draw_graph(tmp_path):
+    g = build_graph(ResNetBlockNet())
+    path = draw_graph(g, str(tmp_path / "g.png"))
+    assert (tmp_path / "g.png").stat().st_size > 1000 and path.endswith(".png")
+    with pytest.raises(ValueError, match="max_nodes"):
+        draw_graph(g, str(tmp_path / "big.png"), max_nodes=10)
+
+
+def test_to_pyg():
+    g = build_graph(mlp())
+    data = g.to_pyg()
+    assert data.num_nodes == g.num_nodes and data.edge_index.shape == (2, g.num_edges)
