@@ -629,3 +629,30 @@ def test_to_pyg():
     g = build_graph(mlp())
     data = g.to_pyg()
     assert data.num_nodes == g.num_nodes and data.edge_index.shape == (2, g.num_edges)
+
+
+def test_flatten_non_square_map_with_example_input():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 3, 4))
+    g = build_graph(m, example_inputs=torch.randn(1, 2, 2, 3))
+    # nodes 2 + 3 + 4 = 9; edges 3*2*9 + 4*18 = 126
+    assert counts(g)[:2] == (9, 126)
+    _, s, e = _slice(g, "3.weight")
+    pos = g.edge_pos[s:e].view(4, 18, 2)[0]
+    # column 6 + 5 = channel 1, y=1, x=2 of a 2 x 3 map
+    assert pos[11].tolist() == [1.0, 1.0] and pos[7].tolist() == [-1.0, 0.0]
+
+
+def test_untraceable_without_unstructured_params_still_warns():
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else x
+
+    m = Root()
+    with pytest.warns(UserWarning, match="structured separately"):
+        g = build_graph(m)
+    assert g.unstructured == [] and g.num_edges == 9
+    check_bijection(g, m)

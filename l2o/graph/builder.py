@@ -98,7 +98,8 @@ def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None
             if fn is not None:
                 env[node] = fn(state, sub, qn, args, kwargs)
             elif not _has_params(sub):
-                env[node] = ops.apply(state, node, args, kwargs)  # activation, pooling, Flatten, ...
+                # activation, pooling, Flatten, ...: dispatch on the class name
+                env[node] = ops.apply(state, node, args, kwargs, name=type(sub).__name__)
             else:
                 # unknown module with parameters: look inside it on its own
                 out = _walk(state, sub, qn, list(args))
@@ -144,14 +145,22 @@ def _report_unstructured(model: nn.Module, state: GraphState, left: list[int], s
         by_module.setdefault(_owner(model, n), []).append(n)
     lines = [f"  {mod or '<root>'} ({cls}): {', '.join(ps)} -- {_reason_for(state, mod)}"
              for (mod, cls), ps in by_module.items()]
+    # untraceable modules whose parameters were all structured piecewise still
+    # lose the wiring between their children: say so
+    for qn, why in state.opaque.items():
+        mod = "" if qn == "<root>" else qn
+        if not any(_owner(model, n)[0] == mod for n in names):
+            cls = type(model.get_submodule(mod)).__name__
+            lines.append(f"  {qn} ({cls}): children structured separately, wiring between "
+                         f"them unknown -- {why}")
     if strict:
         raise UnsupportedModuleError(
             "build_graph(strict=True): these modules have parameters the parameter graph "
-            "cannot structure:\n" + "\n".join(lines))
+            "cannot structure, or cannot be traced:\n" + "\n".join(lines))
     warnings.warn(
         f"build_graph: {len(names)} parameter tensor(s) have no graph structure and are "
         "placed on per-tensor fallback nodes (still optimised, without neuron "
-        "structure):\n" + "\n".join(lines), stacklevel=3)
+        "structure), or a module could not be traced:\n" + "\n".join(lines), stacklevel=4)
     return names
 
 
@@ -208,7 +217,7 @@ def _build(model: nn.Module, example_inputs, strict: bool) -> ParamGraph:
     state = GraphState(model)
     _walk(state, model, "", None, example_inputs, top=True)
     left = state.unclaimed()
-    unstructured = _report_unstructured(model, state, left, strict) if left else []
+    unstructured = _report_unstructured(model, state, left, strict) if left or state.opaque else []
     graph = state.finish(left, unstructured)
     _check(graph)
     return graph

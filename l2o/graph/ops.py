@@ -72,12 +72,12 @@ def merge_all(state, vals: list[Val]) -> Val:
     return base.passthrough(depth=depth_of(*vals))
 
 
-def flatten(state, node: fx.Node, x: Val) -> Val:
+def flatten(state, node: fx.Node, x: Val, name: str) -> Val:
     src, dst = _shape(node.args[0]) if node.args else None, _shape(node)
     if x.nodes is not None and src and dst and len(src) >= 3 and len(dst) == 2 \
             and src[1] == int(x.nodes.shape[0]) and dst[1] == math.prod(src[1:]):
         return x.passthrough(spatial=tuple(src[2:]), fdim="last")
-    if _name(node) in ("flatten", "Flatten") and x.fdim == "chan":
+    if name in ("flatten", "Flatten") and x.fdim == "chan":
         return x.passthrough(fdim="last")
     return x
 
@@ -102,8 +102,10 @@ def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
     return merge_all(state, vals)
 
 
-def apply(state, node: fx.Node, args: tuple, kwargs: dict) -> Any:
-    name = _name(node)
+def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = None) -> Any:
+    """Value of a call_function / call_method node (or a parameter-free leaf
+    module, whose class name is passed as ``name``)."""
+    name = name or _name(node)
     if name in _NOT_TENSOR:
         return None
     if node.target is operator.getitem:
@@ -126,7 +128,7 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict) -> Any:
     if name in _ELEMENTWISE and len(vals) >= 2:
         return merge_all(state, vals)
     if name in _FLATTEN:
-        return flatten(state, node, vals[0])
+        return flatten(state, node, vals[0], name)
     return vals[0]
 
 
