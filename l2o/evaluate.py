@@ -465,11 +465,12 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     try:
         with tqdm(total=total, desc="evaluate", unit="run", disable=not progress, dynamic_ncols=True) as bar:
             # Learned-optimizer runs need no tuning: interleave them with the grid.
-            first = _run_jobs(tune_jobs + learned_jobs, steps, str(device), test_every, workers, threads, bar, pool)
+            # Longest runs first so the last worker is not left with a big one.
+            first = _run_jobs(_longest_first(learned_jobs + tune_jobs), steps, str(device), test_every, workers, threads, bar, pool)
             tuning = _tuning_table(task_list, grids, [r for r in first if r.seed in tune_seeds])
             hand_jobs = [Job(task_ref(t), o, tuning[t.name][o]["chosen"], s, "eval") for t in task_list
                          for o in grids for s in seeds]
-            second = _run_jobs(hand_jobs, steps, str(device), test_every, workers, threads, bar, pool)
+            second = _run_jobs(_longest_first(hand_jobs), steps, str(device), test_every, workers, threads, bar, pool)
     finally:
         if pool is not None:
             pool.shutdown()
@@ -480,6 +481,19 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     if out_dir is not None:
         write_report(results, out_dir)
     return results
+
+
+def _longest_first(jobs: list[Job]) -> list[Job]:
+    # Rough cost model: step time grows with parameter count, and a learned
+    # optimizer step costs a few hand-designed ones (measured on CPU).
+    def cost(job: Job) -> float:
+        task = job.task
+        if isinstance(task, str):
+            import tasks as task_suite
+            task = task_suite.get_task(task)
+        n = task.num_params() if hasattr(task, "num_params") else 1
+        return n * (3.0 if job.optimizer in LEARNED else 1.0)
+    return sorted(jobs, key=cost, reverse=True)
 
 
 def _is_registered(task) -> bool:
@@ -799,7 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-grid", action="append", metavar="NAME=v1,v2,...",
                    help="override a grid, e.g. --lr-grid adam=1e-3,3e-3 (repeatable). Defaults: "
                         + "; ".join(f"{o}: {','.join(f'{v:g}' for v in g)}" for o, g in DEFAULT_GRIDS.items()))
-    p.add_argument("--out", default="eval_out", help="output directory")
+    p.add_argument("--out", default="out/eval", help="output directory")
     p.add_argument("--device", default="cpu")
     p.add_argument("--test-every", type=int, default=0, help="also log test metrics every N steps (0: only at the end)")
     p.add_argument("--workers", type=int, default=None, help="parallel runs on CPU (default: one per core)")

@@ -62,7 +62,9 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path
                 mean = np.nanmean(sm, axis=0)
                 lo, hi = np.nanmin(sm, axis=0), np.nanmax(sm, axis=0)
             color = COLORS.get(opt)
-            ax.plot(steps, mean, label=labels.get(opt, opt), color=color, lw=1.6)
+            # Learned optimizers on top: an untrained one overlaps Adam-like curves.
+            ax.plot(steps, mean, label=labels.get(opt, opt), color=color, lw=1.6,
+                    zorder=3 if opt in ("gmn", "mlp") else 2)
             if sm.shape[0] > 1:
                 ax.fill_between(steps, lo, hi, color=color, alpha=0.18, lw=0)
         ax.set_yscale("log")
