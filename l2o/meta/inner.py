@@ -1,0 +1,176 @@
+"""One inner training run and its K-step functional unroll.
+
+The inner problem is trained functionally: the model's parameters are one flat
+tensor laid out by the task's ParamGraph, the loss is
+``task.loss_fn(module)(params_dict, buffers, batch)`` and the learned optimizer
+maps (params, grad, state) to an update. When the metanetwork's weights
+require grad, the parameters after each update depend on them, so the losses
+along the unroll can be backpropagated into the metanetwork (truncated BPTT).
+
+Batches: inner step ``s`` of a run uses batch ``s`` of that run's stream. The
+stream is recreated at the start of every unroll from ``(data_seed, step)``, so
+a run's batches are a pure function of its counters (exact resume, and ES can
+replay the same batches for every perturbation).
+
+Cost: one forward/backward of the task per inner step. The loss at the new
+parameters is both a meta-loss term and the source of the next gradient (its
+batch was not used to produce those parameters, so the term is on a fresh
+batch); the gradient of the last step is carried into the next unroll rather
+than recomputed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .tasks_pool import TaskEntry, TaskPool, draw_spec
+
+
+@dataclass
+class InnerRun:
+    slot: int                 # meta-batch slot this run occupies
+    index: int                # how many runs this slot has started (seeds the task draw)
+    spec: str                 # task spec (see tasks_pool)
+    init_seed: int
+    length: int               # inner steps before the run ends and a new task is drawn
+    step: int = 0
+    init_loss: float = float("nan")     # loss at the initial parameters (normalises the meta-loss)
+    last_loss: float = float("nan")     # loss at the current parameters
+    params: Tensor | None = None        # flat, detached
+    buffers: dict[str, Tensor] = field(default_factory=dict)   # BatchNorm running stats etc.
+    lopt_state: dict[str, Tensor] = field(default_factory=dict)
+    grad: Tensor | None = None          # gradient at ``params`` on batch ``step`` (carried)
+
+    @property
+    def data_seed(self) -> int:
+        return self.init_seed ^ 0x5EED
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Tensor part of the state, for checkpoints."""
+        out = {"params": self.params, "grad": self.grad}
+        out.update({f"buffer.{k}": v for k, v in self.buffers.items()})
+        out.update({f"lopt_state.{k}": v for k, v in self.lopt_state.items()})
+        return {k: v.detach().cpu().contiguous() for k, v in out.items()}
+
+    def scalars(self) -> dict:
+        return {"slot": self.slot, "index": self.index, "spec": self.spec, "init_seed": self.init_seed,
+                "length": self.length, "step": self.step, "init_loss": self.init_loss,
+                "last_loss": self.last_loss}
+
+    @classmethod
+    def restore(cls, scalars: dict, tensors: dict[str, Tensor], device) -> "InnerRun":
+        run = cls(**scalars)
+        run.params = tensors["params"].to(device)
+        run.grad = tensors["grad"].to(device)
+        run.buffers = {k[len("buffer."):]: v.to(device) for k, v in tensors.items() if k.startswith("buffer.")}
+        run.lopt_state = {k[len("lopt_state."):]: v.to(device) for k, v in tensors.items()
+                          if k.startswith("lopt_state.")}
+        return run
+
+
+def start_run(pool: TaskPool, task_pool_specs: list[str], lopt, seed: int, slot: int, index: int,
+              length: int) -> InnerRun:
+    """A fresh run: draw a task, initialise the model, compute the first gradient."""
+    spec, init_seed = draw_spec(task_pool_specs, seed, slot, index)
+    entry = pool.get(spec)
+    model = entry.task.init(init_seed)
+    params = entry.graph.gather([p.detach() for p in model.parameters()]).to(pool.device)
+    run = InnerRun(slot=slot, index=index, spec=spec, init_seed=init_seed, length=length, params=params,
+                   buffers={k: b.detach().clone().to(pool.device) for k, b in model.named_buffers()},
+                   lopt_state=lopt.init_state(params))
+    batch = next(batch_stream(entry, run, pool.device))
+    loss, run.grad = loss_and_grad(entry, run.params, run.buffers, batch, meta=False)
+    run.init_loss = run.last_loss = float(loss)
+    return run
+
+
+def batch_stream(entry: TaskEntry, run: InnerRun, device):
+    # A new stream per (run, step): batches depend only on the run's counters.
+    return entry.task.batches("train", seed=(run.data_seed * 1_000_003 + run.step) % (2**63), device=device)
+
+
+def loss_and_grad(entry: TaskEntry, flat: Tensor, buffers: dict[str, Tensor], batch,
+                  meta: bool, second_order: bool = False) -> tuple[Tensor, Tensor]:
+    """Loss at ``flat`` and its gradient w.r.t. ``flat``.
+
+    ``meta``: ``flat`` is part of the meta-graph; keep the loss differentiable
+    (it is a meta-loss term) and, unless second order, detach the gradient --
+    the learned optimizer sees it as an input, which drops the expensive and
+    notoriously unstable second-order path (Metz et al. 2019).
+    """
+    if meta and flat.requires_grad:
+        loss = entry.loss_fn(dict(zip(entry.graph.param_names, entry.graph.scatter(flat))), buffers, batch)
+        (grad,) = torch.autograd.grad(loss, flat, retain_graph=True, create_graph=second_order)
+        return loss, (grad if second_order else grad.detach())
+    with torch.enable_grad():
+        leaf = flat.detach().requires_grad_(True)
+        loss = entry.loss_fn(dict(zip(entry.graph.param_names, entry.graph.scatter(leaf))), buffers, batch)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), grad
+
+
+def meta_term(loss: Tensor, init_loss: float, objective: str) -> Tensor:
+    """One unroll step's contribution to the meta-loss.
+
+    ``norm`` (default) divides by the run's initial loss: tasks with losses of
+    very different scales (cross-entropy ~2, MSE ~0.01) then weigh alike, and
+    unlike ``log`` it does not blow up the gradient of tasks that are nearly
+    solved (d log L = dL / L).
+    """
+    if objective == "norm":
+        return loss / max(init_loss, 1e-8)
+    if objective == "log":
+        return torch.log(loss.clamp(min=1e-8))
+    return loss
+
+
+@dataclass
+class UnrollResult:
+    meta_loss: Tensor         # mean meta-loss term over the steps taken (differentiable when meta)
+    steps: int                # inner steps taken
+    diverged: bool            # loss non-finite or > diverge_factor x initial: reset the run
+    finished: bool            # the run reached its length: draw a new task
+    final: dict               # the run's state after the unroll (detached), see advance()
+
+
+def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool,
+           params_override: dict | None = None) -> UnrollResult:
+    """Up to ``k`` learned-optimizer steps of ``run`` (which is not modified).
+
+    ``params_override``: metanetwork weights to use instead of its own
+    (evolution strategies evaluates perturbed copies functionally).
+    """
+    graph = entry.graph
+    second_order = bool(cfg.get("second_order", False))
+    call = (lambda *a: torch.func.functional_call(lopt, params_override, a)) if params_override else lopt
+    flat, grad, state = run.params, run.grad, run.lopt_state
+    # ES evaluates the same run several times: BatchNorm stats are updated in place, so copy.
+    buffers = {n: b.clone() for n, b in run.buffers.items()}
+    stream = batch_stream(entry, run, device)
+    next(stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
+    terms, last_loss, diverged, steps = [], run.last_loss, False, 0
+    for _ in range(min(k, run.length - run.step)):
+        update, state = call(graph, flat, grad, state)
+        flat = flat + update
+        loss, grad = loss_and_grad(entry, flat, buffers, next(stream), meta=meta, second_order=second_order)
+        terms.append(meta_term(loss, run.init_loss, cfg.get("meta_objective", "norm")))
+        steps += 1
+        last_loss = float(loss.detach())
+        if not math.isfinite(last_loss) or last_loss > cfg.get("diverge_factor", 10.0) * run.init_loss:
+            diverged = True
+            break
+    meta_loss = torch.stack(terms).mean() if terms else torch.zeros((), device=device)
+    final = {"params": flat.detach(), "grad": grad.detach(), "buffers": buffers,
+             "lopt_state": {n: v.detach() for n, v in state.items()}, "steps": steps, "last_loss": last_loss}
+    return UnrollResult(meta_loss, steps, diverged, run.step + steps >= run.length, final)
+
+
+def advance(run: InnerRun, result: UnrollResult) -> InnerRun:
+    """The run after the unroll (carrying params, optimizer state, gradient, step)."""
+    f = result.final
+    return InnerRun(slot=run.slot, index=run.index, spec=run.spec, init_seed=run.init_seed, length=run.length,
+                    step=run.step + f["steps"], init_loss=run.init_loss, last_loss=f["last_loss"],
+                    params=f["params"], buffers=f["buffers"], lopt_state=f["lopt_state"], grad=f["grad"])

@@ -1,0 +1,57 @@
+"""Quick held-out evaluation during meta-training.
+
+Trains one held-out task for ``steps`` inner steps with the current learned
+optimizer and with Adam (lr 1e-3, the learned optimizer's nominal starting
+point) from the same initialisation on the same batches, and reports the
+final and mean training losses of both. Cheap enough to run every few hundred
+outer steps; a proper evaluation is ``l2o.evaluate``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .inner import InnerRun, batch_stream, loss_and_grad, unroll
+from .tasks_pool import TaskPool
+
+EVAL_SEED = 1234
+
+
+@torch.no_grad()
+def quick_eval(lopt, pool: TaskPool, task_name: str, steps: int) -> dict[str, float]:
+    device = pool.device
+    entry = pool.get(f"task:{task_name}")
+    model = entry.task.init(EVAL_SEED)
+    params = entry.graph.gather([p.detach() for p in model.parameters()]).to(device)
+    run = InnerRun(slot=-1, index=0, spec=f"task:{task_name}", init_seed=EVAL_SEED, length=steps,
+                   params=params, buffers={k: b.clone().to(device) for k, b in model.named_buffers()},
+                   lopt_state=lopt.init_state(params))
+    first = next(batch_stream(entry, run, device))
+    loss0, run.grad = loss_and_grad(entry, run.params, run.buffers, first, meta=False)
+    run.init_loss = run.last_loss = float(loss0)
+    was_training = lopt.training
+    lopt.eval()
+    try:
+        res = unroll(lopt, run, entry, steps, {"meta_objective": "raw", "diverge_factor": float("inf")},
+                     device, meta=False)
+    finally:
+        lopt.train(was_training)
+
+    # Adam on the same batches: batch 0 for the first gradient, then the unroll's stream.
+    model = model.to(device)
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stream = batch_stream(entry, run, device)
+    losses = []
+    with torch.enable_grad():
+        batch = first
+        for i in range(steps + 1):
+            loss = entry.task.loss(model, batch)
+            if i > 0:
+                losses.append(float(loss.detach()))
+            if i == steps:
+                break
+            adam.zero_grad()
+            loss.backward()
+            adam.step()
+            batch = next(stream) if i > 0 else (next(stream), next(stream))[1]
+    return {"lopt_final": res.final["last_loss"], "lopt_mean": float(res.meta_loss),
+            "adam_final": losses[-1], "adam_mean": sum(losses) / len(losses), "initial": float(loss0)}

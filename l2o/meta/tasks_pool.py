@@ -1,0 +1,117 @@
+"""Which task an inner run trains, and the per-architecture objects it needs.
+
+A task is named by a *spec* string so it fits in a JSON checkpoint:
+``"task:<name>"`` for a named suite task, ``"family:<family>:<seed>"`` for a
+configuration drawn from a family sampler. Drawing a spec is a pure function
+of ``(seed, slot, run index)``, so a resumed run draws the same tasks without
+saving any RNG state.
+
+Building a ParamGraph traces the model with torch.fx; that is far too slow to
+repeat every inner run, so graphs (and the module used for
+``functional_call``) are built once per task configuration and cached.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..graph.param_graph import ParamGraph
+from ..layout import tensor_layout
+
+
+def _tasks_module():
+    import tasks  # the task suite lives at the repository top level
+
+    return tasks
+
+
+def suite_specs(suite: str) -> list[str]:
+    """The pool of specs to draw from. ``families``/``mix`` add family samplers."""
+    tasks = _tasks_module()
+    if suite in ("train", "heldout", "all"):
+        names = [t.name for t in tasks.get_suite(suite)]
+        if not names:
+            raise ValueError(f"suite {suite!r} has no task whose data is available (is $L2O_DATA set?)")
+        return [f"task:{n}" for n in names]
+    if suite == "families":
+        return [f"family:{f}" for f in tasks.TRAIN_FAMILIES]
+    if suite == "mix":
+        return suite_specs("train") + suite_specs("families")
+    names = [n.strip() for n in suite.split(",") if n.strip()]
+    for n in names:
+        tasks.get_task(n)  # raises a clear KeyError with suggestions for a typo
+    return [f"task:{n}" for n in names]
+
+
+def draw_spec(pool: list[str], seed: int, slot: int, index: int) -> tuple[str, int]:
+    """(spec, init seed) of run number ``index`` of meta-batch slot ``slot``."""
+    rng = random.Random(f"{seed}/{slot}/{index}")  # str seeds hash deterministically (sha512)
+    choice = pool[rng.randrange(len(pool))]
+    if choice.startswith("family:"):
+        choice = f"{choice}:{rng.randrange(2**31)}"
+    return choice, rng.randrange(2**31)
+
+
+def resolve_task(spec: str):
+    tasks = _tasks_module()
+    kind, _, rest = spec.partition(":")
+    if kind == "task":
+        return tasks.get_task(rest)
+    if kind == "family":
+        family, _, seed = rest.partition(":")
+        return tasks.sample_task(family, int(seed))
+    raise ValueError(f"bad task spec {spec!r}")
+
+
+@dataclass
+class TaskEntry:
+    task: object                  # tasks.Task
+    module: nn.Module             # used only as the structure for functional_call
+    graph: ParamGraph
+    loss_fn: Callable
+
+
+class TaskPool:
+    """Spec -> (task, module, graph, loss_fn), built once and kept (LRU-bounded)."""
+
+    def __init__(self, lopt_kind: str, device: torch.device, max_size: int = 64):
+        self.lopt_kind = lopt_kind
+        self.device = torch.device(device)
+        self.max_size = max_size
+        self._cache: OrderedDict[str, TaskEntry] = OrderedDict()
+        self._warned: set[str] = set()
+
+    def get(self, spec: str) -> TaskEntry:
+        if spec in self._cache:
+            self._cache.move_to_end(spec)
+            return self._cache[spec]
+        task = resolve_task(spec)
+        module = task.init(0).to(self.device)
+        entry = TaskEntry(task, module, self._graph(task, module), task.loss_fn(module))
+        self._cache[spec] = entry
+        while len(self._cache) > self.max_size:
+            self._cache.popitem(last=False)
+        return entry
+
+    def _graph(self, task, module: nn.Module) -> ParamGraph:
+        named = list(module.named_parameters())
+        if self.lopt_kind == "mlp":
+            # The per-parameter baseline reads only the flat layout and tensor ids.
+            return tensor_layout([p.shape for _, p in named], [n for n, _ in named], self.device)
+        from ..graph import build_graph
+
+        try:
+            graph = build_graph(module, example_inputs=tuple(x.to(self.device) for x in task.example_inputs()))
+        except Exception as err:  # keep a long run alive, but say so loudly
+            if task.name not in self._warned:
+                warnings.warn(f"build_graph failed for {task.name} ({type(err).__name__}: {err}); "
+                              "using the structure-free layout for it")
+                self._warned.add(task.name)
+            return tensor_layout([p.shape for _, p in named], [n for n, _ in named], self.device)
+        return graph.to(self.device)

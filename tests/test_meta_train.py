@@ -1,0 +1,133 @@
+"""meta_train.py end to end, on tiny settings (each test a few seconds on CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import meta_train  # noqa: E402
+from l2o.meta import config as C  # noqa: E402
+
+# Two synthetic tasks (no data files, instant to load) and very short runs.
+FAST = ["--preset", "tiny", "--suite", "mlp_synthetic,regression_teacher", "--unroll", "3",
+        "--inner-steps", "7", "--meta-batch", "2", "--eval-every", "0", "--no-progress", "--threads", "1"]
+
+
+def run(out, *extra):
+    return meta_train.main([*FAST, "--out", str(out), *extra])
+
+
+def test_help():
+    res = subprocess.run([sys.executable, str(ROOT / "meta_train.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--lopt", "--suite", "--outer-steps", "--unroll", "--inner-steps", "--meta-batch",
+                 "--estimator", "--device", "--seed", "--out", "--resume", "--config", "--preset"):
+        assert flag in res.stdout
+
+
+@pytest.mark.parametrize("kind", ["gmn", "mlp"])
+def test_tiny_run_writes_loadable_weights(tmp_path, kind):
+    import l2o
+    import tasks
+
+    summary = run(tmp_path, "--lopt", kind, "--outer-steps", "3", "--eval-every", "3", "--eval-steps", "5",
+                  "--eval-task", "regression_teacher")
+    assert summary["outer_steps"] == 3 and summary["skipped"] == 0
+    assert all(v is not None and torch.isfinite(torch.tensor(v)) for v in
+               (summary["meta_loss_first"], summary["meta_loss_last"]))
+    assert summary["last_eval"]["lopt_final"] > 0
+    for name in ("lopt.safetensors", "train_state.json", "train_state.safetensors", "summary.json"):
+        assert (tmp_path / name).is_file()
+    assert any((tmp_path / "tb").iterdir()), "no TensorBoard events"
+    task = tasks.get_task("mlp_synthetic")
+    model = task.init(0)
+    cls = l2o.GMNOptimizer if kind == "gmn" else l2o.MLPOptimizer
+    opt = cls(model if kind == "gmn" else model.parameters(), weights=tmp_path / "lopt.safetensors")
+    batch = next(task.batches("train", seed=0))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    task.loss(model, batch).backward()
+    opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_meta_loss_decreases_on_one_task(tmp_path):
+    # One task, one run, a high outer lr: the meta-loss must go down (the
+    # learned optimizer learns to take better steps than Adam at lr 1e-3).
+    summary = run(tmp_path, "--lopt", "mlp", "--suite", "regression_teacher", "--outer-steps", "12",
+                  "--inner-steps", "1000", "--meta-batch", "1", "--lr", "3e-2", "--warmup", "0")
+    hist = json.loads((tmp_path / "train_state.json").read_text())["history"]["meta_loss"]
+    assert min(hist[-3:]) < hist[0]
+
+
+@pytest.mark.parametrize("estimator", ["tbptt", "es"])
+def test_resume_is_exact(tmp_path, estimator):
+    args = ("--lopt", "mlp", "--outer-steps", "6", "--checkpoint-every", "2", "--estimator", estimator)
+    run(tmp_path / "straight", *args)
+    run(tmp_path / "split", *args, "--stop-after", "3")           # "killed" after 3 steps
+    meta_train.main(["--out", str(tmp_path / "split"), "--resume", "--no-progress"])
+    a = load_file(tmp_path / "straight" / "lopt.safetensors")
+    b = load_file(tmp_path / "split" / "lopt.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa = load_file(tmp_path / "straight" / "train_state.safetensors")
+    sb = load_file(tmp_path / "split" / "train_state.safetensors")
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    ja = json.loads((tmp_path / "straight" / "train_state.json").read_text())
+    jb = json.loads((tmp_path / "split" / "train_state.json").read_text())
+    assert ja["history"]["meta_loss"] == jb["history"]["meta_loss"]
+    assert ja["runs"] == jb["runs"]
+
+
+def test_nonfinite_meta_loss_is_skipped(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("inject_nan_steps: [1]\nlopt: mlp\n")
+    summary = run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "3")
+    assert summary["skipped"] == 1
+    hist = json.loads((tmp_path / "out" / "train_state.json").read_text())["history"]
+    assert hist["meta_loss"][1] is None and hist["meta_loss"][0] is not None and hist["meta_loss"][2] is not None
+
+
+def test_bad_config_is_rejected(tmp_path):
+    with pytest.raises(C.ConfigError, match="unknown config key"):
+        C.resolve("tiny", {"unrol": 3})
+    with pytest.raises(C.ConfigError, match="unroll"):
+        C.resolve("tiny", None, {"unroll": 0})
+    run(tmp_path, "--lopt", "mlp", "--outer-steps", "1")
+    with pytest.raises(C.ConfigError, match="already holds a checkpoint"):
+        run(tmp_path, "--lopt", "mlp", "--outer-steps", "1")
+    with pytest.raises(C.ConfigError, match="cannot change"):
+        meta_train.main(["--out", str(tmp_path), "--resume", "--unroll", "4"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ddp_two_processes_gloo(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun) if torchrun.exists() else "torchrun", "--nproc_per_node=2", "--nnodes=1",
+           f"--master_port={_free_port()}", str(ROOT / "meta_train.py"), *FAST, "--lopt", "gmn",
+           "--outer-steps", "2", "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["outer_steps"] == 2
+    assert summary["replicas_identical"] is True
+    assert len(json.loads((tmp_path / "train_state.json").read_text())["runs"]) == 2
