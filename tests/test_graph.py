@@ -656,3 +656,47 @@ def test_untraceable_without_unstructured_params_still_warns():
         g = build_graph(m)
     assert g.unstructured == [] and g.num_edges == 9
     check_bijection(g, m)
+
+
+def test_bare_transformer_encoder_as_model():
+    m = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2,
+                              norm=nn.LayerNorm(8), enable_nested_tensor=False)
+    g = build_graph(m)
+    # the residual stream merges with the 8 input neurons (INPUT wins the merge);
+    # per layer 24 q/k/v + 16 FF hidden nodes: 8 + 2 * 40 = 88 nodes
+    # edges per layer: in_proj 192 + out_proj 64 + linear1 128 + linear2 128 = 512
+    # slots per layer: 24 + 8 + norm1 16 + 16 + 8 + norm2 16 = 88; final norm 16
+    assert counts(g) == (88, 1024, 2 * 88 + 16)
+    assert g.unstructured == []
+    check_bijection(g, m)
+
+
+class FusedQKV(nn.Module):
+    """Hand-written single-head attention with a fused qkv projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln = nn.LayerNorm(8)
+        self.qkv = nn.Linear(8, 24)
+        self.o = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(self.ln(x)).chunk(3, dim=-1)
+        att = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5, dim=-1)
+        return self.head(x + self.o(att @ v))
+
+
+def test_functional_attention_chunk_and_matmul():
+    m = FusedQKV()
+    g = build_graph(m)
+    # nodes: 8 inputs (merged with o's outputs by the residual) + qkv 24, of
+    #   which q and k merge pairwise (q @ k^T contracts them) -> 16, + 3 outputs = 27
+    # edges: qkv 24*8 + o 8*8 (from the v neurons) + head 3*8 = 280
+    # slots: ln 16 + qkv bias 24 + o bias 8 + head bias 3 = 51
+    assert counts(g) == (27, 280, 51)
+    check_bijection(g, m)
+    q, k, v = row_nodes(g, "qkv.weight").split(8)
+    assert torch.equal(q, k) and not torch.equal(q, v)
+    _, s, e = _slice(g, "o.weight")
+    assert torch.equal(g.edge_index[0, s:e].view(8, 8)[0], v)

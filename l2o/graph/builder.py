@@ -58,8 +58,24 @@ def _has_params(m: nn.Module) -> bool:
     return next(m.parameters(), None) is not None
 
 
+def _placeholder(top: bool, position: int) -> Val:
+    return Val(lazy=LazyNodes(NodeType.INPUT if top else NodeType.HIDDEN, group=position))
+
+
 def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None,
           example_inputs=None, top: bool = False) -> Any:
+    fn = mapper_for(module)
+    if fn is not None:
+        # a known layer kind as the model itself (e.g. a bare TransformerEncoder,
+        # which fx cannot trace): map it directly
+        n_in = 3 if isinstance(module, nn.MultiheadAttention) else 1
+        args = inputs if inputs is not None else [_placeholder(top, i) for i in range(n_in)]
+        out = fn(state, module, prefix, args, {})
+        if top:
+            nodes: list[int] = []
+            _collect_nodes(out, nodes)
+            state.mark_outputs(nodes)
+        return out
     graph, opaque, root_failure = trace(module)
     for qn, why in opaque.items():
         state.opaque[_join(prefix, qn)] = why
@@ -81,8 +97,7 @@ def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None
             if inputs is not None:
                 env[node] = inputs[placeholders] if placeholders < len(inputs) else None
             else:
-                kind = NodeType.INPUT if top else NodeType.HIDDEN
-                env[node] = Val(lazy=LazyNodes(kind, group=placeholders))
+                env[node] = _placeholder(top, placeholders)
             placeholders += 1
         elif node.op == "get_attr":
             obj: Any = module

@@ -46,7 +46,7 @@ def draw_graph(graph: ParamGraph, path: str, max_nodes: int = 300) -> str:
                        label=t.name.lower(), zorder=2, edgecolors="k", linewidths=0.3)
     ax.set_xlabel("depth")
     ax.set_yticks([])
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.07), ncol=4, fontsize=8, frameon=False)
     ax.set_title(f"{graph.num_nodes} nodes, {graph.num_edges} edges, "
                  f"{graph.num_entries} node-held entries")
     fig.tight_layout()

@@ -11,6 +11,13 @@
 * ``flatten`` / ``view`` / ``reshape`` of a ``[B, C, *S]`` conv map into
   ``[B, C*prod(S)]`` keeps the C channel nodes and records ``S`` so the
   next Linear can give each column its spatial position;
+* ``chunk`` / ``split`` / ``unbind`` along the feature dim split the node
+  list (a fused qkv projection becomes q, k, v node sets);
+* ``transpose`` / ``mT`` / ``t`` moving the last dim mark the value as
+  transposed; ``a @ b`` with ``b`` transposed contracts the two feature
+  dims (attention scores ``q @ k^T``): q and k neurons are merged, since they
+  must be permuted together, and the result has no feature neurons;
+  ``a @ b`` with ``b`` not transposed (``attn @ v``) keeps ``b``'s neurons;
 * ``F.linear`` with parameters fetched by ``get_attr`` is mapped like
   ``nn.Linear``.
 Anything else passes its first node-carrying input through.
@@ -102,6 +109,61 @@ def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
     return merge_all(state, vals)
 
 
+def _is_feature_dim(x: Val, dim: int, shape) -> bool:
+    if shape is not None:
+        d = dim % len(shape)
+        return d == (1 if x.fdim == "chan" else len(shape) - 1)
+    return dim == -1 or (dim == 1 and x.fdim == "chan")
+
+
+def _split(state, node: fx.Node, name: str, args, kwargs) -> Any:
+    x = args[0] if args else None
+    if not isinstance(x, Val) or x.nodes is None:
+        return TupleVal([], fill=x)
+    if name == "unbind":
+        dim, how = (args[1] if len(args) > 1 else kwargs.get("dim", 0)), 1
+    else:
+        dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+        how = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections"))
+    if not isinstance(dim, int) or not _is_feature_dim(x, dim, _shape(node.args[0])):
+        return TupleVal([], fill=x)  # batch/sequence split: every piece keeps the neurons
+    if name == "chunk" and isinstance(how, int):
+        pieces = x.nodes.chunk(how)
+    elif isinstance(how, int):
+        pieces = x.nodes.split(how)
+    elif isinstance(how, (list, tuple)) and all(isinstance(h, int) for h in how):
+        pieces = x.nodes.split(list(how))
+    else:
+        return TupleVal([], fill=x)
+    return TupleVal([x.passthrough(own_nodes=p, lazy=None, spatial=None) for p in pieces])
+
+
+def _transpose(x: Val, name: str, dims, shape) -> Val:
+    if name in ("t", "mT"):
+        moves_last = True
+    else:
+        nd = len(shape) if shape is not None else None
+        ds = [d for d in dims if isinstance(d, int)]
+        moves_last = any(d == -1 or (nd is not None and d == nd - 1) for d in ds)
+    if not moves_last or x.fdim == "chan":
+        return x
+    return x.passthrough(fdim="last" if x.fdim == "moved" else "moved")
+
+
+def _matmul(state, args) -> Any:
+    a, b = (args + (None, None))[:2]
+    if isinstance(b, Val) and b.fdim == "moved":
+        # a @ b^T contracts the feature dims of a and b (attention scores)
+        if isinstance(a, Val) and a.nodes is not None and b.nodes is not None \
+                and a.nodes.shape == b.nodes.shape:
+            state.merge(a.nodes, b.nodes)
+        return None
+    if isinstance(b, Val):
+        return b.passthrough(depth=depth_of(a, b))
+    # x @ (a parameter or constant): the width changes to something unknown
+    return opaque_output(depth_of(a)) if isinstance(a, Val) else None
+
+
 def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = None) -> Any:
     """Value of a call_function / call_method node (or a parameter-free leaf
     module, whose class name is passed as ``name``)."""
@@ -111,7 +173,8 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
     if node.target is operator.getitem:
         base, idx = args[0], args[1]
         if isinstance(base, TupleVal):
-            return base.items[idx] if isinstance(idx, int) and -len(base.items) <= idx < len(base.items) else None
+            ok = isinstance(idx, int) and -len(base.items) <= idx < len(base.items)
+            return base.items[idx] if ok else base.fill
         return base if isinstance(base, Val) else None
     if name in ("cat", "concat", "concatenate"):
         tensors = args[0] if args else kwargs.get("tensors", ())
@@ -122,6 +185,12 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         b = state.params[b.index] if isinstance(b, ParamRef) else None
         return linear_core(state, w, b, args[0])
+    if name in ("chunk", "split", "unbind"):
+        return _split(state, node, name, args, kwargs)
+    if name in ("matmul", "bmm", "__matmul__"):
+        return _matmul(state, args)
+    if name in ("transpose", "swapaxes", "swapdims", "t", "mT") and isinstance(args[0] if args else None, Val):
+        return _transpose(args[0], name, args[1:], _shape(node.args[0]))
     vals = _vals(list(args) + list(kwargs.values()))
     if not vals:
         return None

@@ -57,6 +57,7 @@ class Val:
 class TupleVal:
     """A tuple/list output of a leaf (e.g. MultiheadAttention's (out, weights))."""
     items: list[Any]
+    fill: Any = None   # value of any index beyond ``items`` (pieces of a non-feature split)
 
 
 @dataclass
