@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .param_graph import EdgeKind, EntryKind, NodeType, ParamGraph
+from .param_graph import EntryKind, NodeType, ParamGraph
 
 
 @dataclass
