@@ -402,8 +402,8 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
              seeds: int | Iterable[int] = DEFAULT_SEEDS, tune_seeds: int | Iterable[int] = DEFAULT_TUNE_SEEDS,
              lr_grids: Mapping[str, Sequence[float]] | None = None, gmn_weights=None, mlp_weights=None,
              allow_untrained: bool = False, device: str = "cpu", test_every: int = 0,
-             workers: int | None = None, out_dir: str | os.PathLike | None = None,
-             progress: bool = True) -> EvalResults:
+             workers: int | None = None, threads: int | None = None,
+             out_dir: str | os.PathLike | None = None, progress: bool = True) -> EvalResults:
     """Run the whole protocol (see the module docstring) and optionally write the report.
 
     ``suite``: "heldout" / "train" / "all", a task name, or a list of names or
@@ -411,7 +411,8 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     (tuning seeds default to 1000, 1001, ... so they never coincide with
     evaluation seeds). ``workers``: parallel processes on CPU (default: one
     per core, one thread each); Task objects not in the registry force
-    in-process runs.
+    in-process runs. ``threads``: torch threads per worker (default: cores
+    / workers; models here are small, so more processes beat more threads).
     """
     from tqdm.auto import tqdm
 
@@ -438,7 +439,8 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
         workers = cores if on_cpu and registered else 1
     if not on_cpu or not registered:
         workers = 1   # one accelerator / unpicklable stand-in tasks: run in this process
-    threads = max(1, cores // workers) if on_cpu else torch.get_num_threads()
+    if threads is None:
+        threads = max(1, cores // workers) if on_cpu else torch.get_num_threads()
     task_ref = (lambda t: t.name) if workers > 1 else (lambda t: t)
 
     tune_jobs = [Job(task_ref(t), o, lr, s, "tune") for t in task_list for o, grid in grids.items()
@@ -460,7 +462,8 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
         # spawn: forking a process whose torch thread pools are live can deadlock.
         pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                    initializer=_worker_init, initargs=(threads,))
-    elif on_cpu:
+    saved_threads = torch.get_num_threads()
+    if pool is None and on_cpu:
         torch.set_num_threads(threads)
     try:
         with tqdm(total=total, desc="evaluate", unit="run", disable=not progress, dynamic_ncols=True) as bar:
@@ -474,6 +477,7 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     finally:
         if pool is not None:
             pool.shutdown()
+        torch.set_num_threads(saved_threads)
     config["wall_time_s"] = round(time.perf_counter() - start, 1)
     eval_runs = [r for r in first if r.seed in seeds and r.optimizer in LEARNED] + second
     rows = _table_rows(task_list, optimizers, eval_runs, tuning, weight_labels)
@@ -817,6 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--test-every", type=int, default=0, help="also log test metrics every N steps (0: only at the end)")
     p.add_argument("--workers", type=int, default=None, help="parallel runs on CPU (default: one per core)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -830,7 +835,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(suite, optimizers, steps=args.steps, seeds=args.seeds, tune_seeds=args.tune_seeds,
                            lr_grids=_parse_grid(args.lr_grid), gmn_weights=args.gmn_weights,
                            mlp_weights=args.mlp_weights, allow_untrained=args.allow_untrained, device=args.device,
-                           test_every=args.test_every, workers=args.workers, out_dir=None,
+                           test_every=args.test_every, workers=args.workers, threads=args.threads, out_dir=None,
                            progress=not args.no_progress)
     except (MissingWeightsError, FileNotFoundError, KeyError, ValueError) as err:
         print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)

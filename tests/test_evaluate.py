@@ -131,7 +131,7 @@ def test_lr_tuning_picks_the_best_grid_value():
     # SGD+momentum on this regression: 1e-4 barely moves, 10 blows up, 3e-2 is the best of the grid
     grid = (1e-4, 3e-2, 10.0)
     res = ev.evaluate([QuadraticTask()], ["sgd"], steps=80, seeds=1, lr_grids={"sgd": grid},
-                      progress=False)
+                      threads=1, progress=False)
     tuning = res.tuning["quadratic"]["sgd"]
     assert tuning["chosen"] == 3e-2 and not tuning["all_diverged"]
     assert tuning["score"][repr(10.0)] is None                        # diverged: excluded
@@ -158,7 +158,7 @@ def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     out = tmp_path / "eval"
     argv = ["regression_teacher", "mlp_synthetic", "--steps", "25", "--seeds", "1", "--allow-untrained",
             "--lr-grid", "adam=1e-3,1e-2", "--lr-grid", "adamw=1e-2", "--lr-grid", "sgd=0.1",
-            "--workers", "1", "--test-every", "10", "--out", str(out), "--no-progress"]
+            "--workers", "1", "--threads", "1", "--test-every", "10", "--out", str(out), "--no-progress"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert ev.main(argv) == 0
