@@ -386,16 +386,24 @@ def _as_seeds(seeds: int | Iterable[int], base: int = 0) -> list[int]:
     return list(range(base, base + seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
 
 
-def _resolve_suite(suite) -> list:
+def _resolve_suite(suite) -> tuple[list, list[str]]:
+    """(tasks to run, names of suite tasks skipped because their data is missing)."""
     import tasks as task_suite
     if isinstance(suite, str):
         if suite in ("train", "heldout", "all"):
-            found = task_suite.get_suite(suite)
+            every = task_suite.get_suite(suite, include_unavailable=True)
+            found = [t for t in every if t.available()]
             if not found:
                 raise ValueError(f"suite {suite!r} has no task whose data is available")
-            return found
+            return found, [t.name for t in every if t not in found]
         suite = [suite]
-    return [task_suite.get_task(t) if isinstance(t, str) else t for t in suite]
+    found = [task_suite.get_task(t) if isinstance(t, str) else t for t in suite]
+    # Fail before any run starts rather than in a worker half-way through.
+    missing = [t.name for t in found if hasattr(t, "available") and not t.available()]
+    if missing:
+        raise ValueError(f"data for task(s) {', '.join(missing)} is not in the data directory "
+                         "(see tasks/README.md, $L2O_DATA)")
+    return found, []
 
 
 def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int = DEFAULT_STEPS,
@@ -420,7 +428,7 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
-    task_list = _resolve_suite(suite)
+    task_list, skipped = _resolve_suite(suite)
     seeds = _as_seeds(seeds)
     tune_seeds = _as_seeds(tune_seeds, TUNE_SEED_BASE)
     if set(seeds) & set(tune_seeds):
@@ -450,7 +458,7 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     n_hand_eval = len(task_list) * len(grids) * len(seeds)
     total = len(tune_jobs) + len(learned_jobs) + n_hand_eval
 
-    config = dict(suite=[t.name for t in task_list], optimizers=optimizers, steps=steps, seeds=seeds,
+    config = dict(suite=[t.name for t in task_list], skipped_no_data=skipped, optimizers=optimizers, steps=steps, seeds=seeds,
                   tune_seeds=tune_seeds, lr_grids={o: list(g) for o, g in grids.items()}, weights=weight_labels,
                   device=str(device), workers=workers, threads_per_worker=threads, test_every=test_every,
                   test_batches=TEST_BATCHES, smooth_frac=SMOOTH_FRAC, diverge_factor=DIVERGE_FACTOR,
@@ -561,7 +569,11 @@ def _table_rows(task_list, optimizers, runs: list[RunResult], tuning, weight_lab
                 "diverged_seeds": int(n_div),
                 "wall_time_s": float(np.mean([r.wall_time for r in rs])),
             }
-            if adam_curve is not None and o != "adam":
+            if adam_curve is not None and o != "adam" and n_div:
+                # A run that blew up may have passed Adam's loss on the way: no credit.
+                row.update(speedup_vs_adam=0.0, speedup_reached=False, adam_steps_to_final=None,
+                           steps_to_adam_final=None, speedup_str="diverged")
+            elif adam_curve is not None and o != "adam":
                 sp = speedup(adam_curve, _mean_curve(rs))
                 row.update(speedup_vs_adam=sp.value, speedup_reached=sp.reached,
                            adam_steps_to_final=sp.ref_steps, steps_to_adam_final=sp.steps,
@@ -657,7 +669,8 @@ def format_summary(results: EvalResults) -> str:
     out = []
     for key, w in s["wins"].items():
         a, b = key.split("_vs_")
-        out.append(f"- {a.upper()} beats tuned {b.upper() if b != 'mlp' else 'MLP'} on final train loss on "
+        other = "the MLP learned-optimizer baseline" if b == "mlp" else f"tuned {b.upper()}"
+        out.append(f"- {a.upper()} beats {other} on final train loss on "
                    f"**{w['wins']}/{w['of']}** tasks")
     for o, med in s["median_speedup_vs_adam"].items():
         reached = s["speedup_reached"][o]
@@ -665,6 +678,8 @@ def format_summary(results: EvalResults) -> str:
                    f"on {reached['reached']}/{reached['of']} tasks; where not, the value is an upper bound)")
     div = ", ".join(f"{o}: {n}" for o, n in s["diverged_runs"].items())
     out.append(f"- diverged evaluation runs: {div} (of {len(cfg['seeds'])} seeds x {s['tasks']} tasks each)")
+    if cfg.get("skipped_no_data"):
+        out.append(f"- skipped (dataset not in the data directory): {', '.join(cfg['skipped_no_data'])}")
     return "\n".join(out)
 
 
