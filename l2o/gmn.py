@@ -109,7 +109,7 @@ class GMNLOpt(LearnedOptimizer):
         e = self.encode_edges(graph, x_edge, t)
         h = self.encode_nodes(graph, x_entry, t)
         for conv in self.convs:
-            h, e = conv(h, e, graph.edge_index)
+            h, e = conv(h, e, graph)
 
         src, dst = graph.edge_index[0], graph.edge_index[1]
         z_edge = self.edge_out_e(e)

@@ -6,6 +6,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch_geometric.nn import MessagePassing
 
+from .graph.blocks import mean_to_nodes
+from .graph.param_graph import ParamGraph
+
 
 class GMNConv(MessagePassing):
     r"""Edge-then-node update on a directed multigraph, in both directions.
@@ -30,19 +33,18 @@ class GMNConv(MessagePassing):
     """
 
     def __init__(self, node_dim: int, edge_dim: int):
-        super().__init__(aggr="mean")
+        super().__init__(aggr=None)  # aggregation is the dense-block mean of graph/blocks.py
         self.edge_lin = nn.Linear(edge_dim, edge_dim)
         self.src_lin = nn.Linear(node_dim, edge_dim, bias=False)
         self.dst_lin = nn.Linear(node_dim, edge_dim, bias=False)
         self.node_mlp = nn.Sequential(
             nn.Linear(node_dim + 2 * edge_dim, node_dim), nn.ReLU(), nn.Linear(node_dim, node_dim))
 
-    def forward(self, h: Tensor, e: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor]:
-        src, dst = edge_index[0], edge_index[1]
+    def forward(self, h: Tensor, e: Tensor, graph: ParamGraph) -> tuple[Tensor, Tensor]:
+        src, dst = graph.edge_index[0], graph.edge_index[1]
         m = self.message(e, self.src_lin(h).index_select(0, src), self.dst_lin(h).index_select(0, dst))
-        n = h.shape[0]
-        agg_in = self.aggregate(m, dst, dim_size=n)
-        agg_out = self.aggregate(m, src, dim_size=n)
+        agg_in = self.aggregate(m, graph, "dst")
+        agg_out = self.aggregate(m, graph, "src")
         return self.update((agg_in, agg_out), h), e + m
 
     def message(self, e: Tensor, h_src: Tensor, h_dst: Tensor) -> Tensor:  # type: ignore[override]
@@ -54,10 +56,10 @@ class GMNConv(MessagePassing):
         m += h_dst
         return m.relu_()
 
-    def aggregate(self, m: Tensor, index: Tensor, dim_size: int) -> Tensor:  # type: ignore[override]
-        if m.shape[0] == 0:
-            return m.new_zeros(dim_size, m.shape[1])
-        return self.aggr_module(m, index, dim_size=dim_size)
+    def aggregate(self, m: Tensor, graph: ParamGraph, end: str) -> Tensor:  # type: ignore[override]
+        # The edges of a weight tensor form a dense block: reduce by reshape
+        # and sum rather than a scatter over every edge (graph/blocks.py).
+        return mean_to_nodes(m, graph, end)
 
     def update(self, aggregated: tuple[Tensor, Tensor], h: Tensor) -> Tensor:  # type: ignore[override]
         agg_in, agg_out = aggregated
