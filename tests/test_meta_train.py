@@ -131,3 +131,13 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert summary["world_size"] == 2 and summary["outer_steps"] == 2
     assert summary["replicas_identical"] is True
     assert len(json.loads((tmp_path / "train_state.json").read_text())["runs"]) == 2
+
+
+def test_diverged_runs_are_reset(tmp_path):
+    # With a threshold below any achievable loss every run "diverges" on its first step.
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"diverge_factor": 1e-3, "lopt": "mlp"}))
+    summary = run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "2")
+    assert summary["resets"] == 4 and summary["skipped"] == 0
+    runs = json.loads((tmp_path / "out" / "train_state.json").read_text())["runs"]
+    assert [r["index"] for r in runs] == [2, 2] and all(r["step"] == 0 for r in runs)

@@ -151,17 +151,26 @@ def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, met
     buffers = {n: b.clone() for n, b in run.buffers.items()}
     stream = batch_stream(entry, run, device)
     next(stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
-    terms, last_loss, diverged, steps = [], run.last_loss, False, 0
+    terms, losses = [], []
     for _ in range(min(k, run.length - run.step)):
         update, state = call(graph, flat, grad, state)
         flat = flat + update
         loss, grad = loss_and_grad(entry, flat, buffers, next(stream), meta=meta, second_order=second_order)
         terms.append(meta_term(loss, run.init_loss, cfg.get("meta_objective", "norm")))
-        steps += 1
-        last_loss = float(loss.detach())
-        if not math.isfinite(last_loss) or last_loss > cfg.get("diverge_factor", 10.0) * run.init_loss:
-            diverged = True
-            break
+        losses.append(loss.detach())
+    # One host sync per unroll (not per step) to find where the run diverged, if it did:
+    # non-finite loss, or above diverge_factor x its initial loss. Later terms are dropped
+    # (and a non-finite one too, so one blown-up run does not void the whole meta-batch);
+    # a large finite one is kept: it is the signal that these weights diverge. The caller
+    # resets the run.
+    values = torch.stack(losses).tolist() if losses else []
+    limit = cfg.get("diverge_factor", 10.0) * run.init_loss
+    bad = next((i for i, v in enumerate(values) if not math.isfinite(v) or v > limit), None)
+    diverged = bad is not None
+    if diverged:
+        terms = terms[: bad + (1 if math.isfinite(values[bad]) else 0)]
+    steps = len(values) if not diverged else bad + 1
+    last_loss = values[steps - 1] if values else run.last_loss
     meta_loss = torch.stack(terms).mean() if terms else torch.zeros((), device=device)
     final = {"params": flat.detach(), "grad": grad.detach(), "buffers": buffers,
              "lopt_state": {n: v.detach() for n, v in state.items()}, "steps": steps, "last_loss": last_loss}
