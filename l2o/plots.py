@@ -98,14 +98,24 @@ def plot_speedup(speedups: Mapping[str, Mapping[str, float]], path: str | Path,
     for k, opt in enumerate(opts):
         vals = np.array([speedups[t].get(opt, np.nan) for t in tasks], dtype=float)
         ok = [bool((reached or {}).get(t, {}).get(opt, True)) for t in tasks]
-        bars = ax.bar(x + (k - (len(opts) - 1) / 2) * width, np.nan_to_num(vals), width,
-                      label=LABELS.get(opt, opt), color=COLORS.get(opt))
-        for bar, good in zip(bars, ok):
+        pos = x + (k - (len(opts) - 1) / 2) * width
+        # Bars grow from 1x (no speedup), up for faster and down for slower,
+        # so a log axis does not make a slowdown look like a speedup.
+        shown = np.where(np.isfinite(vals) & (vals > 0), vals, 1.0)
+        bars = ax.bar(pos, shown - 1.0, width, bottom=1.0, label=LABELS.get(opt, opt), color=COLORS.get(opt))
+        for bar, v, good, px in zip(bars, vals, ok, pos):
             if not good:
                 bar.set_hatch("//")
                 bar.set_alpha(0.5)
+            text = "n/a" if not np.isfinite(v) else ("div" if v <= 0 else f"{'' if good else '<'}{v:.2g}x")
+            ax.annotate(text, (px, max(v, 1.0) if np.isfinite(v) and v > 0 else 1.0), ha="center",
+                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")
     ax.axhline(1.0, color="k", lw=1, ls="--")
     ax.set_yscale("log")
+    finite = [v for t in tasks for v in speedups[t].values() if np.isfinite(v) and v > 0]
+    # Symmetric in log space around 1x, with room for the value labels.
+    span = max([1.5] + [max(v, 1 / v) for v in finite]) * 1.4
+    ax.set_ylim(1 / span, span)
     ax.set_xticks(x)
     ax.set_xticklabels(tasks, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("speedup (x, log)")
