@@ -174,6 +174,7 @@ class RunResult:
     test: list[dict[str, float]] = field(default_factory=list)   # metrics at test_steps
     final_test: dict[str, float] = field(default_factory=dict)
     wall_time: float = 0.0
+    cpu_time: float = 0.0                      # this process's CPU seconds (load-independent cost)
 
     @property
     def final_train_loss(self) -> float:
@@ -209,7 +210,7 @@ def run_training(task, make_optimizer: Callable[[nn.Module], torch.optim.Optimiz
     losses = torch.full((steps,), float("nan"), device=device)
     window = smooth_window(steps)
     result = RunResult(task.name, name, lr, seed, steps, np.empty(0), False, steps)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     initial = None
     for t in range(steps):
         batch = next(stream)
@@ -241,6 +242,7 @@ def run_training(task, make_optimizer: Callable[[nn.Module], torch.optim.Optimiz
     result.test_steps.append(result.stopped_at)
     result.test.append(result.final_test)
     result.wall_time = time.perf_counter() - start
+    result.cpu_time = time.process_time() - cpu_start
     return result
 
 
@@ -482,11 +484,21 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
             hand_jobs = [Job(task_ref(t), o, tuning[t.name][o]["chosen"], s, "eval") for t in task_list
                          for o in grids for s in seeds]
             second = _run_jobs(_longest_first(hand_jobs), steps, str(device), test_every, workers, threads, bar, pool)
+    except BaseException:
+        if pool is not None:
+            # Ctrl-C or a failed run: stop our workers now instead of letting
+            # them finish (or outlive us). _processes is the pool's own list.
+            pool.shutdown(wait=False, cancel_futures=True)
+            for proc in list((pool._processes or {}).values()):
+                proc.terminate()
+            pool = None
+        raise
     finally:
         if pool is not None:
             pool.shutdown()
         torch.set_num_threads(saved_threads)
     config["wall_time_s"] = round(time.perf_counter() - start, 1)
+    config["cpu_time_s"] = round(sum(r.cpu_time for r in first + second), 1)
     eval_runs = [r for r in first if r.seed in seeds and r.optimizer in LEARNED] + second
     rows = _table_rows(task_list, optimizers, eval_runs, tuning, weight_labels)
     results = EvalResults(config, tuning, rows, _summary(rows, optimizers), runs=eval_runs)
@@ -568,6 +580,7 @@ def _table_rows(task_list, optimizers, runs: list[RunResult], tuning, weight_lab
                 "test_metric": float(np.mean([x[metric] for x in tests])) if tests and metric else float("nan"),
                 "diverged_seeds": int(n_div),
                 "wall_time_s": float(np.mean([r.wall_time for r in rs])),
+                "cpu_time_s": float(np.mean([r.cpu_time for r in rs])),
             }
             if adam_curve is not None and o != "adam" and n_div:
                 # A run that blew up may have passed Adam's loss on the way: no credit.
@@ -630,7 +643,7 @@ def _summary(rows: list[dict], optimizers) -> dict[str, Any]:
 CSV_COLUMNS = ["task", "family", "optimizer", "lr", "weights", "seeds", "steps", "final_train_loss",
                "final_train_loss_std", "test_loss", "test_metric_name", "test_metric", "diverged_seeds",
                "speedup_vs_adam", "speedup_reached", "adam_steps_to_final", "steps_to_adam_final",
-               "lr_at_grid_edge", "wall_time_s"]
+               "lr_at_grid_edge", "wall_time_s", "cpu_time_s"]
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -703,7 +716,7 @@ def format_protocol(results: EvalResults) -> str:
   it (seed-averaged curves, trailing {int(cfg['smooth_frac'] * 100)}% window). "<x" = never reached within the
   budget; x is an upper bound.
 - device {cfg['device']}, {cfg['workers']} worker(s) x {cfg['threads_per_worker']} thread(s), torch {cfg['torch']};
-  wall time {cfg.get('wall_time_s', '?')} s"""
+  wall time {cfg.get('wall_time_s', '?')} s, CPU time of all runs {cfg.get('cpu_time_s', '?')} s"""
 
 
 def format_report(results: EvalResults, command: str | None = None) -> str:
