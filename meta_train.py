@@ -34,14 +34,14 @@ import torch
 from l2o.checkpoint import make_lopt
 from l2o.meta import config as C
 from l2o.meta import dist as D
-from l2o.meta import es, tbptt
+from l2o.meta import es, pes, tbptt
 from l2o.meta import state as S
 from l2o.meta.inner import advance, start_run, InnerRun
 from l2o.meta.quick_eval import quick_eval
 from l2o.meta.schedule import outer_lr
 from l2o.meta.tasks_pool import TaskPool, suite_specs
 
-ESTIMATORS = {"tbptt": tbptt.estimate, "es": es.estimate}
+ESTIMATORS = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

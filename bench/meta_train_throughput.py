@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from l2o.checkpoint import make_lopt  # noqa: E402
 from l2o.meta import config as C  # noqa: E402
 from l2o.meta import dist as D  # noqa: E402
-from l2o.meta import es, tbptt  # noqa: E402
+from l2o.meta import es, pes, tbptt  # noqa: E402
 from l2o.meta.inner import advance, start_run, unroll  # noqa: E402
 from l2o.meta.tasks_pool import TaskPool, suite_specs  # noqa: E402
 
@@ -44,7 +44,7 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
     pool = TaskPool(kind, dev)
     specs = suite_specs(cfg["suite"])
     runs = [start_run(pool, specs, lopt, 0, s, 0, cfg["inner_steps"]) for s in range(cfg["meta_batch"])]
-    estimate = {"tbptt": tbptt.estimate, "es": es.estimate}[estimator]
+    estimate = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}[estimator]
     info = D.DistInfo(device=dev)
 
     def outer_step(runs, i):
@@ -84,7 +84,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--preset", default="tiny", choices=sorted(C.PRESETS))
     p.add_argument("--lopts", default="gmn,mlp")
-    p.add_argument("--estimators", default="tbptt,es")
+    p.add_argument("--estimators", default="tbptt,es,pes")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:

@@ -72,7 +72,7 @@ def test_meta_loss_decreases_on_one_task(tmp_path):
     assert min(hist[-3:]) < hist[0]
 
 
-@pytest.mark.parametrize("estimator", ["tbptt", "es"])
+@pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
 def test_resume_is_exact(tmp_path, estimator):
     args = ("--lopt", "mlp", "--outer-steps", "6", "--checkpoint-every", "2", "--estimator", estimator)
     run(tmp_path / "straight", *args)

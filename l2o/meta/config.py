@@ -27,9 +27,9 @@ DEFAULTS: dict[str, Any] = {
     "second_order": False,       # differentiate through the gradient too (create_graph=True)
     "diverge_factor": 10.0,      # an inner run whose loss exceeds this x its initial loss is reset
     # the meta-gradient estimator
-    "estimator": "tbptt",        # tbptt | es
-    "es_pairs": 4,               # antithetic pairs per inner run (es)
-    "es_sigma": 0.01,            # perturbation scale on the metanetwork's weights (es)
+    "estimator": "tbptt",        # tbptt | es (antithetic, truncated) | pes (persistent ES)
+    "es_pairs": 4,               # antithetic pairs per inner run (es, pes)
+    "es_sigma": 0.01,            # perturbation scale on the metanetwork weights (es, pes)
     # the outer optimizer
     "outer_steps": 1000,
     "lr": 3e-4,
@@ -85,7 +85,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 CHOICES = {
     "lopt": ("gmn", "mlp"),
-    "estimator": ("tbptt", "es"),
+    "estimator": ("tbptt", "es", "pes"),
     "meta_objective": ("norm", "log", "raw"),
 }
 POSITIVE_INT = ("inner_steps", "unroll", "meta_batch", "outer_steps", "es_pairs", "eval_steps",

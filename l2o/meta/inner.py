@@ -43,6 +43,9 @@ class InnerRun:
     buffers: dict[str, Tensor] = field(default_factory=dict)   # BatchNorm running stats etc.
     lopt_state: dict[str, Tensor] = field(default_factory=dict)
     grad: Tensor | None = None          # gradient at ``params`` on batch ``step`` (carried)
+    # PES only: per antithetic pair, the two perturbed copies of the state above and the
+    # accumulated noise: [{"+": state, "-": state, "xi": {weight name: Tensor}}]
+    particles: list = field(default_factory=list)
 
     @property
     def data_seed(self) -> int:
@@ -50,9 +53,12 @@ class InnerRun:
 
     def tensors(self) -> dict[str, Tensor]:
         """Tensor part of the state, for checkpoints."""
-        out = {"params": self.params, "grad": self.grad}
-        out.update({f"buffer.{k}": v for k, v in self.buffers.items()})
-        out.update({f"lopt_state.{k}": v for k, v in self.lopt_state.items()})
+        out = state_tensors(self.state())
+        for j, pair in enumerate(self.particles):
+            for sign in ("+", "-"):
+                for name, value in state_tensors(pair[sign]).items():
+                    out[f"pes.{j}.{sign}.{name}"] = value
+            out.update({f"pes.{j}.xi.{n}": v for n, v in pair["xi"].items()})
         return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
     def scalars(self) -> dict:
@@ -63,12 +69,41 @@ class InnerRun:
     @classmethod
     def restore(cls, scalars: dict, tensors: dict[str, Tensor], device) -> "InnerRun":
         run = cls(**scalars)
-        run.params = tensors["params"].to(device)
-        run.grad = tensors["grad"].to(device)
-        run.buffers = {k[len("buffer."):]: v.to(device) for k, v in tensors.items() if k.startswith("buffer.")}
-        run.lopt_state = {k[len("lopt_state."):]: v.to(device) for k, v in tensors.items()
-                          if k.startswith("lopt_state.")}
+        own = {k: v for k, v in tensors.items() if not k.startswith("pes.")}
+        st = state_from_tensors(own, device)
+        run.params, run.grad, run.buffers, run.lopt_state = st["params"], st["grad"], st["buffers"], st["lopt_state"]
+        pes: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("pes."):
+                _, j, part, name = key.split(".", 3)
+                pes.setdefault(int(j), {}).setdefault(part, {})[name] = value
+        run.particles = [{"+": state_from_tensors(pes[j]["+"], device), "-": state_from_tensors(pes[j]["-"], device),
+                          "xi": {n: v.to(device) for n, v in pes[j]["xi"].items()}} for j in sorted(pes)]
         return run
+
+    def state(self) -> dict:
+        """The carried inner state (what a PES particle holds a perturbed copy of)."""
+        return {"params": self.params, "grad": self.grad, "buffers": self.buffers, "lopt_state": self.lopt_state}
+
+    def with_state(self, st: dict) -> "InnerRun":
+        """This run (same task, step, batches) with another carried state."""
+        return InnerRun(slot=self.slot, index=self.index, spec=self.spec, init_seed=self.init_seed,
+                        length=self.length, step=self.step, init_loss=self.init_loss, last_loss=self.last_loss,
+                        params=st["params"], grad=st["grad"], buffers=st["buffers"], lopt_state=st["lopt_state"])
+
+
+def state_tensors(st: dict) -> dict[str, Tensor]:
+    out = {"params": st["params"], "grad": st["grad"]}
+    out.update({f"buffer.{k}": v for k, v in st["buffers"].items()})
+    out.update({f"lopt_state.{k}": v for k, v in st["lopt_state"].items()})
+    return out
+
+
+def state_from_tensors(tensors: dict[str, Tensor], device) -> dict:
+    return {"params": tensors["params"].to(device), "grad": tensors["grad"].to(device),
+            "buffers": {k[len("buffer."):]: v.to(device) for k, v in tensors.items() if k.startswith("buffer.")},
+            "lopt_state": {k[len("lopt_state."):]: v.to(device) for k, v in tensors.items()
+                           if k.startswith("lopt_state.")}}
 
 
 def start_run(pool: TaskPool, task_pool_specs: list[str], lopt, seed: int, slot: int, index: int,
@@ -182,4 +217,5 @@ def advance(run: InnerRun, result: UnrollResult) -> InnerRun:
     f = result.final
     return InnerRun(slot=run.slot, index=run.index, spec=run.spec, init_seed=run.init_seed, length=run.length,
                     step=run.step + f["steps"], init_loss=run.init_loss, last_loss=f["last_loss"],
-                    params=f["params"], buffers=f["buffers"], lopt_state=f["lopt_state"], grad=f["grad"])
+                    params=f["params"], buffers=f["buffers"], lopt_state=f["lopt_state"], grad=f["grad"],
+                    particles=f.get("particles", run.particles))

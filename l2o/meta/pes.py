@@ -1,0 +1,75 @@
+"""Meta-gradient by Persistent Evolution Strategies (Vicol et al. 2021).
+
+Truncated ES (es.py) and TBPTT only see how the weights change the loss of
+the current K-step window, not how they changed the state the window starts
+from: both are biased toward short horizons. PES removes that bias. Each
+antithetic pair keeps two perturbed copies of the inner run's state that are
+only ever advanced with their own perturbed weights, plus the sum ``xi`` of
+all noise drawn for them since the run started. Every truncation draws fresh
+unit noise ``e`` for the pair, advances the copies with ``w + sigma e`` and
+``w - sigma e`` and estimates
+
+    g = mean_pairs (L+ - L-) / (2 sigma) * xi,     xi <- xi + e
+
+which is unbiased for the gradient of the smoothed loss of the whole run so
+far. The cost over ES is memory (2 state copies per pair, checkpointed too);
+the variance grows with the run length, so keep runs moderate or use more
+pairs. The unperturbed state is advanced too (for logging, resets and the
+other estimators' kind of carried state). A pair whose copy diverges restarts
+from the unperturbed state with ``xi = 0``; a run reset drops all pairs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .es import _noise
+from .inner import UnrollResult, unroll
+
+
+@torch.no_grad()
+def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step: int) -> tuple[float, list[UnrollResult], bool]:
+    """Same contract as :func:`l2o.meta.tbptt.estimate`: writes ``.grad``."""
+    sigma, pairs = float(cfg["es_sigma"]), int(cfg["es_pairs"])
+    weights = {n: p for n, p in lopt.named_parameters() if p.requires_grad}
+    grads = {n: torch.zeros_like(p) for n, p in weights.items()}
+    total, results, nonfinite = 0.0, [], False
+    for run in runs:
+        entry = pool.get(run.spec)
+        particles = run.particles or [{"+": run.state(), "-": run.state(),
+                                       "xi": {n: torch.zeros_like(p) for n, p in weights.items()}}
+                                      for _ in range(pairs)]
+        result = unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False)
+        new_particles = []
+        for j, pair in enumerate(particles):
+            eps = _noise({n: p.shape for n, p in weights.items()}, cfg["seed"], outer_step, run.slot, j, device)
+            xi = {n: pair["xi"][n] + eps[n] for n in weights}
+            out = {}
+            for sign, key in ((1.0, "+"), (-1.0, "-")):
+                perturbed = {n: p + sign * sigma * eps[n] for n, p in weights.items()}
+                out[key] = unroll(lopt, run.with_state(pair[key]), entry, cfg["unroll"], cfg, device, meta=False,
+                                  params_override=perturbed)
+            coef = (out["+"].meta_loss - out["-"].meta_loss) / (2.0 * sigma * len(particles) * global_batch)
+            if torch.isfinite(coef):
+                for n in grads:
+                    grads[n].add_(coef * xi[n])
+            if out["+"].diverged or out["-"].diverged:
+                fresh = {k: result.final[k] for k in ("params", "grad", "buffers", "lopt_state")}
+                new_particles.append({"+": fresh, "-": fresh, "xi": {n: torch.zeros_like(v) for n, v in xi.items()}})
+            else:
+                new_particles.append({"+": _carried(out["+"]), "-": _carried(out["-"]), "xi": xi})
+        result.final["particles"] = new_particles
+        value = float(result.meta_loss)
+        if outer_step in cfg.get("inject_nan_steps", []):
+            value = float("nan")
+        nonfinite |= not math.isfinite(value)
+        total += value
+        results.append(result)
+    for n, p in weights.items():
+        p.grad = grads[n] if p.grad is None else p.grad + grads[n]
+    return total, results, nonfinite
+
+
+def _carried(result: UnrollResult) -> dict:
+    return {k: result.final[k] for k in ("params", "grad", "buffers", "lopt_state")}
