@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .gmn_conv import GMNConv
+from .graph.blocks import add_node_terms_
 from .graph.param_graph import NUM_EDGE_KINDS, NUM_ENTRY_KINDS, NUM_NODE_TYPES, NodeType, ParamGraph
 from .lopt import LearnedOptimizer, small_init_
 
@@ -111,11 +112,9 @@ class GMNLOpt(LearnedOptimizer):
         for conv in self.convs:
             h, e = conv(h, e, graph)
 
-        src, dst = graph.edge_index[0], graph.edge_index[1]
         z_edge = self.edge_out_e(e)
         z_edge += self.edge_out_x(x_edge)
-        z_edge += self.edge_out_src(h).index_select(0, src)
-        z_edge += self.edge_out_dst(h).index_select(0, dst)
+        add_node_terms_(z_edge, graph, self.edge_out_src(h), self.edge_out_dst(h))
         z_edge += self.edge_out_time(t)
         z_edge.relu_()
         z_entry = F.relu(self.entry_out_x(x_entry) + self.entry_out_h(h).index_select(0, graph.entry_node)

@@ -6,7 +6,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch_geometric.nn import MessagePassing
 
-from .graph.blocks import mean_to_nodes
+from .graph.blocks import add_node_terms_, mean_to_nodes
 from .graph.param_graph import ParamGraph
 
 
@@ -41,19 +41,18 @@ class GMNConv(MessagePassing):
             nn.Linear(node_dim + 2 * edge_dim, node_dim), nn.ReLU(), nn.Linear(node_dim, node_dim))
 
     def forward(self, h: Tensor, e: Tensor, graph: ParamGraph) -> tuple[Tensor, Tensor]:
-        src, dst = graph.edge_index[0], graph.edge_index[1]
-        m = self.message(e, self.src_lin(h).index_select(0, src), self.dst_lin(h).index_select(0, dst))
+        m = self.message(e, self.src_lin(h), self.dst_lin(h), graph)
         agg_in = self.aggregate(m, graph, "dst")
         agg_out = self.aggregate(m, graph, "src")
         return self.update((agg_in, agg_out), h), e + m
 
-    def message(self, e: Tensor, h_src: Tensor, h_dst: Tensor) -> Tensor:  # type: ignore[override]
-        # In place on fresh intermediates: the step is memory-bound on large
+    def message(self, e: Tensor, src_proj: Tensor, dst_proj: Tensor,  # type: ignore[override]
+                graph: ParamGraph) -> Tensor:
+        # In place on a fresh intermediate: the step is memory-bound on large
         # graphs, every edge-sized allocation costs page faults, and none of
         # these values is needed by autograd (add's backward keeps nothing).
         m = self.edge_lin(e)
-        m += h_src
-        m += h_dst
+        add_node_terms_(m, graph, src_proj, dst_proj)
         return m.relu_()
 
     def aggregate(self, m: Tensor, graph: ParamGraph, end: str) -> Tensor:  # type: ignore[override]

@@ -101,6 +101,8 @@ def sum_to_nodes(m: Tensor, graph: ParamGraph, end: str) -> Tensor:
     """[N, D] sum of edge rows ``m`` [E, D] onto each edge's ``end`` node."""
     out = m.new_zeros(graph.num_nodes, m.shape[1])
     idx_all = graph.edge_index[0 if end == "src" else 1]
+    if not use_dense_blocks(graph):
+        return out.index_add_(0, idx_all, m)
     for b in edge_blocks(graph):
         chunk = m[b.start:b.stop]
         if isinstance(b, ScatterBlock):
@@ -117,3 +119,36 @@ def mean_to_nodes(m: Tensor, graph: ParamGraph, end: str) -> Tensor:
     """Mean of incoming edge rows per node (zero where a node has no such edge)."""
     deg = edge_degree(graph, end).clamp(min=1).to(m.dtype).unsqueeze(1)
     return sum_to_nodes(m, graph, end) / deg
+
+
+# Below this many edges the per-block Python loop costs more than the gathers
+# and scatters it replaces (small models are dominated by per-op overhead).
+DENSE_BLOCK_MIN_EDGES = 50_000
+
+
+def use_dense_blocks(graph: ParamGraph) -> bool:
+    return graph.num_edges >= DENSE_BLOCK_MIN_EDGES
+
+
+def add_node_terms_(z: Tensor, graph: ParamGraph, src_term: Tensor, dst_term: Tensor) -> Tensor:
+    """``z += src_term[src] + dst_term[dst]`` for edge rows ``z`` [E, D], in place.
+
+    On a dense block the node terms are broadcast over the block's rows and
+    columns, so no edge-sized gathered copy is ever built.
+    """
+    if not use_dense_blocks(graph):
+        z += src_term.index_select(0, graph.edge_index[0])
+        z += dst_term.index_select(0, graph.edge_index[1])
+        return z
+    d = z.shape[1]
+    for b in edge_blocks(graph):
+        zb = z[b.start:b.stop]
+        if isinstance(b, ScatterBlock):
+            zb += src_term.index_select(0, graph.edge_index[0, b.start:b.stop])
+            zb += dst_term.index_select(0, graph.edge_index[1, b.start:b.stop])
+            continue
+        row_term, col_term = (dst_term, src_term) if b.row_end == "dst" else (src_term, dst_term)
+        zb = zb.view(b.groups, b.rows // b.groups, b.cols, d)
+        zb += row_term.index_select(0, b.row_nodes).view(b.groups, b.rows // b.groups, 1, d)
+        zb += col_term.index_select(0, b.col_nodes).view(b.groups, 1, b.cols, d)
+    return z
