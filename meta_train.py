@@ -14,6 +14,23 @@ runs carry their state across outer steps and are replaced by a freshly drawn
 task when they finish (``inner_steps``) or diverge. The pieces live in
 ``l2o/meta/``.
 
+Meta-objective (``meta_objective: norm``, the default): the mean over the
+unroll of the inner training loss divided by the run's loss at
+initialisation, each loss on a batch that did not produce the parameters it
+is evaluated at. Dividing by the initial loss makes cross-entropy and MSE
+tasks weigh alike; ``log`` does that too but its gradient (dL / L) grows
+without bound on nearly solved tasks.
+
+Estimators: ``tbptt`` (default; first-order unless ``--second-order``), ``es``
+(antithetic, truncated) and ``pes`` (persistent ES, unbiased across
+truncations). On the tiny preset (GMN, 24 outer steps, same settings) TBPTT
+lowered the meta-loss 0.94 -> 0.82 and beat Adam on the held-out quick eval
+in 42 s, while ES with 2 pairs took 7x longer and barely moved (0.94 -> 0.935):
+with ~10k metanetwork weights a few antithetic pairs give a very noisy
+gradient. The shipped weights therefore use TBPTT with short unrolls
+(K = 10, inner runs of a few hundred steps); ES/PES are for long unrolls
+where backprop through the unroll explodes.
+
 Outputs in ``--out``: ``lopt.safetensors`` (load with
 ``l2o.GMNOptimizer(model, weights=DIR/"lopt.safetensors")``),
 ``train_state.{json,safetensors}`` (exact resume), ``summary.json`` and

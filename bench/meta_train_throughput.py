@@ -33,7 +33,7 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, preset: str) -> dict:
+def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, preset: str, repeats: int) -> dict:
     cfg = C.resolve(preset, None, {"lopt": kind, "estimator": estimator, "device": device,
                                    "inner_steps": 10_000})  # no run ends during the timing
     dev = torch.device(device)
@@ -57,21 +57,27 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
 
     for i in range(warmup):
         runs, _ = outer_step(runs, i)
-    sync(dev)
-    t0, inner = time.perf_counter(), 0
-    for i in range(steps):
-        runs, n = outer_step(runs, warmup + i)
-        inner += n
-    sync(dev)
-    t_outer = time.perf_counter() - t0
-
-    # The same inner steps as plain learned-optimizer steps (no meta-graph).
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(steps):
-            runs = [advance(r, unroll(lopt, r, pool.get(r.spec), cfg["unroll"], cfg, dev, meta=False)) for r in runs]
-    sync(dev)
-    t_plain = time.perf_counter() - t0
+    # Alternate timed blocks of outer steps and of plain steps and keep the best of each:
+    # on a shared machine the minimum is the least disturbed measurement.
+    t_outer = t_plain = float("inf")
+    done = warmup
+    for _ in range(repeats):
+        sync(dev)
+        t0, inner = time.perf_counter(), 0
+        for i in range(steps):
+            runs, n = outer_step(runs, done + i)
+            inner += n
+        sync(dev)
+        t_outer = min(t_outer, time.perf_counter() - t0)
+        done += steps
+        # The same number of inner steps as plain learned-optimizer steps (no meta-graph).
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(steps):
+                runs = [advance(r, unroll(lopt, r, pool.get(r.spec), cfg["unroll"], cfg, dev, meta=False))
+                        for r in runs]
+        sync(dev)
+        t_plain = min(t_plain, time.perf_counter() - t0)
     return {"lopt": kind, "estimator": estimator, "outer_per_s": steps / t_outer, "inner_per_s": inner / t_outer,
             "plain_inner_per_s": inner / t_plain, "ratio": t_outer / t_plain,
             "params": sum(p.numel() for p in params)}
@@ -82,6 +88,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=10, help="timed outer steps per configuration")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="timed blocks per configuration; the fastest counts")
     p.add_argument("--preset", default="tiny", choices=sorted(C.PRESETS))
     p.add_argument("--lopts", default="gmn,mlp")
     p.add_argument("--estimators", default="tbptt,es,pes")
@@ -89,11 +96,13 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [bench(k, e, args.device, args.steps, args.warmup, args.preset)
+    rows = [bench(k, e, args.device, args.steps, args.warmup, args.preset, args.repeats)
             for k in args.lopts.split(",") for e in args.estimators.split(",")]
     cfg = C.resolve(args.preset)
     print(f"\npreset {args.preset}: meta_batch {cfg['meta_batch']} x unroll {cfg['unroll']} inner steps per outer "
           f"step, suite {cfg['suite']}; device {args.device}, torch threads {torch.get_num_threads()}")
+    print("inner/s: inner steps of the meta-batch per second (ES/PES also evaluate 2 x pairs perturbed copies);\n"
+          "plain: the same steps as ordinary learned-optimizer steps under no_grad; outer/plain: time ratio")
     print(f"{'lopt':<5} {'estim':<6} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "
           f"{'outer / plain':>14}")
     for r in rows:

@@ -141,3 +141,8 @@ def test_diverged_runs_are_reset(tmp_path):
     assert summary["resets"] == 4 and summary["skipped"] == 0
     runs = json.loads((tmp_path / "out" / "train_state.json").read_text())["runs"]
     assert [r["index"] for r in runs] == [2, 2] and all(r["step"] == 0 for r in runs)
+
+
+def test_second_order_and_log_objective(tmp_path):
+    summary = run(tmp_path, "--lopt", "mlp", "--outer-steps", "2", "--second-order", "--meta-objective", "log")
+    assert summary["skipped"] == 0 and summary["meta_loss_last"] is not None
