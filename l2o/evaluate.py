@@ -378,7 +378,11 @@ class EvalResults:
         out: dict[str, dict[str, list]] = {}
         for r in sorted(self.runs, key=lambda r: r.seed):
             out.setdefault(r.task, {}).setdefault(r.optimizer, []).append(r.train_loss)
-        return {t: {o: np.stack(v) for o, v in opts.items()} for t, opts in out.items()}
+        # Suite order for the panels, not the order runs happened to finish in.
+        order = [t for t in self.config.get("suite", []) if t in out] + [t for t in out if t not in self.config.get("suite", [])]
+        opt_order = self.config.get("optimizers", [])
+        return {t: {o: np.stack(out[t][o]) for o in sorted(out[t], key=lambda o: opt_order.index(o) if o in opt_order else 99)}
+                for t in order}
 
     def to_json(self) -> dict[str, Any]:
         return {"config": self.config, "tuning": self.tuning, "rows": self.rows, "summary": self.summary}
@@ -606,14 +610,22 @@ def _mean_curve(runs: list[RunResult]) -> np.ndarray:
     return np.mean(np.stack([r.train_loss for r in runs]), axis=0)
 
 
-def _beats(a: dict | None, b: dict | None) -> bool | None:
-    """a beats b on final train loss; a diverged run never wins, beats any diverged one."""
+TIE_RTOL = 0.005   # final losses within 0.5% are a tie, not a win (noise between seeds is larger)
+
+
+def _beats(a: dict | None, b: dict | None) -> str | None:
+    """"win" / "tie" / "loss" of a against b on final train loss; a diverged run
+    never wins and beats any diverged one."""
     if a is None or b is None:
         return None
     fa, fb = a["final_train_loss"], b["final_train_loss"]
     if not math.isfinite(fa):
-        return False
-    return not math.isfinite(fb) or fa < fb
+        return "loss"
+    if not math.isfinite(fb):
+        return "win"
+    if abs(fa - fb) <= TIE_RTOL * max(abs(fa), abs(fb)):
+        return "tie"
+    return "win" if fa < fb else "loss"
 
 
 def _summary(rows: list[dict], optimizers) -> dict[str, Any]:
@@ -626,7 +638,8 @@ def _summary(rows: list[dict], optimizers) -> dict[str, Any]:
     for a, b in pairs:
         outcomes = [_beats(idx.get((t, a)), idx.get((t, b))) for t in task_names]
         outcomes = [x for x in outcomes if x is not None]
-        summary["wins"][f"{a}_vs_{b}"] = {"wins": int(sum(outcomes)), "of": len(outcomes)}
+        summary["wins"][f"{a}_vs_{b}"] = {"wins": outcomes.count("win"), "ties": outcomes.count("tie"),
+                                          "of": len(outcomes)}
     for o in optimizers:
         sp = [idx[(t, o)] for t in task_names if (t, o) in idx and math.isfinite(idx[(t, o)]["speedup_vs_adam"])]
         if sp:
@@ -684,7 +697,7 @@ def format_summary(results: EvalResults) -> str:
         a, b = key.split("_vs_")
         other = "the MLP learned-optimizer baseline" if b == "mlp" else f"tuned {b.upper()}"
         out.append(f"- {a.upper()} beats {other} on final train loss on "
-                   f"**{w['wins']}/{w['of']}** tasks")
+                   f"**{w['wins']}/{w['of']}** tasks" + (f" ({w['ties']} ties: within {TIE_RTOL:.1%})" if w["ties"] else ""))
     for o, med in s["median_speedup_vs_adam"].items():
         reached = s["speedup_reached"][o]
         out.append(f"- median speedup of {o.upper()} vs tuned Adam: **{med:.2f}x** (reached Adam's final loss "
@@ -709,7 +722,7 @@ def format_protocol(results: EvalResults) -> str:
 - tuning rule: per task and optimizer, the grid value with the lowest mean final train loss on the tuning
   seeds; values where a tuning run diverged are excluded. "(edge)" marks a choice at the end of the grid.
 - final train loss: mean of the last {int(cfg['smooth_frac'] * 100)}% of per-step minibatch losses, mean ± std over seeds
-  (bold: best on the task). Test loss/metric: mean over {cfg['test_batches']} held-out test batches after training.
+  (bold: best on the task; win counts treat a difference under {TIE_RTOL:.1%} as a tie). Test loss/metric: mean over {cfg['test_batches']} held-out test batches after training.
 - diverged: a non-finite loss or the smoothed loss above {cfg['diverge_factor']:g}x the initial loss; such runs stop
   and lose every comparison.
 - speedup vs Adam: steps tuned Adam needs to reach its own final smoothed loss / steps the optimizer needs to reach

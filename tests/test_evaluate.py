@@ -81,6 +81,15 @@ def test_select_lr_excludes_diverged():
     assert ev.select_lr({1e-1: [(1.0, True)], 1.0: [(float("nan"), True)]}) == (1e-1, False)
 
 
+def test_win_tie_and_divergence_rules():
+    row = lambda f: {"final_train_loss": f}
+    assert ev._beats(row(0.5), row(0.6)) == "win"
+    assert ev._beats(row(0.6), row(0.5)) == "loss"
+    assert ev._beats(row(0.5), row(0.501)) == "tie"                 # within 0.5%
+    assert ev._beats(row(float("nan")), row(9.0)) == "loss"         # diverged never wins
+    assert ev._beats(row(9.0), row(float("nan"))) == "win"
+
+
 # ------------------------------------------------------------------ a constructed task
 class QuadraticTask:
     """Linear regression with a known answer: a stand-in with the Task interface."""
