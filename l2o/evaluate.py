@@ -20,6 +20,12 @@ Protocol (also written into results.md so a reader never has to guess):
   smoothed curves. If X never gets there, the speedup is reported as
   "<steps_adam/budget" (an upper bound, below 1).
 
+Cost: the default (held-out suite, 400 steps, 3 seeds, 1 tuning seed,
+6+6+7 grid values: 34 runs per task) takes about 15-20 minutes on an idle
+2-core CPU: ~2,000 CPU-seconds of runs over two worker processes
+(extrapolated from the CPU time a 40-step run of the same protocol used:
+225 s; the learned optimizers' steps are 2-4x an Adam step).
+
 The Python API (:func:`evaluate`, :func:`run_training`, :func:`speedup`,
 :func:`select_lr`) is what the CLI, the demo and the tests use.
 """

@@ -90,6 +90,22 @@ def test_win_tie_and_divergence_rules():
     assert ev._beats(row(9.0), row(float("nan"))) == "win"
 
 
+def test_table_rows_speedup_and_diverged_runs_get_no_credit():
+    task = QuadraticTask()
+    steps = np.arange(100)
+    curve = lambda rate: np.maximum(100.0 - rate * steps, 1.0)
+    run = lambda opt, c, div=False: ev.RunResult(task.name, opt, None, 0, 100, c, div, 100,
+                                                 final_test={"mse": 1.0})
+    blown = np.r_[curve(8)[:40], np.full(60, np.nan)]               # fast, then diverged
+    rows = ev._table_rows([task], ["gmn", "mlp", "adam"],
+                          [run("adam", curve(2)), run("gmn", curve(4)), run("mlp", blown, True)], {}, {})
+    by = {r["optimizer"]: r for r in rows}
+    sm = lambda c: ev.speedup(curve(2), c)
+    assert by["gmn"]["speedup_vs_adam"] == pytest.approx(sm(curve(4)).value) and by["gmn"]["speedup_vs_adam"] > 1
+    assert by["mlp"]["speedup_str"] == "diverged" and by["mlp"]["speedup_vs_adam"] == 0.0
+    assert math.isnan(by["mlp"]["final_train_loss"]) and by["mlp"]["diverged_seeds"] == 1
+
+
 # ------------------------------------------------------------------ a constructed task
 class QuadraticTask:
     """Linear regression with a known answer: a stand-in with the Task interface."""
