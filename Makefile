@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench pretrained clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,14 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/graph_build.py
+
+# Reproduce the shipped l2o/pretrained/ weights (about 25-40 min each on a 2-core CPU).
+pretrained: $(STAMP)
+	for k in gmn mlp; do \
+	  $(BIN)/python meta_train.py --config configs/pretrained_$$k.yaml --out runs/pretrained_$$k && \
+	  cp runs/pretrained_$$k/lopt.safetensors l2o/pretrained/$$k.safetensors && \
+	  cp runs/pretrained_$$k/summary.json l2o/pretrained/$$k.summary.json || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

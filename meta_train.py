@@ -90,6 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, help="outer AdamW decoupled weight decay")
     p.add_argument("--warmup", type=int, help="outer warmup steps")
     p.add_argument("--clip", type=float, help="meta-gradient norm clip (0: off)")
+    p.add_argument("--nominal-lr-mult", type=float,
+                   help="outer lr multiplier of the learned nominal (Adam-term) step size")
     p.add_argument("--device", help="cpu | cuda | cuda:N (under torchrun: cuda = this rank's GPU)")
     p.add_argument("--seed", type=int, help="seed of everything (tasks, data, noise, init)")
     p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints")
@@ -133,8 +135,15 @@ def main(argv=None) -> dict:
     lopt = (ckpt["lopt"] if ckpt else make_lopt(cfg["lopt"], **cfg["lopt_config"])).to(device).train()
     D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
     trainable = [p for p in lopt.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n != "log_nominal"], "lr_mult": 1.0}]
+    nominal = [p for n, p in named if n == "log_nominal"]
+    if cfg.get("nominal_lr_mult", 1.0) != 1.0 and nominal:
+        groups.append({"params": nominal, "lr_mult": cfg["nominal_lr_mult"]})
+    else:
+        groups[0]["params"] = trainable
     opt_cls = torch.optim.AdamW if cfg["weight_decay"] > 0 else torch.optim.Adam
-    opt = opt_cls(trainable, lr=cfg["lr"], **({"weight_decay": cfg["weight_decay"]} if cfg["weight_decay"] > 0 else {}))
+    opt = opt_cls(groups, lr=cfg["lr"], **({"weight_decay": cfg["weight_decay"]} if cfg["weight_decay"] > 0 else {}))
     if ckpt:
         opt.load_state_dict(ckpt["optimizer"])
     pool = TaskPool(cfg["lopt"], device)
@@ -185,7 +194,7 @@ def main(argv=None) -> dict:
         t0 = time.time()
         lr = outer_lr(step, cfg["lr"], cfg["warmup"], cfg["outer_steps"], cfg["min_lr_frac"])
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
 
         # Meta-gradient of this rank's runs (each already divided by the global meta-batch),
         # then one all-reduce of gradients + scalars so every rank takes the same decision.

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,         # AdamW-style decoupled decay when > 0
     "warmup": 50,                # linear warmup steps, then cosine decay
     "min_lr_frac": 0.1,          # cosine ends at lr * min_lr_frac
+    "nominal_lr_mult": 1.0,      # outer lr multiplier of the learned nominal step size (one scalar
+                                 # that otherwise moves ~lr per step, far slower than the rest)
     "clip": 1.0,                 # meta-gradient norm clip (0: off)
     # bookkeeping
     "device": "cpu",
@@ -91,7 +93,7 @@ CHOICES = {
 POSITIVE_INT = ("inner_steps", "unroll", "meta_batch", "outer_steps", "es_pairs", "eval_steps",
                 "log_every")
 NONNEG_INT = ("warmup", "checkpoint_every", "eval_every", "stop_after", "threads")
-POSITIVE_FLOAT = ("lr", "es_sigma", "diverge_factor")
+POSITIVE_FLOAT = ("lr", "es_sigma", "diverge_factor", "nominal_lr_mult")
 NONNEG_FLOAT = ("weight_decay", "clip", "min_lr_frac")
 
 
