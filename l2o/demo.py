@@ -1,7 +1,7 @@
 """`make demo`: the learned optimizer vs LR-tuned Adam on a task it never saw.
 
     python -m l2o.demo                       # conv1d_mnist1d, ~1-2 minutes on a laptop CPU
-    python -m l2o.demo --task transformer_reverse_prenorm --steps 800
+    python -m l2o.demo --task transformer_reverse_prenorm --steps 400
 
 The default task is a 1-D convolutional network: the whole conv1d family is
 held out of meta-training, so the GMN meets this architecture for the first
@@ -20,7 +20,7 @@ from . import evaluate as ev
 from . import plots
 
 DEFAULT_TASK = "conv1d_mnist1d"
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 400  # the evaluation budget and the meta-training inner-run length
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
