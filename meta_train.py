@@ -33,7 +33,9 @@ where backprop through the unroll explodes.
 
 Outputs in ``--out``: ``lopt.safetensors`` (load with
 ``l2o.GMNOptimizer(model, weights=DIR/"lopt.safetensors")``),
-``train_state.{json,safetensors}`` (exact resume), ``summary.json`` and
+the last checkpoint ``ckpt-<step>/`` named by the pointer file ``latest``
+(``lopt.safetensors`` + ``train_state.{json,safetensors}``, for exact resume;
+switched atomically, see :mod:`l2o.meta.state`), ``summary.json`` and
 TensorBoard logs in ``tb/``.
 """
 from __future__ import annotations
@@ -122,7 +124,7 @@ def main(argv=None) -> dict:
                                 f"resumable overrides: {C.RESUMABLE_OVERRIDES}")
         cfg = C.validate({**cfg, **flags})
     else:
-        if (out / S.JSON_FILE).exists():
+        if S.checkpoint_dir(out) is not None:
             raise C.ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or pick another --out")
         cfg = C.resolve(args.preset, C.load_file(args.config) if args.config else None, flags)
 

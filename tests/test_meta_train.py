@@ -18,6 +18,12 @@ sys.path.insert(0, str(ROOT))
 
 import meta_train  # noqa: E402
 from l2o.meta import config as C  # noqa: E402
+from l2o.meta import state as S  # noqa: E402
+
+
+def state_file(out, name="train_state.json"):
+    """A file of the last complete checkpoint in ``out``."""
+    return S.checkpoint_dir(out) / name
 
 # Two synthetic tasks (no data files, instant to load) and very short runs.
 FAST = ["--preset", "tiny", "--suite", "mlp_synthetic,regression_teacher", "--unroll", "3",
@@ -48,8 +54,10 @@ def test_tiny_run_writes_loadable_weights(tmp_path, kind):
     assert all(v is not None and torch.isfinite(torch.tensor(v)) for v in
                (summary["meta_loss_first"], summary["meta_loss_last"]))
     assert summary["last_eval"]["lopt_final"] > 0
-    for name in ("lopt.safetensors", "train_state.json", "train_state.safetensors", "summary.json"):
+    for name in ("lopt.safetensors", "summary.json"):
         assert (tmp_path / name).is_file()
+    for name in ("lopt.safetensors", "train_state.json", "train_state.safetensors"):
+        assert state_file(tmp_path, name).is_file()
     assert any((tmp_path / "tb").iterdir()), "no TensorBoard events"
     task = tasks.get_task("mlp_synthetic")
     model = task.init(0)
@@ -68,7 +76,7 @@ def test_meta_loss_decreases_on_one_task(tmp_path):
     # learned optimizer learns to take better steps than Adam at lr 1e-3).
     summary = run(tmp_path, "--lopt", "mlp", "--suite", "regression_teacher", "--outer-steps", "12",
                   "--inner-steps", "1000", "--meta-batch", "1", "--lr", "3e-2", "--warmup", "0")
-    hist = json.loads((tmp_path / "train_state.json").read_text())["history"]["meta_loss"]
+    hist = json.loads(state_file(tmp_path, "train_state.json").read_text())["history"]["meta_loss"]
     assert min(hist[-3:]) < hist[0]
 
 
@@ -81,13 +89,41 @@ def test_resume_is_exact(tmp_path, estimator):
     a = load_file(tmp_path / "straight" / "lopt.safetensors")
     b = load_file(tmp_path / "split" / "lopt.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = load_file(tmp_path / "straight" / "train_state.safetensors")
-    sb = load_file(tmp_path / "split" / "train_state.safetensors")
+    sa = load_file(state_file(tmp_path / "straight", "train_state.safetensors"))
+    sb = load_file(state_file(tmp_path / "split", "train_state.safetensors"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    ja = json.loads((tmp_path / "straight" / "train_state.json").read_text())
-    jb = json.loads((tmp_path / "split" / "train_state.json").read_text())
+    ja = json.loads(state_file(tmp_path / "straight", "train_state.json").read_text())
+    jb = json.loads(state_file(tmp_path / "split", "train_state.json").read_text())
     assert ja["history"]["meta_loss"] == jb["history"]["meta_loss"]
     assert ja["runs"] == jb["runs"]
+
+
+def test_crash_mid_checkpoint_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    # Kill the run while it writes the second file of the step-4 checkpoint:
+    # the step-2 checkpoint must survive intact and resume exactly.
+    args = ("--lopt", "mlp", "--outer-steps", "6", "--checkpoint-every", "2")
+    run(tmp_path / "straight", *args)
+    real_save_lopt, calls = S.save_lopt, []
+
+    def crashing_save_lopt(lopt, path, extra=None):
+        if extra["counters"]["outer_step"] == 4:
+            raise SystemExit("killed mid-checkpoint")
+        calls.append(path)
+        return real_save_lopt(lopt, path, extra)
+
+    monkeypatch.setattr(S, "save_lopt", crashing_save_lopt)
+    with pytest.raises(SystemExit, match="killed"):
+        run(tmp_path / "split", *args)
+    monkeypatch.setattr(S, "save_lopt", real_save_lopt)
+    assert calls, "the step-2 checkpoint was not written"
+    assert S.checkpoint_dir(tmp_path / "split").name == "ckpt-2"
+    assert S.load(tmp_path / "split")["counters"]["outer_step"] == 2
+    meta_train.main(["--out", str(tmp_path / "split"), "--resume", "--no-progress"])
+    a = load_file(tmp_path / "straight" / "lopt.safetensors")
+    b = load_file(tmp_path / "split" / "lopt.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list((tmp_path / "split").glob("ckpt.tmp-*")), "the half-written checkpoint was not cleaned up"
+    assert [p.name for p in (tmp_path / "split").glob("ckpt-*")] == ["ckpt-6"]
 
 
 def test_nonfinite_meta_loss_is_skipped(tmp_path):
@@ -95,7 +131,7 @@ def test_nonfinite_meta_loss_is_skipped(tmp_path):
     cfg.write_text("inject_nan_steps: [1]\nlopt: mlp\n")
     summary = run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "3")
     assert summary["skipped"] == 1
-    hist = json.loads((tmp_path / "out" / "train_state.json").read_text())["history"]
+    hist = json.loads(state_file(tmp_path / "out", "train_state.json").read_text())["history"]
     assert hist["meta_loss"][1] is None and hist["meta_loss"][0] is not None and hist["meta_loss"][2] is not None
 
 
@@ -130,7 +166,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["outer_steps"] == 2
     assert summary["replicas_identical"] is True
-    assert len(json.loads((tmp_path / "train_state.json").read_text())["runs"]) == 2
+    assert len(json.loads(state_file(tmp_path, "train_state.json").read_text())["runs"]) == 2
 
 
 def test_diverged_runs_are_reset(tmp_path):
@@ -139,7 +175,7 @@ def test_diverged_runs_are_reset(tmp_path):
     cfg.write_text(json.dumps({"diverge_factor": 1e-3, "lopt": "mlp"}))
     summary = run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "2")
     assert summary["resets"] == 4 and summary["skipped"] == 0
-    runs = json.loads((tmp_path / "out" / "train_state.json").read_text())["runs"]
+    runs = json.loads(state_file(tmp_path / "out", "train_state.json").read_text())["runs"]
     assert [r["index"] for r in runs] == [2, 2] and all(r["step"] == 0 for r in runs)
 
 

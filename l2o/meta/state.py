@@ -1,7 +1,7 @@
 """Checkpoint and resume of the whole outer training state.
 
-Three files in the output directory, each written atomically (temp + fsync +
-rename, :mod:`l2o.checkpoint`):
+A checkpoint is one directory ``ckpt-<step>/`` inside the output directory
+holding three files:
 
 * ``lopt.safetensors``    -- the metanetwork, loadable by ``GMNOptimizer(model,
   weights=...)``; ``extra`` holds the config and counters;
@@ -11,13 +11,20 @@ rename, :mod:`l2o.checkpoint`):
 * ``train_state.json``    -- config, counters, outer optimizer scalars, inner
   run scalars, meta-loss history.
 
-The JSON is written last and records the outer step; the two tensor files
-record it too, and a mismatch (a crash between the writes) is reported
-instead of silently resuming from a mixed state.
+The whole checkpoint is atomic: the files are written (and fsynced) into a
+fresh ``ckpt.tmp-<step>/``, the directory is renamed to ``ckpt-<step>/``, and
+only then is the small pointer file ``latest`` replaced (``os.replace``) to
+name it. A crash at any point leaves ``latest`` naming the previous, complete
+checkpoint, which is deleted only after the pointer has moved. After the
+switch ``lopt.safetensors`` is also copied (atomically) to the top of the
+output directory, where users load it from; resuming never reads that copy.
+:func:`checkpoint_dir` gives the current checkpoint directory.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,35 @@ from ..checkpoint import atomic_write_bytes, atomic_write_json, load_lopt, save_
 
 STATE_VERSION = 1
 LOPT_FILE, TENSORS_FILE, JSON_FILE = "lopt.safetensors", "train_state.safetensors", "train_state.json"
+LATEST_FILE = "latest"
+
+
+def checkpoint_dir(out: Path) -> Path | None:
+    """The directory of the last complete checkpoint in ``out`` (None if there is none).
+
+    Falls back to the files at the top of ``out`` for output directories
+    written before checkpoints became directories.
+    """
+    out = Path(out)
+    pointer = out / LATEST_FILE
+    if pointer.is_file():
+        return out / pointer.read_text().strip()
+    if (out / JSON_FILE).is_file():
+        return out
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _optimizer_split(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -65,18 +101,48 @@ def save(out: Path, lopt, opt, cfg: dict, counters: dict, runs: list, rng_states
             tensors[f"run.{run.slot}.{name}"] = value
     for rank, rng in enumerate(rng_states):
         tensors[f"rng.{rank}"] = rng.cpu()
-    atomic_write_bytes(out / TENSORS_FILE, safetensors_bytes(tensors, metadata={"outer_step": str(step)}))
-    save_lopt(lopt, out / LOPT_FILE, extra={"meta_train_config": cfg, "counters": counters})
-    atomic_write_json(out / JSON_FILE, {
+    tmp = out / f"ckpt.tmp-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    atomic_write_bytes(tmp / TENSORS_FILE, safetensors_bytes(tensors, metadata={"outer_step": str(step)}))
+    save_lopt(lopt, tmp / LOPT_FILE, extra={"meta_train_config": cfg, "counters": counters})
+    atomic_write_json(tmp / JSON_FILE, {
         "version": STATE_VERSION, "config": cfg, "counters": counters, "outer_optimizer": opt_scalars,
         "runs": sorted((r.scalars() for r in runs), key=lambda s: s["slot"]), "world_size": len(rng_states),
         "history": history,
     })
+    _fsync_dir(tmp)
+    final = out / f"ckpt-{step}"
+    previous = checkpoint_dir(out)
+    if final.exists():          # a checkpoint of the same step, e.g. written before a crash and resumed
+        if previous is not None and previous.resolve() == final.resolve():
+            # Never delete the checkpoint the pointer names before the pointer has moved.
+            final = out / f"ckpt-{step}.{os.getpid()}"
+            if final.exists():
+                shutil.rmtree(final)
+        else:
+            shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    atomic_write_bytes(out / LATEST_FILE, (final.name + "\n").encode())    # the switch
+    _fsync_dir(out)
+    atomic_write_bytes(out / LOPT_FILE, (final / LOPT_FILE).read_bytes())
+    for old in out.iterdir():   # earlier generations and leftovers of crashed writes
+        if old.is_dir() and old != final and (old.name.startswith("ckpt-") or old.name.startswith("ckpt.tmp-")):
+            shutil.rmtree(old, ignore_errors=True)
+    if previous is not None and previous == out:    # legacy top-level files, now superseded
+        for name in (TENSORS_FILE, JSON_FILE):
+            (out / name).unlink(missing_ok=True)
 
 
 def load(out: Path) -> dict[str, Any]:
-    """Everything :func:`save` wrote, checked for consistency."""
+    """Everything :func:`save` wrote in the last complete checkpoint, checked for consistency."""
     out = Path(out)
+    found = checkpoint_dir(out)
+    if found is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {out} (no {out / LATEST_FILE})")
+    out = found
     for name in (JSON_FILE, TENSORS_FILE, LOPT_FILE):
         if not (out / name).is_file():
             raise FileNotFoundError(f"cannot resume: {out / name} is missing (no checkpoint in {out}?)")
