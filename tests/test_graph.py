@@ -642,6 +642,22 @@ def test_flatten_non_square_map_with_example_input():
     assert pos[11].tolist() == [1.0, 1.0] and pos[7].tolist() == [-1.0, 0.0]
 
 
+def test_shape_propagation_restores_each_submodule_mode():
+    # A frozen BatchNorm kept in eval mode inside a training model must stay in eval mode.
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(3 * 2 * 3, 4)).train()
+    m[1].eval()
+    build_graph(m, example_inputs=torch.randn(1, 2, 2, 3), use_cache=False)
+    assert m.training and m[0].training and not m[1].training and m[4].training
+
+
+def test_failed_shape_propagation_warns():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 3, 4))
+    with pytest.warns(UserWarning, match=r"shape propagation .* failed .*RuntimeError"):
+        g = build_graph(m, example_inputs=torch.randn(1, 5, 2, 3), use_cache=False)   # 5 channels, not 2
+    check_bijection(g, m)
+
+
 def test_untraceable_without_unstructured_params_still_warns():
     class Root(nn.Module):
         def __init__(self):

@@ -88,7 +88,13 @@ def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None
                 _walk(state, child, _join(prefix, name), None)
         return None
     if example_inputs is not None:
-        propagate_shapes(module, graph, example_inputs)
+        failure = propagate_shapes(module, graph, example_inputs)
+        if failure is not None:
+            warnings.warn(
+                f"build_graph: shape propagation with the given example_inputs failed for "
+                f"{prefix or 'the model'} ({failure}); spatial positions after a flatten are inferred "
+                "from layer sizes instead (square maps assumed). Check that example_inputs is a valid "
+                "input of the model's forward.", UserWarning, stacklevel=4)
 
     env: dict[fx.Node, Any] = {}
     placeholders = 0

@@ -60,25 +60,30 @@ def trace(module: nn.Module) -> tuple[fx.Graph | None, dict[str, str], str | Non
     return None, opaque, "fx tracing did not converge"
 
 
-def propagate_shapes(module: nn.Module, graph: fx.Graph, example_inputs) -> bool:
+def propagate_shapes(module: nn.Module, graph: fx.Graph, example_inputs) -> str | None:
     """Annotate ``graph`` nodes with ``tensor_meta`` by running the example.
 
     Runs in eval mode and without grad so BatchNorm statistics and autograd
-    state of the user's model are untouched. Returns False if it failed (the
-    builder then infers shapes from layer sizes instead).
+    state of the user's model are untouched; every submodule's own
+    train/eval flag is restored afterwards (a frozen BatchNorm kept in eval
+    mode inside a training model stays in eval mode). Returns None on
+    success, else why it failed (the builder then infers shapes from layer
+    sizes instead).
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    was_training = module.training
+    modes = {m: m.training for m in module.modules()}
     try:
         gm = fx.GraphModule(module, graph)
         module.eval()
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as e:  # any failure of the user's forward on the example
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:300]}"
     finally:
-        module.train(was_training)
+        for m, training in modes.items():
+            m.training = training
