@@ -658,6 +658,15 @@ def test_failed_shape_propagation_warns():
     check_bijection(g, m)
 
 
+def test_cache_keys_on_example_input_shapes():
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 3, 4))
+    g23 = build_graph(m, example_inputs=torch.randn(1, 2, 2, 3))
+    assert build_graph(m, example_inputs=torch.randn(1, 2, 2, 3)) is g23
+    g32 = build_graph(m, example_inputs=torch.randn(1, 2, 3, 2))      # same 18 features, 3 x 2 maps
+    assert g32 is not g23 and not torch.equal(g32.edge_pos, g23.edge_pos)
+    assert build_graph(m) is not g32
+
+
 def test_untraceable_without_unstructured_params_still_warns():
     class Root(nn.Module):
         def __init__(self):

@@ -203,6 +203,19 @@ def _check(graph: ParamGraph) -> None:
     # node ranges are checked per chunk while assembling (state.finish)
 
 
+_UNCACHEABLE = object()
+
+
+def _inputs_key(example_inputs):
+    """Cache key part for ``example_inputs``: shapes and dtypes of its tensors (None if not given)."""
+    if example_inputs is None:
+        return None
+    items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
+    if not isinstance(items, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in items):
+        return _UNCACHEABLE
+    return tuple((tuple(t.shape), str(t.dtype)) for t in items)
+
+
 def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
                 use_cache: bool = True) -> ParamGraph:
     """The parameter graph of ``model`` (see :mod:`l2o.graph` for the rules).
@@ -210,11 +223,17 @@ def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
     ``example_inputs`` (a tensor or tuple) is only used for shape
     propagation, which gives exact spatial positions after a flatten; without
     it they are inferred from layer sizes (square maps assumed). Results are
-    cached per model and rebuilt when its parameter names/shapes change.
+    cached per model and rebuilt when its parameter names/shapes, ``strict`` or
+    the shapes/dtypes of ``example_inputs`` change (not cached when
+    ``example_inputs`` holds anything but tensors).
     ``strict=True`` raises :class:`UnsupportedModuleError` instead of placing
     unstructured parameters on fallback nodes.
     """
     signature = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+    inputs_key = _inputs_key(example_inputs)
+    if inputs_key is _UNCACHEABLE:
+        use_cache = False
+    signature = (signature, inputs_key)
     if use_cache:
         hit = _CACHE.get(model)
         if hit is not None and hit[0] == signature and hit[1] == strict:
