@@ -18,8 +18,10 @@ Design notes:
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
+import weakref
 from typing import Callable, Iterable
 
 import torch
@@ -37,7 +39,7 @@ def _resolve_lopt(weights, kind: str) -> LearnedOptimizer:
     if weights is None:
         return checkpoint.make_lopt(kind)
     if isinstance(weights, LearnedOptimizer):
-        return weights
+        return copy.deepcopy(weights)  # the optimizer freezes and moves its own copy, never the caller's
     if isinstance(weights, (str, os.PathLike)):
         return checkpoint.load_lopt(weights, expect_kind=kind)
     raise TypeError(f"weights must be 'pretrained', None, a path or a LearnedOptimizer module, "
@@ -60,15 +62,22 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout."""
 
     def __init__(self, params: list[nn.Parameter], graph: ParamGraph, lopt: LearnedOptimizer,
-                 lr: float = 1.0):
+                 lr: float = 1.0, model: nn.Module | None = None):
         if not lr >= 0.0:
             raise ValueError(f"invalid learning-rate multiplier: {lr}")
         if len(params) != len(graph.param_names):
             raise ValueError(f"layout covers {len(graph.param_names)} tensors, got {len(params)} parameters")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))} "
+                             "(model-parallel / device_map='auto' models are not supported)")
         self._ready = False
         super().__init__(params, dict(lr=lr))
         self._ready = True
-        device = params[0].device if params else torch.device("cpu")
+        # to notice layers added to / parameters replaced in the model after construction
+        self._model_ref = weakref.ref(model) if model is not None else None
+        self._param_ids = tuple(id(p) for p in model.parameters()) if model is not None else None
+        device = params[0].device
         self.graph = graph.to(device)
         self.lopt = lopt.to(device).eval()
         for p in self.lopt.parameters():
@@ -111,21 +120,40 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                     f"state_dict was saved with a {lopt_record['kind']} metanetwork of config "
                     f"{lopt_record['config']}, this optimizer has {self.lopt.kind} {self.lopt.config()}")
             self.lopt.load_state_dict(lopt_record["weights"])
-        super().load_state_dict(state_dict)
-        missing = [i for i, p in enumerate(self._flat_params) if "m" not in self.state.get(p, {})]
+        raw = state_dict.get("state", {})
+        missing = [k for k in self.graph.flat_order if "m" not in raw.get(k, {}) or "v" not in raw.get(k, {})]
         if missing:
             raise ValueError(f"optimizer state_dict lacks learned-optimizer state for {len(missing)} tensors")
-        # load_state_dict copies the tensors: gather them back into the flat buffers
-        self._flat_state = {
-            "m": torch.cat([self.state[p]["m"].reshape(-1, self.state[p]["m"].shape[-1])
-                            for p in self._flat_params]).float(),
-            "v": torch.cat([self.state[p]["v"].reshape(-1) for p in self._flat_params]).float(),
-            "step": torch.tensor(float(self.param_groups[0]["step"]), device=self.graph.device),
+        # Read m/v from the saved dict itself: torch's loader casts state to the
+        # parameters' dtype, which would round float32 statistics of fp16/bf16 models.
+        device = self.graph.device
+        flat = {
+            "m": torch.cat([raw[k]["m"].reshape(-1, raw[k]["m"].shape[-1]) for k in self.graph.flat_order]),
+            "v": torch.cat([raw[k]["v"].reshape(-1) for k in self.graph.flat_order]),
         }
+        super().load_state_dict(state_dict)
+        self._flat_state = {key: v.to(device=device, dtype=torch.float32) for key, v in flat.items()}
+        self._flat_state["step"] = torch.tensor(float(self.param_groups[0]["step"]), device=device)
         self._point_state_views()
 
     # ----------------------------------------------------------------- step
+    def _sync_device(self) -> None:
+        """Follow the parameters when the model moved after the optimizer was
+        built (``model.cuda()``, Accelerate's ``prepare``)."""
+        device = self._flat_params[0].device
+        if device == self.graph.device:
+            return
+        self.graph = self.graph.to(device)
+        self.lopt = self.lopt.to(device)
+        self._flat_state = {k: v.to(device) for k, v in self._flat_state.items()}
+        self._point_state_views()
+
     def _check_unchanged(self) -> None:
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is not None and tuple(id(p) for p in model.parameters()) != self._param_ids:
+            raise RuntimeError(
+                f"the model's parameters changed since {type(self).__name__} was created (a layer was added or "
+                "removed, or a parameter replaced); create a new optimizer for the new model")
         for p, shape in zip(self._params, self.graph.param_shapes):
             if p.shape != shape:
                 raise RuntimeError(
@@ -155,7 +183,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_unchanged()
+        self._sync_device()
         grads = [p.grad for p in self._flat_params]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                               "(e.g. nn.Embedding(sparse=True)); use dense gradients")
         flat_g = torch.cat([g.reshape(-1).float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
                             for p, g in zip(self._flat_params, grads)])
         mask, bad = self._active_mask(grads, flat_g)
@@ -170,7 +202,9 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             flat_g = torch.where(mask, flat_g, torch.zeros_like(flat_g))
         group = self.param_groups[0]
         state = dict(self._flat_state, step=torch.tensor(float(group["step"]), device=flat_p.device))
-        update, new_state = self.lopt(self.graph, flat_p, flat_g, state)
+        # the metanetwork always runs in float32, even inside a caller's autocast region
+        with torch.autocast(device_type=flat_p.device.type, enabled=False):
+            update, new_state = self.lopt(self.graph, flat_p, flat_g, state)
 
         finite = torch.isfinite(update)
         if not bool(finite.all()):
@@ -216,7 +250,7 @@ class GMNOptimizer(LearnedOptimizerBase):
         graph = build_graph(model, example_inputs=example_inputs, strict=strict)
         named = dict(model.named_parameters())
         params = [named[n] for n in graph.param_names]
-        super().__init__(params, graph, _resolve_lopt(weights, "gmn"), lr=lr)
+        super().__init__(params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model)
 
 
 class MLPOptimizer(LearnedOptimizerBase):
@@ -227,8 +261,9 @@ class MLPOptimizer(LearnedOptimizerBase):
 
     def __init__(self, params: Iterable[nn.Parameter] | nn.Module, weights="pretrained",
                  lr: float = 1.0):
-        names = None
+        names, model = None, None
         if isinstance(params, nn.Module):
+            model = params
             names, params = zip(*params.named_parameters()) if any(True for _ in params.parameters()) else ((), ())
         params = list(params)
         if params and isinstance(params[0], dict):
@@ -236,4 +271,4 @@ class MLPOptimizer(LearnedOptimizerBase):
         if not params:
             raise ValueError("MLPOptimizer got an empty parameter list")
         layout = tensor_layout([p.shape for p in params], names)
-        super().__init__(params, layout, _resolve_lopt(weights, "mlp"), lr=lr)
+        super().__init__(params, layout, _resolve_lopt(weights, "mlp"), lr=lr, model=model)

@@ -323,3 +323,51 @@ def test_wrapped_models_are_unwrapped():
     before = model[0].weight.detach().clone()
     train_steps(wrapped, opt, [(x, y)], F.cross_entropy)
     assert not torch.equal(model[0].weight, before)
+
+
+def test_bf16_model_state_round_trip_keeps_float32_statistics():
+    model = mlp().to(torch.bfloat16)
+    opt = l2o.GMNOptimizer(model, weights=None)
+    x, y = torch.randn(8, 6, dtype=torch.bfloat16), torch.randint(0, 3, (8,))
+    train_steps(model, opt, [(x, y)] * 2, F.cross_entropy)
+    opt2 = l2o.GMNOptimizer(copy.deepcopy(model), weights=None)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("m", "v"):
+        assert opt2._flat_state[key].dtype == torch.float32
+        assert torch.equal(opt._flat_state[key], opt2._flat_state[key])
+
+
+def test_adding_a_layer_after_construction_is_an_error():
+    model = mlp()
+    opt = l2o.GMNOptimizer(model, weights=None)
+    model.append(nn.Linear(3, 3))
+    with pytest.raises(RuntimeError, match="parameters changed"):
+        opt.step()
+
+
+def test_callers_metanetwork_is_not_modified():
+    lopt = GMNLOpt().train()
+    l2o.GMNOptimizer(mlp(), weights=lopt)
+    assert lopt.training and all(p.requires_grad for p in lopt.parameters() if p is not lopt.log_nominal)
+
+
+def test_sparse_gradients_are_rejected_clearly():
+    model = nn.Sequential(nn.Embedding(5, 4, sparse=True), nn.Flatten(), nn.Linear(8, 2))
+    opt = l2o.MLPOptimizer(model, weights=None)
+    model(torch.randint(0, 5, (3, 2))).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+
+
+def test_step_inside_autocast_matches_float32_step():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    results = []
+    for use_autocast in (False, True):
+        model = mlp()
+        opt = l2o.GMNOptimizer(model, weights=randomised_gmn())
+        F.cross_entropy(model(x), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
