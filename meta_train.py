@@ -291,8 +291,14 @@ def main(argv=None) -> dict:
     return summary
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """Console entry point (``l2o-meta-train``): exit status 0 on success, a one-line error for bad input."""
     try:
-        main()
+        main(argv)
     except (C.ConfigError, FileNotFoundError, KeyError) as err:
         sys.exit(f"meta_train.py: error: {err}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

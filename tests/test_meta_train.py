@@ -135,6 +135,18 @@ def test_nonfinite_meta_loss_is_skipped(tmp_path):
     assert hist["meta_loss"][1] is None and hist["meta_loss"][0] is not None and hist["meta_loss"][2] is not None
 
 
+def test_console_entry_point_exits_zero(tmp_path):
+    # [project.scripts] calls the function and passes its return value to sys.exit.
+    import tomllib
+
+    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["l2o-meta-train"]
+    module, func = entry.split(":")
+    assert module == "meta_train"
+    assert getattr(meta_train, func)([*FAST, "--lopt", "mlp", "--outer-steps", "1", "--out", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit, match="already holds a checkpoint"):
+        getattr(meta_train, func)([*FAST, "--lopt", "mlp", "--outer-steps", "1", "--out", str(tmp_path)])
+
+
 def test_bad_config_is_rejected(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown config key"):
         C.resolve("tiny", {"unrol": 3})
