@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
         T, B = cfg["inner_steps"], cfg["meta_batch"]
         runs = [start_run(pool, specs, lopt, cfg["seed"], s, 0, max(1, round(T * (s + 1) / B))) for s in slots]
         counters = {"outer_step": 0, "skipped": 0, "resets": 0, "finished_runs": 0, "inner_steps": 0,
-                    "wall_time_s": 0.0}
+                    "nonfinite_pairs": 0, "wall_time_s": 0.0}
         history = {"meta_loss": [], "grad_norm": [], "eval": []}
 
     writer = None
@@ -203,8 +203,10 @@ def main(argv=None) -> dict:
         opt.zero_grad(set_to_none=True)
         total, results, nonfinite = estimate(lopt, runs, pool, cfg, device, cfg["meta_batch"], step)
         local = [total, float(nonfinite), sum(r.steps for r in results),
-                 sum(r.diverged for r in results), sum(r.finished and not r.diverged for r in results)]
-        total, nonfinite_count, inner_done, n_diverged, n_finished = D.all_reduce_grads(info, trainable, local)
+                 sum(r.diverged for r in results), sum(r.finished and not r.diverged for r in results),
+                 sum(r.nonfinite_pairs for r in results)]
+        total, nonfinite_count, inner_done, n_diverged, n_finished, n_dropped = D.all_reduce_grads(
+            info, trainable, local)
         meta_loss = total / cfg["meta_batch"]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg["clip"] if cfg["clip"] > 0 else float("inf")))
         if nonfinite_count > 0 or not math.isfinite(meta_loss) or not math.isfinite(grad_norm):
@@ -223,6 +225,7 @@ def main(argv=None) -> dict:
         runs = new_runs
         counters["resets"] += int(n_diverged)          # totals over all ranks
         counters["finished_runs"] += int(n_finished)
+        counters["nonfinite_pairs"] = counters.get("nonfinite_pairs", 0) + int(n_dropped)   # ES/PES
 
         counters["outer_step"] = step + 1
         counters["inner_steps"] += int(inner_done)
@@ -245,6 +248,8 @@ def main(argv=None) -> dict:
                 writer.add_scalar("meta/skipped_steps", counters["skipped"], step + 1)
                 writer.add_scalar("meta/lr", lr, step + 1)
                 writer.add_scalar("inner/resets", counters["resets"], step + 1)
+                if cfg["estimator"] in ("es", "pes"):
+                    writer.add_scalar("meta/nonfinite_pairs", counters["nonfinite_pairs"], step + 1)
                 writer.add_scalar("perf/inner_steps_per_s", inner_done / dt, step + 1)
                 writer.add_scalar("perf/outer_steps_per_s", 1.0 / dt, step + 1)
             if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0:

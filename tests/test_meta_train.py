@@ -147,6 +147,29 @@ def test_console_entry_point_exits_zero(tmp_path):
         getattr(meta_train, func)([*FAST, "--lopt", "mlp", "--outer-steps", "1", "--out", str(tmp_path)])
 
 
+def test_es_drops_nonfinite_pairs(tmp_path, monkeypatch):
+    # One perturbed unroll with a NaN loss must not poison the ES estimate: the
+    # pair is dropped and counted, the step is not skipped, the weights stay finite.
+    from l2o.meta import es
+
+    real_unroll, calls = es.unroll, []
+
+    def nan_on_first_perturbation(*args, params_override=None, **kwargs):
+        res = real_unroll(*args, params_override=params_override, **kwargs)
+        if params_override is not None:
+            calls.append(1)
+            if len(calls) % 4 == 1:      # first of 2 runs x (1 pair x 2 signs) per step
+                res.meta_loss = torch.tensor(float("nan"))
+        return res
+
+    monkeypatch.setattr(es, "unroll", nan_on_first_perturbation)
+    summary = run(tmp_path, "--lopt", "mlp", "--outer-steps", "2", "--estimator", "es", "--es-pairs", "1")
+    assert summary["skipped"] == 0
+    counters = json.loads(state_file(tmp_path).read_text())["counters"]
+    assert counters["nonfinite_pairs"] == 2
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "lopt.safetensors").values())
+
+
 def test_bad_config_is_rejected(tmp_path):
     with pytest.raises(C.ConfigError, match="unknown config key"):
         C.resolve("tiny", {"unrol": 3})

@@ -12,6 +12,9 @@ estimate stays bounded when the loss surface over long unrolls is chaotic
 (Metz et al. 2019, Vicol et al. 2021). Antithetic pairs cancel the
 even-order terms of the noise. The inner run is then advanced once with the
 unperturbed weights, so every estimator carries the same kind of state.
+A pair whose perturbed loss is non-finite (one perturbation diverged) is
+dropped from the estimate, as in PES, instead of poisoning the whole
+meta-gradient with NaN; dropped pairs are counted (``nonfinite_pairs``).
 
 Noise is drawn from a generator seeded by (seed, outer step, slot, pair):
 reproducible, resumable, and identical whatever the number of ranks.
@@ -39,6 +42,7 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
     total, results, nonfinite = 0.0, [], False
     for run in runs:
         entry = pool.get(run.spec)
+        dropped = 0
         for pair in range(pairs):
             eps = _noise({n: p.shape for n, p in weights.items()}, cfg["seed"], outer_step, run.slot, pair, device)
             losses = []
@@ -47,9 +51,13 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
                 losses.append(unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False,
                                      params_override=perturbed).meta_loss)
             coef = (losses[0] - losses[1]) / (2.0 * sigma * pairs * global_batch)
+            if not torch.isfinite(coef):
+                dropped += 1
+                continue
             for n in grads:
                 grads[n].add_(coef * eps[n])
         result = unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False)
+        result.nonfinite_pairs = dropped
         value = float(result.meta_loss)
         if outer_step in cfg.get("inject_nan_steps", []):
             value = float("nan")

@@ -169,6 +169,7 @@ class UnrollResult:
     diverged: bool            # loss non-finite or > diverge_factor x initial: reset the run
     finished: bool            # the run reached its length: draw a new task
     final: dict               # the run's state after the unroll (detached), see advance()
+    nonfinite_pairs: int = 0  # ES/PES: antithetic pairs dropped from the estimate (non-finite loss)
 
 
 def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool,

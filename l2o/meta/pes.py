@@ -41,7 +41,7 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
                                        "xi": {n: torch.zeros_like(p) for n, p in weights.items()}}
                                       for _ in range(pairs)]
         result = unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False)
-        new_particles = []
+        new_particles, dropped = [], 0
         for j, pair in enumerate(particles):
             eps = _noise({n: p.shape for n, p in weights.items()}, cfg["seed"], outer_step, run.slot, j, device)
             xi = {n: pair["xi"][n] + eps[n] for n in weights}
@@ -54,12 +54,15 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
             if torch.isfinite(coef):
                 for n in grads:
                     grads[n].add_(coef * xi[n])
+            else:
+                dropped += 1
             if out["+"].diverged or out["-"].diverged:
                 fresh = {k: result.final[k] for k in ("params", "grad", "buffers", "lopt_state")}
                 new_particles.append({"+": fresh, "-": fresh, "xi": {n: torch.zeros_like(v) for n, v in xi.items()}})
             else:
                 new_particles.append({"+": _carried(out["+"]), "-": _carried(out["-"]), "xi": xi})
         result.final["particles"] = new_particles
+        result.nonfinite_pairs = dropped
         value = float(result.meta_loss)
         if outer_step in cfg.get("inject_nan_steps", []):
             value = float("nan")
