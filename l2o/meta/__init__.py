@@ -8,6 +8,7 @@ One job per module:
 * :mod:`tbptt`     -- meta-gradient by truncated backprop through the unroll
 * :mod:`es`        -- meta-gradient by antithetic evolution strategies (truncated)
 * :mod:`pes`       -- meta-gradient by persistent evolution strategies (unbiased across truncations)
+* :mod:`antithetic` -- noise, perturbation and gradient write-back shared by es and pes
 * :mod:`schedule`  -- outer learning-rate schedule (warmup + cosine)
 * :mod:`state`     -- checkpoint / resume of the whole outer training state
 * :mod:`dist`      -- torchrun / DDP helpers (gloo on CPU, nccl on CUDA)

@@ -110,6 +110,11 @@ def start_run(pool: TaskPool, task_pool_specs: list[str], lopt, seed: int, slot:
               length: int) -> InnerRun:
     """A fresh run: draw a task, initialise the model, compute the first gradient."""
     spec, init_seed = draw_spec(task_pool_specs, seed, slot, index)
+    return new_run(pool, spec, init_seed, lopt, slot, index, length)
+
+
+def new_run(pool: TaskPool, spec: str, init_seed: int, lopt, slot: int, index: int, length: int) -> InnerRun:
+    """A fresh run of task ``spec`` from ``task.init(init_seed)``, with its first gradient."""
     entry = pool.get(spec)
     model = entry.task.init(init_seed)
     params = entry.graph.gather([p.detach() for p in model.parameters()]).to(pool.device)

@@ -20,11 +20,9 @@ from the unperturbed state with ``xi = 0``; a run reset drops all pairs.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .es import _noise
+from . import antithetic as A
 from .inner import UnrollResult, unroll
 
 
@@ -32,9 +30,8 @@ from .inner import UnrollResult, unroll
 def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step: int) -> tuple[float, list[UnrollResult], bool]:
     """Same contract as :func:`l2o.meta.tbptt.estimate`: writes ``.grad``."""
     sigma, pairs = float(cfg["es_sigma"]), int(cfg["es_pairs"])
-    weights = {n: p for n, p in lopt.named_parameters() if p.requires_grad}
-    grads = {n: torch.zeros_like(p) for n, p in weights.items()}
-    total, results, nonfinite = 0.0, [], False
+    weights, grads = A.setup(lopt)
+    values, results = [], []
     for run in runs:
         entry = pool.get(run.spec)
         particles = run.particles or [{"+": run.state(), "-": run.state(),
@@ -43,13 +40,12 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
         result = unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False)
         new_particles, dropped = [], 0
         for j, pair in enumerate(particles):
-            eps = _noise({n: p.shape for n, p in weights.items()}, cfg["seed"], outer_step, run.slot, j, device)
+            eps = A.noise(weights, cfg["seed"], outer_step, run.slot, j, device)
             xi = {n: pair["xi"][n] + eps[n] for n in weights}
             out = {}
             for sign, key in ((1.0, "+"), (-1.0, "-")):
-                perturbed = {n: p + sign * sigma * eps[n] for n, p in weights.items()}
                 out[key] = unroll(lopt, run.with_state(pair[key]), entry, cfg["unroll"], cfg, device, meta=False,
-                                  params_override=perturbed)
+                                  params_override=A.perturbed(weights, eps, sign, sigma))
             coef = (out["+"].meta_loss - out["-"].meta_loss) / (2.0 * sigma * len(particles) * global_batch)
             if torch.isfinite(coef):
                 for n in grads:
@@ -57,20 +53,15 @@ def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step:
             else:
                 dropped += 1
             if out["+"].diverged or out["-"].diverged:
-                fresh = {k: result.final[k] for k in ("params", "grad", "buffers", "lopt_state")}
+                fresh = _carried(result)
                 new_particles.append({"+": fresh, "-": fresh, "xi": {n: torch.zeros_like(v) for n, v in xi.items()}})
             else:
                 new_particles.append({"+": _carried(out["+"]), "-": _carried(out["-"]), "xi": xi})
         result.final["particles"] = new_particles
         result.nonfinite_pairs = dropped
-        value = float(result.meta_loss)
-        if outer_step in cfg.get("inject_nan_steps", []):
-            value = float("nan")
-        nonfinite |= not math.isfinite(value)
-        total += value
+        values.append(A.run_value(result, cfg, outer_step))
         results.append(result)
-    for n, p in weights.items():
-        p.grad = grads[n] if p.grad is None else p.grad + grads[n]
+    total, nonfinite = A.finish(weights, grads, values)
     return total, results, nonfinite
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .inner import InnerRun, batch_stream, loss_and_grad, unroll
+from .inner import batch_stream, new_run, unroll
 from .tasks_pool import TaskPool
 
 EVAL_SEED = 1234
@@ -20,14 +20,10 @@ EVAL_SEED = 1234
 def quick_eval(lopt, pool: TaskPool, task_name: str, steps: int) -> dict[str, float]:
     device = pool.device
     entry = pool.get(f"task:{task_name}")
-    model = entry.task.init(EVAL_SEED)
-    params = entry.graph.gather([p.detach() for p in model.parameters()]).to(device)
-    run = InnerRun(slot=-1, index=0, spec=f"task:{task_name}", init_seed=EVAL_SEED, length=steps,
-                   params=params, buffers={k: b.clone().to(device) for k, b in model.named_buffers()},
-                   lopt_state=lopt.init_state(params))
-    first = next(batch_stream(entry, run, device))
-    loss0, run.grad = loss_and_grad(entry, run.params, run.buffers, first, meta=False)
-    run.init_loss = run.last_loss = float(loss0)
+    run = new_run(pool, f"task:{task_name}", EVAL_SEED, lopt, slot=-1, index=0, length=steps)
+    loss0 = run.init_loss
+    first = next(batch_stream(entry, run, device))     # the batch new_run took the first gradient on
+    model = entry.task.init(EVAL_SEED)                 # Adam starts from the same initialisation
     was_training = lopt.training
     lopt.eval()
     try:
@@ -54,4 +50,4 @@ def quick_eval(lopt, pool: TaskPool, task_name: str, steps: int) -> dict[str, fl
             adam.step()
             batch = next(stream) if i > 0 else (next(stream), next(stream))[1]
     return {"lopt_final": res.final["last_loss"], "lopt_mean": float(res.meta_loss),
-            "adam_final": losses[-1], "adam_mean": sum(losses) / len(losses), "initial": float(loss0)}
+            "adam_final": losses[-1], "adam_mean": sum(losses) / len(losses), "initial": loss0}
