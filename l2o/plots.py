@@ -18,12 +18,12 @@ LABELS = {"gmn": "GMN (learned)", "mlp": "MLP (learned)", "adam": "Adam (tuned)"
           "adamw": "AdamW (tuned)", "sgd": "SGD+mom (tuned)"}
 
 
-def _pyplot():
-    # Agg: headless machines and CI have no display.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _figure(figsize):
+    # A bare Figure, not pyplot: nothing is registered with pyplot and the
+    # caller's backend (a notebook's, say) is left alone; savefig renders
+    # with the file format's own canvas, so headless machines need no display.
+    from matplotlib.figure import Figure
+    return Figure(figsize=figsize)
 
 
 def _plot_smooth(curve: np.ndarray, window: int) -> np.ndarray:
@@ -42,14 +42,14 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], path: str | Path
     y axis is logarithmic; a light moving average (``smooth_frac`` of the
     steps) keeps minibatch noise from hiding the trend.
     """
-    plt = _pyplot()
     labels = {**LABELS, **(labels or {})}
     names = list(curves)
     if not names:
         raise ValueError("plot_curves: no curves to plot")
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.0 * cols, 3.6 * rows), squeeze=False)
+    fig = _figure((5.0 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, task in zip(axes.flat, names):
         for opt, runs in curves[task].items():
             runs = np.atleast_2d(np.asarray(runs, dtype=float))
@@ -87,13 +87,13 @@ def plot_speedup(speedups: Mapping[str, Mapping[str, float]], path: str | Path,
                  title: str = "Speedup vs tuned Adam (steps to reach Adam's final loss)") -> Path:
     """Grouped bars: ``speedups[task][optimizer]``; hatched bars did not reach
     Adam's final loss within the budget (their value is an upper bound)."""
-    plt = _pyplot()
     tasks = list(speedups)
     if not tasks:
         raise ValueError("plot_speedup: nothing to plot")
     opts = sorted({o for t in tasks for o in speedups[t]}, key=lambda o: list(COLORS).index(o) if o in COLORS else 99)
     width = 0.8 / max(1, len(opts))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 4.2))
+    fig = _figure((max(6.0, 1.1 * len(tasks) + 2), 4.2))
+    ax = fig.subplots()
     x = np.arange(len(tasks))
     for k, opt in enumerate(opts):
         vals = np.array([speedups[t].get(opt, np.nan) for t in tasks], dtype=float)
@@ -127,11 +127,9 @@ def plot_speedup(speedups: Mapping[str, Mapping[str, float]], path: str | Path,
 
 
 def _save(fig, path) -> Path:
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -625,6 +625,27 @@ def test_draw_graph(tmp_path):
         draw_graph(g, str(tmp_path / "big.png"), max_nodes=10)
 
 
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+    # Library plots must not switch a notebook user's backend (nor import pyplot).
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, matplotlib
+matplotlib.use("pdf")
+from torch import nn
+from l2o.graph import build_graph, draw_graph
+from l2o.plots import plot_speedup
+draw_graph(build_graph(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))), {str(tmp_path / "g.png")!r})
+plot_speedup({{"t": {{"gmn": 2.0}}}}, {str(tmp_path / "s.png")!r})
+assert matplotlib.get_backend() == "pdf", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "g.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
+
+
 def test_to_pyg():
     g = build_graph(mlp())
     data = g.to_pyg()

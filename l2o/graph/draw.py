@@ -19,9 +19,8 @@ def draw_graph(graph: ParamGraph, path: str, max_nodes: int = 300) -> str:
         raise ValueError(
             f"graph has {graph.num_nodes} nodes, more than max_nodes={max_nodes}; "
             "draw a smaller model or raise max_nodes")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: the caller's matplotlib backend is left alone.
+    from matplotlib.figure import Figure
 
     types = graph.node_type.tolist()
     depth = graph.node_depth.tolist()
@@ -35,7 +34,8 @@ def draw_graph(graph: ParamGraph, path: str, max_nodes: int = 300) -> str:
             xy[n] = (x, (k - (len(members) - 1) / 2) / max(len(members), 1))
     pairs = Counter(map(tuple, graph.edge_index.t().tolist()))
 
-    fig, ax = plt.subplots(figsize=(10, 6))
+    fig = Figure(figsize=(10, 6))
+    ax = fig.subplots()
     for (s, d), c in pairs.items():
         ax.plot([xy[s][0], xy[d][0]], [xy[s][1], xy[d][1]], color="#bbbbbb",
                 lw=0.3 + 0.3 * min(c, 9), zorder=1)
@@ -51,5 +51,4 @@ def draw_graph(graph: ParamGraph, path: str, max_nodes: int = 300) -> str:
                  f"{graph.num_entries} node-held entries")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
