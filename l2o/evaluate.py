@@ -37,6 +37,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -783,6 +784,11 @@ def write_report(results: EvalResults, out_dir, command: str | None = None) -> P
 
 
 def _write_tensorboard(results: EvalResults, curves, tb_dir: Path) -> None:
+    # Start from an empty tb/: event files of an earlier evaluation into the same
+    # --out would otherwise sit beside these and TensorBoard would overlay both.
+    # Only this subdirectory is cleared; the rest of --out is overwritten file by file.
+    if tb_dir.is_dir():
+        shutil.rmtree(tb_dir)
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:   # tensorboard is optional for the report; say so rather than fail

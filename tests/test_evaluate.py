@@ -181,6 +181,10 @@ def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     # Evaluate untrained metanetworks whether or not pretrained weights are shipped.
     monkeypatch.setattr(ckpt, "pretrained_path", lambda kind: tmp_path / f"absent-{kind}.safetensors")
     out = tmp_path / "eval"
+    stale = out / "tb" / "old_task" / "adam" / "events.out.tfevents.stale"     # an earlier run into --out
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
     argv = ["regression_teacher", "mlp_synthetic", "--steps", "25", "--seeds", "1", "--allow-untrained",
             "--lr-grid", "adam=1e-3,1e-2", "--lr-grid", "adamw=1e-2", "--lr-grid", "sgd=0.1",
             "--workers", "1", "--threads", "1", "--test-every", "10", "--out", str(out), "--no-progress"]
@@ -190,6 +194,8 @@ def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     for name in ("results.md", "results.csv", "results.json", "curves.png", "speedup.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert any((out / "tb").rglob("events.out.tfevents.*"))
+    assert not stale.exists() and not (out / "tb" / "old_task").exists(), "stale TensorBoard events kept"
+    assert (out / "notes.txt").read_text() == "mine"
 
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
