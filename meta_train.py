@@ -298,9 +298,15 @@ def main(argv=None) -> dict:
 
 def cli(argv=None) -> int:
     """Console entry point (``l2o-meta-train``): exit status 0 on success, a one-line error for bad input."""
+    from tasks.data import UnknownDatasetError
+    from tasks.registry import UnknownTaskError
+
+    from l2o.checkpoint import WeightsFileError
+
+    # Only the errors meant for users become one line; anything else is a bug and keeps its traceback.
     try:
         main(argv)
-    except (C.ConfigError, FileNotFoundError, KeyError) as err:
+    except (C.ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError) as err:
         sys.exit(f"meta_train.py: error: {err}")
     return 0
 

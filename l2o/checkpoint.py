@@ -26,6 +26,10 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 FORMAT_VERSION = "1"
 
 
+class WeightsFileError(ValueError):
+    """A learned-optimizer weights file that is unreadable, not l2o weights, or of the wrong kind."""
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,9 +78,9 @@ def read_lopt_file(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
+        raise WeightsFileError(f"{path} is not a readable safetensors file (truncated or corrupted?): {err}") from err
     if "l2o_kind" not in metadata or "l2o_config" not in metadata:
-        raise ValueError(f"{path} is a safetensors file but not l2o learned-optimizer weights "
+        raise WeightsFileError(f"{path} is a safetensors file but not l2o learned-optimizer weights "
                          "(no l2o_kind/l2o_config metadata)")
     return metadata, tensors
 
@@ -86,14 +90,14 @@ def load_lopt(path: str | os.PathLike, expect_kind: str | None = None) -> Learne
     metadata, tensors = read_lopt_file(path)
     kind = metadata["l2o_kind"]
     if expect_kind is not None and kind != expect_kind:
-        raise ValueError(f"{path} holds a {kind!r} learned optimizer, expected {expect_kind!r}")
+        raise WeightsFileError(f"{path} holds a {kind!r} learned optimizer, expected {expect_kind!r}")
     lopt = make_lopt(kind, **json.loads(metadata["l2o_config"]))
     expected = lopt.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
     if missing or unexpected or wrong:
-        raise ValueError(f"{path} does not match the {kind} architecture in its own config: "
+        raise WeightsFileError(f"{path} does not match the {kind} architecture in its own config: "
                          f"missing={missing} unexpected={unexpected} wrong_shape={wrong}")
     lopt.load_state_dict(tensors)
     return lopt

@@ -68,6 +68,10 @@ ADAMW_WEIGHT_DECAY = 1e-2
 SGD_MOMENTUM = 0.9
 
 
+class EvaluationInputError(ValueError):
+    """Bad evaluation arguments (optimizer names, seeds, steps, suite without data)."""
+
+
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are not installed and untrained ones were not allowed."""
 
@@ -209,7 +213,7 @@ def run_training(task, make_optimizer: Callable[[nn.Module], torch.optim.Optimiz
     divergence check per smoothing window and the test evaluations.
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise EvaluationInputError(f"steps must be >= 1, got {steps}")
     device = torch.device(device)
     model = (copy.deepcopy(model) if model is not None else task.init(seed)).to(device).train()
     opt = make_optimizer(model)
@@ -300,7 +304,7 @@ def optimizer_factory(name: str, task=None, lr: float | None = None,
     """
     if name in HAND_DESIGNED:
         if lr is None:
-            raise ValueError(f"{name} needs a learning rate")
+            raise EvaluationInputError(f"{name} needs a learning rate")
         if name == "adam":
             return lambda model: torch.optim.Adam(model.parameters(), lr=lr)
         if name == "adamw":
@@ -316,7 +320,7 @@ def optimizer_factory(name: str, task=None, lr: float | None = None,
         from .optim import MLPOptimizer
         return lambda model: MLPOptimizer(model.parameters(), weights=_load_lopt("mlp", weights),
                                           lr=1.0 if lr is None else lr)
-    raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    raise EvaluationInputError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
 # ----------------------------------------------------------------------------- job running
@@ -407,14 +411,14 @@ def _resolve_suite(suite) -> tuple[list, list[str]]:
             every = task_suite.get_suite(suite, include_unavailable=True)
             found = [t for t in every if t.available()]
             if not found:
-                raise ValueError(f"suite {suite!r} has no task whose data is available")
+                raise EvaluationInputError(f"suite {suite!r} has no task whose data is available")
             return found, [t.name for t in every if t not in found]
         suite = [suite]
     found = [task_suite.get_task(t) if isinstance(t, str) else t for t in suite]
     # Fail before any run starts rather than in a worker half-way through.
     missing = [t.name for t in found if hasattr(t, "available") and not t.available()]
     if missing:
-        raise ValueError(f"data for task(s) {', '.join(missing)} is not in the data directory "
+        raise EvaluationInputError(f"data for task(s) {', '.join(missing)} is not in the data directory "
                          "(see tasks/README.md, $L2O_DATA)")
     return found, []
 
@@ -440,12 +444,12 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     optimizers = list(dict.fromkeys(optimizers))
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown:
-        raise ValueError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+        raise EvaluationInputError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
     task_list, skipped = _resolve_suite(suite)
     seeds = _as_seeds(seeds)
     tune_seeds = _as_seeds(tune_seeds, TUNE_SEED_BASE)
     if set(seeds) & set(tune_seeds):
-        raise ValueError(f"tuning seeds {tune_seeds} overlap evaluation seeds {seeds}")
+        raise EvaluationInputError(f"tuning seeds {tune_seeds} overlap evaluation seeds {seeds}")
     grids = {o: tuple(float(x) for x in (lr_grids or {}).get(o, DEFAULT_GRIDS[o]))
              for o in optimizers if o in HAND_DESIGNED}
     weights, weight_labels = {}, {}
@@ -880,6 +884,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.data import UnknownDatasetError
+    from tasks.registry import UnknownTaskError
+
+    from .checkpoint import WeightsFileError
+
     args = build_parser().parse_args(argv)
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     suite = args.tasks or args.suite
@@ -890,8 +899,11 @@ def main(argv: list[str] | None = None) -> int:
                            mlp_weights=args.mlp_weights, allow_untrained=args.allow_untrained, device=args.device,
                            test_every=args.test_every, workers=args.workers, threads=args.threads, out_dir=None,
                            progress=not args.no_progress)
-    except (MissingWeightsError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err.args[0] if isinstance(err, KeyError) else err}", file=sys.stderr)
+    # Only the errors meant for users (bad names, arguments, missing data or weights)
+    # become one line; anything else is a bug and keeps its traceback.
+    except (MissingWeightsError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, EvaluationInputError,
+            WeightsFileError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     out = write_report(results, args.out, command=command.strip())
     print(format_report(results, command.strip()))

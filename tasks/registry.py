@@ -35,12 +35,23 @@ def list_tasks(split: str = "all") -> list[str]:
     return [name for name, task in _registry().items() if split == "all" or task.split == split]
 
 
+class UnknownTaskError(KeyError):
+    """A task, family or suite name that does not exist (a user input error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownSuiteError(UnknownTaskError, ValueError):
+    """A suite name that does not exist."""
+
+
 def get_task(name: str) -> Task:
     registry = _registry()
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(registry)}"
-        raise KeyError(f"unknown task {name!r}{hint}")
+        raise UnknownTaskError(f"unknown task {name!r}{hint}")
     return registry[name]
 
 
@@ -59,10 +70,10 @@ def get_suite(suite: str | Iterable[str] = "train", include_unavailable: bool = 
 def sample_task(family: str, seed: int, split: str = "train") -> Task:
     """A task with a random configuration of `family`, deterministic in (seed, split)."""
     if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        raise UnknownTaskError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     return FAMILIES[family](seed, split)
 
 
 def _check_suite(split: str) -> None:
     if split not in SUITES:
-        raise ValueError(f"suite must be one of {SUITES} or a list of task names, got {split!r}")
+        raise UnknownSuiteError(f"suite must be one of {SUITES} or a list of task names, got {split!r}")

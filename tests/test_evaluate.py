@@ -214,3 +214,15 @@ def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     data = json.loads((out / "results.json").read_text())
     assert data["summary"]["wins"]["gmn_vs_adam"]["of"] == 2
     assert data["config"]["lr_grids"]["adam"] == [1e-3, 1e-2]
+
+
+def test_cli_reports_user_errors_but_not_bugs(monkeypatch, capsys):
+    assert ev.main(["no_such_task", "--no-progress"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+
+    def buggy(*args, **kwargs):
+        raise KeyError("internal bug")
+
+    monkeypatch.setattr(ev, "evaluate", buggy)
+    with pytest.raises(KeyError, match="internal bug"):
+        ev.main(["regression_teacher", "--no-progress"])

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..graph.param_graph import ParamGraph
 from ..layout import tensor_layout
+from .config import ConfigError
 
 
 def _tasks_module():
@@ -37,7 +38,7 @@ def suite_specs(suite: str) -> list[str]:
     if suite in ("train", "heldout", "all"):
         names = [t.name for t in tasks.get_suite(suite)]
         if not names:
-            raise ValueError(f"suite {suite!r} has no task whose data is available (is $L2O_DATA set?)")
+            raise ConfigError(f"suite {suite!r} has no task whose data is available (is $L2O_DATA set?)")
         return [f"task:{n}" for n in names]
     if suite == "families":
         return [f"family:{f}" for f in tasks.TRAIN_FAMILIES]
@@ -66,7 +67,7 @@ def resolve_task(spec: str):
     if kind == "family":
         family, _, seed = rest.partition(":")
         return tasks.sample_task(family, int(seed))
-    raise ValueError(f"bad task spec {spec!r}")
+    raise ConfigError(f"bad task spec {spec!r}")
 
 
 @dataclass

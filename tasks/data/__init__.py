@@ -44,6 +44,13 @@ DATASETS = sorted(BUNDLED) + sorted(LOCAL)
 _cache: dict[tuple[str, str | None], object] = {}
 
 
+
+class UnknownDatasetError(KeyError):
+    """A dataset name that does not exist (a user input error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
 def _resolved_root(root) -> str | None:
     try:
         return str(data_root(root).resolve())
@@ -63,7 +70,7 @@ def load_dataset(name: str, root=None):
         if key not in _cache:
             _cache[key] = LOCAL[name](root)  # raises DatasetNotFoundError with the layout
         return _cache[key]
-    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
 def is_available(name: str, root=None) -> bool:
@@ -74,7 +81,7 @@ def is_available(name: str, root=None) -> bool:
         return idx.is_available(name, root)
     if name == "cifar10":
         return cifar.is_available(root)
-    raise KeyError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
 def clear_cache() -> None:
