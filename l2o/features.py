@@ -37,6 +37,17 @@ _RMS_EPS = 1e-12
 _SQRT_EPS = 1e-30
 
 
+_CONSTANTS: dict[tuple[str, torch.device], Tensor] = {}
+
+
+def _constant(name: str, values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A small constant tensor, created once per device (no host-to-device copy per step)."""
+    key = (name, device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, device=device, dtype=torch.float32)
+    return _CONSTANTS[key]
+
+
 def init_state(flat_params: Tensor) -> dict[str, Tensor]:
     """Zero statistics for a flat parameter vector (float32 whatever the params' dtype)."""
     n = flat_params.shape[0]
@@ -50,7 +61,7 @@ def init_state(flat_params: Tensor) -> dict[str, Tensor]:
 
 def update_state(state: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
     """One step of the running statistics (out of place, differentiable)."""
-    betas = torch.tensor(MOMENTUM_BETAS, device=grad.device, dtype=torch.float32)
+    betas = _constant("betas", MOMENTUM_BETAS, grad.device)
     g = grad.float()
     m = state["m"] * betas + (1.0 - betas) * g.unsqueeze(1)
     v = state["v"] * SECOND_MOMENT_BETA + (1.0 - SECOND_MOMENT_BETA) * g * g
@@ -97,5 +108,5 @@ def entry_features(params: Tensor, grad: Tensor, state: dict[str, Tensor], adam_
 
 def time_features(step: Tensor) -> Tensor:
     """[NUM_TIME_FEATURES] encoding of the step count at several time scales."""
-    taus = torch.tensor(TIME_SCALES, device=step.device, dtype=torch.float32)
+    taus = _constant("taus", TIME_SCALES, step.device)
     return torch.tanh(step.float() / taus - 1.0)
