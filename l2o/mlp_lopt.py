@@ -14,7 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .graph.param_graph import ParamGraph
@@ -37,6 +36,9 @@ class MLPLOpt(LearnedOptimizer):
         return {**super().config(), "hidden": self.hidden}
 
     def predict(self, graph: ParamGraph, x: Tensor, t: Tensor) -> Tensor:
-        z = F.relu(self.inp(x) + self.time(t))
-        z = F.relu(self.mid(z))
-        return self.out(z)
+        # in place on fresh intermediates: on large models every new
+        # parameter-sized activation costs page faults (see GMNConv.message)
+        z = self.inp(x)
+        z += self.time(t)
+        z = self.mid(z.relu_())
+        return self.out(z.relu_())
