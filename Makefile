@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
 	$(BIN)/python bench/graph_build.py
+	$(BIN)/python bench/meta_train_throughput.py
 
 # Reproduce the shipped l2o/pretrained/ weights (about 25-40 min each on a 2-core CPU).
 pretrained: $(STAMP)
