@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 from torch_geometric.nn import MessagePassing
 
 from .graph.blocks import add_node_terms_, mean_to_nodes

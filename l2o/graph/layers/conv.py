@@ -14,20 +14,15 @@ import torch
 from torch import Tensor, nn
 
 from ..param_graph import EdgeKind, EntryKind, NodeType
-from ..values import Val, channel_nodes, depth_of
+from ..values import Val, channel_nodes, depth_of, spatial_positions
 
 
 def kernel_offsets(kernel_size: tuple[int, ...]) -> Tensor:
-    """[prod(kernel), 2] offsets from the kernel centre, each axis in [-1, 1]."""
-    def axis(k: int) -> Tensor:
-        return torch.linspace(-1.0, 1.0, k) if k > 1 else torch.zeros(1)
-    if len(kernel_size) == 1:
-        x = axis(kernel_size[0])
-        return torch.stack([torch.zeros_like(x), x], dim=1)
-    if len(kernel_size) == 2:
-        y, x = torch.meshgrid(axis(kernel_size[0]), axis(kernel_size[1]), indexing="ij")
-        return torch.stack([y.reshape(-1), x.reshape(-1)], dim=1)
-    raise NotImplementedError(f"kernels of {len(kernel_size)} spatial dims")
+    """[prod(kernel), 2] offsets from the kernel centre, each axis in [-1, 1]:
+    the same normalised grid as positions in a flattened feature map."""
+    if len(kernel_size) not in (1, 2):
+        raise NotImplementedError(f"kernels of {len(kernel_size)} spatial dims")
+    return spatial_positions(tuple(kernel_size))
 
 
 def map_conv(state, mod: nn.modules.conv._ConvNd, qualname: str, args, kwargs):
