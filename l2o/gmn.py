@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .gmn_conv import GMNConv
-from .graph.blocks import add_node_terms_
+from .graph.blocks import add_node_terms_, entry_count
 from .graph.param_graph import NUM_EDGE_KINDS, NUM_ENTRY_KINDS, NUM_NODE_TYPES, NodeType, ParamGraph
 from .lopt import LearnedOptimizer, small_init_
 
@@ -100,7 +100,7 @@ class GMNLOpt(LearnedOptimizer):
         if x_entry.shape[0]:
             held = self.entry_in(x_entry) + self.entry_in_kind(g.entry_kind)
             sums = h.new_zeros(g.num_nodes, self.node_dim).index_add_(0, g.entry_node, held)
-            counts = torch.bincount(g.entry_node, minlength=g.num_nodes).clamp(min=1)
+            counts = entry_count(g).clamp(min=1)
             h = h + sums / counts.unsqueeze(1).to(h.dtype)
         return h
 

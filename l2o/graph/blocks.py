@@ -97,6 +97,15 @@ def edge_degree(graph: ParamGraph, end: str) -> Tensor:
     return cached
 
 
+def entry_count(graph: ParamGraph) -> Tensor:
+    """[N] number of node-held entries on each node (cached)."""
+    cached = getattr(graph, "_entry_count", None)
+    if cached is None:
+        cached = torch.bincount(graph.entry_node, minlength=graph.num_nodes)
+        graph._entry_count = cached
+    return cached
+
+
 def sum_to_nodes(m: Tensor, graph: ParamGraph, end: str) -> Tensor:
     """[N, D] sum of edge rows ``m`` [E, D] onto each edge's ``end`` node."""
     out = m.new_zeros(graph.num_nodes, m.shape[1])
