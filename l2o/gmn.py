@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
+from .fast import use_fast_path
+from .fast.gmn import gmn_step
 from .gmn_conv import GMNConv
 from .graph.blocks import add_node_terms_, entry_count
 from .graph.param_graph import NUM_EDGE_KINDS, NUM_ENTRY_KINDS, NUM_NODE_TYPES, NodeType, ParamGraph
@@ -117,6 +119,21 @@ class GMNLOpt(LearnedOptimizer):
         add_node_terms_(z_edge, graph, self.edge_out_src(h), self.edge_out_dst(h))
         z_edge += self.edge_out_time(t)
         z_edge.relu_()
+        return torch.cat([self.edge_head(z_edge), self.readout_entries(graph, x_entry, h, t)], dim=0)
+
+    def readout_entries(self, graph: ParamGraph, x_entry: Tensor, h: Tensor, t: Tensor,
+                        folded: bool = False) -> Tensor:
+        """[M, 2] outputs of the node-held entries from their features and final
+        node states (``folded``: through :meth:`folded_head`, for the no-grad step)."""
         z_entry = F.relu(self.entry_out_x(x_entry) + self.entry_out_h(h).index_select(0, graph.entry_node)
                          + self.entry_out_kind(graph.entry_kind) + self.entry_out_time(t))
-        return torch.cat([self.edge_head(z_edge), self.entry_head(z_entry)], dim=0)
+        if folded:
+            weight, bias = self.folded_head(self.entry_head)
+            return torch.addmm(bias.t(), z_entry, weight.t())
+        return self.entry_head(z_entry)
+
+    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
+                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if use_fast_path(graph.num_params, params.device):
+            return gmn_step(self, graph, params, grad, state)
+        return self(graph, params, grad, state)

@@ -77,6 +77,36 @@ class LearnedOptimizer(nn.Module):
             step = step + self.log_nominal.exp() * adam
         return -(step * log_step.exp()), state
 
+    # ------------------------------------------------------ no-grad stepping
+    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
+                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """What ``forward`` returns, for optimizers that need no autograd.
+        ``state``'s buffers may be updated in place. Subclasses with a
+        chunked implementation (:mod:`l2o.fast`) override this."""
+        return self(graph, params, grad, state)
+
+    def folded_head(self, head: nn.Linear) -> tuple[Tensor, Tensor]:
+        """``head``'s (weight, bias as a column) with the constants of the
+        update formula folded in, for :meth:`finish_update_`: the direction row
+        times ``-alpha e^{-c}``, the log-magnitude row times ``2 / c``."""
+        c = self.max_log_step
+        scale = head.weight.new_tensor([-self.out_scale * math.exp(-c), 2.0 / c]).unsqueeze(1)
+        return head.weight * scale, (head.bias.unsqueeze(1) * scale)
+
+    def finish_update_(self, out: Tensor, direction: Tensor, log_step: Tensor, adam: Tensor) -> Tensor:
+        """``forward``'s final formula, in place, from the outputs of
+        :meth:`folded_head`; writes the update into ``out`` (``log_step`` is
+        overwritten). Uses ``c tanh(s / c) = 2c sigmoid(2s / c) - c``, whose
+        ``e^{-c}`` factor is folded into the head and the nominal weight:
+        sigmoid is several times cheaper than tanh on CPU."""
+        c = self.max_log_step
+        magnitude = log_step.sigmoid_().mul_(2.0 * c).exp_()
+        if self.nominal:
+            torch.add(direction, adam, alpha=-float(self.log_nominal.exp()) * math.exp(-c), out=out)
+        else:
+            out.copy_(direction)
+        return out.mul_(magnitude)
+
 
 def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:
     """Output layers start near zero so a fresh optimizer is its nominal term."""

@@ -15,6 +15,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .fast import use_fast_path
+from .fast.mlp import mlp_step
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .graph.param_graph import ParamGraph
 from .lopt import LearnedOptimizer, small_init_
@@ -42,3 +44,9 @@ class MLPLOpt(LearnedOptimizer):
         z += self.time(t)
         z = self.mid(z.relu_())
         return self.out(z.relu_())
+
+    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
+                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        if use_fast_path(graph.num_params, params.device):
+            return mlp_step(self, graph, params, grad, state)
+        return self(graph, params, grad, state)

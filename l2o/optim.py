@@ -98,10 +98,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     # ---------------------------------------------------------------- state
     def _point_state_views(self) -> None:
         """Make ``self.state[p]`` views into the flat buffers."""
-        m_chunks = self._flat_state["m"].split(self.graph.numels)
+        m_chunks = self._flat_state["m"].split(self.graph.numels, dim=1)
         v_chunks = self._flat_state["v"].split(self.graph.numels)
         for p, m, v in zip(self._flat_params, m_chunks, v_chunks):
-            self.state[p] = {"m": m.view(*p.shape, m.shape[-1]), "v": v.view(p.shape)}
+            # m: [num_momenta, *p.shape], a view into the feature-major flat buffer
+            self.state[p] = {"m": m.unflatten(1, p.shape), "v": v.view(p.shape)}
 
     def state_dict(self) -> dict:
         # The metanetwork's weights travel with the state, so a restored
@@ -128,7 +129,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         # parameters' dtype, which would round float32 statistics of fp16/bf16 models.
         device = self.graph.device
         flat = {
-            "m": torch.cat([raw[k]["m"].reshape(-1, raw[k]["m"].shape[-1]) for k in self.graph.flat_order]),
+            "m": torch.cat([raw[k]["m"].reshape(raw[k]["m"].shape[0], -1) for k in self.graph.flat_order], dim=1),
             "v": torch.cat([raw[k]["v"].reshape(-1) for k in self.graph.flat_order]),
         }
         super().load_state_dict(state_dict)
@@ -202,9 +203,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             flat_g = torch.where(mask, flat_g, torch.zeros_like(flat_g))
         group = self.param_groups[0]
         state = dict(self._flat_state, step=torch.tensor(float(group["step"]), device=flat_p.device))
+        if mask is not None:  # step_no_grad may update in place: keep the skipped tensors' statistics
+            state.update(m=state["m"].clone(), v=state["v"].clone())
         # the metanetwork always runs in float32, even inside a caller's autocast region
         with torch.autocast(device_type=flat_p.device.type, enabled=False):
-            update, new_state = self.lopt(self.graph, flat_p, flat_g, state)
+            update, new_state = self.lopt.step_no_grad(self.graph, flat_p, flat_g, state)
 
         finite = torch.isfinite(update)
         if not bool(finite.all()):
@@ -214,10 +217,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         if mask is not None:
             update = torch.where(mask, update, torch.zeros_like(update))
             for key in ("m", "v"):
-                keep = mask.unsqueeze(1) if new_state[key].dim() == 2 else mask
+                keep = mask.unsqueeze(0) if new_state[key].dim() == 2 else mask
                 new_state[key] = torch.where(keep, new_state[key], self._flat_state[key])
-        self._flat_state["m"].copy_(new_state["m"])
-        self._flat_state["v"].copy_(new_state["v"])
+        for key in ("m", "v"):
+            if new_state[key] is not self._flat_state[key]:
+                self._flat_state[key].copy_(new_state[key])
         group["step"] += 1
 
         chunks = update.split(self.graph.numels)

@@ -1,0 +1,85 @@
+"""The statistics pass of the chunked no-grad step.
+
+:func:`update_statistics_` computes what :mod:`l2o.features` computes, run by
+run and in place: it advances the momenta and second moment in the caller's
+state buffers and writes every entry's *unnormalised* features, feature-major,
+into a persistent ``[F, n]`` frame that the later passes read as strided views
+(no per-pass rebuilding). It returns each tensor's inverse feature RMS,
+``1 / (rms_k + eps)`` ``[T, F]``.
+
+Normalisation is never applied to the entries: since a run lies within one
+tensor ``k``, ``W (x / rms_k) = (W diag(1 / rms_k)) x``, so callers fold the
+per-tensor scale into their first layer's weights (:func:`fold_input_scale`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import features as F_
+from .plan import ChunkPlan
+
+NUM_FEATURES = F_.NUM_ENTRY_FEATURES
+_P, _G, _M0, _ADAM, _SQRT_V = 0, 1, 2, 2 + len(F_.MOMENTUM_BETAS), 3 + len(F_.MOMENTUM_BETAS)
+
+
+class StepConstants:
+    """Bias corrections of the step ``t`` (already incremented)."""
+
+    def __init__(self, t: float):
+        b1 = F_.MOMENTUM_BETAS[F_.ADAM_BETA1_INDEX]
+        self.m_scale = 1.0 / (1.0 - b1 ** t)
+        self.v_scale = 1.0 / (1.0 - F_.SECOND_MOMENT_BETA ** t)
+
+
+def _adam_(out: Tensor, m: Tensor, v: Tensor, c: StepConstants) -> Tensor:
+    """``out = m̂_0.9 / (sqrt(v̂) + eps)``, as :func:`l2o.features.adam_direction`."""
+    torch.mul(v, c.v_scale, out=out).add_(F_._SQRT_EPS).sqrt_().add_(F_.ADAM_EPS)
+    return torch.div(m[F_.ADAM_BETA1_INDEX], out, out=out).mul_(c.m_scale)
+
+
+def feature_frame(plan: ChunkPlan, lead_rows: int, device: torch.device) -> Tensor:
+    """The persistent ``[lead_rows + F, n]`` workspace: ``lead_rows`` rows for
+    the caller (the GMN keeps its edge states there, so ``[e; x]`` of a run is
+    one strided view), then the features written by :func:`update_statistics_`."""
+    return plan.scratch("frame", lead_rows + NUM_FEATURES, plan.num_params, device)
+
+
+def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
+                       x_all: Tensor) -> Tensor:
+    """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
+    is advanced too); writes the raw features into ``x_all`` ``[F, n]`` and
+    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step."""
+    device = params.device
+    betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
+    one_minus = F_._constant("one_minus_betas", tuple(1.0 - b for b in F_.MOMENTUM_BETAS), device).unsqueeze(1)
+    b2 = F_.SECOND_MOMENT_BETA
+    state["step"] = state["step"] + 1.0
+    c = StepConstants(float(state["step"]))
+    m_all, v_all = state["m"], state["v"]
+    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device)
+    for run in plan.stat_runs:
+        s, e = run.start, run.stop
+        g, m, v, x = grad[s:e], m_all[:, s:e], v_all[s:e], x_all[:, s:e]
+        m.mul_(betas).addcmul_(g.unsqueeze(0), one_minus)
+        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+        x[_P].copy_(params[s:e])
+        x[_G].copy_(g)
+        x[_M0:_ADAM].copy_(m)
+        _adam_(x[_ADAM], m, v, c)
+        torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
+        sums[run.tensor] += (x * x).sum(1)
+    counts = torch.tensor([b - a for a, b in plan.tensor_ranges], device=device, dtype=torch.float32).clamp(min=1)
+    rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()
+    return 1.0 / (rms + F_._RMS_EPS)
+
+
+def adam_row(x: Tensor) -> Tensor:
+    """The (unnormalised) Adam direction row of a feature block ``[F, L]``."""
+    return x[_ADAM]
+
+
+def fold_input_scale(weight: Tensor, inv_rms: Tensor) -> Tensor:
+    """``[T, out, F]``: a Linear's weight ``[out, F]`` with each tensor's
+    feature normalisation folded in."""
+    return weight.unsqueeze(0) * inv_rms.unsqueeze(1)

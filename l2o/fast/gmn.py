@@ -1,0 +1,158 @@
+"""Chunked no-grad step of the graph metanetwork (:class:`l2o.GMNLOpt`).
+
+The same function as ``GMNLOpt.forward``, reorganised into passes over the
+edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
+(``[width, run length]``) so the tiny matrix products stream over long rows:
+
+1. statistics (:func:`~l2o.fast.features.update_statistics_`);
+2. encode the edges and send the first round of messages: per run
+   ``e_0 = σ(W_f' x + static)``, ``m_1 = σ(W_1 e_0 + S h[src] + D h[dst] + b)``,
+   summed onto both end nodes, ``e_1 = e_0 + m_1`` kept in one persistent
+   ``[E, edge_dim]`` buffer (the only edge-sized tensor);
+3. one pass per further round, updating that buffer in place;
+4. read out: ``z = σ([A | B'] [e; x] + ...)``, ``(d, s) = H z`` and the
+   update, written straight into the output.
+
+Node updates between passes are the small ``GMNConv.update`` on all nodes.
+On a dense block (:mod:`l2o.graph.blocks`) a run is ``[groups, rows, cols]``:
+node terms broadcast along rows and columns and sums reduce along them, so
+no per-edge gather or scatter happens; other edges use plain index ops.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import features as F_
+from ..graph.blocks import edge_degree
+from ..graph.param_graph import ParamGraph
+from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
+from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
+
+
+class _NodeTerms:
+    """Adds ``S h[src] + D h[dst] + b`` to a run's ``[D, L]`` rows. On dense
+    runs the column term (with the bias) is gathered once per column table
+    and step; the row term is a broadcast along each row."""
+
+    def __init__(self, src_term: Tensor, dst_term: Tensor, bias: Tensor):
+        self.src_t, self.dst_t = src_term.t().contiguous(), dst_term.t().contiguous()
+        self.bias = bias.unsqueeze(1)
+        self._cols: dict[int, Tensor] = {}
+
+    def add_(self, z: Tensor, run: DenseRun | ScatterRun) -> None:
+        if isinstance(run, ScatterRun):
+            z += self.src_t.index_select(1, run.src)
+            z += self.dst_t.index_select(1, run.dst)
+            z += self.bias
+            return
+        d = z.shape[0]
+        row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
+        col = self._cols.get(id(run.col_nodes))
+        if col is None:
+            col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
+        z4 = z.view(d, run.groups, run.rows, run.cols)
+        z4 += col.view(d, run.groups, 1, run.cols)
+        z4 += row_t.index_select(1, run.row_nodes).view(d, run.groups, run.rows, 1)
+
+
+def _sum_to_ends_(m: Tensor, run: DenseRun | ScatterRun, acc_src: Tensor, acc_dst: Tensor) -> None:
+    """Add one run's messages ``[D, L]`` onto both end nodes (``acc_* [D, N]``)."""
+    if isinstance(run, ScatterRun):
+        acc_src.index_add_(1, run.src, m)
+        acc_dst.index_add_(1, run.dst, m)
+        return
+    d = m.shape[0]
+    acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
+    m4 = m.view(d, run.groups, run.rows, run.cols)
+    acc_row.index_add_(1, run.row_nodes, m4.sum(3).view(d, -1))
+    acc_col.index_add_(1, run.col_nodes, m4.sum(2).view(d, -1))
+
+
+class _StaticEdgeTerms:
+    """``E_kind[kind] + W_p pos + b`` of the edge encoder, per run; computed
+    once per block per step when kind and position depend on the column only."""
+
+    def __init__(self, lopt, graph: ParamGraph, bias: Tensor):
+        self.lopt, self.graph, self.bias, self._cache = lopt, graph, bias, {}
+
+    def _compute(self, kind: Tensor, pos: Tensor) -> Tensor:
+        term = self.lopt.edge_kind(kind) + self.bias
+        if bool(pos.any()):
+            term = term + self.lopt.edge_pos(pos)
+        return term.t()
+
+    def add_(self, e: Tensor, run: DenseRun | ScatterRun) -> None:
+        if isinstance(run, ScatterRun):
+            e += self._compute(run.edge_kind, run.edge_pos)
+            return
+        key = id(run.static_cols[0]) if run.static_cols is not None else None
+        if key is None:  # varies within a row: per-edge terms
+            g = self.graph
+            e += self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop])
+            return
+        if key not in self._cache:
+            self._cache[key] = self._compute(*run.static_cols)
+        d = e.shape[0]
+        e.view(d, run.groups * run.rows, run.cols).add_(self._cache[key].unsqueeze(1))
+
+
+@torch.no_grad()
+def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
+             state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+    plan = chunk_plan(graph)
+    dev = params.device
+    de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
+    # rows [0, de): edge states (edge columns only); rows [de, de + F): raw features
+    frame = feature_frame(plan, de, dev)
+    inv_rms = update_statistics_(plan, params, grad, state, frame[de:])
+    t = F_.time_features(state["step"])
+    update = torch.empty(plan.num_params, device=dev)
+
+    x_entry = (frame[de:, n_edges:].t() * inv_rms.index_select(0, graph.tensor_id[n_edges:]))  # [M, F]
+    h = lopt.encode_nodes(graph, x_entry, t)
+    w_enc = fold_input_scale(lopt.edge_feat.weight, inv_rms)                  # [T, De, F]
+    static = _StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(t))
+    deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
+    deg_dst = edge_degree(graph, "dst").clamp(min=1).unsqueeze(1)
+
+    for layer, conv in enumerate(lopt.convs):
+        node_terms = _NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias)
+        acc_src, acc_dst = h.new_zeros(de, n_nodes), h.new_zeros(de, n_nodes)
+        for run in plan.edge_runs:
+            s, e = run.start, run.stop
+            state_e = frame[:de, s:e]
+            if layer == 0:  # encode the edges of this run
+                enc = torch.mm(w_enc[run.tensor], frame[de:, s:e], out=plan.scratch("e", de, e - s, dev))
+                static.add_(enc, run)
+                enc.relu_()
+            else:
+                enc = state_e
+            m = torch.mm(conv.edge_lin.weight, enc, out=plan.scratch("m", de, e - s, dev))
+            node_terms.add_(m, run)
+            m.relu_()
+            _sum_to_ends_(m, run, acc_src, acc_dst)
+            if layer == 0:
+                torch.add(enc, m, out=state_e)
+            else:
+                state_e += m
+        h = conv.update((acc_dst.t() / deg_dst, acc_src.t() / deg_src), h)
+
+    # read out: one product over [e; x], with the normalisation folded into B
+    w_out = torch.cat([lopt.edge_out_e.weight.expand(graph.num_tensors, -1, -1),
+                       fold_input_scale(lopt.edge_out_x.weight, inv_rms)], dim=2)   # [T, H, De + F]
+    node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h), lopt.edge_out_e.bias + lopt.edge_out_time(t))
+    head_w, head_b = lopt.folded_head(lopt.edge_head)
+    for run in plan.edge_runs:
+        s, e = run.start, run.stop
+        z = torch.mm(w_out[run.tensor], frame[:, s:e], out=plan.scratch("z", lopt.hidden, e - s, dev))
+        node_terms.add_(z, run)
+        z.relu_()
+        out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
+        lopt.finish_update_(update[s:e], out[0], out[1], adam_row(frame[de:, s:e]))
+
+    if x_entry.shape[0]:
+        out = lopt.readout_entries(graph, x_entry, h, t, folded=True)
+        lopt.finish_update_(update[n_edges:], out[:, 0].contiguous(), out[:, 1].contiguous(),
+                            adam_row(frame[de:, n_edges:]))
+    return update, state

@@ -1,0 +1,144 @@
+"""How the chunked no-grad step walks a graph's flat entries.
+
+A :class:`ChunkPlan` cuts the flat parameter vector into runs of at most
+``chunk`` entries that never cross a tensor boundary (per-tensor statistics
+and weights apply to a whole run) and, on the edge part, never cut a row of a
+dense block (so the neuron fixed by the row is the same across a run's
+columns). Everything one run needs -- its node ids, its column positions --
+is sliced once here, so the per-step loops do no index arithmetic.
+
+Cache sizes, not FLOPs, set the chunk: on CPU the metanetwork's edge-sized
+intermediates are memory-bound, and a run of ~64k entries keeps every
+intermediate of one run in cache (``../PERF_NOTES.md`` in the design notes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..graph.blocks import EdgeBlock, edge_blocks
+from ..graph.param_graph import ParamGraph
+
+DEFAULT_CHUNK = 65_536
+
+
+@dataclass
+class DenseRun:
+    """Rows ``[groups, rows, cols]`` of one dense block (``groups`` > 1 only
+    when a run covers several whole groups of a grouped convolution)."""
+    start: int
+    stop: int
+    tensor: int
+    groups: int
+    rows: int
+    cols: int
+    row_end: str          # "dst" or "src": which end of an edge its row fixes
+    row_nodes: Tensor     # [groups * rows]
+    col_nodes: Tensor     # [groups * cols]
+    static_cols: tuple[Tensor, Tensor] | None  # (edge_kind [cols], edge_pos [cols, 2]) when they depend on the column only
+
+
+@dataclass
+class ScatterRun:
+    """Edges with no block pattern: per-edge gathers and scatters."""
+    start: int
+    stop: int
+    tensor: int
+    src: Tensor
+    dst: Tensor
+    edge_kind: Tensor
+    edge_pos: Tensor
+
+
+@dataclass
+class Run:
+    """Any flat range within one tensor (for the statistics pass)."""
+    start: int
+    stop: int
+    tensor: int
+
+
+def _column_static(graph: ParamGraph, b: EdgeBlock) -> tuple[Tensor, Tensor] | None:
+    kind = graph.edge_kind[b.start:b.stop].view(b.rows, b.cols)
+    pos = graph.edge_pos[b.start:b.stop].view(b.rows, b.cols, -1)
+    if bool((kind == kind[:1]).all()) and bool((pos == pos[:1]).all()):
+        return kind[0].clone(), pos[0].clone()
+    return None
+
+
+def _dense_runs(graph: ParamGraph, b: EdgeBlock, tensor: int, chunk: int) -> list[DenseRun]:
+    runs = []
+    per_group = b.rows // b.groups
+    col_nodes = b.col_nodes.view(b.groups, b.cols)
+    static = _column_static(graph, b)
+    rows_per_run = max(1, chunk // b.cols)
+    if rows_per_run >= per_group:   # whole groups per run
+        groups_per_run = rows_per_run // per_group
+        for g0 in range(0, b.groups, groups_per_run):
+            g1 = min(b.groups, g0 + groups_per_run)
+            start = b.start + g0 * per_group * b.cols
+            runs.append(DenseRun(start, start + (g1 - g0) * per_group * b.cols, tensor, g1 - g0, per_group, b.cols,
+                                 b.row_end, b.row_nodes[g0 * per_group:g1 * per_group],
+                                 col_nodes[g0:g1].reshape(-1), static))
+        return runs
+    for g in range(b.groups):        # several runs per group, sharing one column table
+        group_cols = col_nodes[g]
+        for r0 in range(0, per_group, rows_per_run):
+            r1 = min(per_group, r0 + rows_per_run)
+            row0 = g * per_group + r0
+            start = b.start + row0 * b.cols
+            runs.append(DenseRun(start, start + (r1 - r0) * b.cols, tensor, 1, r1 - r0, b.cols, b.row_end,
+                                 b.row_nodes[row0:row0 + r1 - r0], group_cols, static))
+    return runs
+
+
+def _ranges(start: int, stop: int, chunk: int):
+    for s in range(start, stop, chunk):
+        yield s, min(stop, s + chunk)
+
+
+class ChunkPlan:
+    """Runs over one graph's flat vector; build with :func:`chunk_plan`."""
+
+    def __init__(self, graph: ParamGraph, chunk: int = DEFAULT_CHUNK):
+        self.chunk = int(chunk)
+        self.num_edges = graph.num_edges
+        self.num_params = graph.num_params
+        self.num_tensors = graph.num_tensors
+        bounds = [0]
+        for n in graph.numels:
+            bounds.append(bounds[-1] + n)
+        self.tensor_ranges = list(zip(bounds[:-1], bounds[1:]))
+        self.stat_runs = [Run(s, e, k) for k, (a, b) in enumerate(self.tensor_ranges) for s, e in _ranges(a, b, chunk)]
+        self.edge_runs: list[DenseRun | ScatterRun] = []
+        for k, b in enumerate(edge_blocks(graph)):
+            if isinstance(b, EdgeBlock):
+                self.edge_runs.extend(_dense_runs(graph, b, k, chunk))
+                continue
+            for s, e in _ranges(b.start, b.stop, chunk):
+                self.edge_runs.append(ScatterRun(s, e, k, graph.edge_index[0, s:e], graph.edge_index[1, s:e],
+                                                 graph.edge_kind[s:e], graph.edge_pos[s:e]))
+        self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
+        self._buffers: dict[tuple, Tensor] = {}
+
+    def scratch(self, name: str, rows: int, length: int, device: torch.device) -> Tensor:
+        """A contiguous ``[rows, length]`` float32 view of a workspace that is
+        allocated once and reused (fresh large allocations cost page faults
+        on every step)."""
+        key = (name, device)
+        need = rows * max(length, self.max_run)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < need:
+            buf = self._buffers[key] = torch.empty(need, device=device)
+        return buf[: rows * length].view(rows, length)
+
+
+def chunk_plan(graph: ParamGraph, chunk: int = DEFAULT_CHUNK) -> ChunkPlan:
+    """The plan of ``graph`` (cached on it: the graph is static)."""
+    plan = getattr(graph, "_chunk_plan", None)
+    if plan is None or plan.chunk != chunk:
+        plan = ChunkPlan(graph, chunk)
+        graph._chunk_plan = plan
+    return plan
