@@ -58,6 +58,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def _all_finite(t: Tensor) -> bool:
+    """Whether every entry is finite. NaN and inf propagate through a sum, so a
+    finite sum settles it in one streaming reduction (isfinite is several
+    passes); only a sum that overflowed needs the exact check."""
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
 class LearnedOptimizerBase(torch.optim.Optimizer):
     """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout."""
 
@@ -166,7 +173,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         tensors skipped for non-finite gradients."""
         inactive = [g is None or not p.requires_grad for p, g in zip(self._flat_params, grads)]
         bad_names: list[str] = []
-        if not bool(torch.isfinite(flat_g).all()):
+        if not _all_finite(flat_g):
             per_tensor_bad = torch.zeros(self.graph.num_tensors, device=flat_g.device).index_add_(
                 0, self.graph.tensor_id, (~torch.isfinite(flat_g)).float())
             for k in per_tensor_bad.nonzero().flatten().tolist():
@@ -176,6 +183,15 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             return None, bad_names
         keep = torch.tensor([not x for x in inactive], device=flat_g.device)
         return keep.index_select(0, self.graph.tensor_id), bad_names
+
+    def _flat_buffer(self, name: str) -> Tensor:
+        """A persistent float32 vector over all entries: a fresh one per step
+        would cost page faults on large models."""
+        buffers = self.__dict__.setdefault("_flat_buffers", {})
+        device = self.graph.device
+        if name not in buffers or buffers[name].device != device:
+            buffers[name] = torch.empty(self.graph.num_params, device=device)
+        return buffers[name]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -190,7 +206,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                "(e.g. nn.Embedding(sparse=True)); use dense gradients")
         flat_g = torch.cat([g.reshape(-1).float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
-                            for p, g in zip(self._flat_params, grads)])
+                            for p, g in zip(self._flat_params, grads)], out=self._flat_buffer("grad"))
         mask, bad = self._active_mask(grads, flat_g)
         if bad:
             warnings.warn(f"{type(self).__name__}: non-finite gradient in {', '.join(bad)}; "
@@ -198,7 +214,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         if mask is not None and not bool(mask.any()):
             return loss
 
-        flat_p = torch.cat([p.detach().reshape(-1).float() for p in self._flat_params])
+        flat_p = torch.cat([p.detach().reshape(-1).float() for p in self._flat_params], out=self._flat_buffer("param"))
         if mask is not None:
             flat_g = torch.where(mask, flat_g, torch.zeros_like(flat_g))
         group = self.param_groups[0]
@@ -209,8 +225,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         with torch.autocast(device_type=flat_p.device.type, enabled=False):
             update, new_state = self.lopt.step_no_grad(self.graph, flat_p, flat_g, state)
 
-        finite = torch.isfinite(update)
-        if not bool(finite.all()):
+        if not _all_finite(update):
+            finite = torch.isfinite(update)
             warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
                           "those entries were not changed", RuntimeWarning, stacklevel=3)
             mask = finite if mask is None else mask & finite

@@ -28,14 +28,19 @@ class StepConstants:
 
     def __init__(self, t: float):
         b1 = F_.MOMENTUM_BETAS[F_.ADAM_BETA1_INDEX]
-        self.m_scale = 1.0 / (1.0 - b1 ** t)
-        self.v_scale = 1.0 / (1.0 - F_.SECOND_MOMENT_BETA ** t)
+        m_scale = 1.0 / (1.0 - b1 ** t)
+        v_scale = 1.0 / (1.0 - F_.SECOND_MOMENT_BETA ** t)
+        # m̂ / (sqrt(v̂) + eps) == (m_scale / sqrt(v_scale)) m / (sqrt(v) + eps / sqrt(v_scale)),
+        # so the Adam row reuses the sqrt(v) feature (the 1e-30 inside the root
+        # moves by a factor v_scale: far below float32 resolution next to eps)
+        self.adam_scale = m_scale / v_scale ** 0.5
+        self.adam_eps = F_.ADAM_EPS / v_scale ** 0.5
 
 
-def _adam_(out: Tensor, m: Tensor, v: Tensor, c: StepConstants) -> Tensor:
+def _adam_(out: Tensor, m: Tensor, sqrt_v: Tensor, c: StepConstants) -> Tensor:
     """``out = m̂_0.9 / (sqrt(v̂) + eps)``, as :func:`l2o.features.adam_direction`."""
-    torch.mul(v, c.v_scale, out=out).add_(F_._SQRT_EPS).sqrt_().add_(F_.ADAM_EPS)
-    return torch.div(m[F_.ADAM_BETA1_INDEX], out, out=out).mul_(c.m_scale)
+    torch.add(sqrt_v, c.adam_eps, out=out)
+    return torch.div(m[F_.ADAM_BETA1_INDEX], out, out=out).mul_(c.adam_scale)
 
 
 def feature_frame(plan: ChunkPlan, lead_rows: int, device: torch.device) -> Tensor:
@@ -66,9 +71,9 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         x[_P].copy_(params[s:e])
         x[_G].copy_(g)
         x[_M0:_ADAM].copy_(m)
-        _adam_(x[_ADAM], m, v, c)
         torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
-        sums[run.tensor] += (x * x).sum(1)
+        _adam_(x[_ADAM], m, x[_SQRT_V], c)
+        sums[run.tensor] += torch.linalg.vector_norm(x, dim=1).square_()
     counts = torch.tensor([b - a for a, b in plan.tensor_ranges], device=device, dtype=torch.float32).clamp(min=1)
     rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()
     return 1.0 / (rms + F_._RMS_EPS)

@@ -31,29 +31,32 @@ from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 
 class _NodeTerms:
-    """Adds ``S h[src] + D h[dst] + b`` to a run's ``[D, L]`` rows. On dense
-    runs the column term (with the bias) is gathered once per column table
-    and step; the row term is a broadcast along each row."""
+    """``S h[src] + D h[dst] + b`` of one run, written into its ``[D, L]``
+    output buffer before the product is accumulated onto it (``addmm_``):
+    one pass over the run instead of a product plus two broadcast adds. On
+    dense runs the column term (with the bias) is gathered once per column
+    table and step, the row term is broadcast along each row."""
 
     def __init__(self, src_term: Tensor, dst_term: Tensor, bias: Tensor):
         self.src_t, self.dst_t = src_term.t().contiguous(), dst_term.t().contiguous()
         self.bias = bias.unsqueeze(1)
         self._cols: dict[int, Tensor] = {}
 
-    def add_(self, z: Tensor, run: DenseRun | ScatterRun) -> None:
+    def linear(self, out: Tensor, weight: Tensor, inp: Tensor, run: DenseRun | ScatterRun) -> Tensor:
+        """``out = weight @ inp + node terms`` (``out`` ``[D, L]``)."""
         if isinstance(run, ScatterRun):
-            z += self.src_t.index_select(1, run.src)
-            z += self.dst_t.index_select(1, run.dst)
-            z += self.bias
-            return
-        d = z.shape[0]
-        row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
-        col = self._cols.get(id(run.col_nodes))
-        if col is None:
-            col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
-        z4 = z.view(d, run.groups, run.rows, run.cols)
-        z4 += col.view(d, run.groups, 1, run.cols)
-        z4 += row_t.index_select(1, run.row_nodes).view(d, run.groups, run.rows, 1)
+            torch.add(self.src_t.index_select(1, run.src), self.dst_t.index_select(1, run.dst), out=out)
+            out += self.bias
+        else:
+            d = out.shape[0]
+            row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
+            col = self._cols.get(id(run.col_nodes))
+            if col is None:
+                col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
+            torch.add(col.view(d, run.groups, 1, run.cols),
+                      row_t.index_select(1, run.row_nodes).view(d, run.groups, run.rows, 1),
+                      out=out.view(d, run.groups, run.rows, run.cols))
+        return out.addmm_(weight, inp)
 
 
 def _sum_to_ends_(m: Tensor, run: DenseRun | ScatterRun, acc_src: Tensor, acc_dst: Tensor) -> None:
@@ -82,19 +85,20 @@ class _StaticEdgeTerms:
             term = term + self.lopt.edge_pos(pos)
         return term.t()
 
-    def add_(self, e: Tensor, run: DenseRun | ScatterRun) -> None:
+    def linear(self, out: Tensor, weight: Tensor, inp: Tensor, run: DenseRun | ScatterRun) -> Tensor:
+        """``out = weight @ inp + static terms`` (``out`` ``[D, L]``)."""
         if isinstance(run, ScatterRun):
-            e += self._compute(run.edge_kind, run.edge_pos)
-            return
-        key = id(run.static_cols[0]) if run.static_cols is not None else None
-        if key is None:  # varies within a row: per-edge terms
+            out.copy_(self._compute(run.edge_kind, run.edge_pos))
+        elif run.static_cols is None:  # varies within a row: per-edge terms
             g = self.graph
-            e += self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop])
-            return
-        if key not in self._cache:
-            self._cache[key] = self._compute(*run.static_cols)
-        d = e.shape[0]
-        e.view(d, run.groups * run.rows, run.cols).add_(self._cache[key].unsqueeze(1))
+            out.copy_(self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop]))
+        else:
+            key = id(run.static_cols[0])
+            if key not in self._cache:
+                self._cache[key] = self._compute(*run.static_cols)
+            d = out.shape[0]
+            out.view(d, run.groups * run.rows, run.cols).copy_(self._cache[key].unsqueeze(1))
+        return out.addmm_(weight, inp)
 
 
 @torch.no_grad()
@@ -107,7 +111,7 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     frame = feature_frame(plan, de, dev)
     inv_rms = update_statistics_(plan, params, grad, state, frame[de:])
     t = F_.time_features(state["step"])
-    update = torch.empty(plan.num_params, device=dev)
+    update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step
 
     x_entry = (frame[de:, n_edges:].t() * inv_rms.index_select(0, graph.tensor_id[n_edges:]))  # [M, F]
     h = lopt.encode_nodes(graph, x_entry, t)
@@ -123,14 +127,10 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
             s, e = run.start, run.stop
             state_e = frame[:de, s:e]
             if layer == 0:  # encode the edges of this run
-                enc = torch.mm(w_enc[run.tensor], frame[de:, s:e], out=plan.scratch("e", de, e - s, dev))
-                static.add_(enc, run)
-                enc.relu_()
+                enc = static.linear(plan.scratch("e", de, e - s, dev), w_enc[run.tensor], frame[de:, s:e], run).relu_()
             else:
                 enc = state_e
-            m = torch.mm(conv.edge_lin.weight, enc, out=plan.scratch("m", de, e - s, dev))
-            node_terms.add_(m, run)
-            m.relu_()
+            m = node_terms.linear(plan.scratch("m", de, e - s, dev), conv.edge_lin.weight, enc, run).relu_()
             _sum_to_ends_(m, run, acc_src, acc_dst)
             if layer == 0:
                 torch.add(enc, m, out=state_e)
@@ -145,9 +145,7 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     head_w, head_b = lopt.folded_head(lopt.edge_head)
     for run in plan.edge_runs:
         s, e = run.start, run.stop
-        z = torch.mm(w_out[run.tensor], frame[:, s:e], out=plan.scratch("z", lopt.hidden, e - s, dev))
-        node_terms.add_(z, run)
-        z.relu_()
+        z = node_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], frame[:, s:e], run).relu_()
         out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
         lopt.finish_update_(update[s:e], out[0], out[1], adam_row(frame[de:, s:e]))
 

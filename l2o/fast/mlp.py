@@ -30,7 +30,7 @@ def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     b_mid = lopt.mid.bias.unsqueeze(1)
     w_out, b_out = lopt.folded_head(lopt.out)
     hidden = lopt.hidden
-    update = torch.empty(plan.num_params, device=dev)
+    update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step
     for run in plan.stat_runs:
         s, e = run.start, run.stop
         x = x_all[:, s:e]
