@@ -102,7 +102,9 @@ def _ranges(start: int, stop: int, chunk: int):
 class ChunkPlan:
     """Runs over one graph's flat vector; build with :func:`chunk_plan`."""
 
-    def __init__(self, graph: ParamGraph, chunk: int = DEFAULT_CHUNK):
+    def __init__(self, graph: ParamGraph, chunk: int):
+        if chunk < 1:
+            raise ValueError(f"chunk must be positive, got {chunk}")
         self.chunk = int(chunk)
         self.num_edges = graph.num_edges
         self.num_params = graph.num_params
@@ -135,8 +137,10 @@ class ChunkPlan:
         return buf[: rows * length].view(rows, length)
 
 
-def chunk_plan(graph: ParamGraph, chunk: int = DEFAULT_CHUNK) -> ChunkPlan:
-    """The plan of ``graph`` (cached on it: the graph is static)."""
+def chunk_plan(graph: ParamGraph, chunk: int | None = None) -> ChunkPlan:
+    """The plan of ``graph`` (cached on it: the graph is static); ``chunk``
+    defaults to ``DEFAULT_CHUNK``."""
+    chunk = DEFAULT_CHUNK if chunk is None else chunk
     plan = getattr(graph, "_chunk_plan", None)
     if plan is None or plan.chunk != chunk:
         plan = ChunkPlan(graph, chunk)

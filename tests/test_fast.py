@@ -1,0 +1,175 @@
+"""The chunked no-grad step (l2o/fast) computes what the differentiable forward computes."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import l2o
+from l2o import fast
+from l2o.fast import plan as plan_mod
+from l2o.fast.gmn import gmn_step
+from l2o.fast.mlp import mlp_step
+from l2o.graph.blocks import ScatterBlock, edge_blocks
+from l2o.layout import tensor_layout
+
+MODELS = {
+    "mlp": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), None),
+    # grouped and depthwise convs, then a flatten: edge positions vary along a row
+    "grouped_conv1d": (lambda: nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.ReLU(), nn.Conv1d(8, 8, 3, groups=8),
+                                             nn.Flatten(), nn.Linear(8 * 4, 3)), (torch.randn(2, 4, 8),)),
+    "conv2d_bn": (lambda: nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
+                                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+                  (torch.randn(2, 3, 6, 6),)),
+    "embedding_transformer": (lambda: nn.Sequential(nn.Embedding(11, 16),
+                                                    nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)),
+                              (torch.randint(0, 11, (2, 5)),)),
+    "conv_transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.ReLU(), nn.Conv2d(6, 2, 1)),
+                       (torch.randn(2, 4, 5, 5),)),
+}
+
+
+@pytest.fixture(params=[5, 37, 10**6], ids=["chunk5", "chunk37", "one_run"])
+def chunk(request, monkeypatch):
+    """Tiny chunks force runs of single rows, several runs per group and per
+    tensor; a huge one puts each tensor in one run."""
+    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", request.param)
+    return request.param
+
+
+def _scrambled(lopt, seed: int = 0):
+    """Weights away from the near-zero output init, so every path matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return lopt.requires_grad_(False)
+
+
+def _random_state(lopt, flat, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    state = lopt.init_state(flat)
+    state["m"] = torch.randn(state["m"].shape, generator=g)
+    state["v"] = torch.rand(state["v"].shape, generator=g)
+    grad = torch.randn(flat.shape, generator=g)
+    # entries with (almost) no gradient history, where Adam's eps matters
+    state["v"][::7], grad[::7] = 1e-18, 0.0
+    state["v"][::11], state["m"][:, ::11], grad[::11] = 0.0, 0.0, 0.0
+    state["step"] = torch.tensor(4.0)
+    return state, grad
+
+
+def _compare(lopt, fast_step, graph, flat):
+    state, grad = _random_state(lopt, flat)
+    with torch.no_grad():
+        expected, expected_state = lopt(graph, flat, grad, {k: v.clone() for k, v in state.items()})
+    got, got_state = fast_step(lopt, graph, flat, grad, {k: v.clone() for k, v in state.items()})
+    scale = expected.abs().max()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(scale))
+    for key in ("m", "v", "step"):
+        torch.testing.assert_close(got_state[key], expected_state[key])
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_gmn_fast_step_equals_forward(name, chunk):
+    torch.manual_seed(0)
+    make, example = MODELS[name]
+    model = make()
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+
+@pytest.mark.parametrize("name", ["mlp", "embedding_transformer"])
+def test_mlp_fast_step_equals_forward(name, chunk):
+    torch.manual_seed(0)
+    make, example = MODELS[name]
+    model = make()
+    layout = tensor_layout([p.shape for p in model.parameters()])
+    flat = layout.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.MLPLOpt()), mlp_step, layout, flat)
+
+
+def test_irregular_edges_take_the_scatter_runs(chunk):
+    graph = l2o.build_graph(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
+    graph.edge_index = graph.edge_index.clone()
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    graph.edge_index[1, :12] = graph.edge_index[1, :12][perm]  # no block pattern left in the first layer
+    assert isinstance(edge_blocks(graph)[0], ScatterBlock)
+    flat = torch.randn(graph.num_params)
+    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+
+def test_plan_runs_tile_the_flat_vector(chunk):
+    make, example = MODELS["grouped_conv1d"]
+    graph = l2o.build_graph(make(), example)
+    p = plan_mod.chunk_plan(graph)
+    edges = sorted((r.start, r.stop) for r in p.edge_runs)
+    assert edges[0][0] == 0 and edges[-1][1] == graph.num_edges
+    assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
+    stats = [(r.start, r.stop) for r in p.stat_runs]
+    assert stats[0][0] == 0 and stats[-1][1] == graph.num_params
+    assert all(a[1] == b[0] for a, b in zip(stats, stats[1:]))
+    for r in p.stat_runs + p.edge_runs:
+        assert r.stop - r.start <= max(chunk, max(b.cols for b in edge_blocks(graph) if hasattr(b, "cols")))
+        lo, hi = p.tensor_ranges[r.tensor]
+        assert lo <= r.start < r.stop <= hi
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [l2o.GMNOptimizer, l2o.MLPOptimizer])
+def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4))
+    model[2].weight.requires_grad_(False)  # a frozen tensor: never moves
+    frozen = model[2].weight.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(3)]
+
+    results = {}
+    for path, threshold in (("reference", 10**12), ("fast", 0)):
+        monkeypatch.setattr(fast, "FAST_MIN_PARAMS", threshold)
+        m = copy.deepcopy(model)
+        opt = cls(m)  # the shipped weights: a realistic trajectory, not a chaotic one
+        _train(m, opt, batches)
+        results[path] = (m, opt)
+    (m_ref, opt_ref), (m_fast, opt_fast) = results["reference"], results["fast"]
+    for a, b in zip(m_ref.parameters(), m_fast.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    for key in ("m", "v"):
+        torch.testing.assert_close(opt_fast._flat_state[key], opt_ref._flat_state[key])
+    assert torch.equal(m_fast[2].weight, frozen)
+
+
+def test_fast_path_skips_a_nan_tensor_and_keeps_its_statistics(monkeypatch):
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    opt = l2o.GMNOptimizer(model, weights=_scrambled(l2o.GMNLOpt()))
+    _train(model, opt, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))])
+    before = [p.detach().clone() for p in model.parameters()]
+    state_before = {k: v.clone() for k, v in opt._flat_state.items()}
+    F.cross_entropy(model(torch.randn(4, 6)), torch.randint(0, 3, (4,))).backward()
+    model[0].weight.grad[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"0\.weight"):
+        opt.step()
+    assert torch.equal(model[0].weight, before[0])
+    assert not torch.equal(model[2].weight, before[2])
+    sel = opt.graph.tensor_id == opt.graph.flat_order.index(0)
+    assert torch.equal(opt._flat_state["v"][sel], state_before["v"][sel])
+    assert torch.equal(opt._flat_state["m"][:, sel], state_before["m"][:, sel])
+    for v in opt._flat_state.values():
+        assert torch.isfinite(v).all()
+
+
+def test_fast_path_is_used_only_for_large_cpu_models():
+    assert fast.use_fast_path(fast.FAST_MIN_PARAMS, "cpu")
+    assert not fast.use_fast_path(fast.FAST_MIN_PARAMS - 1, "cpu")
+    assert not fast.use_fast_path(10**9, "cuda:0")
