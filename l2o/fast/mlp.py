@@ -1,10 +1,15 @@
 """Chunked no-grad step of the graph-free baseline (:class:`l2o.MLPLOpt`).
 
-Per run of entries of tensor ``k``, feature-major:
+Per run of entries of tensor ``k``:
 
 .. math::
     z_1 = \\sigma\\big((W_1 \\operatorname{diag}(1/\\mathrm{rms}_k))\\,x + b_1 + U t\\big),\\quad
     z_2 = \\sigma(W_2 z_1 + b_2),\\quad (d, s) = W_3 z_2 + b_3
+
+The hidden activations are entry-major (``[L, H]``): for a square hidden
+layer MKL's GEMM is ~1.5x faster in that orientation than feature-major,
+while the features (read from the frame) and the two outputs stay
+feature-major rows. Runs are half the GMN's so ``z_1``/``z_2`` stay in cache.
 """
 from __future__ import annotations
 
@@ -13,29 +18,30 @@ from torch import Tensor
 
 from .. import features as F_
 from ..graph.param_graph import ParamGraph
-from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
+from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
+from . import plan as plan_module
 from .plan import chunk_plan
 
 
 @torch.no_grad()
 def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    plan = chunk_plan(graph)
+    plan = chunk_plan(graph, max(1, plan_module.DEFAULT_CHUNK // 2))
     dev = params.device
     x_all = feature_frame(plan, 0, dev)
     inv_rms = update_statistics_(plan, params, grad, state, x_all)
     t = F_.time_features(state["step"])
-    w_in = fold_input_scale(lopt.inp.weight, inv_rms)                 # [T, H, F]
-    b_in = (lopt.inp.bias + lopt.time(t)).unsqueeze(1)                 # [H, 1]
-    b_mid = lopt.mid.bias.unsqueeze(1)
+    w_in = fold_input_scale(lopt.inp.weight, inv_rms).transpose(1, 2)   # [T, F, H]
+    b_in = lopt.inp.bias + lopt.time(t)                                  # [H]
+    w_mid = lopt.mid.weight.t()
     w_out, b_out = lopt.folded_head(lopt.out)
     hidden = lopt.hidden
     update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step
     for run in plan.stat_runs:
         s, e = run.start, run.stop
         x = x_all[:, s:e]
-        z1 = torch.addmm(b_in, w_in[run.tensor], x, out=plan.scratch("z1", hidden, e - s, dev)).relu_()
-        z2 = torch.addmm(b_mid, lopt.mid.weight, z1, out=plan.scratch("z2", hidden, e - s, dev)).relu_()
-        out = torch.addmm(b_out, w_out, z2, out=plan.scratch("out", 2, e - s, dev))
+        z1 = torch.addmm(b_in, x.t(), w_in[run.tensor], out=plan.scratch("z1", e - s, hidden, dev)).relu_()
+        z2 = torch.addmm(lopt.mid.bias, z1, w_mid, out=plan.scratch("z2", e - s, hidden, dev)).relu_()
+        out = torch.addmm(b_out, w_out, z2.t(), out=plan.scratch("out", 2, e - s, dev))
         lopt.finish_update_(update[s:e], out[0], out[1], adam_row(x))
     return update, state
