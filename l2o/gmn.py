@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .fast import use_fast_path
-from .fast.gmn import gmn_step
+from .fast.features import frame_views
+from .fast.gmn import gmn_frame, gmn_step
 from .gmn_conv import GMNConv
 from .graph.blocks import add_node_terms_, entry_count
 from .graph.param_graph import NUM_EDGE_KINDS, NUM_ENTRY_KINDS, NUM_NODE_TYPES, NodeType, ParamGraph
@@ -131,6 +132,11 @@ class GMNLOpt(LearnedOptimizer):
             weight, bias = self.folded_head(self.entry_head)
             return torch.addmm(bias.t(), z_entry, weight.t())
         return self.entry_head(z_entry)
+
+    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+        if not use_fast_path(graph.num_params, device):
+            return None
+        return frame_views(gmn_frame(self, graph, device)[1][self.edge_dim:])
 
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -93,6 +93,13 @@ class LearnedOptimizer(nn.Module):
         scale = head.weight.new_tensor([-self.out_scale * math.exp(-c), 2.0 / c]).unsqueeze(1)
         return head.weight * scale, (head.bias.unsqueeze(1) * scale)
 
+    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+        """Where an optimizer should keep its flat parameters, gradients and
+        momenta so that :meth:`step_no_grad` reads them without a copy
+        (views into the chunked step's workspace, see
+        :func:`l2o.fast.features.frame_views`); ``None`` when that step is not used."""
+        return None
+
     def finish_update_(self, out: Tensor, direction: Tensor, log_step: Tensor, adam: Tensor) -> Tensor:
         """``forward``'s final formula, in place, from the outputs of
         :meth:`folded_head`; writes the update into ``out`` (``log_step`` is

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .fast import use_fast_path
-from .fast.mlp import mlp_step
+from .fast.features import frame_views
+from .fast.mlp import mlp_frame, mlp_step
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .graph.param_graph import ParamGraph
 from .lopt import LearnedOptimizer, small_init_
@@ -44,6 +46,11 @@ class MLPLOpt(LearnedOptimizer):
         z += self.time(t)
         z = self.mid(z.relu_())
         return self.out(z.relu_())
+
+    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+        if not use_fast_path(graph.num_params, device):
+            return None
+        return frame_views(mlp_frame(graph, device)[1])
 
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -93,7 +93,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self._flat_params = [params[i] for i in graph.flat_order]
         self._flat_state = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
         self.param_groups[0].setdefault("step", 0)
-        self._point_state_views()
+        self._adopt_frame()
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_ready", False):
@@ -111,10 +111,22 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             # m: [num_momenta, *p.shape], a view into the feature-major flat buffer
             self.state[p] = {"m": m.unflatten(1, p.shape), "v": v.view(p.shape)}
 
+    def _adopt_frame(self) -> None:
+        """Keep the flat params, grads and momenta where the learned
+        optimizer's no-grad step reads them (saves a copy of each per step on
+        large models); then point ``self.state`` at the momenta."""
+        self._frame = self.lopt.frame_views(self.graph, self.graph.device)
+        if self._frame is not None:
+            self._frame["m"].copy_(self._flat_state["m"])
+            self._flat_state["m"] = self._frame["m"]
+        self._point_state_views()
+
     def state_dict(self) -> dict:
         # The metanetwork's weights travel with the state, so a restored
         # optimizer continues identically even when it was built with weights=None.
         sd = super().state_dict()
+        # m may be a view into a larger workspace, which torch.save would write whole
+        sd["state"] = {k: {**v, "m": v["m"].clone()} if "m" in v else v for k, v in sd["state"].items()}
         sd["lopt"] = {"kind": self.lopt.kind, "config": self.lopt.config(),
                       "weights": {k: v.detach().clone() for k, v in self.lopt.state_dict().items()}}
         return sd
@@ -142,7 +154,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._flat_state = {key: v.to(device=device, dtype=torch.float32) for key, v in flat.items()}
         self._flat_state["step"] = torch.tensor(float(self.param_groups[0]["step"]), device=device)
-        self._point_state_views()
+        self._adopt_frame()
 
     # ----------------------------------------------------------------- step
     def _sync_device(self) -> None:
@@ -154,7 +166,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self.graph = self.graph.to(device)
         self.lopt = self.lopt.to(device)
         self._flat_state = {k: v.to(device) for k, v in self._flat_state.items()}
-        self._point_state_views()
+        self._adopt_frame()
 
     def _check_unchanged(self) -> None:
         model = self._model_ref() if self._model_ref is not None else None
@@ -170,13 +182,17 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
 
     def _active_mask(self, grads: list[Tensor | None], flat_g: Tensor) -> tuple[Tensor | None, list[str]]:
         """Per-entry bool mask of entries to update (None: all), and names of
-        tensors skipped for non-finite gradients."""
+        tensors skipped for non-finite (or square-overflowing) gradients."""
         inactive = [g is None or not p.requires_grad for p, g in zip(self._flat_params, grads)]
         bad_names: list[str] = []
-        if not _all_finite(flat_g):
-            per_tensor_bad = torch.zeros(self.graph.num_tensors, device=flat_g.device).index_add_(
-                0, self.graph.tensor_id, (~torch.isfinite(flat_g)).float())
-            for k in per_tensor_bad.nonzero().flatten().tolist():
+        # A square that overflows float32 poisons the second moment and the
+        # tensor's feature RMS as surely as a NaN does (and message passing would
+        # spread it to every tensor), so a tensor whose sum of squares is not
+        # finite is skipped; one norm settles the common case where none is.
+        if not bool(torch.isfinite(torch.linalg.vector_norm(flat_g))):
+            sq_sums = torch.zeros(self.graph.num_tensors, device=flat_g.device).index_add_(
+                0, self.graph.tensor_id, flat_g * flat_g)
+            for k in (~torch.isfinite(sq_sums)).nonzero().flatten().tolist():
                 inactive[k] = True
                 bad_names.append(self.graph.param_names[self.graph.flat_order[k]])
         if not any(inactive):
@@ -187,6 +203,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     def _flat_buffer(self, name: str) -> Tensor:
         """A persistent float32 vector over all entries: a fresh one per step
         would cost page faults on large models."""
+        if self._frame is not None:
+            return self._frame[name]
         buffers = self.__dict__.setdefault("_flat_buffers", {})
         device = self.graph.device
         if name not in buffers or buffers[name].device != device:
@@ -209,7 +227,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                             for p, g in zip(self._flat_params, grads)], out=self._flat_buffer("grad"))
         mask, bad = self._active_mask(grads, flat_g)
         if bad:
-            warnings.warn(f"{type(self).__name__}: non-finite gradient in {', '.join(bad)}; "
+            warnings.warn(f"{type(self).__name__}: non-finite gradient (or one whose square overflows float32) "
+                          f"in {', '.join(bad)}; "
                           "skipped the update of these tensors this step", RuntimeWarning, stacklevel=3)
         if mask is not None and not bool(mask.any()):
             return loss
@@ -219,12 +238,16 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             flat_g = torch.where(mask, flat_g, torch.zeros_like(flat_g))
         group = self.param_groups[0]
         state = dict(self._flat_state, step=torch.tensor(float(group["step"]), device=flat_p.device))
-        if mask is not None:  # step_no_grad may update in place: keep the skipped tensors' statistics
-            state.update(m=state["m"].clone(), v=state["v"].clone())
+        # step_no_grad may update the statistics in place: keep what skipped tensors must get back
+        before = {k: self._flat_state[k].clone() for k in ("m", "v")} if mask is not None else None
         # the metanetwork always runs in float32, even inside a caller's autocast region
         with torch.autocast(device_type=flat_p.device.type, enabled=False):
             update, new_state = self.lopt.step_no_grad(self.graph, flat_p, flat_g, state)
 
+        if mask is not None:  # skipped tensors keep their statistics
+            for key in ("m", "v"):
+                keep = mask.unsqueeze(0) if new_state[key].dim() == 2 else mask
+                new_state[key] = torch.where(keep, new_state[key], before[key])
         if not _all_finite(update):
             finite = torch.isfinite(update)
             warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
@@ -232,9 +255,6 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             mask = finite if mask is None else mask & finite
         if mask is not None:
             update = torch.where(mask, update, torch.zeros_like(update))
-            for key in ("m", "v"):
-                keep = mask.unsqueeze(0) if new_state[key].dim() == 2 else mask
-                new_state[key] = torch.where(keep, new_state[key], self._flat_state[key])
         for key in ("m", "v"):
             if new_state[key] is not self._flat_state[key]:
                 self._flat_state[key].copy_(new_state[key])

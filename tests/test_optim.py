@@ -371,3 +371,41 @@ def test_step_inside_autocast_matches_float32_step():
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
+def test_gradient_whose_square_overflows_skips_its_tensor(fast_path, monkeypatch):
+    from l2o import fast
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
+    model = mlp()
+    opt = l2o.GMNOptimizer(model, weights=None)
+    train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    model[0].weight.grad[0, 0] = 3e38  # finite, but its square would make v and the feature RMS inf
+    with pytest.warns(RuntimeWarning, match=r"overflows float32\) in 0\.weight"):
+        opt.step()
+    after = list(model.parameters())
+    assert torch.equal(after[0], before[0])
+    assert not torch.equal(after[2], before[2])  # the rest still trained
+    for v in opt._flat_state.values():
+        assert torch.isfinite(v).all()
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
+def test_non_finite_updates_are_dropped(fast_path, monkeypatch):
+    from l2o import fast
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
+    model = mlp()
+    lopt = l2o.GMNLOpt()
+    with torch.no_grad():
+        lopt.log_nominal.fill_(100.0)  # exp(100) overflows float32: every update is inf or NaN
+    opt = l2o.GMNOptimizer(model, weights=lopt)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+    with pytest.warns(RuntimeWarning, match="non-finite updates"):
+        opt.step()
+    for a, b in zip(model.parameters(), before):
+        assert torch.equal(a, b)
+    for v in opt._flat_state.values():
+        assert torch.isfinite(v).all()

@@ -50,6 +50,17 @@ def feature_frame(plan: ChunkPlan, lead_rows: int, device: torch.device) -> Tens
     return plan.scratch("frame", lead_rows + NUM_FEATURES, plan.num_params, device)
 
 
+def frame_views(x_all: Tensor) -> dict[str, Tensor]:
+    """Rows of a feature block ``[F, n]`` where a caller may keep the flat
+    parameters (``"param"``), gradients (``"grad"``) and momenta (``"m"``,
+    ``[num_momenta, n]``) so that :func:`update_statistics_` need not copy them."""
+    return {"param": x_all[_P], "grad": x_all[_G], "m": x_all[_M0:_ADAM]}
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
 def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
                        x_all: Tensor) -> Tensor:
     """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
@@ -62,15 +73,21 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
     state["step"] = state["step"] + 1.0
     c = StepConstants(float(state["step"]))
     m_all, v_all = state["m"], state["v"]
+    # inputs the optimizer already keeps in the frame (frame_views) need no copy
+    copy_p, copy_g, copy_m = (not _same(a, b) for a, b in ((params, x_all[_P]), (grad, x_all[_G]),
+                                                           (m_all, x_all[_M0:_ADAM])))
     sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device)
     for run in plan.stat_runs:
         s, e = run.start, run.stop
         g, m, v, x = grad[s:e], m_all[:, s:e], v_all[s:e], x_all[:, s:e]
         m.mul_(betas).addcmul_(g.unsqueeze(0), one_minus)
         v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        x[_P].copy_(params[s:e])
-        x[_G].copy_(g)
-        x[_M0:_ADAM].copy_(m)
+        if copy_p:
+            x[_P].copy_(params[s:e])
+        if copy_g:
+            x[_G].copy_(g)
+        if copy_m:
+            x[_M0:_ADAM].copy_(m)
         torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
         _adam_(x[_ADAM], m, x[_SQRT_V], c)
         sums[run.tensor] += torch.linalg.vector_norm(x, dim=1).square_()

@@ -101,14 +101,19 @@ class _StaticEdgeTerms:
         return out.addmm_(weight, inp)
 
 
+def gmn_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
+    """The plan and persistent frame of :func:`gmn_step`: rows ``[0, edge_dim)``
+    edge states (edge columns only), then the raw features."""
+    plan = chunk_plan(graph)
+    return plan, feature_frame(plan, lopt.edge_dim, device)
+
+
 @torch.no_grad()
 def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    plan = chunk_plan(graph)
     dev = params.device
+    plan, frame = gmn_frame(lopt, graph, dev)
     de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
-    # rows [0, de): edge states (edge columns only); rows [de, de + F): raw features
-    frame = feature_frame(plan, de, dev)
     inv_rms = update_statistics_(plan, params, grad, state, frame[de:])
     t = F_.time_features(state["step"])
     update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step

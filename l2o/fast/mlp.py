@@ -20,15 +20,20 @@ from .. import features as F_
 from ..graph.param_graph import ParamGraph
 from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
 from . import plan as plan_module
-from .plan import chunk_plan
+from .plan import ChunkPlan, chunk_plan
+
+
+def mlp_frame(graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
+    """The plan and persistent feature frame of :func:`mlp_step`."""
+    plan = chunk_plan(graph, max(1, plan_module.DEFAULT_CHUNK // 2))
+    return plan, feature_frame(plan, 0, device)
 
 
 @torch.no_grad()
 def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    plan = chunk_plan(graph, max(1, plan_module.DEFAULT_CHUNK // 2))
     dev = params.device
-    x_all = feature_frame(plan, 0, dev)
+    plan, x_all = mlp_frame(graph, dev)
     inv_rms = update_statistics_(plan, params, grad, state, x_all)
     t = F_.time_features(state["step"])
     w_in = fold_input_scale(lopt.inp.weight, inv_rms).transpose(1, 2)   # [T, F, H]
