@@ -12,7 +12,7 @@ from .plan import ChunkPlan, chunk_plan
 
 # Below this many parameters the per-run Python loop costs more than the
 # memory traffic it saves (small models are dominated by per-op overhead).
-FAST_MIN_PARAMS = 100_000
+FAST_MIN_PARAMS = 20_000
 
 
 def use_fast_path(num_params: int, device) -> bool:
