@@ -134,12 +134,12 @@ class GMNLOpt(LearnedOptimizer):
         return self.entry_head(z_entry)
 
     def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        if not use_fast_path(graph.num_params, device):
+        if not use_fast_path(graph.num_params, device, graph.num_tensors):
             return None
         return frame_views(gmn_frame(self, graph, device)[1][self.edge_dim:])
 
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if use_fast_path(graph.num_params, params.device):
+        if use_fast_path(graph.num_params, params.device, graph.num_tensors):
             return gmn_step(self, graph, params, grad, state)
         return self(graph, params, grad, state)

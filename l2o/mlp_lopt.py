@@ -48,12 +48,12 @@ class MLPLOpt(LearnedOptimizer):
         return self.out(z.relu_())
 
     def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        if not use_fast_path(graph.num_params, device):
+        if not use_fast_path(graph.num_params, device, graph.num_tensors):
             return None
         return frame_views(mlp_frame(graph, device)[1])
 
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if use_fast_path(graph.num_params, params.device):
+        if use_fast_path(graph.num_params, params.device, graph.num_tensors):
             return mlp_step(self, graph, params, grad, state)
         return self(graph, params, grad, state)

@@ -136,6 +136,7 @@ def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, monkeypa
     results = {}
     for path, threshold in (("reference", 10**12), ("fast", 0)):
         monkeypatch.setattr(fast, "FAST_MIN_PARAMS", threshold)
+        monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
         m = copy.deepcopy(model)
         opt = cls(m)  # the shipped weights: a realistic trajectory, not a chaotic one
         _train(m, opt, batches)
@@ -150,6 +151,7 @@ def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, monkeypa
 
 def test_fast_path_skips_a_nan_tensor_and_keeps_its_statistics(monkeypatch):
     monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0)
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     opt = l2o.GMNOptimizer(model, weights=_scrambled(l2o.GMNLOpt()))
@@ -170,6 +172,9 @@ def test_fast_path_skips_a_nan_tensor_and_keeps_its_statistics(monkeypatch):
 
 
 def test_fast_path_is_used_only_for_large_cpu_models():
-    assert fast.use_fast_path(fast.FAST_MIN_PARAMS, "cpu")
-    assert not fast.use_fast_path(fast.FAST_MIN_PARAMS - 1, "cpu")
+    n = fast.FAST_MIN_PARAMS
+    assert fast.use_fast_path(n, "cpu")
+    assert not fast.use_fast_path(n - 1, "cpu")
     assert not fast.use_fast_path(10**9, "cuda:0")
+    # many small tensors: the per-run loop would cost more than it saves
+    assert not fast.use_fast_path(n, "cpu", num_tensors=n // fast.FAST_MIN_PARAMS_PER_TENSOR + 1)

@@ -377,6 +377,7 @@ def test_step_inside_autocast_matches_float32_step():
 def test_gradient_whose_square_overflows_skips_its_tensor(fast_path, monkeypatch):
     from l2o import fast
     monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
     model = mlp()
     opt = l2o.GMNOptimizer(model, weights=None)
     train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
@@ -396,6 +397,7 @@ def test_gradient_whose_square_overflows_skips_its_tensor(fast_path, monkeypatch
 def test_non_finite_updates_are_dropped(fast_path, monkeypatch):
     from l2o import fast
     monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
     model = mlp()
     lopt = l2o.GMNLOpt()
     with torch.no_grad():
