@@ -76,8 +76,8 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
     # inputs the optimizer already keeps in the frame (frame_views) need no copy
     copy_p, copy_g, copy_m = (not _same(a, b) for a, b in ((params, x_all[_P]), (grad, x_all[_G]),
                                                            (m_all, x_all[_M0:_ADAM])))
-    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device)
-    for run in plan.stat_runs:
+    norms = plan.fixed("run_norms", (len(plan.stat_runs), NUM_FEATURES), device)
+    for i, run in enumerate(plan.stat_runs):
         s, e = run.start, run.stop
         g, m, v, x = grad[s:e], m_all[:, s:e], v_all[s:e], x_all[:, s:e]
         m.mul_(betas).addcmul_(g.unsqueeze(0), one_minus)
@@ -90,7 +90,9 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
             x[_M0:_ADAM].copy_(m)
         torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
         _adam_(x[_ADAM], m, x[_SQRT_V], c)
-        sums[run.tensor] += torch.linalg.vector_norm(x, dim=1).square_()
+        torch.linalg.vector_norm(x, dim=1, out=norms[i])
+    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
+        0, plan.stat_run_tensor(device), norms.square_())
     counts = torch.tensor([b - a for a, b in plan.tensor_ranges], device=device, dtype=torch.float32).clamp(min=1)
     rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()
     return 1.0 / (rms + F_._RMS_EPS)

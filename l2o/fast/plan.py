@@ -125,6 +125,20 @@ class ChunkPlan:
         self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
         self._buffers: dict[tuple, Tensor] = {}
 
+    def fixed(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        """A reusable float32 buffer of exactly ``shape``."""
+        key = (name, shape, device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(shape, device=device)
+        return self._buffers[key]
+
+    def stat_run_tensor(self, device: torch.device) -> Tensor:
+        """[len(stat_runs)] the tensor of each statistics run (cached per device)."""
+        key = ("stat_run_tensor", device)
+        if key not in self._buffers:
+            self._buffers[key] = torch.tensor([r.tensor for r in self.stat_runs], device=device)
+        return self._buffers[key]
+
     def scratch(self, name: str, rows: int, length: int, device: torch.device) -> Tensor:
         """A contiguous ``[rows, length]`` float32 view of a workspace that is
         allocated once and reused (fresh large allocations cost page faults
