@@ -101,6 +101,23 @@ def test_irregular_edges_take_the_scatter_runs(chunk):
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
 
 
+def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk):
+    """Relabel the nodes at random: blocks stay dense but their rows are no
+    longer a range of node ids."""
+    make, example = MODELS["grouped_conv1d"]
+    graph = l2o.build_graph(make(), example)
+    new_id = torch.randperm(graph.num_nodes, generator=torch.Generator().manual_seed(0))
+    old_of_new = torch.argsort(new_id)
+    graph.node_type, graph.node_io_index, graph.node_depth = (
+        graph.node_type[old_of_new], graph.node_io_index[old_of_new], graph.node_depth[old_of_new])
+    graph.edge_index, graph.entry_node = new_id[graph.edge_index], new_id[graph.entry_node]
+    runs = [r for r in plan_mod.chunk_plan(graph).edge_runs if isinstance(r, plan_mod.DenseRun)]
+    if chunk > 5:  # (runs of one row are trivially ranges)
+        assert any(r.row_range is None for r in runs)
+    flat = torch.randn(graph.num_params, generator=torch.Generator().manual_seed(1))
+    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+
 def test_plan_runs_tile_the_flat_vector(chunk):
     make, example = MODELS["grouped_conv1d"]
     graph = l2o.build_graph(make(), example)

@@ -54,7 +54,7 @@ class _NodeTerms:
             if col is None:
                 col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
             torch.add(col.view(d, run.groups, 1, run.cols),
-                      row_t.index_select(1, run.row_nodes).view(d, run.groups, run.rows, 1),
+                      run.rows_of(row_t).reshape(d, run.groups, run.rows, 1),
                       out=out.view(d, run.groups, run.rows, run.cols))
         return out.addmm_(weight, inp)
 
@@ -68,7 +68,7 @@ def _sum_to_ends_(m: Tensor, run: DenseRun | ScatterRun, acc_src: Tensor, acc_ds
     d = m.shape[0]
     acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
     m4 = m.view(d, run.groups, run.rows, run.cols)
-    acc_row.index_add_(1, run.row_nodes, m4.sum(3).view(d, -1))
+    run.add_to_rows_(acc_row, m4.sum(3).view(d, -1))
     acc_col.index_add_(1, run.col_nodes, m4.sum(2).view(d, -1))
 
 

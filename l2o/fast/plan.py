@@ -38,6 +38,26 @@ class DenseRun:
     row_nodes: Tensor     # [groups * rows]
     col_nodes: Tensor     # [groups * cols]
     static_cols: tuple[Tensor, Tensor] | None  # (edge_kind [cols], edge_pos [cols, 2]) when they depend on the column only
+    row_range: tuple[int, int] | None = None  # row_nodes as a range of node ids, when they are one (the usual case)
+
+    def __post_init__(self):
+        n = self.row_nodes.numel()
+        first = int(self.row_nodes[0]) if n else 0
+        if n and bool((self.row_nodes == torch.arange(first, first + n, device=self.row_nodes.device)).all()):
+            self.row_range = (first, first + n)
+
+    def rows_of(self, node_table: Tensor) -> Tensor:
+        """``node_table[:, row_nodes]``: a view when the rows are a range of nodes."""
+        if self.row_range is not None:
+            return node_table[:, self.row_range[0]:self.row_range[1]]
+        return node_table.index_select(1, self.row_nodes)
+
+    def add_to_rows_(self, acc: Tensor, values: Tensor) -> None:
+        """``acc[:, row_nodes] += values``."""
+        if self.row_range is not None:
+            acc[:, self.row_range[0]:self.row_range[1]] += values
+        else:
+            acc.index_add_(1, self.row_nodes, values)
 
 
 @dataclass
