@@ -144,6 +144,15 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         missing = [k for k in self.graph.flat_order if "m" not in raw.get(k, {}) or "v" not in raw.get(k, {})]
         if missing:
             raise ValueError(f"optimizer state_dict lacks learned-optimizer state for {len(missing)} tensors")
+        num_momenta = self._flat_state["m"].shape[0]
+        for k in self.graph.flat_order:
+            shape = self.graph.param_shapes[k]
+            want_m, want_v = (num_momenta, *shape), tuple(shape)
+            if tuple(raw[k]["m"].shape) != want_m or tuple(raw[k]["v"].shape) != want_v:
+                raise ValueError(
+                    f"optimizer state for {self.graph.param_names[k]!r} has m {tuple(raw[k]['m'].shape)} / "
+                    f"v {tuple(raw[k]['v'].shape)}, expected {want_m} / {want_v} (a state_dict of another model, "
+                    "or from l2o before momenta were stored feature-major)")
         # Read m/v from the saved dict itself: torch's loader casts state to the
         # parameters' dtype, which would round float32 statistics of fp16/bf16 models.
         device = self.graph.device

@@ -411,3 +411,13 @@ def test_non_finite_updates_are_dropped(fast_path, monkeypatch):
         assert torch.equal(a, b)
     for v in opt._flat_state.values():
         assert torch.isfinite(v).all()
+
+
+def test_state_dict_with_wrongly_shaped_momenta_is_rejected():
+    model = mlp()
+    opt = l2o.GMNOptimizer(model, weights=None)
+    train_steps(model, opt, [(torch.randn(4, 6), torch.randint(0, 3, (4,)))], F.cross_entropy)
+    sd = opt.state_dict()
+    sd["state"][0]["m"] = sd["state"][0]["m"].movedim(0, -1)  # the old [*shape, num_momenta] layout
+    with pytest.raises(ValueError, match=r"'0\.weight' has m \(5, 6, 4\)"):
+        l2o.GMNOptimizer(copy.deepcopy(model), weights=None).load_state_dict(sd)
