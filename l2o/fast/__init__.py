@@ -7,6 +7,11 @@ feature-major workspaces reused across steps, the statistics updated in place
 (:mod:`.features`), and the per-tensor feature normalisation folded into the
 first layers' weights. The result equals ``lopt(graph, params, grad, state)``
 up to float rounding (tests/test_fast.py checks it on every layer kind).
+
+The optimizers keep their flat parameters, gradients and momenta inside the
+step's workspace (``LearnedOptimizer.frame_views``), so nothing is copied in;
+the step is entered through ``LearnedOptimizer.step_no_grad``, which picks this
+path with :func:`use_fast_path`. ``bench/fast_step.py`` times both paths.
 """
 from .plan import ChunkPlan, chunk_plan
 
