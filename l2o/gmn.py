@@ -133,7 +133,7 @@ class GMNLOpt(LearnedOptimizer):
             return torch.addmm(bias.t(), z_entry, weight.t())
         return self.entry_head(z_entry)
 
-    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
         if not use_fast_path(graph.num_params, device, graph.num_tensors):
             return None
         return frame_views(gmn_frame(self, graph, device)[1][self.edge_dim:])

@@ -81,39 +81,32 @@ class LearnedOptimizer(nn.Module):
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """What ``forward`` returns, for optimizers that need no autograd.
-        ``state``'s buffers may be updated in place. Subclasses with a
-        chunked implementation (:mod:`l2o.fast`) override this."""
+        Subclasses with a chunked implementation (:mod:`l2o.fast`) override
+        this; then ``state``'s buffers are updated in place and the returned
+        update is a workspace of ``graph`` that the next call overwrites
+        (clone it to keep it). The workspace belongs to one optimizer state at
+        a time: optimizers use a private copy of their graph."""
         return self(graph, params, grad, state)
 
     def folded_head(self, head: nn.Linear) -> tuple[Tensor, Tensor]:
         """``head``'s (weight, bias as a column) with the constants of the
         update formula folded in, for :meth:`finish_update_`: the direction row
-        times ``-alpha e^{-c}``, the log-magnitude row times ``2 / c``."""
-        c = self.max_log_step
-        scale = head.weight.new_tensor([-self.out_scale * math.exp(-c), 2.0 / c]).unsqueeze(1)
+        times ``-alpha``, the log-magnitude row times ``2 / c``."""
+        scale = head.weight.new_tensor([-self.out_scale, 2.0 / self.max_log_step]).unsqueeze(1)
         return head.weight * scale, (head.bias.unsqueeze(1) * scale)
-
-    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        """Where an optimizer should keep its flat parameters, gradients and
-        momenta so that :meth:`step_no_grad` reads them without a copy
-        (views into the chunked step's workspace, see
-        :func:`l2o.fast.features.frame_views`); ``None`` when that step is not used."""
-        return None
 
     def finish_update_(self, out: Tensor, direction: Tensor, log_step: Tensor, adam: Tensor) -> Tensor:
         """``forward``'s final formula, in place, from the outputs of
         :meth:`folded_head`; writes the update into ``out`` (``log_step`` is
-        overwritten). Uses ``c tanh(s / c) = 2c sigmoid(2s / c) - c``, whose
-        ``e^{-c}`` factor is folded into the head and the nominal weight:
+        overwritten). Uses ``c tanh(s / c) = 2c sigmoid(2s / c) - c``:
         sigmoid is several times cheaper than tanh on CPU."""
         c = self.max_log_step
-        magnitude = log_step.sigmoid_().mul_(2.0 * c).exp_()
+        magnitude = log_step.sigmoid_().mul_(2.0 * c).sub_(c).exp_()
         if self.nominal:
-            torch.add(direction, adam, alpha=-float(self.log_nominal.exp()) * math.exp(-c), out=out)
+            torch.add(direction, adam, alpha=-float(self.log_nominal.exp()), out=out)
         else:
             out.copy_(direction)
         return out.mul_(magnitude)
-
 
 def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:
     """Output layers start near zero so a fresh optimizer is its nominal term."""

@@ -47,7 +47,7 @@ class MLPLOpt(LearnedOptimizer):
         z = self.mid(z.relu_())
         return self.out(z.relu_())
 
-    def frame_views(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
         if not use_fast_path(graph.num_params, device, graph.num_tensors):
             return None
         return frame_views(mlp_frame(graph, device)[1])

@@ -411,6 +411,7 @@ def test_non_finite_updates_are_dropped(fast_path, monkeypatch):
         assert torch.equal(a, b)
     for v in opt._flat_state.values():
         assert torch.isfinite(v).all()
+    assert opt._flat_state["v"].abs().sum() > 0  # statistics of finite gradients still advance (documented)
 
 
 def test_state_dict_with_wrongly_shaped_momenta_is_rejected():
@@ -421,3 +422,45 @@ def test_state_dict_with_wrongly_shaped_momenta_is_rejected():
     sd["state"][0]["m"] = sd["state"][0]["m"].movedim(0, -1)  # the old [*shape, num_momenta] layout
     with pytest.raises(ValueError, match=r"'0\.weight' has m \(5, 6, 4\)"):
         l2o.GMNOptimizer(copy.deepcopy(model), weights=None).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
+def test_deepcopy_and_pickle_give_an_optimizer_that_continues_identically(fast_path, monkeypatch, tmp_path):
+    from l2o import fast
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+    model = mlp()
+    opt = l2o.GMNOptimizer(model, weights=None)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
+    train_steps(model, opt, batches[:1], F.cross_entropy)
+    model2, opt2 = copy.deepcopy((model, opt))
+    torch.save((model, opt), tmp_path / "pair.pt")
+    model3, opt3 = torch.load(tmp_path / "pair.pt", weights_only=False)
+    for m, o in ((model, opt), (model2, opt2), (model3, opt3)):
+        train_steps(m, o, batches[1:], F.cross_entropy)
+    for a, b, c in zip(model.parameters(), model2.parameters(), model3.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert opt2._flat_state["m"].data_ptr() != opt._flat_state["m"].data_ptr()
+
+
+class _Tempered(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.temperature = nn.Parameter(torch.tensor(2.0))  # a 0-d parameter
+
+    def forward(self, x):
+        return self.lin(x) / self.temperature
+
+
+@pytest.mark.parametrize("cls", [l2o.GMNOptimizer, l2o.MLPOptimizer])
+def test_scalar_parameter_is_optimized(cls):
+    torch.manual_seed(0)
+    model = _Tempered()
+    opt = cls(model, weights=None)
+    before = model.temperature.detach().clone()
+    train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
+    assert opt.state[model.temperature]["m"].shape == (4,)
+    assert not torch.equal(model.temperature, before)
+    sd = opt.state_dict()
+    cls(copy.deepcopy(model), weights=None).load_state_dict(sd)

@@ -26,7 +26,7 @@ from torch import Tensor
 from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
-from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
+from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 

@@ -9,7 +9,7 @@ is sliced once here, so the per-step loops do no index arithmetic.
 
 Cache sizes, not FLOPs, set the chunk: on CPU the metanetwork's edge-sized
 intermediates are memory-bound, and a run of ~64k entries keeps every
-intermediate of one run in cache (``../PERF_NOTES.md`` in the design notes).
+intermediate of one run in cache (bench/fast_step.py measures the result).
 """
 from __future__ import annotations
 
