@@ -27,6 +27,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/fast_step.py
 	$(BIN)/python bench/graph_build.py
 	$(BIN)/python bench/meta_train_throughput.py
 
