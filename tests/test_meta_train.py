@@ -74,8 +74,8 @@ def test_tiny_run_writes_loadable_weights(tmp_path, kind):
 def test_meta_loss_decreases_on_one_task(tmp_path):
     # One task, one run, a high outer lr: the meta-loss must go down (the
     # learned optimizer learns to take better steps than Adam at lr 1e-3).
-    summary = run(tmp_path, "--lopt", "mlp", "--suite", "regression_teacher", "--outer-steps", "12",
-                  "--inner-steps", "1000", "--meta-batch", "1", "--lr", "3e-2", "--warmup", "0")
+    run(tmp_path, "--lopt", "mlp", "--suite", "regression_teacher", "--outer-steps", "12",
+        "--inner-steps", "1000", "--meta-batch", "1", "--lr", "3e-2", "--warmup", "0")
     hist = json.loads(state_file(tmp_path, "train_state.json").read_text())["history"]["meta_loss"]
     assert min(hist[-3:]) < hist[0]
 

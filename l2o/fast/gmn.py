@@ -7,9 +7,9 @@ edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
 1. statistics (:func:`~l2o.fast.features.update_statistics_`);
 2. encode the edges and send the first round of messages: per run
    ``e_0 = σ(W_f' x + static)``, ``m_1 = σ(W_1 e_0 + S h[src] + D h[dst] + b)``,
-   summed onto both end nodes, ``e_1 = e_0 + m_1`` kept in one persistent
-   ``[E, edge_dim]`` buffer (the only edge-sized tensor);
-3. one pass per further round, updating that buffer in place;
+   summed onto both end nodes, ``e_1 = e_0 + m_1`` kept in the first
+   ``edge_dim`` rows of the persistent frame (the only edge-sized state);
+3. one pass per further round, updating those rows in place;
 4. read out: ``z = σ([A | B'] [e; x] + ...)``, ``(d, s) = H z`` and the
    update, written straight into the output.
 
@@ -132,7 +132,8 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
             s, e = run.start, run.stop
             state_e = frame[:de, s:e]
             if layer == 0:  # encode the edges of this run
-                enc = static.linear(plan.scratch("e", de, e - s, dev), w_enc[run.tensor], frame[de:, s:e], run).relu_()
+                enc = static.linear(plan.scratch("e", de, e - s, dev), w_enc[run.tensor], frame[de:, s:e], run)
+                enc.relu_()
             else:
                 enc = state_e
             m = node_terms.linear(plan.scratch("m", de, e - s, dev), conv.edge_lin.weight, enc, run).relu_()
@@ -146,11 +147,13 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     # read out: one product over [e; x], with the normalisation folded into B
     w_out = torch.cat([lopt.edge_out_e.weight.expand(graph.num_tensors, -1, -1),
                        fold_input_scale(lopt.edge_out_x.weight, inv_rms)], dim=2)   # [T, H, De + F]
-    node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h), lopt.edge_out_e.bias + lopt.edge_out_time(t))
+    node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h),
+                            lopt.edge_out_e.bias + lopt.edge_out_time(t))
     head_w, head_b = lopt.folded_head(lopt.edge_head)
     for run in plan.edge_runs:
         s, e = run.start, run.stop
-        z = node_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], frame[:, s:e], run).relu_()
+        z = node_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], frame[:, s:e], run)
+        z.relu_()
         out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
         lopt.finish_update_(update[s:e], out[0], out[1], adam_row(frame[de:, s:e]))
 

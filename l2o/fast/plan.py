@@ -37,7 +37,8 @@ class DenseRun:
     row_end: str          # "dst" or "src": which end of an edge its row fixes
     row_nodes: Tensor     # [groups * rows]
     col_nodes: Tensor     # [groups * cols]
-    static_cols: tuple[Tensor, Tensor] | None  # (edge_kind [cols], edge_pos [cols, 2]) when they depend on the column only
+    # (edge_kind [cols], edge_pos [cols, 2]) when they depend on the column only
+    static_cols: tuple[Tensor, Tensor] | None
     row_range: tuple[int, int] | None = None  # row_nodes as a range of node ids, when they are one (the usual case)
 
     def __post_init__(self):

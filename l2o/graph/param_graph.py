@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor

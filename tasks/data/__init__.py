@@ -8,7 +8,6 @@ fashion_mnist, cifar10.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from . import cifar, idx
 from .arrays import ArrayData, TokenStreamData, as_reconstruction, batch_stream
