@@ -54,7 +54,8 @@ def time_steps(model, opt, x, y, steps: int) -> tuple[float, float]:
     return statistics.median(whole) * 1e3, statistics.median(step_only) * 1e3
 
 
-def bench_model(name: str, make_model, x, y, rounds: int, steps: int) -> None:
+def bench_model(name: str, make_model, x, y, rounds: int, steps: int) -> tuple[float, float]:
+    """Prints the table; returns the GMN's train-step ratios to Adam and to the MLP-lopt."""
     runs = {}
     for key, make_opt in OPTIMIZERS.items():
         torch.manual_seed(0)
@@ -79,6 +80,7 @@ def bench_model(name: str, make_model, x, y, rounds: int, steps: int) -> None:
         print(f"{key:<10} {w:>14.1f} {s:>12.1f} {w / adam:>8.2f}")
     gmn, mlp = statistics.median(whole["gmn"]), statistics.median(whole["mlp_lopt"])
     print(f"GMN / MLP-lopt train-step ratio: {gmn / mlp:.2f}")
+    return gmn / adam, gmn / mlp
 
 
 def main() -> None:
@@ -93,8 +95,12 @@ def main() -> None:
     x = torch.randn(args.batch, 1, 28, 28, generator=g)
     y = torch.randint(0, 10, (args.batch,), generator=g)
     print(f"torch {torch.__version__}, {args.threads} threads, medians over {args.rounds} interleaved rounds")
-    bench_model("reference CNN (convs 32/64/64, 28x28x1)", reference_cnn, x, y, args.rounds, args.steps)
-    bench_model("reference MLP (784-1024-1024-10)", reference_mlp, x, y, args.rounds, args.steps)
+    cnn_adam, _ = bench_model("reference CNN (convs 32/64/64, 28x28x1)", reference_cnn, x, y, args.rounds, args.steps)
+    mlp_adam, mlp_mlp = bench_model("reference MLP (784-1024-1024-10)", reference_mlp, x, y, args.rounds, args.steps)
+    print("\ntargets (issue 4):")
+    for label, value, limit in (("CNN: GMN <= 1.5x Adam", cnn_adam, 1.5), ("MLP: GMN <= 6x Adam", mlp_adam, 6.0),
+                                ("MLP: GMN <= 1.5x MLP-lopt", mlp_mlp, 1.5)):
+        print(f"  {label:<28} {value:5.2f}  {'met' if value <= limit else 'NOT met'}")
 
 
 if __name__ == "__main__":
