@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import l2o
+import tasks
 from l2o import fast
 from l2o.fast import plan as plan_mod
 from l2o.fast.gmn import gmn_step
@@ -195,3 +196,14 @@ def test_fast_path_is_used_only_for_large_cpu_models():
     assert not fast.use_fast_path(10**9, "cuda:0")
     # many small tensors: the per-run loop would cost more than it saves
     assert not fast.use_fast_path(n, "cpu", num_tensors=n // fast.FAST_MIN_PARAMS_PER_TENSOR + 1)
+
+
+@pytest.mark.parametrize("name", [n for n in tasks.list_tasks("all") if tasks.get_task(n).available()])
+def test_fast_step_equals_forward_on_every_task_of_the_suite(name):
+    task = tasks.get_task(name)
+    model = task.init(0)
+    graph = l2o.build_graph(model, task.example_inputs())
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+    layout = tensor_layout([p.shape for p in model.parameters()])
+    _compare(_scrambled(l2o.MLPLOpt()), mlp_step, layout, layout.gather([p.detach() for p in model.parameters()]))
