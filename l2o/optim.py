@@ -226,12 +226,6 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 bad_names.append(self.graph.param_names[self.graph.flat_order[k]])
         return [k for k, off in enumerate(inactive) if off], bad_names
 
-    def _tensor_range(self, k: int) -> slice:
-        """The flat entries of tensor ``k`` (flat order)."""
-        numels = self.graph.numels
-        start = sum(numels[:k])
-        return slice(start, start + numels[k])
-
     def _flat_buffer(self, name: str) -> Tensor:
         """A persistent float32 vector over all entries: a fresh one per step
         would cost page faults on large models."""
@@ -266,7 +260,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             return loss
 
         flat_p = torch.cat([p.detach().reshape(-1).float() for p in self._flat_params], out=self._flat_buffer("param"))
-        ranges = [self._tensor_range(k) for k in inactive]
+        ranges = [self.graph.tensor_slices[k] for k in inactive]
         for r in ranges:
             flat_g[r] = 0.0
         # step_no_grad may update the statistics in place: keep what skipped tensors must get back

@@ -131,8 +131,8 @@ def test_plan_runs_tile_the_flat_vector(chunk):
     assert all(a[1] == b[0] for a, b in zip(stats, stats[1:]))
     for r in p.stat_runs + p.edge_runs:
         assert r.stop - r.start <= max(chunk, max(b.cols for b in edge_blocks(graph) if hasattr(b, "cols")))
-        lo, hi = p.tensor_ranges[r.tensor]
-        assert lo <= r.start < r.stop <= hi
+        t = p.tensor_slices[r.tensor]
+        assert t.start <= r.start < r.stop <= t.stop
 
 
 def _train(model, opt, batches):

@@ -41,6 +41,7 @@ def check_bijection(g, model):
     assert torch.equal(torch.sort(flat).values, torch.arange(total))
     assert g.num_params == total
     assert torch.bincount(g.tensor_id, minlength=g.num_tensors).tolist() == g.numels
+    assert all(bool((g.tensor_id[t] == k).all()) for k, t in enumerate(g.tensor_slices))
     if g.num_edges:
         assert 0 <= int(g.edge_index.min()) and int(g.edge_index.max()) < g.num_nodes
     if g.num_entries:
@@ -57,8 +58,7 @@ def _slice(g, name):
     """Flat-vector range of parameter ``name``."""
     idx = g.param_names.index(name)
     k = g.flat_order.index(idx)
-    start = sum(g.numels[:k])
-    return k, start, start + g.numels[k]
+    return k, g.tensor_slices[k].start, g.tensor_slices[k].stop
 
 
 def row_nodes(g, name):

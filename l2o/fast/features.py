@@ -93,7 +93,8 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         torch.linalg.vector_norm(x, dim=1, out=norms[i])
     sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
         0, plan.stat_run_tensor(device), norms.square_())
-    counts = torch.tensor([b - a for a, b in plan.tensor_ranges], device=device, dtype=torch.float32).clamp(min=1)
+    counts = torch.tensor([t.stop - t.start for t in plan.tensor_slices], device=device,
+                          dtype=torch.float32).clamp(min=1)
     rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()
     return 1.0 / (rms + F_._RMS_EPS)
 

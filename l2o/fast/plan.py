@@ -130,11 +130,9 @@ class ChunkPlan:
         self.num_edges = graph.num_edges
         self.num_params = graph.num_params
         self.num_tensors = graph.num_tensors
-        bounds = [0]
-        for n in graph.numels:
-            bounds.append(bounds[-1] + n)
-        self.tensor_ranges = list(zip(bounds[:-1], bounds[1:]))
-        self.stat_runs = [Run(s, e, k) for k, (a, b) in enumerate(self.tensor_ranges) for s, e in _ranges(a, b, chunk)]
+        self.tensor_slices = graph.tensor_slices
+        self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
+                          for s, e in _ranges(t.start, t.stop, chunk)]
         self.edge_runs: list[DenseRun | ScatterRun] = []
         for k, b in enumerate(edge_blocks(graph)):
             if isinstance(b, EdgeBlock):

@@ -22,6 +22,7 @@ entry.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Sequence
@@ -105,6 +106,14 @@ class ParamGraph:
     def numels(self) -> list[int]:
         """Entry count of each tensor, in ``flat_order``."""
         return [self.param_shapes[i].numel() for i in self.flat_order]
+
+    @property
+    def tensor_slices(self) -> list[slice]:
+        """Flat range of each tensor, in ``flat_order`` (cached: the graph is static)."""
+        if not hasattr(self, "_tensor_slices"):
+            bounds = [0, *itertools.accumulate(self.numels)]
+            self._tensor_slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        return self._tensor_slices
 
     @property
     def has_edge_pos(self) -> bool:
