@@ -26,8 +26,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
-from .fast import use_fast_path
-from .fast.features import frame_views
 from .fast.gmn import gmn_frame, gmn_step
 from .gmn_conv import GMNConv
 from .graph.blocks import add_node_terms_, entry_count
@@ -49,6 +47,7 @@ def io_encoding(io_index: Tensor, node_type: Tensor) -> Tensor:
 
 class GMNLOpt(LearnedOptimizer):
     kind = "gmn"
+    chunked_step, chunked_frame = gmn_step, gmn_frame
 
     def __init__(self, node_dim: int = 32, edge_dim: int = 8, hidden: int = 16, num_layers: int = 2,
                  **kwargs):
@@ -132,14 +131,3 @@ class GMNLOpt(LearnedOptimizer):
             weight, bias = self.folded_head(self.entry_head)
             return torch.addmm(bias.t(), z_entry, weight.t())
         return self.entry_head(z_entry)
-
-    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        if not use_fast_path(graph.num_params, device, graph.num_tensors):
-            return None
-        return frame_views(gmn_frame(self, graph, device)[1][self.edge_dim:])
-
-    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
-                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if use_fast_path(graph.num_params, params.device, graph.num_tensors):
-            return gmn_step(self, graph, params, grad, state)
-        return self(graph, params, grad, state)

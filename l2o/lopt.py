@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from . import features as F_
+from .fast import use_fast_path
+from .fast.features import frame_views
 from .graph.param_graph import ParamGraph
 
 
@@ -78,15 +80,35 @@ class LearnedOptimizer(nn.Module):
         return -(step * log_step.exp()), state
 
     # ------------------------------------------------------ no-grad stepping
+    # A subclass with a chunked implementation (l2o/fast) names it here:
+    # chunked_step(lopt, graph, params, grad, state) -> (update, state) and
+    # chunked_frame(lopt, graph, device) -> (plan, frame whose last F rows are the features).
+    chunked_step = None
+    chunked_frame = None
+
+    def _uses_chunked_step(self, graph: ParamGraph, device: torch.device) -> bool:
+        return self.chunked_step is not None and use_fast_path(graph.num_params, device, graph.num_tensors)
+
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """What ``forward`` returns, for optimizers that need no autograd.
-        Subclasses with a chunked implementation (:mod:`l2o.fast`) override
-        this; then ``state``'s buffers are updated in place and the returned
-        update is a workspace of ``graph`` that the next call overwrites
-        (clone it to keep it). The workspace belongs to one optimizer state at
-        a time: optimizers use a private copy of their graph."""
+        """What ``forward`` returns, for optimizers that need no autograd. On
+        the chunked path (:mod:`l2o.fast`) ``state``'s buffers are updated in
+        place and the returned update is a workspace of ``graph`` that the
+        next call overwrites (clone it to keep it). The workspace belongs to
+        one optimizer state at a time: optimizers use a private copy of their graph."""
+        if self._uses_chunked_step(graph, params.device):
+            return self.chunked_step(graph, params, grad, state)
         return self(graph, params, grad, state)
+
+    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
+        """Where an optimizer should keep its flat parameters, gradients and
+        momenta so that :meth:`step_no_grad` reads them without a copy
+        (views into ``graph``'s chunked-step workspace, see
+        :func:`l2o.fast.features.frame_views`; one optimizer per graph);
+        ``None`` when that step is not used."""
+        if not self._uses_chunked_step(graph, device):
+            return None
+        return frame_views(self.chunked_frame(graph, device)[1][-F_.NUM_ENTRY_FEATURES:])
 
     def folded_head(self, head: nn.Linear) -> tuple[Tensor, Tensor]:
         """``head``'s (weight, bias as a column) with the constants of the
@@ -107,6 +129,7 @@ class LearnedOptimizer(nn.Module):
         else:
             out.copy_(direction)
         return out.mul_(magnitude)
+
 
 def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:
     """Output layers start near zero so a fresh optimizer is its nominal term."""

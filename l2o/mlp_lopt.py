@@ -13,11 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .fast import use_fast_path
-from .fast.features import frame_views
 from .fast.mlp import mlp_frame, mlp_step
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .graph.param_graph import ParamGraph
@@ -26,6 +23,7 @@ from .lopt import LearnedOptimizer, small_init_
 
 class MLPLOpt(LearnedOptimizer):
     kind = "mlp"
+    chunked_step, chunked_frame = mlp_step, mlp_frame
 
     def __init__(self, hidden: int = 32, **kwargs):
         super().__init__(**kwargs)
@@ -46,14 +44,3 @@ class MLPLOpt(LearnedOptimizer):
         z += self.time(t)
         z = self.mid(z.relu_())
         return self.out(z.relu_())
-
-    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        if not use_fast_path(graph.num_params, device, graph.num_tensors):
-            return None
-        return frame_views(mlp_frame(graph, device)[1])
-
-    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
-                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        if use_fast_path(graph.num_params, params.device, graph.num_tensors):
-            return mlp_step(self, graph, params, grad, state)
-        return self(graph, params, grad, state)

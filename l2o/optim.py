@@ -111,9 +111,6 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         state["_model_ref"] = None
         return state
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_ready", False):
             raise NotImplementedError(

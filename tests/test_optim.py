@@ -464,3 +464,19 @@ def test_scalar_parameter_is_optimized(cls):
     assert not torch.equal(model.temperature, before)
     sd = opt.state_dict()
     cls(copy.deepcopy(model), weights=None).load_state_dict(sd)
+
+
+def test_learned_optimizer_without_a_chunked_step_takes_the_forward(monkeypatch):
+    from l2o import fast
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0)
+    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+
+    class ForwardOnly(l2o.MLPLOpt):  # a user's learned optimizer: only predict(), no l2o/fast kernel
+        chunked_step = chunked_frame = None
+
+    model = mlp()
+    opt = l2o.MLPOptimizer(model, weights=ForwardOnly())
+    assert opt.lopt.flat_workspace(opt.graph, opt.graph.device) is None
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))

@@ -23,7 +23,7 @@ from . import plan as plan_module
 from .plan import ChunkPlan, chunk_plan
 
 
-def mlp_frame(graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
+def mlp_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
     """The plan and persistent feature frame of :func:`mlp_step`."""
     plan = chunk_plan(graph, max(1, plan_module.DEFAULT_CHUNK // 2))
     return plan, feature_frame(plan, 0, device)
@@ -33,7 +33,7 @@ def mlp_frame(graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tenso
 def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     dev = params.device
-    plan, x_all = mlp_frame(graph, dev)
+    plan, x_all = mlp_frame(lopt, graph, dev)
     inv_rms = update_statistics_(plan, params, grad, state, x_all)
     t = F_.time_features(state["step"])
     w_in = fold_input_scale(lopt.inp.weight, inv_rms).transpose(1, 2)   # [T, F, H]
