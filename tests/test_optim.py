@@ -150,7 +150,7 @@ def test_state_dict_survives_torch_save(tmp_path):
 
 
 @pytest.mark.parametrize("cls", ["gmn", "mlp"])
-def test_nan_gradient_skips_tensor_and_keeps_state_finite(cls):
+def test_nan_gradient_skips_tensor_and_keeps_state_finite(cls, step_path):
     model = mlp()
     opt = l2o.GMNOptimizer(model, weights=None) if cls == "gmn" else l2o.MLPOptimizer(model, weights=None)
     train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
@@ -171,6 +171,7 @@ def test_nan_gradient_skips_tensor_and_keeps_state_finite(cls):
     # the skipped tensor's statistics did not move
     sel = opt.graph.tensor_id == opt.graph.flat_order.index(2)
     assert torch.equal(opt._flat_state["v"][sel], state_before["v"][sel])
+    assert torch.equal(opt._flat_state["m"][:, sel], state_before["m"][:, sel])
 
 
 def test_frozen_and_unused_parameters_are_untouched():
@@ -373,11 +374,7 @@ def test_step_inside_autocast_matches_float32_step():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
-def test_gradient_whose_square_overflows_skips_its_tensor(fast_path, monkeypatch):
-    from l2o import fast
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+def test_gradient_whose_square_overflows_skips_its_tensor(step_path):
     model = mlp()
     opt = l2o.GMNOptimizer(model, weights=None)
     train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
@@ -393,11 +390,7 @@ def test_gradient_whose_square_overflows_skips_its_tensor(fast_path, monkeypatch
         assert torch.isfinite(v).all()
 
 
-@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
-def test_non_finite_updates_are_dropped(fast_path, monkeypatch):
-    from l2o import fast
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+def test_non_finite_updates_are_dropped(step_path):
     model = mlp()
     lopt = l2o.GMNLOpt()
     with torch.no_grad():
@@ -424,11 +417,7 @@ def test_state_dict_with_wrongly_shaped_momenta_is_rejected():
         l2o.GMNOptimizer(copy.deepcopy(model), weights=None).load_state_dict(sd)
 
 
-@pytest.mark.parametrize("fast_path", [False, True], ids=["reference", "chunked"])
-def test_deepcopy_and_pickle_give_an_optimizer_that_continues_identically(fast_path, monkeypatch, tmp_path):
-    from l2o import fast
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if fast_path else 10**12)
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+def test_deepcopy_and_pickle_give_an_optimizer_that_continues_identically(step_path, tmp_path):
     model = mlp()
     opt = l2o.GMNOptimizer(model, weights=None)
     batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,))) for _ in range(3)]
@@ -466,10 +455,8 @@ def test_scalar_parameter_is_optimized(cls):
     cls(copy.deepcopy(model), weights=None).load_state_dict(sd)
 
 
-def test_learned_optimizer_without_a_chunked_step_takes_the_forward(monkeypatch):
-    from l2o import fast
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0)
-    monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+def test_learned_optimizer_without_a_chunked_step_takes_the_forward(use_step_path):
+    use_step_path("chunked")
 
     class ForwardOnly(l2o.MLPLOpt):  # a user's learned optimizer: only predict(), no l2o/fast kernel
         chunked_step = chunked_frame = None
