@@ -106,6 +106,16 @@ def check_isomorphic(model_a, model_b, sigma, x, atol=1e-5):
     assert tables(ga, model_a) != tables(gb, model_b)
 
 
+def check_permuted(model_a, model_b, rows, x):
+    """model_b is model_a with the output rows of each weight in ``rows``
+    (name -> permutation) permuted: relabel those neurons and check_isomorphic."""
+    g = build_graph(model_a)
+    sigma = torch.arange(g.num_nodes)
+    for name, p in rows.items():
+        relabel(sigma, row_nodes(g, name), p)
+    check_isomorphic(model_a, model_b, sigma, x)
+
+
 def perm(n):
     p = torch.randperm(n)
     while n > 1 and torch.equal(p, torch.arange(n)):
@@ -151,11 +161,7 @@ def test_mlp_permutation():
         b[0].weight.copy_(a[0].weight[p1]); b[0].bias.copy_(a[0].bias[p1])
         b[2].weight.copy_(a[2].weight[p2][:, p1]); b[2].bias.copy_(a[2].bias[p2])
         b[4].weight.copy_(a[4].weight[:, p2]); b[4].bias.copy_(a[4].bias)
-    g = build_graph(a)
-    sigma = torch.arange(g.num_nodes)
-    relabel(sigma, row_nodes(g, "0.weight"), p1)
-    relabel(sigma, row_nodes(g, "2.weight"), p2)
-    check_isomorphic(a, b, sigma, torch.randn(4, 5))
+    check_permuted(a, b, {"0.weight": p1, "2.weight": p2}, torch.randn(4, 5))
 
 
 # ------------------------------------------------------------------ CNN + BN
@@ -211,11 +217,7 @@ def test_cnn_permutation():
         b[0].weight.copy_(a[0].weight[p1]); b[0].bias.copy_(a[0].bias[p1])
         b[4].weight.copy_(a[4].weight[p2][:, p1]); b[4].bias.copy_(a[4].bias[p2])
         b[8].weight.copy_(a[8].weight.view(10, 6, 16)[:, p2].reshape(10, 96))
-    g = build_graph(a)
-    sigma = torch.arange(g.num_nodes)
-    relabel(sigma, row_nodes(g, "0.weight"), p1)
-    relabel(sigma, row_nodes(g, "4.weight"), p2)
-    check_isomorphic(a, b, sigma, torch.randn(2, 3, 8, 8))
+    check_permuted(a, b, {"0.weight": p1, "4.weight": p2}, torch.randn(2, 3, 8, 8))
 
 
 # ------------------------------------------------------------ ResNet block + GN
@@ -266,11 +268,7 @@ def test_resnet_block_permutation():
         b.conv2.weight.copy_(a.conv2.weight[ps][:, ph]); b.conv2.bias.copy_(a.conv2.bias[ps])
         b.gn2.weight.copy_(a.gn2.weight[ps]); b.gn2.bias.copy_(a.gn2.bias[ps])
         b.head.weight.copy_(a.head.weight[:, ps]); b.head.bias.copy_(a.head.bias)
-    g = build_graph(a)
-    sigma = torch.arange(g.num_nodes)
-    relabel(sigma, row_nodes(g, "stem.weight"), ps)
-    relabel(sigma, row_nodes(g, "conv1.weight"), ph)
-    check_isomorphic(a, b, sigma, torch.randn(2, 3, 6, 6))
+    check_permuted(a, b, {"stem.weight": ps, "conv1.weight": ph}, torch.randn(2, 3, 6, 6))
 
 
 # ------------------------------------------------------------ transformer
@@ -417,11 +415,7 @@ def test_grouped_conv1d_permutation():
         b.c1.weight.copy_(a.c1.weight[p]); b.c1.bias.copy_(a.c1.bias[p])
         b.dw.weight.copy_(a.dw.weight[p]); b.dw.bias.copy_(a.dw.bias[p])
         b.fc.weight.copy_(a.fc.weight[:, p]); b.fc.bias.copy_(a.fc.bias)
-    g = build_graph(a)
-    sigma = torch.arange(g.num_nodes)
-    relabel(sigma, row_nodes(g, "c1.weight"), p)
-    relabel(sigma, row_nodes(g, "dw.weight"), p)
-    check_isomorphic(a, b, sigma, torch.randn(2, 4, 9))
+    check_permuted(a, b, {"c1.weight": p, "dw.weight": p}, torch.randn(2, 4, 9))
 
 
 # ------------------------------------------------------------ concatenation
@@ -455,11 +449,7 @@ def test_concatenation_permutation():
         b.a.weight.copy_(a.a.weight[pa]); b.a.bias.copy_(a.a.bias[pa])
         b.b.weight.copy_(a.b.weight[pb]); b.b.bias.copy_(a.b.bias[pb])
         b.out.weight.copy_(a.out.weight[:, torch.cat([pa, 3 + pb])]); b.out.bias.copy_(a.out.bias)
-    g = build_graph(a)
-    sigma = torch.arange(g.num_nodes)
-    relabel(sigma, row_nodes(g, "a.weight"), pa)
-    relabel(sigma, row_nodes(g, "b.weight"), pb)
-    check_isomorphic(a, b, sigma, torch.randn(3, 4))
+    check_permuted(a, b, {"a.weight": pa, "b.weight": pb}, torch.randn(3, 4))
 
 
 # ------------------------------------------------------------ fallback paths
