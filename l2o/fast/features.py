@@ -92,7 +92,7 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         _adam_(x[_ADAM], m, x[_SQRT_V], c)
         torch.linalg.vector_norm(x, dim=1, out=norms[i])
     sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
-        0, plan.stat_run_tensor(device), norms.square_())
+        0, plan.stat_run_tensor, norms.square_())
     counts = torch.tensor([t.stop - t.start for t in plan.tensor_slices], device=device,
                           dtype=torch.float32).clamp(min=1)
     rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()

@@ -133,6 +133,7 @@ class ChunkPlan:
         self.tensor_slices = graph.tensor_slices
         self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
                           for s, e in _ranges(t.start, t.stop, chunk)]
+        self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
         self.edge_runs: list[DenseRun | ScatterRun] = []
         for k, b in enumerate(edge_blocks(graph)):
             if isinstance(b, EdgeBlock):
@@ -149,13 +150,6 @@ class ChunkPlan:
         key = (name, shape, device)
         if key not in self._buffers:
             self._buffers[key] = torch.empty(shape, device=device)
-        return self._buffers[key]
-
-    def stat_run_tensor(self, device: torch.device) -> Tensor:
-        """[len(stat_runs)] the tensor of each statistics run (cached per device)."""
-        key = ("stat_run_tensor", device)
-        if key not in self._buffers:
-            self._buffers[key] = torch.tensor([r.tensor for r in self.stat_runs], device=device)
         return self._buffers[key]
 
     def scratch(self, name: str, rows: int, length: int, device: torch.device) -> Tensor:
