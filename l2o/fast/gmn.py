@@ -26,7 +26,9 @@ from torch import Tensor
 from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
-from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
+from . import native
+from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
+from .features import _ADAM as _ADAM_ROW
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 
@@ -42,6 +44,18 @@ class _NodeTerms:
         self.bias = bias.unsqueeze(1)
         self._cols: dict[int, Tensor] = {}
 
+    def _col_table(self, run: DenseRun, col_t: Tensor) -> Tensor:
+        col = self._cols.get(id(run.col_nodes))
+        if col is None:
+            col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
+        return col
+
+    def tables(self, run: DenseRun) -> tuple[Tensor, Tensor]:
+        """Contiguous row ``[D, groups * rows]`` and column (with the bias)
+        ``[D, groups * cols]`` terms of a dense run, for the fused kernels."""
+        row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
+        return run.rows_of(row_t).contiguous(), self._col_table(run, col_t)
+
     def linear(self, out: Tensor, weight: Tensor, inp: Tensor, run: DenseRun | ScatterRun) -> Tensor:
         """``out = weight @ inp + node terms`` (``out`` ``[D, L]``)."""
         if isinstance(run, ScatterRun):
@@ -50,9 +64,7 @@ class _NodeTerms:
         else:
             d = out.shape[0]
             row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
-            col = self._cols.get(id(run.col_nodes))
-            if col is None:
-                col = self._cols[id(run.col_nodes)] = col_t.index_select(1, run.col_nodes).add_(self.bias)
+            col = self._col_table(run, col_t)
             torch.add(col.view(d, run.groups, 1, run.cols),
                       run.rows_of(row_t).reshape(d, run.groups, run.rows, 1),
                       out=out.view(d, run.groups, run.rows, run.cols))
@@ -85,6 +97,19 @@ class _StaticEdgeTerms:
             term = term + self.lopt.edge_pos(pos)
         return term.t()
 
+    def table(self, run: DenseRun) -> tuple[Tensor, int, int]:
+        """For the fused kernels: a contiguous table and the (feature, row)
+        strides at which edge ``(i, j)`` of ``run`` finds its term: ``[D, cols]``
+        with row stride 0 when the terms depend on the column only."""
+        if run.static_cols is None:
+            g = self.graph
+            term = self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop]).contiguous()
+            return term, run.stop - run.start, run.cols
+        key = id(run.static_cols[0])
+        if key not in self._cache:
+            self._cache[key] = self._compute(*run.static_cols)
+        return self._cache[key].contiguous(), run.cols, 0
+
     def linear(self, out: Tensor, weight: Tensor, inp: Tensor, run: DenseRun | ScatterRun) -> Tensor:
         """``out = weight @ inp + static terms`` (``out`` ``[D, L]``)."""
         if isinstance(run, ScatterRun):
@@ -99,6 +124,51 @@ class _StaticEdgeTerms:
             d = out.shape[0]
             out.view(d, run.groups * run.rows, run.cols).copy_(self._cache[key].unsqueeze(1))
         return out.addmm_(weight, inp)
+
+
+def _ptr(t: Tensor, *index: int) -> int:
+    """Address of ``t[index]`` for the C kernels (which index from it with the
+    strides they are given)."""
+    return t.data_ptr() + t.element_size() * sum(i * s for i, s in zip(index, t.stride()))
+
+
+def _fused_round(kernels, frame: Tensor, de: int, run: DenseRun, layer: int, w_enc: Tensor,
+                 static: _StaticEdgeTerms, w_msg: Tensor, node_terms: _NodeTerms,
+                 acc_src: Tensor, acc_dst: Tensor) -> None:
+    """One message-passing round over a whole dense block in C (the loop body
+    of :func:`gmn_step`, fused)."""
+    rows, n_cols = run.groups * run.rows, run.groups * run.cols
+    row_t, col_t = node_terms.tables(run)
+    row_sum, col_sum = frame.new_zeros(de, rows), frame.new_zeros(de, n_cols)
+    keep = []  # tensors whose addresses the call uses
+    if layer == 0:
+        stat, stat_ld, stat_rs = static.table(run)
+        w = w_enc[run.tensor].contiguous()
+        keep += [stat, w]
+        x, w_ptr, stat_ptr = _ptr(frame, de, run.start), w.data_ptr(), stat.data_ptr()
+    else:
+        x = w_ptr = stat_ptr = None
+        stat_ld = stat_rs = 0
+    w_msg = w_msg.contiguous()
+    kernels.l2o_gmn_round(x, w_ptr, stat_ptr, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
+                          col_t.data_ptr(), _ptr(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
+                          col_sum.data_ptr(), rows, run.cols, run.rows, torch.get_num_threads())
+    del keep
+    acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
+    run.add_to_rows_(acc_row, row_sum)
+    acc_col.index_add_(1, run.col_nodes, col_sum)
+
+
+def _fused_readout(kernels, lopt, frame: Tensor, de: int, run: DenseRun, w_out: Tensor, node_terms: _NodeTerms,
+                   head_w: Tensor, head_b: Tensor, nominal: float, update: Tensor) -> None:
+    row_t, col_t = node_terms.tables(run)
+    w = w_out[run.tensor].contiguous()
+    head_w = head_w.contiguous()
+    kernels.l2o_gmn_readout(_ptr(frame, 0, run.start), _ptr(frame, de, run.start), frame.stride(0), w.data_ptr(),
+                            row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
+                            float(head_b[1, 0]), nominal, float(lopt.max_log_step), _ADAM_ROW,
+                            _ptr(update, run.start), run.groups * run.rows, run.cols, run.rows,
+                            torch.get_num_threads())
 
 
 def gmn_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
@@ -125,10 +195,18 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
     deg_dst = edge_degree(graph, "dst").clamp(min=1).unsqueeze(1)
 
+    kernels = native.load(de, NUM_FEATURES, lopt.hidden) if dev.type == "cpu" else None
+    fused = [whole is not None and kernels is not None for whole, _ in plan.blocks]
+    torch_runs = [run for use, (_, runs) in zip(fused, plan.blocks) if not use for run in runs]
+    fused_blocks = [whole for use, (whole, _) in zip(fused, plan.blocks) if use]
+
     for layer, conv in enumerate(lopt.convs):
         node_terms = _NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias)
         acc_src, acc_dst = h.new_zeros(de, n_nodes), h.new_zeros(de, n_nodes)
-        for run in plan.edge_runs:
+        for run in fused_blocks:
+            _fused_round(kernels, frame, de, run, layer, w_enc, static, conv.edge_lin.weight, node_terms,
+                         acc_src, acc_dst)
+        for run in torch_runs:
             s, e = run.start, run.stop
             state_e = frame[:de, s:e]
             if layer == 0:  # encode the edges of this run
@@ -150,7 +228,10 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h),
                             lopt.edge_out_e.bias + lopt.edge_out_time(t))
     head_w, head_b = lopt.folded_head(lopt.edge_head)
-    for run in plan.edge_runs:
+    nominal = float(lopt.log_nominal.exp()) if lopt.nominal else 0.0
+    for run in fused_blocks:
+        _fused_readout(kernels, lopt, frame, de, run, w_out, node_terms, head_w, head_b, nominal, update)
+    for run in torch_runs:
         s, e = run.start, run.stop
         z = node_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], frame[:, s:e], run)
         z.relu_()

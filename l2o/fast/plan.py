@@ -134,14 +134,20 @@ class ChunkPlan:
         self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
                           for s, e in _ranges(t.start, t.stop, chunk)]
         self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
-        self.edge_runs: list[DenseRun | ScatterRun] = []
+        # per edge-held tensor: (the whole block as one run when it is dense, its runs);
+        # the fused kernels (native.py) take a dense block whole
+        self.blocks: list[tuple[DenseRun | None, list[DenseRun | ScatterRun]]] = []
         for k, b in enumerate(edge_blocks(graph)):
+            whole = None
             if isinstance(b, EdgeBlock):
-                self.edge_runs.extend(_dense_runs(graph, b, k, chunk))
-                continue
-            for s, e in _ranges(b.start, b.stop, chunk):
-                self.edge_runs.append(ScatterRun(s, e, k, graph.edge_index[0, s:e], graph.edge_index[1, s:e],
-                                                 graph.edge_kind[s:e], graph.edge_pos[s:e]))
+                runs = _dense_runs(graph, b, k, chunk)
+                whole = DenseRun(b.start, b.stop, k, b.groups, b.rows // b.groups, b.cols, b.row_end,
+                                 b.row_nodes, b.col_nodes, runs[0].static_cols)
+            else:
+                runs = [ScatterRun(s, e, k, graph.edge_index[0, s:e], graph.edge_index[1, s:e],
+                                   graph.edge_kind[s:e], graph.edge_pos[s:e]) for s, e in _ranges(b.start, b.stop, chunk)]
+            self.blocks.append((whole, runs))
+        self.edge_runs: list[DenseRun | ScatterRun] = [r for _, runs in self.blocks for r in runs]
         self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
         self._buffers: dict[tuple, Tensor] = {}
 
