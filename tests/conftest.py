@@ -2,6 +2,28 @@
 import pytest
 
 from l2o import fast
+from l2o.fast import native
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _kernel_cache(tmp_path_factory):
+    """The fused kernels are built into a fresh directory once per test
+    session (a stale user cache must not decide whether they build)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("L2O_CACHE", str(tmp_path_factory.mktemp("l2o_cache")))
+    native.forget()
+    yield
+    mp.undo()
+    native.forget()
+
+
+@pytest.fixture(params=["torch", "native"])
+def kernels(request, monkeypatch):
+    """Runs a test with the chunked step's fused C kernels off and on."""
+    monkeypatch.setenv("L2O_NATIVE", "1" if request.param == "native" else "0")
+    if request.param == "native" and native.load(8, 8, 16) is None:
+        pytest.skip(native.status())
+    return request.param
 
 
 @pytest.fixture

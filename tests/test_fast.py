@@ -1,5 +1,7 @@
 """The chunked no-grad step (l2o/fast) computes what the differentiable forward computes."""
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -9,6 +11,7 @@ from torch.nn import functional as F
 import l2o
 import tasks
 from l2o import fast
+from l2o.fast import native
 from l2o.fast import plan as plan_mod
 from l2o.fast.gmn import gmn_step
 from l2o.fast.mlp import mlp_step
@@ -73,7 +76,7 @@ def _compare(lopt, fast_step, graph, flat):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_gmn_fast_step_equals_forward(name, chunk):
+def test_gmn_fast_step_equals_forward(name, chunk, kernels):
     torch.manual_seed(0)
     make, example = MODELS[name]
     model = make()
@@ -92,7 +95,7 @@ def test_mlp_fast_step_equals_forward(name, chunk):
     _compare(_scrambled(l2o.MLPLOpt()), mlp_step, layout, flat)
 
 
-def test_irregular_edges_take_the_scatter_runs(chunk):
+def test_irregular_edges_take_the_scatter_runs(chunk, kernels):
     graph = l2o.build_graph(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
     graph.edge_index = graph.edge_index.clone()
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
@@ -102,7 +105,7 @@ def test_irregular_edges_take_the_scatter_runs(chunk):
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
 
 
-def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk):
+def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk, kernels):
     """Relabel the nodes at random: blocks stay dense but their rows are no
     longer a range of node ids."""
     make, example = MODELS["grouped_conv1d"]
@@ -117,6 +120,39 @@ def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk):
         assert any(r.row_range is None for r in runs)
     flat = torch.randn(graph.num_params, generator=torch.Generator().manual_seed(1))
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+
+def test_gmn_fast_step_without_the_nominal_term(kernels):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 19), nn.Tanh(), nn.Linear(19, 3))
+    graph = l2o.build_graph(model)
+    lopt = _scrambled(l2o.GMNLOpt(nominal=False))
+    _compare(lopt, gmn_step, graph, graph.gather([p.detach() for p in model.parameters()]))
+
+
+def test_fused_kernels_build_where_there_is_a_compiler(monkeypatch):
+    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    assert native.load(8, 8, 16) is not None, native.status()
+    assert native.status() == "fused C kernels in use"
+    monkeypatch.setenv("L2O_NATIVE", "0")
+    assert native.load(8, 8, 16) is None and "disabled" in native.status()
+
+
+def test_without_a_compiler_the_step_falls_back_to_torch(monkeypatch, tmp_path):
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    monkeypatch.setenv("L2O_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    native.forget()
+    try:
+        assert native.load(8, 8, 16) is None
+        assert "unavailable" in native.status() and "no-such-cc" in native.status()
+        model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 2))
+        graph = l2o.build_graph(model)
+        _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, graph.gather([p.detach() for p in model.parameters()]))
+    finally:
+        native.forget()
 
 
 def test_plan_runs_tile_the_flat_vector(chunk):
@@ -176,7 +212,7 @@ def test_fast_path_is_used_only_for_large_cpu_models():
 
 
 @pytest.mark.parametrize("name", [n for n in tasks.list_tasks("all") if tasks.get_task(n).available()])
-def test_fast_step_equals_forward_on_every_task_of_the_suite(name):
+def test_fast_step_equals_forward_on_every_task_of_the_suite(name, kernels):
     task = tasks.get_task(name)
     model = task.init(0)
     graph = l2o.build_graph(model, task.example_inputs())

@@ -113,6 +113,13 @@ def load(edge_dim: int, num_features: int, hidden: int) -> ctypes.CDLL | None:
     return lib
 
 
+def forget() -> None:
+    """Drop the loaded libraries and remembered failures (the next
+    :func:`load` looks again, e.g. after ``$CC`` or ``$L2O_CACHE`` changed)."""
+    _loaded.clear()
+    _why_not.clear()
+
+
 def status(edge_dim: int = 8, num_features: int = 8, hidden: int = 16) -> str:
     """One line: whether the fused kernels for these widths are in use, and
     why not when they are not."""
