@@ -86,7 +86,7 @@ def test_gmn_fast_step_equals_forward(name, chunk, kernels):
 
 
 @pytest.mark.parametrize("name", ["mlp", "embedding_transformer"])
-def test_mlp_fast_step_equals_forward(name, chunk):
+def test_mlp_fast_step_equals_forward(name, chunk, kernels):
     torch.manual_seed(0)
     make, example = MODELS[name]
     model = make()
@@ -179,7 +179,7 @@ def _train(model, opt, batches):
 
 
 @pytest.mark.parametrize("cls", [l2o.GMNOptimizer, l2o.MLPOptimizer])
-def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, use_step_path):
+def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, use_step_path, kernels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 4))
     model[2].weight.requires_grad_(False)  # a frozen tensor: never moves

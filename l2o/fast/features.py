@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import features as F_
+from .native import address
 from .plan import ChunkPlan
 
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
@@ -61,18 +62,46 @@ def _same(a: Tensor, b: Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
+def _unit_stride(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
+
+
+def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor,
+                           v_all: Tensor, x_all: Tensor, c: StepConstants) -> Tensor:
+    """The statistics pass in C (native.py), one call per tensor; returns the
+    features' sums of squares per tensor ``[T, F]``."""
+    betas = F_._constant("betas", F_.MOMENTUM_BETAS, params.device)
+    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    for k, t in enumerate(plan.tensor_slices):
+        if t.stop > t.start:
+            kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
+                              address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
+                              address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
+                              F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale, c.adam_eps,
+                              F_.ADAM_BETA1_INDEX, address(sums, k), threads)
+    return sums.float()
+
+
 def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
-                       x_all: Tensor) -> Tensor:
+                       x_all: Tensor, kernels=None) -> Tensor:
     """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
     is advanced too); writes the raw features into ``x_all`` ``[F, n]`` and
-    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step."""
+    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step.
+    ``kernels``: the fused C kernels (:mod:`.native`), or None for torch ops."""
     device = params.device
-    betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
-    one_minus = F_._constant("one_minus_betas", tuple(1.0 - b for b in F_.MOMENTUM_BETAS), device).unsqueeze(1)
-    b2 = F_.SECOND_MOMENT_BETA
     state["step"] = state["step"] + 1.0
     c = StepConstants(float(state["step"]))
     m_all, v_all = state["m"], state["v"]
+    counts = torch.tensor([t.stop - t.start for t in plan.tensor_slices], device=device,
+                          dtype=torch.float32).clamp(min=1)
+    if kernels is not None and _unit_stride(params, grad, m_all, v_all, x_all):
+        sums = _sums_of_squares_fused(kernels, plan, params, grad, m_all, v_all, x_all, c)
+        return 1.0 / ((sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt() + F_._RMS_EPS)
+
+    betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
+    one_minus = F_._constant("one_minus_betas", tuple(1.0 - b for b in F_.MOMENTUM_BETAS), device).unsqueeze(1)
+    b2 = F_.SECOND_MOMENT_BETA
     # inputs the optimizer already keeps in the frame (frame_views) need no copy
     copy_p, copy_g, copy_m = (not _same(a, b) for a, b in ((params, x_all[_P]), (grad, x_all[_G]),
                                                            (m_all, x_all[_M0:_ADAM])))
@@ -93,10 +122,7 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         torch.linalg.vector_norm(x, dim=1, out=norms[i])
     sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
         0, plan.stat_run_tensor, norms.square_())
-    counts = torch.tensor([t.stop - t.start for t in plan.tensor_slices], device=device,
-                          dtype=torch.float32).clamp(min=1)
-    rms = (sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt()
-    return 1.0 / (rms + F_._RMS_EPS)
+    return 1.0 / ((sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt() + F_._RMS_EPS)
 
 
 def adam_row(x: Tensor) -> Tensor:

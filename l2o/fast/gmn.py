@@ -27,8 +27,8 @@ from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
 from . import native
+from .native import address
 from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
-from .features import _ADAM as _ADAM_ROW
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 
@@ -126,12 +126,6 @@ class _StaticEdgeTerms:
         return out.addmm_(weight, inp)
 
 
-def _ptr(t: Tensor, *index: int) -> int:
-    """Address of ``t[index]`` for the C kernels (which index from it with the
-    strides they are given)."""
-    return t.data_ptr() + t.element_size() * sum(i * s for i, s in zip(index, t.stride()))
-
-
 def _fused_round(kernels, frame: Tensor, de: int, run: DenseRun, layer: int, w_enc: Tensor,
                  static: _StaticEdgeTerms, w_msg: Tensor, node_terms: _NodeTerms,
                  acc_src: Tensor, acc_dst: Tensor) -> None:
@@ -140,20 +134,17 @@ def _fused_round(kernels, frame: Tensor, de: int, run: DenseRun, layer: int, w_e
     rows, n_cols = run.groups * run.rows, run.groups * run.cols
     row_t, col_t = node_terms.tables(run)
     row_sum, col_sum = frame.new_zeros(de, rows), frame.new_zeros(de, n_cols)
-    keep = []  # tensors whose addresses the call uses
     if layer == 0:
         stat, stat_ld, stat_rs = static.table(run)
         w = w_enc[run.tensor].contiguous()
-        keep += [stat, w]
-        x, w_ptr, stat_ptr = _ptr(frame, de, run.start), w.data_ptr(), stat.data_ptr()
+        x, w_ptr, stat_ptr = address(frame, de, run.start), w.data_ptr(), stat.data_ptr()
     else:
         x = w_ptr = stat_ptr = None
         stat_ld = stat_rs = 0
     w_msg = w_msg.contiguous()
     kernels.l2o_gmn_round(x, w_ptr, stat_ptr, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
-                          col_t.data_ptr(), _ptr(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
+                          col_t.data_ptr(), address(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
                           col_sum.data_ptr(), rows, run.cols, run.rows, torch.get_num_threads())
-    del keep
     acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
     run.add_to_rows_(acc_row, row_sum)
     acc_col.index_add_(1, run.col_nodes, col_sum)
@@ -164,10 +155,10 @@ def _fused_readout(kernels, lopt, frame: Tensor, de: int, run: DenseRun, w_out: 
     row_t, col_t = node_terms.tables(run)
     w = w_out[run.tensor].contiguous()
     head_w = head_w.contiguous()
-    kernels.l2o_gmn_readout(_ptr(frame, 0, run.start), _ptr(frame, de, run.start), frame.stride(0), w.data_ptr(),
-                            row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
-                            float(head_b[1, 0]), nominal, float(lopt.max_log_step), _ADAM_ROW,
-                            _ptr(update, run.start), run.groups * run.rows, run.cols, run.rows,
+    kernels.l2o_gmn_readout(address(frame, 0, run.start), address(frame, de, run.start), frame.stride(0),
+                            w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(),
+                            float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
+                            address(update, run.start), run.groups * run.rows, run.cols, run.rows,
                             torch.get_num_threads())
 
 
@@ -184,7 +175,8 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     dev = params.device
     plan, frame = gmn_frame(lopt, graph, dev)
     de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
-    inv_rms = update_statistics_(plan, params, grad, state, frame[de:])
+    kernels = native.load(NUM_FEATURES, de, lopt.hidden) if dev.type == "cpu" else None
+    inv_rms = update_statistics_(plan, params, grad, state, frame[de:], kernels)
     t = F_.time_features(state["step"])
     update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step
 
@@ -195,7 +187,6 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
     deg_dst = edge_degree(graph, "dst").clamp(min=1).unsqueeze(1)
 
-    kernels = native.load(de, NUM_FEATURES, lopt.hidden) if dev.type == "cpu" else None
     fused = [whole is not None and kernels is not None for whole, _ in plan.blocks]
     torch_runs = [run for use, (_, runs) in zip(fused, plan.blocks) if not use for run in runs]
     fused_blocks = [whole for use, (whole, _) in zip(fused, plan.blocks) if use]

@@ -18,9 +18,30 @@ from torch import Tensor
 
 from .. import features as F_
 from ..graph.param_graph import ParamGraph
+from . import native
 from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
+from .native import address
 from . import plan as plan_module
 from .plan import ChunkPlan, chunk_plan
+
+
+def _fused_mlp(kernels, lopt, plan: ChunkPlan, x_all: Tensor, inv_rms: Tensor, t: Tensor) -> Tensor:
+    """The whole network per tensor in C (native.py): one pass over the entries."""
+    update = plan.scratch("update", 1, plan.num_params, x_all.device)[0]
+    w_in = fold_input_scale(lopt.inp.weight, inv_rms).contiguous()       # [T, H, F]
+    b_in = (lopt.inp.bias + lopt.time(t)).contiguous()
+    w_mid, b_mid = lopt.mid.weight.contiguous(), lopt.mid.bias.contiguous()
+    head_w, head_b = lopt.folded_head(lopt.out)
+    head_w = head_w.contiguous()
+    nominal = float(lopt.log_nominal.exp()) if lopt.nominal else 0.0
+    for k, t_slice in enumerate(plan.tensor_slices):
+        n = t_slice.stop - t_slice.start
+        if n:
+            kernels.l2o_mlp_step(n, address(x_all, 0, t_slice.start), x_all.stride(0), address(w_in, k),
+                                 b_in.data_ptr(), w_mid.data_ptr(), b_mid.data_ptr(), head_w.data_ptr(),
+                                 float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
+                                 address(update, t_slice.start), torch.get_num_threads())
+    return update
 
 
 def mlp_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
@@ -34,8 +55,11 @@ def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     dev = params.device
     plan, x_all = mlp_frame(lopt, graph, dev)
-    inv_rms = update_statistics_(plan, params, grad, state, x_all)
+    kernels = native.load(F_.NUM_ENTRY_FEATURES, mlp_hidden=lopt.hidden) if dev.type == "cpu" else None
+    inv_rms = update_statistics_(plan, params, grad, state, x_all, kernels)
     t = F_.time_features(state["step"])
+    if kernels is not None:
+        return _fused_mlp(kernels, lopt, plan, x_all, inv_rms, t), state
     w_in = fold_input_scale(lopt.inp.weight, inv_rms).transpose(1, 2)   # [T, F, H]
     b_in = lopt.inp.bias + lopt.time(t)                                  # [H]
     w_mid = lopt.mid.weight.t()

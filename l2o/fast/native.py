@@ -1,4 +1,4 @@
-"""Builds and loads the fused C kernels of the chunked step (``gmn_kernel.c``).
+"""Builds and loads the fused C kernels of the chunked step (``kernels.c``).
 
 The kernels are plain C called through :mod:`ctypes` on tensors' data
 pointers: no torch headers, so a build takes about a second with the system C
@@ -19,16 +19,25 @@ import sys
 import tempfile
 from pathlib import Path
 
-_SOURCE = Path(__file__).with_name("gmn_kernel.c")
-_loaded: dict[tuple[int, int, int], ctypes.CDLL | None] = {}
-_why_not: dict[tuple[int, int, int], str] = {}
+_SOURCE = Path(__file__).with_name("kernels.c")
+Sizes = tuple[int, int, int, int]  # (features, GMN edge width, GMN read-out width, MLP width); 0: not built in
+_loaded: dict[Sizes, ctypes.CDLL | None] = {}
+_why_not: dict[Sizes, str] = {}
 
 _f, _l, _i = ctypes.c_float, ctypes.c_long, ctypes.c_int
 _p = ctypes.c_void_p
 _SIGNATURES = {
+    "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _l, _p, _f, _f, _f, _f, _i, _p, _i],
     "l2o_gmn_round": [_p, _p, _p, _l, _l, _p, _p, _p, _p, _l, _p, _p, _l, _l, _l, _i],
-    "l2o_gmn_readout": [_p, _p, _l, _p, _p, _p, _p, _f, _f, _f, _f, _l, _p, _l, _l, _l, _i],
+    "l2o_gmn_readout": [_p, _p, _l, _p, _p, _p, _p, _f, _f, _f, _f, _p, _l, _l, _l, _i],
+    "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _i],
 }
+
+
+def address(t, *index: int) -> int:
+    """Address of ``t[index]`` (the kernels index from it with the strides
+    they are given)."""
+    return t.data_ptr() + t.element_size() * sum(i * s for i, s in zip(index, t.stride()))
 
 
 def enabled() -> bool:
@@ -51,17 +60,19 @@ def _cpu_key() -> str:
     return f"{platform.machine()}|{platform.system()}|{flags}"
 
 
-def _compile(out: Path, sizes: tuple[int, int, int]) -> str | None:
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _compile(out: Path, sizes: Sizes) -> str | None:
     """Builds the library at ``out``; returns an error message or None."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    cc = compiler()
     if not cc:
         return "no C compiler found (set CC)"
-    de, nf, hid = sizes
-    defines = [f"-DDE={de}", f"-DNF={nf}", f"-DHID={hid}"]
-    # -ffast-math lets the compiler vectorise expf (libmvec); it is passed to
-    # the compile step only, because linking with it would install a
-    # flush-to-zero start-up hook into the whole process.
-    base = ["-O3", "-fPIC", *defines]
+    defines = [f"-D{name}={value}" for name, value in zip(("NF", "DE", "HID", "MH"), sizes) if value]
+    # no -ffast-math: it would let the compiler reassociate the unrolled
+    # products (slower here) and, linked, set flush-to-zero for the process
+    base = ["-O3", "-fPIC", "-fno-math-errno", *defines]
     out.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
@@ -79,14 +90,17 @@ def _compile(out: Path, sizes: tuple[int, int, int]) -> str | None:
             if done.returncode == 0:
                 os.replace(lib, out)  # atomic: a concurrent process never loads half a file
                 return None
-            errors.append(done.stderr.strip()[-500:])
+            lines = done.stderr.strip().splitlines()
+            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no output"))
     return f"building {_SOURCE.name} with {cc} failed: {errors[-1]}"
 
 
-def load(edge_dim: int, num_features: int, hidden: int) -> ctypes.CDLL | None:
-    """The kernel library for these widths, building it on first use; None
-    when disabled or unavailable (see :func:`status`)."""
-    sizes = (int(edge_dim), int(num_features), int(hidden))
+def load(num_features: int, edge_dim: int = 0, hidden: int = 0, mlp_hidden: int = 0) -> ctypes.CDLL | None:
+    """The kernel library for these widths (``edge_dim``/``hidden`` for the
+    GMN's passes, ``mlp_hidden`` for the per-parameter MLP's, the statistics
+    pass always), building it on first use; None when disabled or unavailable
+    (see :func:`status`)."""
+    sizes: Sizes = (int(num_features), int(edge_dim), int(hidden) if edge_dim else 0, int(mlp_hidden))
     if not enabled():
         return None
     if sizes in _loaded:
@@ -94,17 +108,19 @@ def load(edge_dim: int, num_features: int, hidden: int) -> ctypes.CDLL | None:
     lib = None
     try:
         key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, _cpu_key(), sys.platform)).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"gmn_{sizes[0]}_{sizes[1]}_{sizes[2]}_{key}.so"
+        path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
         error = None if path.exists() else _compile(path, sizes)
         if error is None:
             lib = ctypes.CDLL(str(path))
-            for name, argtypes in _SIGNATURES.items():
-                getattr(lib, name).argtypes = argtypes
-                getattr(lib, name).restype = ctypes.c_int
-            built = (ctypes.c_long * 3)()
-            lib.l2o_gmn_sizes(built)
+            built = (ctypes.c_long * 4)()
+            lib.l2o_sizes(built)
             if tuple(built) != sizes:
-                lib, error = None, f"{path} was built for sizes {tuple(built)}, not {sizes}"
+                lib, error = None, f"{path} was built for widths {tuple(built)}, not {sizes}"
+            else:
+                for name, argtypes in _SIGNATURES.items():
+                    if hasattr(lib, name):
+                        getattr(lib, name).argtypes = argtypes
+                        getattr(lib, name).restype = ctypes.c_int
         if error is not None:
             _why_not[sizes] = error
     except OSError as exc:
@@ -120,11 +136,12 @@ def forget() -> None:
     _why_not.clear()
 
 
-def status(edge_dim: int = 8, num_features: int = 8, hidden: int = 16) -> str:
+def status(num_features: int = 8, edge_dim: int = 8, hidden: int = 16, mlp_hidden: int = 0) -> str:
     """One line: whether the fused kernels for these widths are in use, and
     why not when they are not."""
     if not enabled():
         return "fused C kernels disabled (L2O_NATIVE=0): the chunked step uses torch ops"
-    if load(edge_dim, num_features, hidden) is not None:
+    if load(num_features, edge_dim, hidden, mlp_hidden) is not None:
         return "fused C kernels in use"
-    return f"fused C kernels unavailable ({_why_not.get((edge_dim, num_features, hidden))}): torch ops instead"
+    sizes = (num_features, edge_dim, hidden if edge_dim else 0, mlp_hidden)
+    return f"fused C kernels unavailable ({_why_not.get(sizes)}): torch ops instead"

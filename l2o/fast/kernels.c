@@ -1,0 +1,504 @@
+/* Fused passes of the chunked no-grad step (l2o/fast), called through ctypes
+ * by l2o/fast/native.py.
+ *
+ * The torch version of a pass streams every intermediate of an entry ([DE]
+ * or [HID] floats) through memory once per op. Here an entry's whole chain --
+ * statistics, encode, message, aggregate, read-out -- stays in registers, so
+ * a pass reads an entry's inputs once and writes its outputs once.
+ * Vectorised across TC neighbouring entries (for an edge pass: neighbouring
+ * columns of one row of a dense block, see l2o/graph/blocks.py, where edge
+ * (i, j) sits at flat index i * C + j, the row fixing one end node, the
+ * column the other).
+ *
+ * Widths are compile-time so the small loops unroll fully: -DNF (features)
+ * always, -DDE -DHID for the GMN's passes, -DMH for the per-parameter MLP's;
+ * native.py builds one library per set of widths. Tables are feature-major:
+ * row d of a [D, n] table starts at t + d * ld.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef NF
+#error "compile with -DNF=<number of entry features>"
+#endif
+#define NM (NF - 4) /* momenta: the rows are param, grad, m_0..m_{NM-1}, adam, sqrt(v) (l2o/fast/features.py) */
+#define ROW_P 0
+#define ROW_G 1
+#define ROW_M0 2
+#define ROW_ADAM (2 + NM)
+#define ROW_SQRT_V (3 + NM)
+
+/* ------------------------------------------------------------ vectors */
+
+/* VB lanes (GCC/clang vector extension: one AVX register for VB = 8;
+ * narrower targets split it), T vectors per tile: TC entries. */
+#ifndef VB
+#define VB 8
+#endif
+#ifndef T
+#define T 2
+#endif
+#define TC (T * VB)
+#ifndef GROUP
+#define GROUP 2 /* output rows per register block of affine(); measured best with T = 2 */
+#endif
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vf __attribute__((vector_size(VB * sizeof(float))));
+typedef int vi __attribute__((vector_size(VB * sizeof(int))));
+static const float ONES[VB] = {[0 ... VB - 1] = 1.f};
+
+/* A partial tile (a row's end) goes through zero-padded copies. */
+INLINE vf load(const float *p, int nv) {
+    vf r = {0};
+    memcpy(&r, p, (size_t)nv * sizeof(float));
+    return r;
+}
+INLINE void store(float *p, vf v, int nv) { memcpy(p, &v, (size_t)nv * sizeof(float)); }
+INLINE vf splat(float x) {
+    vf r;
+    for (int v = 0; v < VB; v++) r[v] = x;
+    return r;
+}
+INLINE vf relu(vf x) { return (vf)((vi)x & (x > 0)); }
+INLINE vf blend(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+INLINE vf vsqrt(vf x) {
+    for (int v = 0; v < VB; v++) x[v] = __builtin_sqrtf(x[v]); /* vsqrtps with -fno-math-errno */
+    return x;
+}
+INLINE int lanes(int nv, int t) { return nv - t * VB < 0 ? 0 : nv - t * VB > VB ? VB : nv - t * VB; }
+
+/* exp over the lanes (libm's expf does not vectorise portably): Cody-Waite
+ * range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
+ * minimax polynomial for e^r; relative error ~2 ulp. */
+INLINE vf vexp(vf x) {
+    x = blend(x > 88.f, splat(88.f), blend(x < -87.f, splat(-87.f), x));
+    vf fx = x * 1.44269504088896341f + 0.5f;
+    vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+    n = blend(n > fx, n - 1.f, n); /* floor */
+    x = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf y = 1.9875691500e-4f * x + 1.3981999507e-3f;
+    y = y * x + 8.3334519073e-3f;
+    y = y * x + 4.1665795894e-2f;
+    y = y * x + 1.6666665459e-1f;
+    y = y * x + 5.0000001201e-1f;
+    y = y * x * x + x + 1.f;
+    vi bits = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n */
+    return y * (vf)bits;
+}
+
+/* The learned optimizers' update formula (LearnedOptimizer.finish_update_)
+ * from the folded head's outputs: (d - w_nom adam) exp(2c sigmoid(s') - c),
+ * which is c tanh(s / c) with the 2 / c folded into s'. */
+INLINE vf finish(vf dir, vf log_step, vf adam, float nominal, float c) {
+    return (dir - nominal * adam) * vexp(2.f * c / (1.f + vexp(-log_step)) - c);
+}
+
+/* A pass streams ~20 rows at once, more than the hardware prefetchers
+ * follow: each tile asks for the same rows PREFETCH floats further on. */
+#ifndef PREFETCH
+#define PREFETCH (4 * TC)
+#endif
+
+/* rows [0, n) of a feature-major table at p (stride ld) into a tile */
+INLINE void load_rows(const int n, const float *p, long ld, int nv, vf out[][T]) {
+#pragma GCC unroll 64
+    for (int r = 0; r < n; r++) {
+        __builtin_prefetch(p + r * ld + PREFETCH, 0, 0);
+        for (int t = 0; t < T; t++) out[r][t] = load(p + r * ld + t * VB, lanes(nv, t));
+    }
+}
+
+/* out[d] += w[d, :] in, d < D, for one tile: GROUP output rows at a time so
+ * GROUP * T accumulators stay in registers while each input vector is
+ * loaded once per group (the register blocking of a GEMM micro-kernel). */
+INLINE void affine(const int D, const int K, const float *restrict w, vf in[][T], vf out[][T]) {
+#pragma GCC unroll 16
+    for (int d0 = 0; d0 < D; d0 += GROUP) {
+        const int nd = D - d0 < GROUP ? D - d0 : GROUP;
+        vf acc[GROUP][T];
+#pragma GCC unroll 16
+        for (int dd = 0; dd < nd; dd++)
+            for (int t = 0; t < T; t++) acc[dd][t] = out[d0 + dd][t];
+#pragma GCC unroll 64
+        for (int k = 0; k < K; k++)
+#pragma GCC unroll 16
+            for (int dd = 0; dd < nd; dd++) {
+                const float wv = w[(d0 + dd) * K + k];
+                for (int t = 0; t < T; t++) acc[dd][t] += wv * in[k][t];
+            }
+#pragma GCC unroll 16
+        for (int dd = 0; dd < nd; dd++)
+            for (int t = 0; t < T; t++) out[d0 + dd][t] = acc[dd][t];
+    }
+}
+
+/* ------------------------------------------------------------ threads */
+
+#define MAX_THREADS 64
+/* starting a thread costs tens of microseconds: one per MIN_WORK_PER_THREAD entries at most */
+#ifndef MIN_WORK_PER_THREAD
+#define MIN_WORK_PER_THREAD 32768
+#endif
+
+typedef void (*range_fn)(const void *args, long r0, long r1, int thread);
+typedef struct {
+    range_fn fn;
+    const void *args;
+    long r0, r1;
+    int thread;
+} job;
+
+static void *run_job(void *p) {
+    const job *j = p;
+    j->fn(j->args, j->r0, j->r1, j->thread);
+    return NULL;
+}
+
+/* How many threads parallel_for will use for `n` units of `work` entries in all. */
+static int thread_count(long n, long work, int threads) {
+    if (threads > work / MIN_WORK_PER_THREAD) threads = (int)(work / MIN_WORK_PER_THREAD);
+    if (threads > n) threads = (int)n;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    return threads < 1 ? 1 : threads;
+}
+
+/* fn over [0, n) in `threads` contiguous slices (the caller passes torch's
+ * thread count through thread_count); the calling thread takes the first. */
+static void parallel_for(range_fn fn, const void *args, long n, int threads) {
+    job jobs[MAX_THREADS];
+    pthread_t tid[MAX_THREADS];
+    int started = 0;
+    for (int t = 0; t < threads; t++) jobs[t] = (job){fn, args, n * t / threads, n * (t + 1) / threads, t};
+    for (int t = 1; t < threads; t++) {
+        if (pthread_create(&tid[t], NULL, run_job, &jobs[t]) != 0) break;
+        started = t;
+    }
+    run_job(&jobs[0]);
+    for (int t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that failed to start */
+}
+
+/* ------------------------------------------------------------ statistics */
+
+/* One step of the momenta and second moment of the entries of one tensor,
+ * and their features (l2o/fast/features.py: update_statistics_):
+ *   m_k = beta_k m_k + (1 - beta_k) g,  v = b2 v + (1 - b2) g^2,
+ *   rows p, g, m_k, adam = adam_scale m_adam / (sqrt(v) + adam_eps), sqrt(v),
+ * plus each feature row's sum of squares over the tensor. p, g and m may
+ * already be rows of x (the optimizer keeps them there): then nothing is copied. */
+typedef struct {
+    const float *p, *g;
+    float *m, *v, *x;
+    long m_ld, x_ld;
+    const float *betas;
+    float b2, sqrt_eps, adam_scale, adam_eps;
+    int adam_m;
+    double sums[MAX_THREADS][NF];
+} stats_args;
+
+static void stats_range(const void *args, long i0, long i1, int thread) {
+    const stats_args *a = args;
+    float *const x = a->x;
+    const long ld = a->x_ld;
+    const int copy_p = a->p != x + ROW_P * ld, copy_g = a->g != x + ROW_G * ld, copy_m = a->m != x + ROW_M0 * ld;
+    double *sums = ((stats_args *)a)->sums[thread];
+    for (int f = 0; f < NF; f++) sums[f] = 0.0;
+    /* float partial sums per block of entries, flushed to double: accurate
+     * to float resolution however long the tensor */
+    for (long b0 = i0; b0 < i1; b0 += 64 * TC) {
+        const long b1 = b0 + 64 * TC < i1 ? b0 + 64 * TC : i1;
+        vf sq[NF];
+        for (int f = 0; f < NF; f++) sq[f] = splat(0.f);
+        for (long i = b0; i < b1; i += VB) {
+            const int nv = b1 - i < VB ? (int)(b1 - i) : VB;
+            vf row[NF];
+            const vf g = load(a->g + i, nv);
+            row[ROW_P] = load(a->p + i, nv);
+            row[ROW_G] = g;
+#pragma GCC unroll 16
+            for (int k = 0; k < NM; k++) {
+                float *mk = a->m + k * a->m_ld + i;
+                const float beta = a->betas[k];
+                row[ROW_M0 + k] = load(mk, nv) * beta + g * (1.f - beta);
+                store(mk, row[ROW_M0 + k], nv);
+            }
+            const vf v = load(a->v + i, nv) * a->b2 + g * g * (1.f - a->b2);
+            store(a->v + i, v, nv);
+            row[ROW_SQRT_V] = vsqrt(v + a->sqrt_eps);
+            row[ROW_ADAM] = row[ROW_M0 + a->adam_m] / (row[ROW_SQRT_V] + a->adam_eps) * a->adam_scale;
+            if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
+            if (copy_g) store(x + ROW_G * ld + i, g, nv);
+            if (copy_m)
+                for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
+            store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
+            store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
+            if (nv < VB) row[ROW_SQRT_V] *= load(ONES, nv); /* padded lanes: sqrt(0 + eps), not 0 */
+            for (int f = 0; f < NF; f++) sq[f] += row[f] * row[f];
+        }
+        for (int f = 0; f < NF; f++)
+            for (int v = 0; v < VB; v++) sums[f] += sq[f][v];
+    }
+}
+
+int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, float *x, long x_ld,
+              const float *betas, float b2, float sqrt_eps, float adam_scale, float adam_eps, int adam_m,
+              double *sums, int threads) {
+    stats_args *a = malloc(sizeof *a);
+    if (!a) return -1;
+    *a = (stats_args){p, g, m, v, x, m_ld, x_ld, betas, b2, sqrt_eps, adam_scale, adam_eps, adam_m, {{0}}};
+    threads = thread_count(n, n, threads);
+    parallel_for(stats_range, a, n, threads);
+    for (int f = 0; f < NF; f++) {
+        sums[f] = 0.0;
+        for (int t = 0; t < threads; t++) sums[f] += a->sums[t][f];
+    }
+    free(a);
+    return 0;
+}
+
+/* ------------------------------------------------------------ GMN */
+#ifdef DE
+
+/* One message-passing round over one dense block, rows [r0, r1):
+ *   enc = x given ? relu(W_enc x + static) : e
+ *   m   = relu(W_msg enc + row_t[:, i] + col_t[:, g(i) * C + j])
+ *   e   = enc + m;  row_acc[:, i] += m;  col_acc[:, g(i) * C + j] += m
+ * where g(i) = i / per_group is the row's group (grouped convolutions).
+ */
+typedef struct {
+    const float *x;             /* NF feature rows (stride ld), or NULL after the first round */
+    const float *w_enc;         /* [DE][NF] */
+    const float *stat;          /* static encoder term of edge (i, j) at stat[d * stat_ld + i * stat_rs + j] */
+    long stat_ld, stat_rs;
+    const float *w_msg;         /* [DE][DE] */
+    const float *row_t, *col_t; /* [DE][R], [DE][G * C] */
+    float *e;                   /* DE edge-state rows (stride ld) */
+    long ld;
+    float *row_acc;             /* [DE][R], added to */
+    float *col_acc[MAX_THREADS]; /* [DE][G * C] per thread; [0] is the caller's, added to */
+    long rows, cols, per_group;
+} round_args;
+
+INLINE void round_tile(const round_args *a, long i, long j0, int nv, float *col_acc, vf racc[][T]) {
+    const long base = i * a->cols + j0, col_ld = (a->rows / a->per_group) * a->cols;
+    const long gc = (i / a->per_group) * a->cols + j0;
+    vf enc[DE][T], m[DE][T];
+    if (a->x) {
+        vf x[NF][T];
+        load_rows(NF, a->x + base, a->ld, nv, x);
+        load_rows(DE, a->stat + i * a->stat_rs + j0, a->stat_ld, nv, enc);
+        affine(DE, NF, a->w_enc, x, enc);
+#pragma GCC unroll 64
+        for (int d = 0; d < DE; d++)
+            for (int t = 0; t < T; t++) enc[d][t] = relu(enc[d][t]);
+    } else {
+        load_rows(DE, a->e + base, a->ld, nv, enc);
+    }
+    load_rows(DE, a->col_t + gc, col_ld, nv, m);
+#pragma GCC unroll 64
+    for (int d = 0; d < DE; d++)
+        for (int t = 0; t < T; t++) m[d][t] += a->row_t[d * a->rows + i];
+    affine(DE, DE, a->w_msg, enc, m);
+#pragma GCC unroll 64
+    for (int d = 0; d < DE; d++) {
+        float *ca = col_acc + d * col_ld + gc, *eo = a->e + d * a->ld + base;
+        __builtin_prefetch(eo + PREFETCH, 1, 0);
+        for (int t = 0; t < T; t++) {
+            const int n = lanes(nv, t);
+            vf mv = relu(m[d][t]);
+            if (n < VB) mv *= load(ONES, n); /* padded lanes must not reach the row sums */
+            racc[d][t] += mv;
+            store(ca + t * VB, load(ca + t * VB, n) + mv, n);
+            store(eo + t * VB, enc[d][t] + mv, n);
+        }
+    }
+}
+
+static void round_range(const void *args, long r0, long r1, int thread) {
+    const round_args *a = args;
+    float *col_acc = a->col_acc[thread];
+    for (long i = r0; i < r1; i++) {
+        vf racc[DE][T];
+        for (int d = 0; d < DE; d++)
+            for (int t = 0; t < T; t++) racc[d][t] = splat(0.f);
+        long j = 0;
+        for (; j + TC <= a->cols; j += TC) round_tile(a, i, j, TC, col_acc, racc);
+        if (j < a->cols) round_tile(a, i, j, (int)(a->cols - j), col_acc, racc);
+        for (int d = 0; d < DE; d++) {
+            vf sum = racc[d][0];
+            for (int t = 1; t < T; t++) sum += racc[d][t];
+            float s = 0.f;
+            for (int v = 0; v < VB; v++) s += sum[v];
+            a->row_acc[d * a->rows + i] += s;
+        }
+    }
+}
+
+int l2o_gmn_round(const float *x, const float *w_enc, const float *stat, long stat_ld, long stat_rs,
+                  const float *w_msg, const float *row_t, const float *col_t, float *e, long ld, float *row_acc,
+                  float *col_acc, long rows, long cols, long per_group, int threads) {
+    round_args *a = malloc(sizeof *a);
+    if (!a) return -1;
+    *a = (round_args){x, w_enc, stat, stat_ld, stat_rs, w_msg, row_t, col_t, e, ld, row_acc, {col_acc},
+                      rows, cols, per_group};
+    threads = thread_count(rows, rows * cols, threads);
+    /* the other threads sum their columns privately, added in after the join */
+    const long col_len = DE * (rows / per_group) * cols;
+    float *priv = threads > 1 ? calloc((size_t)(threads - 1) * col_len, sizeof(float)) : NULL;
+    if (!priv) threads = 1;
+    for (int t = 1; t < threads; t++) a->col_acc[t] = priv + (size_t)(t - 1) * col_len;
+    parallel_for(round_range, a, rows, threads);
+    for (int t = 1; t < threads; t++)
+        for (long k = 0; k < col_len; k++) col_acc[k] += a->col_acc[t][k];
+    free(priv);
+    free(a);
+    return 0;
+}
+
+/* Read-out over one dense block:
+ *   z = relu(W_z [e; x] + row_t[:, i] + col_t[:, g(i) * C + j])
+ *   (d, s) = head_w z + head_b,  update = finish(d, s, x[adam])
+ */
+typedef struct {
+    const float *e, *x; /* DE edge-state rows and NF feature rows (stride ld) */
+    long ld;
+    const float *w_z;           /* [HID][DE + NF] */
+    const float *row_t, *col_t; /* [HID][R], [HID][G * C], bias folded in */
+    const float *head_w;        /* [2][HID] */
+    float head_b0, head_b1, nominal, c;
+    float *update;
+    long rows, cols, per_group;
+} readout_args;
+
+INLINE void readout_tile(const readout_args *a, long i, long j0, int nv) {
+    const long base = i * a->cols + j0, col_ld = (a->rows / a->per_group) * a->cols;
+    const long gc = (i / a->per_group) * a->cols + j0;
+    vf in[DE + NF][T], z[HID][T];
+    load_rows(DE, a->e + base, a->ld, nv, in);
+    load_rows(NF, a->x + base, a->ld, nv, in + DE);
+    load_rows(HID, a->col_t + gc, col_ld, nv, z);
+#pragma GCC unroll 64
+    for (int h = 0; h < HID; h++)
+        for (int t = 0; t < T; t++) z[h][t] += a->row_t[h * a->rows + i];
+    affine(HID, DE + NF, a->w_z, in, z);
+    vf dir[T], ls[T];
+    for (int t = 0; t < T; t++) {
+        dir[t] = splat(a->head_b0);
+        ls[t] = splat(a->head_b1);
+    }
+#pragma GCC unroll 64
+    for (int h = 0; h < HID; h++)
+        for (int t = 0; t < T; t++) {
+            const vf zr = relu(z[h][t]);
+            dir[t] += a->head_w[h] * zr;
+            ls[t] += a->head_w[HID + h] * zr;
+        }
+    for (int t = 0; t < T; t++)
+        store(a->update + base + t * VB, finish(dir[t], ls[t], in[DE + ROW_ADAM][t], a->nominal, a->c),
+              lanes(nv, t));
+}
+
+static void readout_range(const void *args, long r0, long r1, int thread) {
+    (void)thread;
+    const readout_args *a = args;
+    for (long i = r0; i < r1; i++) {
+        long j = 0;
+        for (; j + TC <= a->cols; j += TC) readout_tile(a, i, j, TC);
+        if (j < a->cols) readout_tile(a, i, j, (int)(a->cols - j));
+    }
+}
+
+int l2o_gmn_readout(const float *e, const float *x, long ld, const float *w_z, const float *row_t,
+                    const float *col_t, const float *head_w, float head_b0, float head_b1, float nominal, float c,
+                    float *update, long rows, long cols, long per_group, int threads) {
+    const readout_args a = {e, x, ld, w_z, row_t, col_t, head_w, head_b0, head_b1, nominal, c, update,
+                            rows, cols, per_group};
+    parallel_for(readout_range, &a, rows, thread_count(rows, rows * cols, threads));
+    return 0;
+}
+#endif /* DE */
+
+/* ------------------------------------------------------------ per-parameter MLP */
+#ifdef MH
+
+/* The graph-free learned optimizer on the entries of one tensor:
+ *   z1 = relu(W_in x + b_in),  z2 = relu(W_mid z1 + b_mid),
+ *   (d, s) = head_w z2 + head_b,  update = finish(d, s, x[adam])
+ */
+typedef struct {
+    const float *x; /* NF feature rows (stride ld) */
+    long ld;
+    const float *w_in, *b_in;   /* [MH][NF], [MH] */
+    const float *w_mid, *b_mid; /* [MH][MH], [MH] */
+    const float *head_w;        /* [2][MH] */
+    float head_b0, head_b1, nominal, c;
+    float *update;
+    long n;
+} mlp_args;
+
+INLINE void mlp_tile(const mlp_args *a, long i, int nv) {
+    vf x[NF][T], z1[MH][T], z2[MH][T];
+    load_rows(NF, a->x + i, a->ld, nv, x);
+#pragma GCC unroll 64
+    for (int h = 0; h < MH; h++)
+        for (int t = 0; t < T; t++) {
+            z1[h][t] = splat(a->b_in[h]);
+            z2[h][t] = splat(a->b_mid[h]);
+        }
+    affine(MH, NF, a->w_in, x, z1);
+#pragma GCC unroll 64
+    for (int h = 0; h < MH; h++)
+        for (int t = 0; t < T; t++) z1[h][t] = relu(z1[h][t]);
+    affine(MH, MH, a->w_mid, z1, z2);
+    vf dir[T], ls[T];
+    for (int t = 0; t < T; t++) {
+        dir[t] = splat(a->head_b0);
+        ls[t] = splat(a->head_b1);
+    }
+#pragma GCC unroll 64
+    for (int h = 0; h < MH; h++)
+        for (int t = 0; t < T; t++) {
+            const vf zr = relu(z2[h][t]);
+            dir[t] += a->head_w[h] * zr;
+            ls[t] += a->head_w[MH + h] * zr;
+        }
+    for (int t = 0; t < T; t++)
+        store(a->update + i + t * VB, finish(dir[t], ls[t], x[ROW_ADAM][t], a->nominal, a->c), lanes(nv, t));
+}
+
+static void mlp_range(const void *args, long t0, long t1, int thread) {
+    (void)thread;
+    const mlp_args *a = args;
+    const long i1 = t1 * TC < a->n ? t1 * TC : a->n;
+    long i = t0 * TC;
+    for (; i + TC <= i1; i += TC) mlp_tile(a, i, TC);
+    if (i < i1) mlp_tile(a, i, (int)(i1 - i));
+}
+
+int l2o_mlp_step(long n, const float *x, long ld, const float *w_in, const float *b_in, const float *w_mid,
+                 const float *b_mid, const float *head_w, float head_b0, float head_b1, float nominal, float c,
+                 float *update, int threads) {
+    const mlp_args a = {x, ld, w_in, b_in, w_mid, b_mid, head_w, head_b0, head_b1, nominal, c, update, n};
+    const long tiles = (n + TC - 1) / TC; /* threads take whole tiles */
+    parallel_for(mlp_range, &a, tiles, thread_count(tiles, n, threads));
+    return 0;
+}
+#endif /* MH */
+
+/* The widths this library was built for (0: not built in), so the loader can check them. */
+void l2o_sizes(long *out) {
+    out[0] = NF;
+#ifdef DE
+    out[1] = DE;
+    out[2] = HID;
+#else
+    out[1] = out[2] = 0;
+#endif
+#ifdef MH
+    out[3] = MH;
+#else
+    out[3] = 0;
+#endif
+}
