@@ -1,15 +1,19 @@
 """The learned optimizers' no-grad step: the chunked implementation
-(``l2o/fast``, what ``GMNOptimizer.step`` runs on CPU from 20k parameters)
-against the differentiable forward it replaces, per architecture, in one run.
+(``l2o/fast``, what ``GMNOptimizer.step`` runs on CPU from 20k parameters),
+with its passes as torch ops and as fused C kernels (``l2o/fast/kernels.c``,
+the default where a C compiler exists), against the differentiable forward it
+replaces, per architecture, in one run.
 
     python bench/fast_step.py [--repeats 7] [--threads 2]
 
-Both paths compute the same function (tests/test_fast.py); the table reports
-median milliseconds of ``lopt.step_no_grad`` and the speedup.
+All paths compute the same function (tests/test_fast.py); the table reports
+median milliseconds of ``lopt.step_no_grad`` and the speedup of the fused
+step over the forward.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -20,6 +24,7 @@ from torch import nn
 
 import l2o
 from l2o import fast
+from l2o.fast import native
 from l2o.layout import tensor_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,16 +62,26 @@ MODELS = {
 }
 
 
+PATHS = {  # name: (chunked step?, fused kernels?)
+    "forward": (False, False),
+    "chunked": (True, False),
+    "fused": (True, True),
+}
+
+
 def time_paths(lopt, graph, flat, grad, repeats: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {"forward": [], "chunked": []}
+    times: dict[str, list[float]] = {path: [] for path in PATHS}
     states = {path: lopt.init_state(flat) for path in times}
+    names = list(PATHS)
     for r in range(repeats + 1):
-        for path in (("forward", "chunked") if r % 2 else ("chunked", "forward")):
-            fast.FAST_MIN_PARAMS = 10**15 if path == "forward" else 0
+        for path in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
+            chunked, fused = PATHS[path]
+            fast.FAST_MIN_PARAMS = 0 if chunked else 10**15
             fast.FAST_MIN_PARAMS_PER_TENSOR = 0
+            os.environ["L2O_NATIVE"] = "1" if fused else "0"
             t0 = time.perf_counter()
             lopt.step_no_grad(graph, flat, grad, states[path])
-            if r:  # the first round allocates the workspaces
+            if r:  # the first round allocates the workspaces (and builds the kernels)
                 times[path].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -78,10 +93,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     defaults = fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR
+    user_native = os.environ.get("L2O_NATIVE")
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved steps; "
-          f"'optimizers use' is the path GMNOptimizer / MLPOptimizer.step take on CPU\n")
+          f"'optimizers use' is the path GMNOptimizer / MLPOptimizer.step take on CPU; "
+          f"chunked = torch ops, fused = C kernels ({native.status()})\n")
     print(f"{'model':<34} {'params':>9} {'tensors':>7} {'lopt':>5} {'forward ms':>11} {'chunked ms':>11} "
-          f"{'speedup':>8}  optimizers use")
+          f"{'fused ms':>9} {'speedup':>8}  optimizers use")
     try:
         for name, make in MODELS.items():
             torch.manual_seed(0)
@@ -97,9 +114,13 @@ def main() -> None:
                 fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR = defaults
                 used = "chunked" if fast.use_fast_path(g.num_params, "cpu", g.num_tensors) else "forward"
                 print(f"{name:<34} {graph.num_params:>9} {graph.num_tensors:>7} {lopt.kind:>5} {t['forward']:>11.1f} "
-                      f"{t['chunked']:>11.1f} {t['forward'] / t['chunked']:>7.2f}x  {used}")
+                      f"{t['chunked']:>11.1f} {t['fused']:>9.1f} {t['forward'] / t['fused']:>7.2f}x  {used}")
     finally:
         fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR = defaults
+        if user_native is None:
+            os.environ.pop("L2O_NATIVE", None)
+        else:
+            os.environ["L2O_NATIVE"] = user_native
 
 
 if __name__ == "__main__":

@@ -8,10 +8,18 @@ feature-major workspaces reused across steps, the statistics updated in place
 first layers' weights. The result equals ``lopt(graph, params, grad, state)``
 up to float rounding (tests/test_fast.py checks it on every layer kind).
 
+Each pass exists twice: as torch ops over the runs, and as a fused C kernel
+(:mod:`.native`, ``kernels.c``) that keeps an entry's whole chain in
+registers and takes a dense weight block whole. The kernels are built with the
+system C compiler on first use and used wherever they build (CPU tensors);
+``L2O_NATIVE=0`` turns them off, ``l2o.fast.native.status()`` says which
+is in use. Both compute the same function (tests/test_fast.py runs every
+equivalence test with and without them).
+
 The optimizers keep their flat parameters, gradients and momenta inside the
 step's workspace (``LearnedOptimizer.frame_views``), so nothing is copied in;
 the step is entered through ``LearnedOptimizer.step_no_grad``, which picks this
-path with :func:`use_fast_path`. ``bench/fast_step.py`` times both paths.
+path with :func:`use_fast_path`. ``bench/fast_step.py`` times the paths.
 """
 from .plan import ChunkPlan, chunk_plan
 

@@ -17,6 +17,9 @@ Node updates between passes are the small ``GMNConv.update`` on all nodes.
 On a dense block (:mod:`l2o.graph.blocks`) a run is ``[groups, rows, cols]``:
 node terms broadcast along rows and columns and sums reduce along them, so
 no per-edge gather or scatter happens; other edges use plain index ops.
+With the fused kernels (:mod:`.native`) passes 2-4 take each dense block
+whole in C (:func:`_fused_round`, :func:`_fused_readout`), fed the same
+per-block row and column tables; scatter edges keep the torch runs.
 """
 from __future__ import annotations
 
