@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import features as F_
-from .native import address
+from .native import address, check
 from .plan import ChunkPlan
 
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
@@ -75,11 +75,11 @@ def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tenso
     threads = torch.get_num_threads()
     for k, t in enumerate(plan.tensor_slices):
         if t.stop > t.start:
-            kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
-                              address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
-                              address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
-                              F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale, c.adam_eps,
-                              F_.ADAM_BETA1_INDEX, address(sums, k), threads)
+            check(kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
+                                    address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
+                                    address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
+                                    F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale, c.adam_eps,
+                                    F_.ADAM_BETA1_INDEX, address(sums, k), threads))
     return sums.float()
 
 

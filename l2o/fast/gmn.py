@@ -30,7 +30,7 @@ from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
 from . import native
-from .native import address
+from .native import address, check
 from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
@@ -145,9 +145,9 @@ def _fused_round(kernels, frame: Tensor, de: int, run: DenseRun, layer: int, w_e
         x = w_ptr = stat_ptr = None
         stat_ld = stat_rs = 0
     w_msg = w_msg.contiguous()
-    kernels.l2o_gmn_round(x, w_ptr, stat_ptr, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
-                          col_t.data_ptr(), address(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
-                          col_sum.data_ptr(), rows, run.cols, run.rows, torch.get_num_threads())
+    check(kernels.l2o_gmn_round(x, w_ptr, stat_ptr, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
+                                col_t.data_ptr(), address(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
+                                col_sum.data_ptr(), rows, run.cols, run.rows, torch.get_num_threads()))
     acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
     run.add_to_rows_(acc_row, row_sum)
     acc_col.index_add_(1, run.col_nodes, col_sum)
@@ -158,11 +158,11 @@ def _fused_readout(kernels, lopt, frame: Tensor, de: int, run: DenseRun, w_out: 
     row_t, col_t = node_terms.tables(run)
     w = w_out[run.tensor].contiguous()
     head_w = head_w.contiguous()
-    kernels.l2o_gmn_readout(address(frame, 0, run.start), address(frame, de, run.start), frame.stride(0),
-                            w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(),
-                            float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
-                            address(update, run.start), run.groups * run.rows, run.cols, run.rows,
-                            torch.get_num_threads())
+    check(kernels.l2o_gmn_readout(address(frame, 0, run.start), address(frame, de, run.start), frame.stride(0),
+                                  w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(),
+                                  float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
+                                  address(update, run.start), run.groups * run.rows, run.cols, run.rows,
+                                  torch.get_num_threads()))
 
 
 def gmn_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:

@@ -20,7 +20,7 @@ from .. import features as F_
 from ..graph.param_graph import ParamGraph
 from . import native
 from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
-from .native import address
+from .native import address, check
 from . import plan as plan_module
 from .plan import ChunkPlan, chunk_plan
 
@@ -37,10 +37,10 @@ def _fused_mlp(kernels, lopt, plan: ChunkPlan, x_all: Tensor, inv_rms: Tensor, t
     for k, t_slice in enumerate(plan.tensor_slices):
         n = t_slice.stop - t_slice.start
         if n:
-            kernels.l2o_mlp_step(n, address(x_all, 0, t_slice.start), x_all.stride(0), address(w_in, k),
-                                 b_in.data_ptr(), w_mid.data_ptr(), b_mid.data_ptr(), head_w.data_ptr(),
-                                 float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
-                                 address(update, t_slice.start), torch.get_num_threads())
+            check(kernels.l2o_mlp_step(n, address(x_all, 0, t_slice.start), x_all.stride(0), address(w_in, k),
+                                       b_in.data_ptr(), w_mid.data_ptr(), b_mid.data_ptr(), head_w.data_ptr(),
+                                       float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
+                                       address(update, t_slice.start), torch.get_num_threads()))
     return update
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+_log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.c")
 Sizes = tuple[int, int, int, int]  # (features, GMN edge width, GMN read-out width, MLP width); 0: not built in
 _loaded: dict[Sizes, ctypes.CDLL | None] = {}
@@ -38,6 +40,12 @@ def address(t, *index: int) -> int:
     """Address of ``t[index]`` (the kernels index from it with the strides
     they are given)."""
     return t.data_ptr() + t.element_size() * sum(i * s for i, s in zip(index, t.stride()))
+
+
+def check(status: int) -> None:
+    """The kernels return nonzero only when their scratch allocation failed."""
+    if status != 0:
+        raise MemoryError("l2o fused kernel: out of memory for its scratch buffers")
 
 
 def enabled() -> bool:
@@ -109,7 +117,10 @@ def load(num_features: int, edge_dim: int = 0, hidden: int = 0, mlp_hidden: int 
     try:
         key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, _cpu_key(), sys.platform)).encode()).hexdigest()[:16]
         path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
-        error = None if path.exists() else _compile(path, sizes)
+        error = None
+        if not path.exists():
+            _log.info("building the fused step kernels for widths %s into %s (once; a few seconds)", sizes, path)
+            error = _compile(path, sizes)
         if error is None:
             lib = ctypes.CDLL(str(path))
             built = (ctypes.c_long * 4)()

@@ -145,7 +145,8 @@ class ChunkPlan:
                                  b.row_nodes, b.col_nodes, runs[0].static_cols)
             else:
                 runs = [ScatterRun(s, e, k, graph.edge_index[0, s:e], graph.edge_index[1, s:e],
-                                   graph.edge_kind[s:e], graph.edge_pos[s:e]) for s, e in _ranges(b.start, b.stop, chunk)]
+                                   graph.edge_kind[s:e], graph.edge_pos[s:e])
+                        for s, e in _ranges(b.start, b.stop, chunk)]
             self.blocks.append((whole, runs))
         self.edge_runs: list[DenseRun | ScatterRun] = [r for _, runs in self.blocks for r in runs]
         self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
