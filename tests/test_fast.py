@@ -1,7 +1,5 @@
 """The chunked no-grad step (l2o/fast) computes what the differentiable forward computes."""
 import copy
-import os
-import shutil
 
 import pytest
 import torch
@@ -131,7 +129,7 @@ def test_gmn_fast_step_without_the_nominal_term(kernels):
 
 
 def test_fused_kernels_build_where_there_is_a_compiler(monkeypatch):
-    if not (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+    if native.compiler() is None:
         pytest.skip("no C compiler on this machine")
     monkeypatch.delenv("L2O_NATIVE", raising=False)
     assert native.load(8, 8, 16) is not None, native.status()
@@ -151,6 +149,81 @@ def test_without_a_compiler_the_step_falls_back_to_torch(monkeypatch, tmp_path):
         model = nn.Sequential(nn.Linear(5, 9), nn.ReLU(), nn.Linear(9, 2))
         graph = l2o.build_graph(model)
         _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, graph.gather([p.detach() for p in model.parameters()]))
+    finally:
+        native.forget()
+
+
+def test_first_step_statistics_match_the_forward_exactly(kernels):
+    """From zero state the momenta and second moment are the gradient times
+    (1 - beta): both paths must use the forward's coefficients."""
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    graph = l2o.build_graph(model)
+    lopt = _scrambled(l2o.GMNLOpt())
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    grad = torch.linspace(-3, 3, flat.numel())
+    with torch.no_grad():
+        _, expected = lopt(graph, flat, grad, lopt.init_state(flat))
+    _, got = gmn_step(lopt, graph, flat, grad, lopt.init_state(flat))
+    for key in ("m", "v"):
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-6, atol=0)
+
+
+def test_a_non_finite_input_shows_in_the_update_as_in_the_forward(kernels):
+    """The optimizer skips non-finite gradients before the metanetwork runs;
+    the metanetwork itself must not hide a NaN (a diverging learned optimizer
+    has to be visible), on any path."""
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    graph = l2o.build_graph(model)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    for lopt, step, layout in ((_scrambled(l2o.GMNLOpt()), gmn_step, graph),
+                               (_scrambled(l2o.MLPLOpt()), mlp_step, tensor_layout(graph.param_shapes))):
+        grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))
+        grad[3] = float("nan")
+        with torch.no_grad():
+            expected, _ = lopt(layout, flat, grad, lopt.init_state(flat))
+        got, _ = step(lopt, layout, flat, grad, lopt.init_state(flat))
+        assert not torch.isfinite(expected).all()
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+
+
+def test_a_damaged_cached_kernel_library_is_rebuilt(monkeypatch, tmp_path):
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    monkeypatch.setenv("L2O_CACHE", str(tmp_path / "first"))
+    native.forget()
+    try:
+        assert native.load(8, 8, 16) is not None
+        (built,) = (tmp_path / "first" / "native").glob("*.so")
+        # the same entry in another cache, damaged (e.g. a disk that filled up
+        # mid-copy); a fresh file, since this process has the first one mapped
+        damaged = tmp_path / "second" / "native" / built.name
+        damaged.parent.mkdir(parents=True)
+        damaged.write_bytes(b"\x7fELF")
+        monkeypatch.setenv("L2O_CACHE", str(tmp_path / "second"))
+        native.forget()
+        assert native.load(8, 8, 16) is not None, native.status()
+        assert damaged.stat().st_size > 1000
+    finally:
+        native.forget()
+
+
+def test_a_compiler_that_rejects_the_source_is_asked_once(monkeypatch, tmp_path):
+    calls = tmp_path / "calls"
+    cc = tmp_path / "failing-cc"
+    cc.write_text(f"#!/bin/sh\necho x >> {calls}\necho 'error: no' >&2\nexit 1\n")
+    cc.chmod(0o755)
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    monkeypatch.setenv("L2O_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(cc))
+    native.forget()
+    try:
+        assert native.load(8, 8, 16) is None
+        asked = len(calls.read_text().splitlines())
+        native.forget()  # as in a new process
+        assert native.load(8, 8, 16) is None
+        assert len(calls.read_text().splitlines()) == asked + 1  # only `cc --version` again, no build
+        assert "delete it to retry" in native.status()
     finally:
         native.forget()
 

@@ -78,7 +78,8 @@ def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tenso
             check(kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
                                     address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
                                     address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
-                                    F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale, c.adam_eps,
+                                    F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale,
+                              c.adam_eps,
                                     F_.ADAM_BETA1_INDEX, address(sums, k), threads))
     return sums.float()
 
@@ -100,7 +101,7 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         return 1.0 / ((sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt() + F_._RMS_EPS)
 
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
-    one_minus = F_._constant("one_minus_betas", tuple(1.0 - b for b in F_.MOMENTUM_BETAS), device).unsqueeze(1)
+    one_minus = 1.0 - betas  # in float32, as l2o.features computes it
     b2 = F_.SECOND_MOMENT_BETA
     # inputs the optimizer already keeps in the frame (frame_views) need no copy
     copy_p, copy_g, copy_m = (not _same(a, b) for a, b in ((params, x_all[_P]), (grad, x_all[_G]),

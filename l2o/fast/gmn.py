@@ -178,7 +178,8 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     dev = params.device
     plan, frame = gmn_frame(lopt, graph, dev)
     de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
-    kernels = native.load(NUM_FEATURES, de, lopt.hidden) if dev.type == "cpu" else None
+    on_cpu = dev.type == "cpu" and lopt.edge_feat.weight.dtype == torch.float32  # what the kernels take
+    kernels = native.load(NUM_FEATURES, de, lopt.hidden) if on_cpu else None
     inv_rms = update_statistics_(plan, params, grad, state, frame[de:], kernels)
     t = F_.time_features(state["step"])
     update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step

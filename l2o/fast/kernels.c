@@ -47,7 +47,6 @@
 
 typedef float vf __attribute__((vector_size(VB * sizeof(float))));
 typedef int vi __attribute__((vector_size(VB * sizeof(int))));
-static const float ONES[VB] = {[0 ... VB - 1] = 1.f};
 
 /* A partial tile (a row's end) goes through zero-padded copies. */
 INLINE vf load(const float *p, int nv) {
@@ -61,8 +60,15 @@ INLINE vf splat(float x) {
     for (int v = 0; v < VB; v++) r[v] = x;
     return r;
 }
-INLINE vf relu(vf x) { return (vf)((vi)x & (x > 0)); }
+/* max(x, 0) that keeps NaN, as torch.relu does: a diverging metanetwork must show */
+INLINE vf relu(vf x) { return (vf)((vi)x & ~(x < 0)); }
 INLINE vf blend(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+/* lanes [0, n) kept, the rest zeroed (padded lanes of a partial tile) */
+INLINE vf first_lanes(vf x, int n) {
+    vi index;
+    for (int v = 0; v < VB; v++) index[v] = v;
+    return blend(index < n, x, (vf){0});
+}
 INLINE vf vsqrt(vf x) {
     for (int v = 0; v < VB; v++) x[v] = __builtin_sqrtf(x[v]); /* vsqrtps with -fno-math-errno */
     return x;
@@ -193,7 +199,7 @@ typedef struct {
     float *m, *v, *x;
     long m_ld, x_ld;
     const float *betas;
-    float b2, sqrt_eps, adam_scale, adam_eps;
+    float b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps;
     int adam_m;
     double sums[MAX_THREADS][NF];
 } stats_args;
@@ -224,7 +230,7 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
                 row[ROW_M0 + k] = load(mk, nv) * beta + g * (1.f - beta);
                 store(mk, row[ROW_M0 + k], nv);
             }
-            const vf v = load(a->v + i, nv) * a->b2 + g * g * (1.f - a->b2);
+            const vf v = load(a->v + i, nv) * a->b2 + g * g * a->one_minus_b2;
             store(a->v + i, v, nv);
             row[ROW_SQRT_V] = vsqrt(v + a->sqrt_eps);
             row[ROW_ADAM] = row[ROW_M0 + a->adam_m] / (row[ROW_SQRT_V] + a->adam_eps) * a->adam_scale;
@@ -234,7 +240,7 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
                 for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
             store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
             store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
-            if (nv < VB) row[ROW_SQRT_V] *= load(ONES, nv); /* padded lanes: sqrt(0 + eps), not 0 */
+            if (nv < VB) row[ROW_SQRT_V] = first_lanes(row[ROW_SQRT_V], nv); /* padded: sqrt(0 + eps), not 0 */
             for (int f = 0; f < NF; f++) sq[f] += row[f] * row[f];
         }
         for (int f = 0; f < NF; f++)
@@ -243,11 +249,12 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
 }
 
 int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, float *x, long x_ld,
-              const float *betas, float b2, float sqrt_eps, float adam_scale, float adam_eps, int adam_m,
-              double *sums, int threads) {
+              const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
+              int adam_m, double *sums, int threads) {
     stats_args *a = malloc(sizeof *a);
     if (!a) return -1;
-    *a = (stats_args){p, g, m, v, x, m_ld, x_ld, betas, b2, sqrt_eps, adam_scale, adam_eps, adam_m, {{0}}};
+    *a = (stats_args){p, g, m, v, x, m_ld, x_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m,
+                      {{0}}};
     threads = thread_count(n, n, threads);
     parallel_for(stats_range, a, n, threads);
     for (int f = 0; f < NF; f++) {
@@ -308,7 +315,7 @@ INLINE void round_tile(const round_args *a, long i, long j0, int nv, float *col_
         for (int t = 0; t < T; t++) {
             const int n = lanes(nv, t);
             vf mv = relu(m[d][t]);
-            if (n < VB) mv *= load(ONES, n); /* padded lanes must not reach the row sums */
+            if (n < VB) mv = first_lanes(mv, n); /* padded lanes must not reach the row sums */
             racc[d][t] += mv;
             store(ca + t * VB, load(ca + t * VB, n) + mv, n);
             store(eo + t * VB, enc[d][t] + mv, n);

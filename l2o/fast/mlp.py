@@ -55,7 +55,8 @@ def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     dev = params.device
     plan, x_all = mlp_frame(lopt, graph, dev)
-    kernels = native.load(F_.NUM_ENTRY_FEATURES, mlp_hidden=lopt.hidden) if dev.type == "cpu" else None
+    on_cpu = dev.type == "cpu" and lopt.inp.weight.dtype == torch.float32  # what the kernels take
+    kernels = native.load(F_.NUM_ENTRY_FEATURES, mlp_hidden=lopt.hidden) if on_cpu else None
     inv_rms = update_statistics_(plan, params, grad, state, x_all, kernels)
     t = F_.time_features(state["step"])
     if kernels is not None:

@@ -29,7 +29,7 @@ _why_not: dict[Sizes, str] = {}
 _f, _l, _i = ctypes.c_float, ctypes.c_long, ctypes.c_int
 _p = ctypes.c_void_p
 _SIGNATURES = {
-    "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _l, _p, _f, _f, _f, _f, _i, _p, _i],
+    "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _l, _p, _f, _f, _f, _f, _f, _i, _p, _i],
     "l2o_gmn_round": [_p, _p, _p, _l, _l, _p, _p, _p, _p, _l, _p, _p, _l, _l, _l, _i],
     "l2o_gmn_readout": [_p, _p, _l, _p, _p, _p, _p, _f, _f, _f, _f, _p, _l, _l, _l, _i],
     "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _i],
@@ -48,96 +48,145 @@ def check(status: int) -> None:
         raise MemoryError("l2o fused kernel: out of memory for its scratch buffers")
 
 
+def compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 def enabled() -> bool:
     return os.environ.get("L2O_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("L2O_CACHE") or Path.home() / ".cache" / "l2o") / "native"
+    if os.environ.get("L2O_CACHE"):
+        return Path(os.environ["L2O_CACHE"]) / "native"
+    try:
+        return Path.home() / ".cache" / "l2o" / "native"
+    except RuntimeError:  # no home directory (containers under an arbitrary uid)
+        return Path(tempfile.gettempdir()) / f"l2o-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "native"
 
 
-def _cpu_key() -> str:
-    """What the -march=native code depends on (a shared home directory may
-    serve several kinds of machine)."""
-    flags = ""
+def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def _machine_key(cc: str) -> str:
+    """What a build depends on besides the source and the widths: the
+    compiler and the CPU that -march=native targets (a home directory may be
+    shared by several kinds of machine)."""
+    parts = [cc, platform.machine(), platform.system(), platform.processor()]
+    try:
+        parts.append(_run([cc, "--version"], 30).stdout.splitlines()[0])
+    except (OSError, subprocess.SubprocessError, IndexError):
+        pass
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            parts.append(next((line for line in f if line.startswith(("flags", "Features"))), ""))
     except OSError:
-        pass
-    return f"{platform.machine()}|{platform.system()}|{flags}"
+        if sys.platform == "darwin":
+            try:
+                parts.append(_run(["sysctl", "-n", "machdep.cpu.brand_string", "machdep.cpu.features"], 30).stdout)
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return "|".join(parts)
 
 
-def compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+def _variants() -> list[list[str]]:
+    """Flag sets to try, best first. The portable fallback uses 4-lane
+    vectors: 8-lane ones split into SSE pairs make the unrolled code (and its
+    build time) several times larger."""
+    native = ["-mcpu=native"] if platform.machine().lower() in ("arm64", "aarch64") else ["-march=native"]
+    return [native, ["-DVB=4"]]
 
 
-def _compile(out: Path, sizes: Sizes) -> str | None:
-    """Builds the library at ``out``; returns an error message or None."""
-    cc = compiler()
-    if not cc:
-        return "no C compiler found (set CC)"
+def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
+    """Builds the library at ``out``; on failure returns the error message and
+    whether the compiler itself rejected the source (worth remembering, unlike
+    a timeout or a missing executable)."""
     defines = [f"-D{name}={value}" for name, value in zip(("NF", "DE", "HID", "MH"), sizes) if value]
     # no -ffast-math: it would let the compiler reassociate the unrolled
     # products (slower here) and, linked, set flush-to-zero for the process
     base = ["-O3", "-fPIC", "-fno-math-errno", *defines]
     out.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
+    errors, rejected = [], True
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        for arch in (["-march=native"], []):
-            cmd = [cc, "-c", *base, *arch, str(_SOURCE), "-o", str(obj)]
-            link = [cc, "-shared", str(obj), "-o", str(lib), "-pthread", "-lm"]
+        for flags in _variants():
             try:
-                done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                done = _run([cc, "-c", *base, *flags, str(_SOURCE), "-o", str(obj)])
                 if done.returncode == 0:
-                    done = subprocess.run(link, capture_output=True, text=True, timeout=120)
+                    done = _run([cc, "-shared", str(obj), "-o", str(lib), "-pthread", "-lm"])
             except (OSError, subprocess.SubprocessError) as exc:
                 errors.append(str(exc))
+                rejected = False
                 continue
             if done.returncode == 0:
                 os.replace(lib, out)  # atomic: a concurrent process never loads half a file
                 return None
             lines = done.stderr.strip().splitlines()
             errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no output"))
-    return f"building {_SOURCE.name} with {cc} failed: {errors[-1]}"
+    return f"building {_SOURCE.name} with {cc} failed: {errors[-1]}", rejected
+
+
+def _open(path: Path, sizes: Sizes) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    built = (ctypes.c_long * 4)()
+    lib.l2o_sizes(built)
+    if tuple(built) != sizes:
+        raise OSError(f"{path} was built for widths {tuple(built)}, not {sizes}")
+    for name, argtypes in _SIGNATURES.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_int
+    return lib
+
+
+def _build_and_open(sizes: Sizes) -> ctypes.CDLL:
+    """Raises RuntimeError with the reason when the kernels cannot be had."""
+    cc = compiler()
+    if not cc:
+        raise RuntimeError("no C compiler found (set CC)")
+    machine = _machine_key(cc)
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, machine, _variants())).encode()).hexdigest()[:16]
+    path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
+    failed = path.with_suffix(".failed")
+    if failed.exists():  # this compiler could not build this source: do not retry in every process
+        raise RuntimeError(failed.read_text().strip() + f" (remembered in {failed}; delete it to retry)")
+    if path.exists():
+        try:
+            return _open(path, sizes)
+        except OSError as exc:  # a damaged cache entry: build it again once
+            _log.warning("l2o: cached kernel library %s is unusable (%s); rebuilding it", path, exc)
+            path.unlink(missing_ok=True)
+    _log.info("building the fused step kernels for widths %s into %s (once; a few seconds)", sizes, path)
+    failure = _compile(cc, path, sizes)
+    if failure is not None:
+        error, rejected = failure
+        if rejected:
+            try:
+                failed.write_text(error + "\n")
+            except OSError:
+                pass
+        raise RuntimeError(error)
+    try:
+        return _open(path, sizes)
+    except OSError as exc:
+        raise RuntimeError(f"loading the kernel library {path} failed: {exc}") from exc
 
 
 def load(num_features: int, edge_dim: int = 0, hidden: int = 0, mlp_hidden: int = 0) -> ctypes.CDLL | None:
     """The kernel library for these widths (``edge_dim``/``hidden`` for the
     GMN's passes, ``mlp_hidden`` for the per-parameter MLP's, the statistics
     pass always), building it on first use; None when disabled or unavailable
-    (see :func:`status`)."""
+    (see :func:`status`). Never raises: the step falls back to torch ops."""
     sizes: Sizes = (int(num_features), int(edge_dim), int(hidden) if edge_dim else 0, int(mlp_hidden))
     if not enabled():
         return None
-    if sizes in _loaded:
-        return _loaded[sizes]
-    lib = None
-    try:
-        key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, _cpu_key(), sys.platform)).encode()).hexdigest()[:16]
-        path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
-        error = None
-        if not path.exists():
-            _log.info("building the fused step kernels for widths %s into %s (once; a few seconds)", sizes, path)
-            error = _compile(path, sizes)
-        if error is None:
-            lib = ctypes.CDLL(str(path))
-            built = (ctypes.c_long * 4)()
-            lib.l2o_sizes(built)
-            if tuple(built) != sizes:
-                lib, error = None, f"{path} was built for widths {tuple(built)}, not {sizes}"
-            else:
-                for name, argtypes in _SIGNATURES.items():
-                    if hasattr(lib, name):
-                        getattr(lib, name).argtypes = argtypes
-                        getattr(lib, name).restype = ctypes.c_int
-        if error is not None:
-            _why_not[sizes] = error
-    except OSError as exc:
-        lib, _why_not[sizes] = None, f"loading the kernel library failed: {exc}"
-    _loaded[sizes] = lib
-    return lib
+    if sizes not in _loaded:
+        try:
+            _loaded[sizes] = _build_and_open(sizes)
+        except Exception as exc:  # noqa: BLE001 -- any failure here means "use torch ops"
+            _loaded[sizes], _why_not[sizes] = None, str(exc) if isinstance(exc, RuntimeError) else repr(exc)
+    return _loaded[sizes]
 
 
 def forget() -> None:
