@@ -158,7 +158,7 @@ def _fused_readout(kernels, lopt, frame: Tensor, de: int, run: DenseRun, w_out: 
     row_t, col_t = node_terms.tables(run)
     w = w_out[run.tensor].contiguous()
     head_w = head_w.contiguous()
-    check(kernels.l2o_gmn_readout(address(frame, 0, run.start), address(frame, de, run.start), frame.stride(0),
+    check(kernels.l2o_gmn_readout(address(frame, 0, run.start), frame.stride(0),
                                   w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(),
                                   float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
                                   address(update, run.start), run.groups * run.rows, run.cols, run.rows,

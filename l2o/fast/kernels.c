@@ -219,6 +219,14 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
         for (int f = 0; f < NF; f++) sq[f] = splat(0.f);
         for (long i = b0; i < b1; i += VB) {
             const int nv = b1 - i < VB ? (int)(b1 - i) : VB;
+            if (((i - b0) & (TC - 1)) == 0) { /* once per cache line of each stream */
+                __builtin_prefetch(a->g + i + PREFETCH, 0, 0);
+                __builtin_prefetch(a->p + i + PREFETCH, 0, 0);
+                __builtin_prefetch(a->v + i + PREFETCH, 1, 0);
+                for (int k = 0; k < NM; k++) __builtin_prefetch(a->m + k * a->m_ld + i + PREFETCH, 1, 0);
+                __builtin_prefetch(x + ROW_ADAM * ld + i + PREFETCH, 1, 0);
+                __builtin_prefetch(x + ROW_SQRT_V * ld + i + PREFETCH, 1, 0);
+            }
             vf row[NF];
             const vf g = load(a->g + i, nv);
             row[ROW_P] = load(a->p + i, nv);
@@ -288,37 +296,77 @@ typedef struct {
     long rows, cols, per_group;
 } round_args;
 
-INLINE void round_tile(const round_args *a, long i, long j0, int nv, float *col_acc, vf racc[][T]) {
-    const long base = i * a->cols + j0, col_ld = (a->rows / a->per_group) * a->cols;
-    const long gc = (i / a->per_group) * a->cols + j0;
-    vf enc[DE][T], m[DE][T];
-    if (a->x) {
-        vf x[NF][T];
-        load_rows(NF, a->x + base, a->ld, nv, x);
-        load_rows(DE, a->stat + i * a->stat_rs + j0, a->stat_ld, nv, enc);
-        affine(DE, NF, a->w_enc, x, enc);
+#ifndef EGROUP /* edge-state units per register block of a round (a divisor of DE) */
+#if DE % 4 == 0
+#define EGROUP 4
+#elif DE % 2 == 0
+#define EGROUP 2
+#else
+#define EGROUP 1
+#endif
+#endif
+
+/* acc[g] = init + sum_k w[d0 + g, k] in[k] for g < EGROUP, one tile; `in`
+ * rows at stride in_ld, read from memory (see readout_tile) */
+INLINE void edge_block(const int K, const float *restrict w, int d0, const float *in, long in_ld,
+                       vf acc[EGROUP][T]) {
 #pragma GCC unroll 64
-        for (int d = 0; d < DE; d++)
-            for (int t = 0; t < T; t++) enc[d][t] = relu(enc[d][t]);
-    } else {
-        load_rows(DE, a->e + base, a->ld, nv, enc);
+    for (int k = 0; k < K; k++)
+        for (int t = 0; t < T; t++) {
+            const vf xk = load(in + k * in_ld + t * VB, VB);
+#pragma GCC unroll 16
+            for (int g = 0; g < EGROUP; g++) acc[g][t] += w[(d0 + g) * K + k] * xk;
+        }
+}
+
+/* One tile: `in` is its NF feature rows (first round) or DE edge-state rows
+ * at stride in_ld (the frame, or a zero-padded copy for a row's last tile);
+ * `rsum` [DE][TC] collects the row's messages. */
+INLINE void round_tile(const round_args *a, long i, long j0, int nv, const float *in, long in_ld,
+                       float *col_acc, float rsum[DE][TC]) {
+    const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
+    float enc_buf[DE][TC], m[DE][TC];
+    const float *enc = in;
+    long enc_ld = in_ld;
+    if (a->x) { /* enc = relu(W_enc x + static) */
+#pragma GCC unroll 1
+        for (int d0 = 0; d0 < DE; d0 += EGROUP) {
+            vf acc[EGROUP][T];
+            for (int g = 0; g < EGROUP; g++)
+                for (int t = 0; t < T; t++)
+                    acc[g][t] = load(a->stat + (d0 + g) * a->stat_ld + i * a->stat_rs + j0 + t * VB, lanes(nv, t));
+            edge_block(NF, a->w_enc, d0, in, in_ld, acc);
+            for (int g = 0; g < EGROUP; g++)
+                for (int t = 0; t < T; t++) store(&enc_buf[d0 + g][t * VB], relu(acc[g][t]), VB);
+        }
+        enc = &enc_buf[0][0];
+        enc_ld = TC;
     }
-    load_rows(DE, a->col_t + gc, col_ld, nv, m);
-#pragma GCC unroll 64
-    for (int d = 0; d < DE; d++)
-        for (int t = 0; t < T; t++) m[d][t] += a->row_t[d * a->rows + i];
-    affine(DE, DE, a->w_msg, enc, m);
-#pragma GCC unroll 64
+#pragma GCC unroll 1
+    for (int d0 = 0; d0 < DE; d0 += EGROUP) { /* m = relu(W_msg enc + node terms) */
+        vf acc[EGROUP][T];
+        for (int g = 0; g < EGROUP; g++)
+            for (int t = 0; t < T; t++)
+                acc[g][t] = a->row_t[(d0 + g) * a->rows + i] +
+                            load(a->col_t + (d0 + g) * col_ld + gc + t * VB, lanes(nv, t));
+        edge_block(DE, a->w_msg, d0, enc, enc_ld, acc);
+        for (int g = 0; g < EGROUP; g++)
+            for (int t = 0; t < T; t++) {
+                vf mv = relu(acc[g][t]);
+                if (lanes(nv, t) < VB) mv = first_lanes(mv, lanes(nv, t)); /* padded lanes stay out of the sums */
+                store(&m[d0 + g][t * VB], mv, VB);
+            }
+    }
+    /* only now: in a later round `enc` is the edge state being updated */
     for (int d = 0; d < DE; d++) {
-        float *ca = col_acc + d * col_ld + gc, *eo = a->e + d * a->ld + base;
+        float *ca = col_acc + d * col_ld + gc, *eo = a->e + d * a->ld + i * a->cols + j0;
         __builtin_prefetch(eo + PREFETCH, 1, 0);
         for (int t = 0; t < T; t++) {
             const int n = lanes(nv, t);
-            vf mv = relu(m[d][t]);
-            if (n < VB) mv = first_lanes(mv, n); /* padded lanes must not reach the row sums */
-            racc[d][t] += mv;
+            const vf mv = load(&m[d][t * VB], VB);
+            store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
             store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-            store(eo + t * VB, enc[d][t] + mv, n);
+            store(eo + t * VB, load(enc + d * enc_ld + t * VB, VB) + mv, n);
         }
     }
 }
@@ -326,18 +374,25 @@ INLINE void round_tile(const round_args *a, long i, long j0, int nv, float *col_
 static void round_range(const void *args, long r0, long r1, int thread) {
     const round_args *a = args;
     float *col_acc = a->col_acc[thread];
+    const int rows_in = a->x ? NF : DE;
+    float pad[NF > DE ? NF : DE][TC], rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
-        vf racc[DE][T];
-        for (int d = 0; d < DE; d++)
-            for (int t = 0; t < T; t++) racc[d][t] = splat(0.f);
+        const float *row = (a->x ? a->x : a->e) + i * a->cols;
+        memset(rsum, 0, sizeof rsum);
         long j = 0;
-        for (; j + TC <= a->cols; j += TC) round_tile(a, i, j, TC, col_acc, racc);
-        if (j < a->cols) round_tile(a, i, j, (int)(a->cols - j), col_acc, racc);
+        for (; j + TC <= a->cols; j += TC) {
+            for (int k = 0; k < rows_in; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
+            round_tile(a, i, j, TC, row + j, a->ld, col_acc, rsum);
+        }
+        if (j < a->cols) {
+            memset(pad, 0, sizeof pad);
+            for (int k = 0; k < rows_in; k++)
+                memcpy(pad[k], row + k * a->ld + j, (size_t)(a->cols - j) * sizeof(float));
+            round_tile(a, i, j, (int)(a->cols - j), &pad[0][0], TC, col_acc, rsum);
+        }
         for (int d = 0; d < DE; d++) {
-            vf sum = racc[d][0];
-            for (int t = 1; t < T; t++) sum += racc[d][t];
             float s = 0.f;
-            for (int v = 0; v < VB; v++) s += sum[v];
+            for (int v = 0; v < TC; v++) s += rsum[d][v];
             a->row_acc[d * a->rows + i] += s;
         }
     }
@@ -369,7 +424,7 @@ int l2o_gmn_round(const float *x, const float *w_enc, const float *stat, long st
  *   (d, s) = head_w z + head_b,  update = finish(d, s, x[adam])
  */
 typedef struct {
-    const float *e, *x; /* DE edge-state rows and NF feature rows (stride ld) */
+    const float *ex; /* DE edge-state rows, then NF feature rows (stride ld): the frame */
     long ld;
     const float *w_z;           /* [HID][DE + NF] */
     const float *row_t, *col_t; /* [HID][R], [HID][G * C], bias folded in */
@@ -379,48 +434,81 @@ typedef struct {
     long rows, cols, per_group;
 } readout_args;
 
-INLINE void readout_tile(const readout_args *a, long i, long j0, int nv) {
-    const long base = i * a->cols + j0, col_ld = (a->rows / a->per_group) * a->cols;
-    const long gc = (i / a->per_group) * a->cols + j0;
-    vf in[DE + NF][T], z[HID][T];
-    load_rows(DE, a->e + base, a->ld, nv, in);
-    load_rows(NF, a->x + base, a->ld, nv, in + DE);
-    load_rows(HID, a->col_t + gc, col_ld, nv, z);
-#pragma GCC unroll 64
-    for (int h = 0; h < HID; h++)
-        for (int t = 0; t < T; t++) z[h][t] += a->row_t[h * a->rows + i];
-    affine(HID, DE + NF, a->w_z, in, z);
+#ifndef RGROUP /* hidden units per register block of the read-out (a divisor of HID) */
+#if HID % 4 == 0
+#define RGROUP 4
+#elif HID % 2 == 0
+#define RGROUP 2
+#else
+#define RGROUP 1
+#endif
+#endif
+
+/* One tile; `in` holds its DE + NF input rows [e; x] at stride in_ld (the
+ * frame itself for a full tile, a zero-padded copy for a row's last one).
+ * The hidden units are produced RGROUP at a time and folded into the head at
+ * once, so no [HID] intermediate is ever stored, and the inputs are read
+ * from memory, which keeps the compiler from juggling them in registers. */
+INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const float *in, long in_ld) {
+    const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
     vf dir[T], ls[T];
     for (int t = 0; t < T; t++) {
         dir[t] = splat(a->head_b0);
         ls[t] = splat(a->head_b1);
     }
+#pragma GCC unroll 1
+    for (int h0 = 0; h0 < HID; h0 += RGROUP) {
+        vf acc[RGROUP][T];
+#pragma GCC unroll 16
+        for (int dd = 0; dd < RGROUP; dd++)
+            for (int t = 0; t < T; t++)
+                acc[dd][t] = a->row_t[(h0 + dd) * a->rows + i] +
+                             load(a->col_t + (h0 + dd) * col_ld + gc + t * VB, lanes(nv, t));
 #pragma GCC unroll 64
-    for (int h = 0; h < HID; h++)
-        for (int t = 0; t < T; t++) {
-            const vf zr = relu(z[h][t]);
-            dir[t] += a->head_w[h] * zr;
-            ls[t] += a->head_w[HID + h] * zr;
-        }
+        for (int k = 0; k < DE + NF; k++)
+            for (int t = 0; t < T; t++) {
+                const vf xk = load(in + k * in_ld + t * VB, VB);
+#pragma GCC unroll 16
+                for (int dd = 0; dd < RGROUP; dd++) acc[dd][t] += a->w_z[(h0 + dd) * (DE + NF) + k] * xk;
+            }
+#pragma GCC unroll 16
+        for (int dd = 0; dd < RGROUP; dd++)
+            for (int t = 0; t < T; t++) {
+                const vf zr = relu(acc[dd][t]);
+                dir[t] += a->head_w[h0 + dd] * zr;
+                ls[t] += a->head_w[HID + h0 + dd] * zr;
+            }
+    }
     for (int t = 0; t < T; t++)
-        store(a->update + base + t * VB, finish(dir[t], ls[t], in[DE + ROW_ADAM][t], a->nominal, a->c),
+        store(a->update + i * a->cols + j0 + t * VB,
+              finish(dir[t], ls[t], load(in + (DE + ROW_ADAM) * in_ld + t * VB, VB), a->nominal, a->c),
               lanes(nv, t));
 }
 
 static void readout_range(const void *args, long r0, long r1, int thread) {
     (void)thread;
     const readout_args *a = args;
+    float pad[DE + NF][TC];
     for (long i = r0; i < r1; i++) {
+        const float *row = a->ex + i * a->cols;
         long j = 0;
-        for (; j + TC <= a->cols; j += TC) readout_tile(a, i, j, TC);
-        if (j < a->cols) readout_tile(a, i, j, (int)(a->cols - j));
+        for (; j + TC <= a->cols; j += TC) {
+            for (int k = 0; k < DE + NF; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
+            readout_tile(a, i, j, TC, row + j, a->ld);
+        }
+        if (j < a->cols) {
+            memset(pad, 0, sizeof pad);
+            for (int k = 0; k < DE + NF; k++)
+                memcpy(pad[k], row + k * a->ld + j, (size_t)(a->cols - j) * sizeof(float));
+            readout_tile(a, i, j, (int)(a->cols - j), &pad[0][0], TC);
+        }
     }
 }
 
-int l2o_gmn_readout(const float *e, const float *x, long ld, const float *w_z, const float *row_t,
+int l2o_gmn_readout(const float *ex, long ld, const float *w_z, const float *row_t,
                     const float *col_t, const float *head_w, float head_b0, float head_b1, float nominal, float c,
                     float *update, long rows, long cols, long per_group, int threads) {
-    const readout_args a = {e, x, ld, w_z, row_t, col_t, head_w, head_b0, head_b1, nominal, c, update,
+    const readout_args a = {ex, ld, w_z, row_t, col_t, head_w, head_b0, head_b1, nominal, c, update,
                             rows, cols, per_group};
     parallel_for(readout_range, &a, rows, thread_count(rows, rows * cols, threads));
     return 0;
