@@ -533,34 +533,61 @@ typedef struct {
     long n;
 } mlp_args;
 
-INLINE void mlp_tile(const mlp_args *a, long i, int nv) {
-    vf x[NF][T], z1[MH][T], z2[MH][T];
-    load_rows(NF, a->x + i, a->ld, nv, x);
+#ifndef MGROUP /* hidden units per register block (a divisor of MH) */
+#if MH % 4 == 0
+#define MGROUP 4
+#elif MH % 2 == 0
+#define MGROUP 2
+#else
+#define MGROUP 1
+#endif
+#endif
+
+/* acc[g] += sum_k w[h0 + g, k] in[k], one tile, `in` rows at stride in_ld */
+INLINE void hidden_block(const int K, const float *restrict w, int h0, const float *in, long in_ld,
+                         vf acc[MGROUP][T]) {
 #pragma GCC unroll 64
-    for (int h = 0; h < MH; h++)
+    for (int k = 0; k < K; k++)
         for (int t = 0; t < T; t++) {
-            z1[h][t] = splat(a->b_in[h]);
-            z2[h][t] = splat(a->b_mid[h]);
+            const vf xk = load(in + k * in_ld + t * VB, VB);
+#pragma GCC unroll 16
+            for (int g = 0; g < MGROUP; g++) acc[g][t] += w[(h0 + g) * K + k] * xk;
         }
-    affine(MH, NF, a->w_in, x, z1);
-#pragma GCC unroll 64
-    for (int h = 0; h < MH; h++)
-        for (int t = 0; t < T; t++) z1[h][t] = relu(z1[h][t]);
-    affine(MH, MH, a->w_mid, z1, z2);
+}
+
+/* One tile of TC entries at i; `in` its NF feature rows (see readout_tile). */
+INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld) {
+    float z1[MH][TC];
+#pragma GCC unroll 1
+    for (int h0 = 0; h0 < MH; h0 += MGROUP) {
+        vf acc[MGROUP][T];
+        for (int g = 0; g < MGROUP; g++)
+            for (int t = 0; t < T; t++) acc[g][t] = splat(a->b_in[h0 + g]);
+        hidden_block(NF, a->w_in, h0, in, in_ld, acc);
+        for (int g = 0; g < MGROUP; g++)
+            for (int t = 0; t < T; t++) store(&z1[h0 + g][t * VB], relu(acc[g][t]), VB);
+    }
     vf dir[T], ls[T];
     for (int t = 0; t < T; t++) {
         dir[t] = splat(a->head_b0);
         ls[t] = splat(a->head_b1);
     }
-#pragma GCC unroll 64
-    for (int h = 0; h < MH; h++)
-        for (int t = 0; t < T; t++) {
-            const vf zr = relu(z2[h][t]);
-            dir[t] += a->head_w[h] * zr;
-            ls[t] += a->head_w[MH + h] * zr;
-        }
+#pragma GCC unroll 1
+    for (int h0 = 0; h0 < MH; h0 += MGROUP) {
+        vf acc[MGROUP][T];
+        for (int g = 0; g < MGROUP; g++)
+            for (int t = 0; t < T; t++) acc[g][t] = splat(a->b_mid[h0 + g]);
+        hidden_block(MH, a->w_mid, h0, &z1[0][0], TC, acc);
+        for (int g = 0; g < MGROUP; g++)
+            for (int t = 0; t < T; t++) {
+                const vf zr = relu(acc[g][t]);
+                dir[t] += a->head_w[h0 + g] * zr;
+                ls[t] += a->head_w[MH + h0 + g] * zr;
+            }
+    }
     for (int t = 0; t < T; t++)
-        store(a->update + i + t * VB, finish(dir[t], ls[t], x[ROW_ADAM][t], a->nominal, a->c), lanes(nv, t));
+        store(a->update + i + t * VB, finish(dir[t], ls[t], load(in + ROW_ADAM * in_ld + t * VB, VB), a->nominal, a->c),
+              lanes(nv, t));
 }
 
 static void mlp_range(const void *args, long t0, long t1, int thread) {
@@ -568,8 +595,16 @@ static void mlp_range(const void *args, long t0, long t1, int thread) {
     const mlp_args *a = args;
     const long i1 = t1 * TC < a->n ? t1 * TC : a->n;
     long i = t0 * TC;
-    for (; i + TC <= i1; i += TC) mlp_tile(a, i, TC);
-    if (i < i1) mlp_tile(a, i, (int)(i1 - i));
+    for (; i + TC <= i1; i += TC) {
+        for (int k = 0; k < NF; k++) __builtin_prefetch(a->x + k * a->ld + i + PREFETCH, 0, 0);
+        mlp_tile(a, i, TC, a->x + i, a->ld);
+    }
+    if (i < i1) {
+        float pad[NF][TC];
+        memset(pad, 0, sizeof pad);
+        for (int k = 0; k < NF; k++) memcpy(pad[k], a->x + k * a->ld + i, (size_t)(i1 - i) * sizeof(float));
+        mlp_tile(a, i, (int)(i1 - i), &pad[0][0], TC);
+    }
 }
 
 int l2o_mlp_step(long n, const float *x, long ld, const float *w_in, const float *b_in, const float *w_mid,
