@@ -78,9 +78,8 @@ def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tenso
             check(kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
                                     address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
                                     address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
-                                    F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS, c.adam_scale,
-                              c.adam_eps,
-                                    F_.ADAM_BETA1_INDEX, address(sums, k), threads))
+                                    F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS,
+                                    c.adam_scale, c.adam_eps, F_.ADAM_BETA1_INDEX, address(sums, k), threads))
     return sums.float()
 
 

@@ -1,7 +1,7 @@
 """Builds and loads the fused C kernels of the chunked step (``kernels.c``).
 
 The kernels are plain C called through :mod:`ctypes` on tensors' data
-pointers: no torch headers, so a build takes about a second with the system C
+pointers: no torch headers, so a build takes a few seconds with the system C
 compiler (``$CC``, else ``cc``), once per metanetwork size, cached under
 ``$L2O_CACHE`` (default ``~/.cache/l2o``). Without a compiler, on a failed
 build, or with ``L2O_NATIVE=0`` the step uses the torch implementation of the
@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def check(status: int) -> None:
 
 
 def compiler() -> str | None:
+    """The C compiler command (``$CC`` may carry a wrapper, e.g. ``ccache gcc``)."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
@@ -75,7 +77,7 @@ def _machine_key(cc: str) -> str:
     shared by several kinds of machine)."""
     parts = [cc, platform.machine(), platform.system(), platform.processor()]
     try:
-        parts.append(_run([cc, "--version"], 30).stdout.splitlines()[0])
+        parts.append(_run([*shlex.split(cc), "--version"], 30).stdout.splitlines()[0])
     except (OSError, subprocess.SubprocessError, IndexError):
         pass
     try:
@@ -112,9 +114,9 @@ def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
         for flags in _variants():
             try:
-                done = _run([cc, "-c", *base, *flags, str(_SOURCE), "-o", str(obj)])
+                done = _run([*shlex.split(cc), "-c", *base, *flags, str(_SOURCE), "-o", str(obj)])
                 if done.returncode == 0:
-                    done = _run([cc, "-shared", str(obj), "-o", str(lib), "-pthread", "-lm"])
+                    done = _run([*shlex.split(cc), "-shared", str(obj), "-o", str(lib), "-pthread", "-lm"])
             except (OSError, subprocess.SubprocessError) as exc:
                 errors.append(str(exc))
                 rejected = False
