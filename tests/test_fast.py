@@ -153,6 +153,18 @@ def test_without_a_compiler_the_step_falls_back_to_torch(monkeypatch, tmp_path):
         native.forget()
 
 
+def test_metanetworks_of_other_widths(kernels):
+    """Widths that are not multiples of the kernels' register blocks, and
+    three message-passing rounds."""
+    make, example = MODELS["grouped_conv1d"]
+    model = make()
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.GMNLOpt(node_dim=12, edge_dim=6, hidden=5, num_layers=3)), gmn_step, graph, flat)
+    layout = tensor_layout([p.shape for p in model.parameters()])
+    _compare(_scrambled(l2o.MLPLOpt(hidden=7)), mlp_step, layout, layout.gather([p.detach() for p in model.parameters()]))
+
+
 def test_first_step_statistics_match_the_forward_exactly(kernels):
     """From zero state the momenta and second moment are the gradient times
     (1 - beta): both paths must use the forward's coefficients."""

@@ -40,9 +40,6 @@
 #define T 2
 #endif
 #define TC (T * VB)
-#ifndef GROUP
-#define GROUP 2 /* output rows per register block of affine(); measured best with T = 2 */
-#endif
 #define INLINE static inline __attribute__((always_inline))
 
 typedef float vf __attribute__((vector_size(VB * sizeof(float))));
@@ -107,37 +104,24 @@ INLINE vf finish(vf dir, vf log_step, vf adam, float nominal, float c) {
 #define PREFETCH (4 * TC)
 #endif
 
-/* rows [0, n) of a feature-major table at p (stride ld) into a tile */
-INLINE void load_rows(const int n, const float *p, long ld, int nv, vf out[][T]) {
-#pragma GCC unroll 64
-    for (int r = 0; r < n; r++) {
-        __builtin_prefetch(p + r * ld + PREFETCH, 0, 0);
-        for (int t = 0; t < T; t++) out[r][t] = load(p + r * ld + t * VB, lanes(nv, t));
-    }
-}
+/* Output units per register block: a divisor of the layer's width, at most
+ * 4, so 4 x T accumulators (plus an input vector and a weight) fit the 16
+ * AVX registers. */
+#define GROUP_OF(width) ((width) % 4 == 0 ? 4 : (width) % 2 == 0 ? 2 : 1)
 
-/* out[d] += w[d, :] in, d < D, for one tile: GROUP output rows at a time so
- * GROUP * T accumulators stay in registers while each input vector is
- * loaded once per group (the register blocking of a GEMM micro-kernel). */
-INLINE void affine(const int D, const int K, const float *restrict w, vf in[][T], vf out[][T]) {
-#pragma GCC unroll 16
-    for (int d0 = 0; d0 < D; d0 += GROUP) {
-        const int nd = D - d0 < GROUP ? D - d0 : GROUP;
-        vf acc[GROUP][T];
-#pragma GCC unroll 16
-        for (int dd = 0; dd < nd; dd++)
-            for (int t = 0; t < T; t++) acc[dd][t] = out[d0 + dd][t];
+/* acc[g] += sum_k w[row0 + g, k] in[k] for g < G, over one tile. `in` holds K
+ * rows at stride in_ld and is read from memory (the frame itself, or a small
+ * buffer): tile-sized arrays of vectors would make the compiler juggle them in
+ * registers and spill. w is row-major [rows][K]. */
+INLINE void dot_block(const int G, const int K, const float *restrict w, int row0, const float *in, long in_ld,
+                      vf acc[][T]) {
 #pragma GCC unroll 64
-        for (int k = 0; k < K; k++)
+    for (int k = 0; k < K; k++)
+        for (int t = 0; t < T; t++) {
+            const vf xk = load(in + k * in_ld + t * VB, VB);
 #pragma GCC unroll 16
-            for (int dd = 0; dd < nd; dd++) {
-                const float wv = w[(d0 + dd) * K + k];
-                for (int t = 0; t < T; t++) acc[dd][t] += wv * in[k][t];
-            }
-#pragma GCC unroll 16
-        for (int dd = 0; dd < nd; dd++)
-            for (int t = 0; t < T; t++) out[d0 + dd][t] = acc[dd][t];
-    }
+            for (int g = 0; g < G; g++) acc[g][t] += w[(row0 + g) * K + k] * xk;
+        }
 }
 
 /* ------------------------------------------------------------ threads */
@@ -296,28 +280,7 @@ typedef struct {
     long rows, cols, per_group;
 } round_args;
 
-#ifndef EGROUP /* edge-state units per register block of a round (a divisor of DE) */
-#if DE % 4 == 0
-#define EGROUP 4
-#elif DE % 2 == 0
-#define EGROUP 2
-#else
-#define EGROUP 1
-#endif
-#endif
-
-/* acc[g] = init + sum_k w[d0 + g, k] in[k] for g < EGROUP, one tile; `in`
- * rows at stride in_ld, read from memory (see readout_tile) */
-INLINE void edge_block(const int K, const float *restrict w, int d0, const float *in, long in_ld,
-                       vf acc[EGROUP][T]) {
-#pragma GCC unroll 64
-    for (int k = 0; k < K; k++)
-        for (int t = 0; t < T; t++) {
-            const vf xk = load(in + k * in_ld + t * VB, VB);
-#pragma GCC unroll 16
-            for (int g = 0; g < EGROUP; g++) acc[g][t] += w[(d0 + g) * K + k] * xk;
-        }
-}
+#define EGROUP GROUP_OF(DE)
 
 /* One tile: `in` is its NF feature rows (first round) or DE edge-state rows
  * at stride in_ld (the frame, or a zero-padded copy for a row's last tile);
@@ -335,7 +298,7 @@ INLINE void round_tile(const round_args *a, long i, long j0, int nv, const float
             for (int g = 0; g < EGROUP; g++)
                 for (int t = 0; t < T; t++)
                     acc[g][t] = load(a->stat + (d0 + g) * a->stat_ld + i * a->stat_rs + j0 + t * VB, lanes(nv, t));
-            edge_block(NF, a->w_enc, d0, in, in_ld, acc);
+            dot_block(EGROUP, NF, a->w_enc, d0, in, in_ld, acc);
             for (int g = 0; g < EGROUP; g++)
                 for (int t = 0; t < T; t++) store(&enc_buf[d0 + g][t * VB], relu(acc[g][t]), VB);
         }
@@ -349,7 +312,7 @@ INLINE void round_tile(const round_args *a, long i, long j0, int nv, const float
             for (int t = 0; t < T; t++)
                 acc[g][t] = a->row_t[(d0 + g) * a->rows + i] +
                             load(a->col_t + (d0 + g) * col_ld + gc + t * VB, lanes(nv, t));
-        edge_block(DE, a->w_msg, d0, enc, enc_ld, acc);
+        dot_block(EGROUP, DE, a->w_msg, d0, enc, enc_ld, acc);
         for (int g = 0; g < EGROUP; g++)
             for (int t = 0; t < T; t++) {
                 vf mv = relu(acc[g][t]);
@@ -434,21 +397,12 @@ typedef struct {
     long rows, cols, per_group;
 } readout_args;
 
-#ifndef RGROUP /* hidden units per register block of the read-out (a divisor of HID) */
-#if HID % 4 == 0
-#define RGROUP 4
-#elif HID % 2 == 0
-#define RGROUP 2
-#else
-#define RGROUP 1
-#endif
-#endif
+#define RGROUP GROUP_OF(HID)
 
 /* One tile; `in` holds its DE + NF input rows [e; x] at stride in_ld (the
  * frame itself for a full tile, a zero-padded copy for a row's last one).
  * The hidden units are produced RGROUP at a time and folded into the head at
- * once, so no [HID] intermediate is ever stored, and the inputs are read
- * from memory, which keeps the compiler from juggling them in registers. */
+ * once, so no [HID] intermediate is ever stored. */
 INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const float *in, long in_ld) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
     vf dir[T], ls[T];
@@ -464,13 +418,7 @@ INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const f
             for (int t = 0; t < T; t++)
                 acc[dd][t] = a->row_t[(h0 + dd) * a->rows + i] +
                              load(a->col_t + (h0 + dd) * col_ld + gc + t * VB, lanes(nv, t));
-#pragma GCC unroll 64
-        for (int k = 0; k < DE + NF; k++)
-            for (int t = 0; t < T; t++) {
-                const vf xk = load(in + k * in_ld + t * VB, VB);
-#pragma GCC unroll 16
-                for (int dd = 0; dd < RGROUP; dd++) acc[dd][t] += a->w_z[(h0 + dd) * (DE + NF) + k] * xk;
-            }
+        dot_block(RGROUP, DE + NF, a->w_z, h0, in, in_ld, acc);
 #pragma GCC unroll 16
         for (int dd = 0; dd < RGROUP; dd++)
             for (int t = 0; t < T; t++) {
@@ -533,27 +481,7 @@ typedef struct {
     long n;
 } mlp_args;
 
-#ifndef MGROUP /* hidden units per register block (a divisor of MH) */
-#if MH % 4 == 0
-#define MGROUP 4
-#elif MH % 2 == 0
-#define MGROUP 2
-#else
-#define MGROUP 1
-#endif
-#endif
-
-/* acc[g] += sum_k w[h0 + g, k] in[k], one tile, `in` rows at stride in_ld */
-INLINE void hidden_block(const int K, const float *restrict w, int h0, const float *in, long in_ld,
-                         vf acc[MGROUP][T]) {
-#pragma GCC unroll 64
-    for (int k = 0; k < K; k++)
-        for (int t = 0; t < T; t++) {
-            const vf xk = load(in + k * in_ld + t * VB, VB);
-#pragma GCC unroll 16
-            for (int g = 0; g < MGROUP; g++) acc[g][t] += w[(h0 + g) * K + k] * xk;
-        }
-}
+#define MGROUP GROUP_OF(MH)
 
 /* One tile of TC entries at i; `in` its NF feature rows (see readout_tile). */
 INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld) {
@@ -563,7 +491,7 @@ INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in
         vf acc[MGROUP][T];
         for (int g = 0; g < MGROUP; g++)
             for (int t = 0; t < T; t++) acc[g][t] = splat(a->b_in[h0 + g]);
-        hidden_block(NF, a->w_in, h0, in, in_ld, acc);
+        dot_block(MGROUP, NF, a->w_in, h0, in, in_ld, acc);
         for (int g = 0; g < MGROUP; g++)
             for (int t = 0; t < T; t++) store(&z1[h0 + g][t * VB], relu(acc[g][t]), VB);
     }
@@ -577,7 +505,7 @@ INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in
         vf acc[MGROUP][T];
         for (int g = 0; g < MGROUP; g++)
             for (int t = 0; t < T; t++) acc[g][t] = splat(a->b_mid[h0 + g]);
-        hidden_block(MH, a->w_mid, h0, &z1[0][0], TC, acc);
+        dot_block(MGROUP, MH, a->w_mid, h0, &z1[0][0], TC, acc);
         for (int g = 0; g < MGROUP; g++)
             for (int t = 0; t < T; t++) {
                 const vf zr = relu(acc[g][t]);
