@@ -162,7 +162,8 @@ def test_metanetworks_of_other_widths(kernels):
     flat = graph.gather([p.detach() for p in model.parameters()])
     _compare(_scrambled(l2o.GMNLOpt(node_dim=12, edge_dim=6, hidden=5, num_layers=3)), gmn_step, graph, flat)
     layout = tensor_layout([p.shape for p in model.parameters()])
-    _compare(_scrambled(l2o.MLPLOpt(hidden=7)), mlp_step, layout, layout.gather([p.detach() for p in model.parameters()]))
+    flat = layout.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.MLPLOpt(hidden=7)), mlp_step, layout, flat)
 
 
 def test_first_step_statistics_match_the_forward_exactly(kernels):
