@@ -16,6 +16,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -58,13 +59,33 @@ def enabled() -> bool:
     return os.environ.get("L2O_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def _private_temp_dir() -> Path:
+    """``$TMPDIR/l2o-<uid>``, refused unless it is this user's and writable by
+    no one else: a library found there gets loaded into the process."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"l2o-{uid if uid is not None else 'user'}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or (uid is not None and st.st_uid != uid) or st.st_mode & 0o022:
+        raise RuntimeError(f"{path} is not a private directory of this user; set L2O_CACHE")
+    return path
+
+
 def _cache_dir() -> Path:
+    """``$L2O_CACHE/native``, else ``~/.cache/l2o/native``, else (no home
+    directory, or a read-only one) a private temporary directory."""
     if os.environ.get("L2O_CACHE"):
-        return Path(os.environ["L2O_CACHE"]) / "native"
+        path = Path(os.environ["L2O_CACHE"]) / "native"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
     try:
-        return Path.home() / ".cache" / "l2o" / "native"
-    except RuntimeError:  # no home directory (containers under an arbitrary uid)
-        return Path(tempfile.gettempdir()) / f"l2o-{os.getuid() if hasattr(os, 'getuid') else 'user'}" / "native"
+        path = Path.home() / ".cache" / "l2o" / "native"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except (RuntimeError, OSError):  # containers under an arbitrary uid, read-only homes
+        path = _private_temp_dir() / "native"
+        path.mkdir(exist_ok=True)
+        return path
 
 
 def _run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -108,7 +129,6 @@ def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
     # no -ffast-math: it would let the compiler reassociate the unrolled
     # products (slower here) and, linked, set flush-to-zero for the process
     base = ["-O3", "-fPIC", "-fno-math-errno", *defines]
-    out.parent.mkdir(parents=True, exist_ok=True)
     errors, rejected = [], True
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
@@ -125,7 +145,9 @@ def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
                 os.replace(lib, out)  # atomic: a concurrent process never loads half a file
                 return None
             lines = done.stderr.strip().splitlines()
-            errors.append(next((line for line in lines if "error" in line), lines[-1] if lines else "no output"))
+            diagnostic = next((line for line in lines if "error" in line), None)
+            rejected = rejected and diagnostic is not None  # not e.g. a full disk or a killed compiler
+            errors.append(diagnostic or (lines[-1] if lines else f"exit status {done.returncode}"))
     return f"building {_SOURCE.name} with {cc} failed: {errors[-1]}", rejected
 
 
@@ -156,7 +178,7 @@ def _build_and_open(sizes: Sizes) -> ctypes.CDLL:
     if path.exists():
         try:
             return _open(path, sizes)
-        except OSError as exc:  # a damaged cache entry: build it again once
+        except (OSError, AttributeError) as exc:  # a damaged or foreign cache entry: build it again once
             _log.warning("l2o: cached kernel library %s is unusable (%s); rebuilding it", path, exc)
             path.unlink(missing_ok=True)
     _log.info("building the fused step kernels for widths %s into %s (once; a few seconds)", sizes, path)
@@ -171,7 +193,7 @@ def _build_and_open(sizes: Sizes) -> ctypes.CDLL:
         raise RuntimeError(error)
     try:
         return _open(path, sizes)
-    except OSError as exc:
+    except (OSError, AttributeError) as exc:
         raise RuntimeError(f"loading the kernel library {path} failed: {exc}") from exc
 
 
