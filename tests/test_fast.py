@@ -306,3 +306,14 @@ def test_fast_step_equals_forward_on_every_task_of_the_suite(name, kernels):
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
     layout = tensor_layout([p.shape for p in model.parameters()])
     _compare(_scrambled(l2o.MLPLOpt()), mlp_step, layout, layout.gather([p.detach() for p in model.parameters()]))
+
+
+def test_the_temporary_kernel_cache_must_be_private(monkeypatch, tmp_path):
+    """Without a usable home directory the kernels are cached under the temp
+    directory, whose libraries get loaded: a directory others can write is refused."""
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    private = native._private_temp_dir()
+    assert private.parent == tmp_path and private.stat().st_mode & 0o077 == 0
+    private.chmod(0o777)
+    with pytest.raises(RuntimeError, match="not a private directory"):
+        native._private_temp_dir()
