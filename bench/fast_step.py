@@ -76,8 +76,8 @@ def time_paths(lopt, graph, flat, grad, repeats: int) -> dict[str, float]:
     for r in range(repeats + 1):
         for path in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
             chunked, fused = PATHS[path]
-            fast.FAST_MIN_PARAMS = 0 if chunked else 10**15
-            fast.FAST_MIN_PARAMS_PER_TENSOR = 0
+            fast.FAST_MIN_PARAMS = fast.FUSED_MIN_PARAMS = 0 if chunked else 10**15
+            fast.FAST_MIN_PARAMS_PER_TENSOR = fast.FUSED_MIN_PARAMS_PER_TENSOR = 0
             os.environ["L2O_NATIVE"] = "1" if fused else "0"
             t0 = time.perf_counter()
             lopt.step_no_grad(graph, flat, grad, states[path])
@@ -92,8 +92,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    defaults = fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR
+    thresholds = ("FAST_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS", "FUSED_MIN_PARAMS_PER_TENSOR")
+    defaults = {name: getattr(fast, name) for name in thresholds}
     user_native = os.environ.get("L2O_NATIVE")
+
+    def restore() -> None:
+        """The thresholds and L2O_NATIVE as the user had them (time_paths changes both)."""
+        for key, value in defaults.items():
+            setattr(fast, key, value)
+        if user_native is None:
+            os.environ.pop("L2O_NATIVE", None)
+        else:
+            os.environ["L2O_NATIVE"] = user_native
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved steps; "
           f"'optimizers use' is the path GMNOptimizer / MLPOptimizer.step take on CPU; "
           f"chunked = torch ops, fused = C kernels ({native.status()})\n")
@@ -111,16 +121,13 @@ def main() -> None:
                 lopt.requires_grad_(False)
                 flat_l = g.gather([p.detach() for p in model.parameters()])
                 t = time_paths(lopt, g, flat_l, grad, args.repeats)
-                fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR = defaults
-                used = "chunked" if fast.use_fast_path(g.num_params, "cpu", g.num_tensors) else "forward"
+                restore()
+                used = ("fused" if lopt.kernels("cpu") is not None else "chunked") \
+                    if lopt._uses_chunked_step(g, torch.device("cpu")) else "forward"
                 print(f"{name:<34} {graph.num_params:>9} {graph.num_tensors:>7} {lopt.kind:>5} {t['forward']:>11.1f} "
                       f"{t['chunked']:>11.1f} {t['fused']:>9.1f} {t['forward'] / t['fused']:>7.2f}x  {used}")
     finally:
-        fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR = defaults
-        if user_native is None:
-            os.environ.pop("L2O_NATIVE", None)
-        else:
-            os.environ["L2O_NATIVE"] = user_native
+        restore()
 
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ class GMNLOpt(LearnedOptimizer):
         return {**super().config(), "node_dim": self.node_dim, "edge_dim": self.edge_dim,
                 "hidden": self.hidden, "num_layers": self.num_layers}
 
+    def kernel_widths(self) -> dict[str, int]:
+        return {"edge_dim": self.edge_dim, "hidden": self.hidden}
+
     # ------------------------------------------------------------- encoders
     def encode_edges(self, g: ParamGraph, x_edge: Tensor, t: Tensor) -> Tensor:
         # in-place sums on fresh intermediates: see GMNConv.message

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import features as F_
-from .fast import use_fast_path
+from .fast import native, use_fast_path
 from .fast.features import frame_views
 from .graph.param_graph import ParamGraph
 
@@ -86,8 +86,28 @@ class LearnedOptimizer(nn.Module):
     chunked_step = None
     chunked_frame = None
 
+    def kernel_widths(self) -> dict[str, int] | None:
+        """The widths of this metanetwork's fused C kernels
+        (:func:`l2o.fast.native.load` keywords), or None when it has none."""
+        return None
+
+    def kernels(self, device: torch.device):
+        """The fused C kernels of this metanetwork for ``device``
+        (:mod:`l2o.fast.native`: CPU and float32 only), or None."""
+        widths = self.kernel_widths()
+        if widths is None or torch.device(device).type != "cpu":
+            return None
+        if any(p.dtype != torch.float32 for p in self.parameters()):
+            return None
+        return native.load(F_.NUM_ENTRY_FEATURES, **widths)
+
     def _uses_chunked_step(self, graph: ParamGraph, device: torch.device) -> bool:
-        return self.chunked_step is not None and use_fast_path(graph.num_params, device, graph.num_tensors)
+        if self.chunked_step is None:
+            return False
+        n, t = graph.num_params, graph.num_tensors
+        # the kernels are looked up (and built, once) only where they decide the path
+        return use_fast_path(n, device, t) or (use_fast_path(n, device, t, fused=True)
+                                                and self.kernels(device) is not None)
 
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -37,6 +37,9 @@ class MLPLOpt(LearnedOptimizer):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hidden": self.hidden}
 
+    def kernel_widths(self) -> dict[str, int]:
+        return {"mlp_hidden": self.hidden}
+
     def predict(self, graph: ParamGraph, x: Tensor, t: Tensor) -> Tensor:
         # in place on fresh intermediates: on large models every new
         # parameter-sized activation costs page faults (see GMNConv.message)

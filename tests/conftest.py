@@ -32,8 +32,10 @@ def use_step_path(monkeypatch):
     optimizers take from then on, whatever the model's size."""
     def use(path: str) -> None:
         chunked = {"reference": False, "chunked": True}[path]
-        monkeypatch.setattr(fast, "FAST_MIN_PARAMS", 0 if chunked else 10**12)
-        monkeypatch.setattr(fast, "FAST_MIN_PARAMS_PER_TENSOR", 0)
+        for name in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS"):
+            monkeypatch.setattr(fast, name, 0 if chunked else 10**12)
+        for name in ("FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
+            monkeypatch.setattr(fast, name, 0)
     return use
 
 

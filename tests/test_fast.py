@@ -289,12 +289,25 @@ def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, use_step
 
 
 def test_fast_path_is_used_only_for_large_cpu_models():
-    n = fast.FAST_MIN_PARAMS
-    assert fast.use_fast_path(n, "cpu")
-    assert not fast.use_fast_path(n - 1, "cpu")
-    assert not fast.use_fast_path(10**9, "cuda:0")
-    # many small tensors: the per-run loop would cost more than it saves
-    assert not fast.use_fast_path(n, "cpu", num_tensors=n // fast.FAST_MIN_PARAMS_PER_TENSOR + 1)
+    for fused, (n, per_tensor) in ((False, (fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR)),
+                                   (True, (fast.FUSED_MIN_PARAMS, fast.FUSED_MIN_PARAMS_PER_TENSOR))):
+        assert fast.use_fast_path(n, "cpu", fused=fused)
+        assert not fast.use_fast_path(n - 1, "cpu", fused=fused)
+        assert not fast.use_fast_path(10**9, "cuda:0", fused=fused)
+        # many small tensors: the per-run loop would cost more than it saves
+        assert not fast.use_fast_path(n, "cpu", num_tensors=n // per_tensor + 1, fused=fused)
+    # the kernels make the chunked step pay off on smaller models
+    assert fast.FUSED_MIN_PARAMS < fast.FAST_MIN_PARAMS
+
+
+def test_medium_models_take_the_chunked_step_where_the_kernels_build(kernels):
+    """A 12k-parameter model: below the torch-ops threshold, above the fused one."""
+    model = nn.Sequential(nn.Linear(60, 150), nn.ReLU(), nn.Linear(150, 20))
+    graph = l2o.build_graph(model)
+    assert fast.FUSED_MIN_PARAMS <= graph.num_params < fast.FAST_MIN_PARAMS
+    lopt = l2o.GMNLOpt()
+    assert lopt._uses_chunked_step(graph, torch.device("cpu")) == (kernels == "native")
+    assert not lopt.double()._uses_chunked_step(graph, torch.device("cpu"))  # the kernels take float32 only
 
 
 @pytest.mark.parametrize("name", [n for n in tasks.list_tasks("all") if tasks.get_task(n).available()])

@@ -25,19 +25,28 @@ from .plan import ChunkPlan, chunk_plan
 
 # The chunked step loops in Python over runs (at least one per tensor), the
 # forward runs a fixed number of large ops: below these sizes the loop costs
-# more than the memory traffic it saves (bench/fast_step.py: a 22k-parameter
-# CNN with 28 tensors is 1.7x slower chunked, a 56k one with 8 tensors 1.8x faster).
+# more than the memory traffic it saves. With torch ops per pass
+# (bench/fast_step.py: a 22k-parameter CNN with 28 tensors is 1.5x slower
+# chunked, a 56k one with 8 tensors 2x faster):
 FAST_MIN_PARAMS = 20_000
 FAST_MIN_PARAMS_PER_TENSOR = 2_000
+# With the fused kernels (bench/fast_step.py and the task suite: ties from ~8k
+# parameters and ~500 per tensor, 2-2.5x faster on 24k-51k models of 14-32
+# tensors; a 5k-parameter ResNet of 20 tensors is 1.3x slower chunked):
+FUSED_MIN_PARAMS = 8_000
+FUSED_MIN_PARAMS_PER_TENSOR = 500
 
 
-def use_fast_path(num_params: int, device, num_tensors: int = 1) -> bool:
+def use_fast_path(num_params: int, device, num_tensors: int = 1, fused: bool = False) -> bool:
     """Whether the learned optimizers' ``step_no_grad`` takes the chunked
-    path. It pays off on CPU for models with enough entries per tensor; on a
-    GPU memory bandwidth is plentiful and the one-shot forward launches far
-    fewer kernels."""
-    return (num_params >= FAST_MIN_PARAMS and num_params >= FAST_MIN_PARAMS_PER_TENSOR * num_tensors
+    path (``fused``: with the C kernels of :mod:`.native`). It pays off on CPU
+    for models with enough entries per tensor; on a GPU memory bandwidth is
+    plentiful and the one-shot forward launches far fewer kernels."""
+    min_params, per_tensor = ((FUSED_MIN_PARAMS, FUSED_MIN_PARAMS_PER_TENSOR) if fused
+                              else (FAST_MIN_PARAMS, FAST_MIN_PARAMS_PER_TENSOR))
+    return (num_params >= min_params and num_params >= per_tensor * num_tensors
             and str(device).startswith("cpu"))
 
 
-__all__ = ["ChunkPlan", "chunk_plan", "use_fast_path", "FAST_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR"]
+__all__ = ["ChunkPlan", "chunk_plan", "use_fast_path", "FAST_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR",
+           "FUSED_MIN_PARAMS", "FUSED_MIN_PARAMS_PER_TENSOR"]

@@ -29,9 +29,8 @@ from torch import Tensor
 from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
-from . import native
 from .native import address, check
-from .features import NUM_FEATURES, adam_row, feature_frame, fold_input_scale, update_statistics_
+from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 
@@ -178,8 +177,7 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     dev = params.device
     plan, frame = gmn_frame(lopt, graph, dev)
     de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
-    on_cpu = dev.type == "cpu" and lopt.edge_feat.weight.dtype == torch.float32  # what the kernels take
-    kernels = native.load(NUM_FEATURES, de, lopt.hidden) if on_cpu else None
+    kernels = lopt.kernels(dev)
     inv_rms = update_statistics_(plan, params, grad, state, frame[de:], kernels)
     t = F_.time_features(state["step"])
     update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step

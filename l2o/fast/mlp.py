@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .. import features as F_
 from ..graph.param_graph import ParamGraph
-from . import native
 from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
 from .native import address, check
 from . import plan as plan_module
@@ -55,8 +54,7 @@ def mlp_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
              state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
     dev = params.device
     plan, x_all = mlp_frame(lopt, graph, dev)
-    on_cpu = dev.type == "cpu" and lopt.inp.weight.dtype == torch.float32  # what the kernels take
-    kernels = native.load(F_.NUM_ENTRY_FEATURES, mlp_hidden=lopt.hidden) if on_cpu else None
+    kernels = lopt.kernels(dev)
     inv_rms = update_statistics_(plan, params, grad, state, x_all, kernels)
     t = F_.time_features(state["step"])
     if kernels is not None:
