@@ -124,6 +124,34 @@ INLINE void dot_block(const int G, const int K, const float *restrict w, int row
         }
 }
 
+/* The last, partial tile of a row: its first n entries of rows [0, k) of
+ * `src` (stride ld) copied into a zero-padded tile buffer (stride TC). */
+INLINE const float *stage_tail(int k, const float *src, long ld, long n, float pad[][TC]) {
+    memset(pad, 0, (size_t)k * TC * sizeof(float));
+    for (int r = 0; r < k; r++) memcpy(pad[r], src + r * ld, (size_t)n * sizeof(float));
+    return &pad[0][0];
+}
+
+/* The two-output head of both learned optimizers on one tile: starts at its
+ * bias, then takes each register block of hidden units as it is produced,
+ * dir += w[0, h] relu(z_h), log_step += w[1, h] relu(z_h) (w is [2][width]). */
+INLINE void head_start(float b0, float b1, vf dir[T], vf log_step[T]) {
+    for (int t = 0; t < T; t++) {
+        dir[t] = splat(b0);
+        log_step[t] = splat(b1);
+    }
+}
+INLINE void head_add(const int G, const int width, const float *w, int h0, vf acc[][T], vf dir[T],
+                     vf log_step[T]) {
+#pragma GCC unroll 16
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++) {
+            const vf z = relu(acc[g][t]);
+            dir[t] += w[h0 + g] * z;
+            log_step[t] += w[width + h0 + g] * z;
+        }
+}
+
 /* ------------------------------------------------------------ threads */
 
 #define MAX_THREADS 64
@@ -347,12 +375,9 @@ static void round_range(const void *args, long r0, long r1, int thread) {
             for (int k = 0; k < rows_in; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
             round_tile(a, i, j, TC, row + j, a->ld, col_acc, rsum);
         }
-        if (j < a->cols) {
-            memset(pad, 0, sizeof pad);
-            for (int k = 0; k < rows_in; k++)
-                memcpy(pad[k], row + k * a->ld + j, (size_t)(a->cols - j) * sizeof(float));
-            round_tile(a, i, j, (int)(a->cols - j), &pad[0][0], TC, col_acc, rsum);
-        }
+        if (j < a->cols)
+            round_tile(a, i, j, (int)(a->cols - j), stage_tail(rows_in, row + j, a->ld, a->cols - j, pad), TC,
+                       col_acc, rsum);
         for (int d = 0; d < DE; d++) {
             float s = 0.f;
             for (int v = 0; v < TC; v++) s += rsum[d][v];
@@ -406,10 +431,7 @@ typedef struct {
 INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const float *in, long in_ld) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
     vf dir[T], ls[T];
-    for (int t = 0; t < T; t++) {
-        dir[t] = splat(a->head_b0);
-        ls[t] = splat(a->head_b1);
-    }
+    head_start(a->head_b0, a->head_b1, dir, ls);
 #pragma GCC unroll 1
     for (int h0 = 0; h0 < HID; h0 += RGROUP) {
         vf acc[RGROUP][T];
@@ -419,13 +441,7 @@ INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const f
                 acc[dd][t] = a->row_t[(h0 + dd) * a->rows + i] +
                              load(a->col_t + (h0 + dd) * col_ld + gc + t * VB, lanes(nv, t));
         dot_block(RGROUP, DE + NF, a->w_z, h0, in, in_ld, acc);
-#pragma GCC unroll 16
-        for (int dd = 0; dd < RGROUP; dd++)
-            for (int t = 0; t < T; t++) {
-                const vf zr = relu(acc[dd][t]);
-                dir[t] += a->head_w[h0 + dd] * zr;
-                ls[t] += a->head_w[HID + h0 + dd] * zr;
-            }
+        head_add(RGROUP, HID, a->head_w, h0, acc, dir, ls);
     }
     for (int t = 0; t < T; t++)
         store(a->update + i * a->cols + j0 + t * VB,
@@ -444,12 +460,8 @@ static void readout_range(const void *args, long r0, long r1, int thread) {
             for (int k = 0; k < DE + NF; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
             readout_tile(a, i, j, TC, row + j, a->ld);
         }
-        if (j < a->cols) {
-            memset(pad, 0, sizeof pad);
-            for (int k = 0; k < DE + NF; k++)
-                memcpy(pad[k], row + k * a->ld + j, (size_t)(a->cols - j) * sizeof(float));
-            readout_tile(a, i, j, (int)(a->cols - j), &pad[0][0], TC);
-        }
+        if (j < a->cols)
+            readout_tile(a, i, j, (int)(a->cols - j), stage_tail(DE + NF, row + j, a->ld, a->cols - j, pad), TC);
     }
 }
 
@@ -496,22 +508,14 @@ INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in
             for (int t = 0; t < T; t++) store(&z1[h0 + g][t * VB], relu(acc[g][t]), VB);
     }
     vf dir[T], ls[T];
-    for (int t = 0; t < T; t++) {
-        dir[t] = splat(a->head_b0);
-        ls[t] = splat(a->head_b1);
-    }
+    head_start(a->head_b0, a->head_b1, dir, ls);
 #pragma GCC unroll 1
     for (int h0 = 0; h0 < MH; h0 += MGROUP) {
         vf acc[MGROUP][T];
         for (int g = 0; g < MGROUP; g++)
             for (int t = 0; t < T; t++) acc[g][t] = splat(a->b_mid[h0 + g]);
         dot_block(MGROUP, MH, a->w_mid, h0, &z1[0][0], TC, acc);
-        for (int g = 0; g < MGROUP; g++)
-            for (int t = 0; t < T; t++) {
-                const vf zr = relu(acc[g][t]);
-                dir[t] += a->head_w[h0 + g] * zr;
-                ls[t] += a->head_w[MH + h0 + g] * zr;
-            }
+        head_add(MGROUP, MH, a->head_w, h0, acc, dir, ls);
     }
     for (int t = 0; t < T; t++)
         store(a->update + i + t * VB, finish(dir[t], ls[t], load(in + ROW_ADAM * in_ld + t * VB, VB), a->nominal, a->c),
@@ -529,9 +533,7 @@ static void mlp_range(const void *args, long t0, long t1, int thread) {
     }
     if (i < i1) {
         float pad[NF][TC];
-        memset(pad, 0, sizeof pad);
-        for (int k = 0; k < NF; k++) memcpy(pad[k], a->x + k * a->ld + i, (size_t)(i1 - i) * sizeof(float));
-        mlp_tile(a, i, (int)(i1 - i), &pad[0][0], TC);
+        mlp_tile(a, i, (int)(i1 - i), stage_tail(NF, a->x + i, a->ld, i1 - i, pad), TC);
     }
 }
 
