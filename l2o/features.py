@@ -80,13 +80,18 @@ def adam_direction(state: dict[str, Tensor]) -> Tensor:
     return m_hat / ((v_hat + _SQRT_EPS).sqrt() + ADAM_EPS)
 
 
+def rms_from_sums(sums_of_squares: Tensor, counts: Tensor) -> Tensor:
+    """[T, F] root-mean-squares from each tensor's per-feature sums of squares
+    and its entry count (at least 1)."""
+    return (sums_of_squares / counts.unsqueeze(1) + _SQRT_EPS).sqrt()
+
+
 def per_tensor_rms(x: Tensor, tensor_id: Tensor, num_tensors: int) -> Tensor:
     """Root-mean-square of each column of ``x`` [n, F] over each tensor's
     entries, broadcast back to the entries: one index_add, one gather."""
     sums = x.new_zeros(num_tensors, x.shape[1]).index_add_(0, tensor_id, x * x)
     counts = torch.bincount(tensor_id, minlength=num_tensors).clamp(min=1).to(x.dtype)
-    rms = (sums / counts.unsqueeze(1) + _SQRT_EPS).sqrt()
-    return rms.index_select(0, tensor_id)
+    return rms_from_sums(sums, counts).index_select(0, tensor_id)
 
 
 def entry_features(params: Tensor, grad: Tensor, state: dict[str, Tensor], adam_dir: Tensor,

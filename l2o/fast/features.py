@@ -66,8 +66,8 @@ def _unit_stride(*tensors: Tensor) -> bool:
     return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
 
 
-def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor,
-                           v_all: Tensor, x_all: Tensor, c: StepConstants) -> Tensor:
+def _statistics_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
+                      x_all: Tensor, c: StepConstants) -> Tensor:
     """The statistics pass in C (native.py), one call per tensor; returns the
     features' sums of squares per tensor ``[T, F]``."""
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, params.device)
@@ -83,22 +83,11 @@ def _sums_of_squares_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tenso
     return sums.float()
 
 
-def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
-                       x_all: Tensor, kernels=None) -> Tensor:
-    """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
-    is advanced too); writes the raw features into ``x_all`` ``[F, n]`` and
-    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step.
-    ``kernels``: the fused C kernels (:mod:`.native`), or None for torch ops."""
+def _statistics_torch(plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
+                      x_all: Tensor, c: StepConstants) -> Tensor:
+    """The statistics pass as torch ops, run by run; returns the features'
+    sums of squares per tensor ``[T, F]``."""
     device = params.device
-    state["step"] = state["step"] + 1.0
-    c = StepConstants(float(state["step"]))
-    m_all, v_all = state["m"], state["v"]
-    counts = torch.tensor([t.stop - t.start for t in plan.tensor_slices], device=device,
-                          dtype=torch.float32).clamp(min=1)
-    if kernels is not None and _unit_stride(params, grad, m_all, v_all, x_all):
-        sums = _sums_of_squares_fused(kernels, plan, params, grad, m_all, v_all, x_all, c)
-        return 1.0 / ((sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt() + F_._RMS_EPS)
-
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
     one_minus = 1.0 - betas  # in float32, as l2o.features computes it
     b2 = F_.SECOND_MOMENT_BETA
@@ -120,9 +109,24 @@ def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dic
         torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
         _adam_(x[_ADAM], m, x[_SQRT_V], c)
         torch.linalg.vector_norm(x, dim=1, out=norms[i])
-    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
+    return torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
         0, plan.stat_run_tensor, norms.square_())
-    return 1.0 / ((sums / counts.unsqueeze(1) + F_._SQRT_EPS).sqrt() + F_._RMS_EPS)
+
+
+def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
+                       x_all: Tensor, kernels=None) -> Tensor:
+    """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
+    is advanced too); writes the raw features into ``x_all`` ``[F, n]`` and
+    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step.
+    ``kernels``: the fused C kernels (:mod:`.native`), or None for torch ops."""
+    state["step"] = state["step"] + 1.0
+    c = StepConstants(float(state["step"]))
+    inputs = (plan, params, grad, state["m"], state["v"], x_all, c)
+    if kernels is not None and _unit_stride(params, grad, state["m"], state["v"], x_all):
+        sums = _statistics_fused(kernels, *inputs)
+    else:
+        sums = _statistics_torch(*inputs)
+    return 1.0 / (F_.rms_from_sums(sums, plan.tensor_counts) + F_._RMS_EPS)
 
 
 def adam_row(x: Tensor) -> Tensor:

@@ -134,6 +134,8 @@ class ChunkPlan:
         self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
                           for s, e in _ranges(t.start, t.stop, chunk)]
         self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
+        self.tensor_counts = torch.tensor([t.stop - t.start for t in self.tensor_slices], device=graph.device,
+                                          dtype=torch.float32).clamp(min=1)
         # per edge-held tensor: (the whole block as one run when it is dense, its runs);
         # the fused kernels (native.py) take a dense block whole
         self.blocks: list[tuple[DenseRun | None, list[DenseRun | ScatterRun]]] = []
