@@ -137,6 +137,11 @@ class LearnedOptimizer(nn.Module):
         scale = head.weight.new_tensor([-self.out_scale, 2.0 / self.max_log_step]).unsqueeze(1)
         return head.weight * scale, (head.bias.unsqueeze(1) * scale)
 
+    def nominal_weight(self) -> float:
+        """The learned weight of the nominal Adam term (0 without one), for
+        the no-grad step's update formula."""
+        return float(self.log_nominal.exp()) if self.nominal else 0.0
+
     def finish_update_(self, out: Tensor, direction: Tensor, log_step: Tensor, adam: Tensor) -> Tensor:
         """``forward``'s final formula, in place, from the outputs of
         :meth:`folded_head`; writes the update into ``out`` (``log_step`` is
@@ -145,7 +150,7 @@ class LearnedOptimizer(nn.Module):
         c = self.max_log_step
         magnitude = log_step.sigmoid_().mul_(2.0 * c).sub_(c).exp_()
         if self.nominal:
-            torch.add(direction, adam, alpha=-float(self.log_nominal.exp()), out=out)
+            torch.add(direction, adam, alpha=-self.nominal_weight(), out=out)
         else:
             out.copy_(direction)
         return out.mul_(magnitude)

@@ -221,7 +221,7 @@ def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
     node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h),
                             lopt.edge_out_e.bias + lopt.edge_out_time(t))
     head_w, head_b = lopt.folded_head(lopt.edge_head)
-    nominal = float(lopt.log_nominal.exp()) if lopt.nominal else 0.0
+    nominal = lopt.nominal_weight()
     for run in fused_blocks:
         _fused_readout(kernels, lopt, frame, de, run, w_out, node_terms, head_w, head_b, nominal, update)
     for run in torch_runs:

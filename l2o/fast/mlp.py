@@ -10,6 +10,8 @@ The hidden activations are entry-major (``[L, H]``): for a square hidden
 layer MKL's GEMM is ~1.5x faster in that orientation than feature-major,
 while the features (read from the frame) and the two outputs stay
 feature-major rows. Runs are half the GMN's so ``z_1``/``z_2`` stay in cache.
+With the fused kernels (:mod:`.native`) the whole network runs per tensor
+in C instead (:func:`_fused_mlp`).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _fused_mlp(kernels, lopt, plan: ChunkPlan, x_all: Tensor, inv_rms: Tensor, t
     w_mid, b_mid = lopt.mid.weight.contiguous(), lopt.mid.bias.contiguous()
     head_w, head_b = lopt.folded_head(lopt.out)
     head_w = head_w.contiguous()
-    nominal = float(lopt.log_nominal.exp()) if lopt.nominal else 0.0
+    nominal = lopt.nominal_weight()
     for k, t_slice in enumerate(plan.tensor_slices):
         n = t_slice.stop - t_slice.start
         if n:
