@@ -16,6 +16,12 @@ Per entry, following the small_fc_lopt / LOLv2 family (Metz et al. 2022):
 
 Time enters as ``tanh(t / tau - 1)`` for ``tau`` in ``TIME_SCALES``: one vector
 per step shared by every entry (the metanetworks fold it into biases).
+
+The state's ``step`` is that clock. A state may also hold ``entry_step`` [n],
+each entry's own count of statistics updates (the optimizers pass it when
+their tensors' counters differ, e.g. a tensor unfrozen or added later): it
+then replaces ``step`` in the Adam bias correction, so a tensor's first step
+is bias-corrected as a first step whatever the clock says.
 """
 from __future__ import annotations
 
@@ -67,13 +73,17 @@ def update_state(state: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
     g = grad.float()
     m = state["m"] * betas + (1.0 - betas) * g.unsqueeze(0)
     v = state["v"] * SECOND_MOMENT_BETA + (1.0 - SECOND_MOMENT_BETA) * g * g
-    return {"m": m, "v": v, "step": state["step"] + 1.0}
+    out = {"m": m, "v": v, "step": state["step"] + 1.0}
+    if "entry_step" in state:
+        out["entry_step"] = state["entry_step"] + 1.0
+    return out
 
 
 def adam_direction(state: dict[str, Tensor]) -> Tensor:
     """Bias-corrected Adam direction m̂ / (sqrt(v̂) + eps) from an updated state
-    (``step >= 1``). This is the nominal term of the learned update."""
-    t = state["step"].clamp(min=1.0)
+    (``step >= 1``). This is the nominal term of the learned update. The
+    bias correction counts ``entry_step`` where the state has it."""
+    t = state.get("entry_step", state["step"]).clamp(min=1.0)
     b1 = MOMENTUM_BETAS[ADAM_BETA1_INDEX]
     m_hat = state["m"][ADAM_BETA1_INDEX] / (1.0 - b1 ** t)
     v_hat = state["v"] / (1.0 - SECOND_MOMENT_BETA ** t)

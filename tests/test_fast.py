@@ -62,14 +62,16 @@ def _random_state(lopt, flat, seed=1):
     return state, grad
 
 
-def _compare(lopt, fast_step, graph, flat):
+def _compare(lopt, fast_step, graph, flat, entry_step=None):
     state, grad = _random_state(lopt, flat)
+    if entry_step is not None:
+        state["entry_step"] = entry_step
     with torch.no_grad():
         expected, expected_state = lopt(graph, flat, grad, {k: v.clone() for k, v in state.items()})
     got, got_state = fast_step(lopt, graph, flat, grad, {k: v.clone() for k, v in state.items()})
     scale = expected.abs().max()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(scale))
-    for key in ("m", "v", "step"):
+    for key in ("m", "v", "step") + (("entry_step",) if entry_step is not None else ()):
         torch.testing.assert_close(got_state[key], expected_state[key])
 
 
@@ -81,6 +83,40 @@ def test_gmn_fast_step_equals_forward(name, chunk, kernels):
     graph = l2o.build_graph(model, example)
     flat = graph.gather([p.detach() for p in model.parameters()])
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+
+def _per_tensor_steps(graph):
+    """Entry step counts that differ between tensors (0: a tensor's first step)."""
+    per_tensor = torch.tensor([float((3 * k) % 7) for k in range(graph.num_tensors)])
+    return per_tensor[graph.tensor_id]
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d_bn", "embedding_transformer"])
+def test_per_tensor_step_counts_on_both_paths(name, kernels):
+    """``entry_step`` (tensors with their own counters) sets each tensor's bias
+    correction: the chunked step agrees with the forward, and the forward's
+    Adam direction is that of the tensor's own count."""
+    torch.manual_seed(0)
+    make, example = MODELS[name]
+    model = make()
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    steps = _per_tensor_steps(graph)
+    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat, steps.clone())
+    layout = tensor_layout(graph.param_shapes)
+    _compare(_scrambled(l2o.MLPLOpt()), mlp_step, layout, layout.gather(graph.scatter(flat)),
+             _per_tensor_steps(layout))
+
+    from l2o import features as F_
+    state, grad = _random_state(l2o.GMNLOpt(), flat)
+    with_counts = F_.update_state(dict(state, entry_step=steps), grad)
+    direction = F_.adam_direction(with_counts)
+    for k in range(graph.num_tensors):
+        sel = graph.tensor_id == k
+        alone = F_.adam_direction({"m": with_counts["m"][:, sel], "v": with_counts["v"][sel],
+                                   "step": steps[sel][0] + 1.0})
+        torch.testing.assert_close(direction[sel], alone)
+    assert not torch.allclose(direction, F_.adam_direction(F_.update_state(state, grad)))
 
 
 @pytest.mark.parametrize("name", ["mlp", "embedding_transformer"])

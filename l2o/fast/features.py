@@ -67,7 +67,7 @@ def _unit_stride(*tensors: Tensor) -> bool:
 
 
 def _statistics_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
-                      x_all: Tensor, c: StepConstants) -> Tensor:
+                      x_all: Tensor, consts: list[StepConstants]) -> Tensor:
     """The statistics pass in C (native.py), one call per tensor; returns the
     features' sums of squares per tensor ``[T, F]``."""
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, params.device)
@@ -75,6 +75,7 @@ def _statistics_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_
     threads = torch.get_num_threads()
     for k, t in enumerate(plan.tensor_slices):
         if t.stop > t.start:
+            c = consts[k]
             check(kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
                                     address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
                                     address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
@@ -84,7 +85,7 @@ def _statistics_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_
 
 
 def _statistics_torch(plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
-                      x_all: Tensor, c: StepConstants) -> Tensor:
+                      x_all: Tensor, consts: list[StepConstants]) -> Tensor:
     """The statistics pass as torch ops, run by run; returns the features'
     sums of squares per tensor ``[T, F]``."""
     device = params.device
@@ -107,7 +108,7 @@ def _statistics_torch(plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tens
         if copy_m:
             x[_M0:_ADAM].copy_(m)
         torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
-        _adam_(x[_ADAM], m, x[_SQRT_V], c)
+        _adam_(x[_ADAM], m, x[_SQRT_V], consts[run.tensor])
         torch.linalg.vector_norm(x, dim=1, out=norms[i])
     return torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
         0, plan.stat_run_tensor, norms.square_())
@@ -116,12 +117,21 @@ def _statistics_torch(plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tens
 def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
                        x_all: Tensor, kernels=None) -> Tensor:
     """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
-    is advanced too); writes the raw features into ``x_all`` ``[F, n]`` and
-    returns the inverse per-tensor RMS ``[T, F]`` of the features of this step.
+    is advanced too, and ``state["entry_step"]`` where present: it sets each
+    tensor's bias correction, read at the tensor's first entry); writes the raw
+    features into ``x_all`` ``[F, n]`` and returns the inverse per-tensor RMS
+    ``[T, F]`` of the features of this step.
     ``kernels``: the fused C kernels (:mod:`.native`), or None for torch ops."""
     state["step"] = state["step"] + 1.0
-    c = StepConstants(float(state["step"]))
-    inputs = (plan, params, grad, state["m"], state["v"], x_all, c)
+    if "entry_step" in state:
+        state["entry_step"] = state["entry_step"] + 1.0
+        firsts = [t.start if t.stop > t.start else 0 for t in plan.tensor_slices]
+        steps = state["entry_step"][firsts].tolist() if plan.num_params else []
+        by_step = {t: StepConstants(t) for t in set(steps)}
+        consts = [by_step[t] for t in steps]
+    else:
+        consts = [StepConstants(float(state["step"]))] * plan.num_tensors
+    inputs = (plan, params, grad, state["m"], state["v"], x_all, consts)
     if kernels is not None and _unit_stride(params, grad, state["m"], state["v"], x_all):
         sums = _statistics_fused(kernels, *inputs)
     else:
