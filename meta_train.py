@@ -57,7 +57,7 @@ from l2o.meta import state as S
 from l2o.meta.inner import advance, start_run, InnerRun
 from l2o.meta.quick_eval import quick_eval
 from l2o.meta.schedule import outer_lr
-from l2o.meta.tasks_pool import TaskPool, suite_specs
+from l2o.meta.tasks_pool import TaskPool, draw_length, suite_specs
 
 ESTIMATORS = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}
 
@@ -79,6 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--outer-steps", type=int, help="outer (meta) optimisation steps")
     p.add_argument("--unroll", type=int, help="inner steps per truncation (K)")
     p.add_argument("--inner-steps", type=int, help="length of one inner run before a new task is drawn (T)")
+    p.add_argument("--inner-steps-max", type=int,
+                   help="draw each run's length log-uniformly in [inner-steps, this] (mixed horizons)")
+    p.add_argument("--meta-data", choices=C.CHOICES["meta_data"],
+                   help="meta-loss on fresh training batches (train) or the inner task's held-out data (valid)")
     p.add_argument("--meta-batch", type=int, help="inner runs per outer step (split across processes)")
     p.add_argument("--estimator", choices=C.CHOICES["estimator"], help="meta-gradient estimator")
     p.add_argument("--es-pairs", type=int, help="antithetic pairs per run (es)")
@@ -155,14 +159,19 @@ def main(argv=None) -> dict:
     # lengths (slot i ends after (i+1)/B of a run), so afterwards the meta-batch holds
     # tasks at every stage of training, not B runs all at step 0.
     slots = D.my_slots(info, cfg["meta_batch"])
+
+    def run_length(slot: int, index: int) -> int:
+        return draw_length(cfg["inner_steps"], cfg["inner_steps_max"], cfg["seed"], slot, index)
+
     if ckpt:
         runs = [InnerRun.restore(ckpt["run_scalars"][s], ckpt["run_tensors"][s], device) for s in slots]
         if info.rank in ckpt["rng"]:
             torch.set_rng_state(ckpt["rng"][info.rank])
         counters, history = ckpt["counters"], ckpt["history"]
     else:
-        T, B = cfg["inner_steps"], cfg["meta_batch"]
-        runs = [start_run(pool, specs, lopt, cfg["seed"], s, 0, max(1, round(T * (s + 1) / B))) for s in slots]
+        B = cfg["meta_batch"]
+        runs = [start_run(pool, specs, lopt, cfg["seed"], s, 0, max(1, round(run_length(s, 0) * (s + 1) / B)))
+                for s in slots]
         counters = {"outer_step": 0, "skipped": 0, "resets": 0, "finished_runs": 0, "inner_steps": 0,
                     "nonfinite_pairs": 0, "wall_time_s": 0.0}
         history = {"meta_loss": [], "grad_norm": [], "eval": []}
@@ -217,7 +226,8 @@ def main(argv=None) -> dict:
         new_runs = []
         for run, res in zip(runs, results):
             if res.diverged or res.finished:
-                run = start_run(pool, specs, lopt, cfg["seed"], run.slot, run.index + 1, cfg["inner_steps"])
+                run = start_run(pool, specs, lopt, cfg["seed"], run.slot, run.index + 1,
+                                run_length(run.slot, run.index + 1))
             else:
                 run = advance(run, res)
             new_runs.append(run)

@@ -21,6 +21,19 @@ usual 1e-3), ``alpha`` a small output scale (Metz et al. 2022) and ``c`` bounds
 the learned log step multiplier. With the output layers initialised near zero a
 fresh learned optimizer is Adam(lr=1e-3) plus a small perturbation: it trains,
 and meta-training only has to learn how to do better.
+
+With ``relative=True`` the update is measured in units of each parameter
+tensor's scale (as in Adafactor's relative step and Celo):
+
+.. math::
+    \Delta_{rel} = \Delta \cdot \sqrt{\mathrm{rms}(W)^2 + \rho^2}
+
+where ``rms(W)`` is the root-mean-square of the tensor the entry belongs to,
+before the step, and ``rho`` (``scale_floor``) keeps zero-initialised tensors
+moving. Every input feature is already RMS-normalised, so a relative learned
+optimizer is invariant to rescaling a tensor (above the floor): it cannot
+learn one absolute step size that only suits the scales of its meta-training
+models, which is where the absolute form lost to per-task tuned Adam.
 """
 from __future__ import annotations
 
@@ -40,8 +53,12 @@ class LearnedOptimizer(nn.Module):
     kind: str = "base"
 
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
-                 max_log_step: float = 3.0):
+                 max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2):
         super().__init__()
+        if not scale_floor > 0:
+            raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
+        self.relative = bool(relative)
+        self.scale_floor = float(scale_floor)
         self.out_scale = float(out_scale)
         self.nominal = bool(nominal)
         self.max_log_step = float(max_log_step)
@@ -56,6 +73,8 @@ class LearnedOptimizer(nn.Module):
             "nominal": self.nominal,
             "nominal_lr": self.nominal_lr,
             "max_log_step": self.max_log_step,
+            # absent from configs saved before relative updates existed: their defaults rebuild them
+            **({"relative": True, "scale_floor": self.scale_floor} if self.relative else {}),
         }
 
     def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
@@ -77,7 +96,18 @@ class LearnedOptimizer(nn.Module):
         step = self.out_scale * direction
         if self.nominal:
             step = step + self.log_nominal.exp() * adam
-        return -(step * log_step.exp()), state
+        update = -(step * log_step.exp())
+        if self.relative:
+            update = update * self.tensor_scale(graph, params)
+        return update, state
+
+    def tensor_scale(self, graph: ParamGraph, params: Tensor) -> Tensor:
+        """[n] the scale a relative update is measured in: ``sqrt(rms(W)^2 +
+        scale_floor^2)`` of the tensor ``W`` holding each entry."""
+        p = params.float()
+        sums = p.new_zeros(graph.num_tensors).index_add_(0, graph.tensor_id, p * p)
+        counts = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).clamp(min=1).to(p.dtype)
+        return (sums / counts + self.scale_floor ** 2).sqrt().index_select(0, graph.tensor_id)
 
     # ------------------------------------------------------ no-grad stepping
     # A subclass with a chunked implementation (l2o/fast) names it here:
@@ -116,9 +146,13 @@ class LearnedOptimizer(nn.Module):
         place and the returned update is a workspace of ``graph`` that the
         next call overwrites (clone it to keep it). The workspace belongs to
         one optimizer state at a time: optimizers use a private copy of their graph."""
-        if self._uses_chunked_step(graph, params.device):
-            return self.chunked_step(graph, params, grad, state)
-        return self(graph, params, grad, state)
+        if not self._uses_chunked_step(graph, params.device):
+            return self(graph, params, grad, state)
+        scale = self.tensor_scale(graph, params) if self.relative else None  # before params change
+        update, state = self.chunked_step(graph, params, grad, state)
+        if scale is not None:
+            update.mul_(scale)
+        return update, state
 
     def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
         """Where an optimizer should keep its flat parameters, gradients and

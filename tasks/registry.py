@@ -12,7 +12,13 @@ from .task import Task
 FAMILIES: dict[str, Callable[..., Task]] = {module.FAMILY: module.sample for module in MODULES}
 # Families that have train-split configurations (conv1d is held out entirely).
 TRAIN_FAMILIES = tuple(name for name in FAMILIES if name != "conv1d")
-SUITES = ("train", "heldout", "all")
+SUITES = ("train", "valid", "heldout", "all")
+# The validation suite: one configuration per family drawn by its sampler with
+# split="valid" (held-out-style sizes and data, a stream of its own), so no
+# validation model is a train or test model. Every recipe, checkpoint and
+# threshold is chosen on it; the "heldout" (test) suite is reported only.
+VALID_SEEDS = {"mlp": (0, 1), "cnn": (0,), "resnet": (0,), "transformer": (0, 1), "conv1d": (0,),
+               "autoencoder": (0,), "regression": (0,)}
 
 _named: dict[str, Task] | None = None
 
@@ -25,6 +31,10 @@ def _registry() -> dict[str, Task]:
             for task in module.named_tasks():
                 if task.name in _named:
                     raise RuntimeError(f"duplicate task name {task.name!r}")
+                _named[task.name] = task
+        for family, seeds in VALID_SEEDS.items():
+            for seed in seeds:
+                task = FAMILIES[family](seed, "valid")
                 _named[task.name] = task
     return _named
 
@@ -47,7 +57,11 @@ class UnknownSuiteError(UnknownTaskError, ValueError):
 
 
 def get_task(name: str) -> Task:
+    """A named task, or a sampled one by its name ``family~split~seed``."""
     registry = _registry()
+    family, split, seed = (name.split("~") + ["", "", ""])[:3] if name.count("~") == 2 else ("", "", "")
+    if name not in registry and family in FAMILIES and split in ("train", "valid", "heldout") and seed.isdigit():
+        return sample_task(family, int(seed), split)
     if name not in registry:
         close = difflib.get_close_matches(name, registry, n=5, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(registry)}"
@@ -56,7 +70,7 @@ def get_task(name: str) -> Task:
 
 
 def get_suite(suite: str | Iterable[str] = "train", include_unavailable: bool = False) -> list[Task]:
-    """Tasks of a split ("train", "heldout", "all") or of an explicit list of names.
+    """Tasks of a split ("train", "valid", "heldout", "all") or of an explicit list of names.
 
     Tasks whose data directory is missing are skipped from named splits (an
     explicit list of names is returned as asked; loading it will raise).

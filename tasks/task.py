@@ -19,6 +19,9 @@ from . import data
 
 Batch = tuple[Tensor, Tensor]
 OBJECTIVES = ("classify", "mse")
+# train: meta-training; valid: every choice (recipe, checkpoint, thresholds);
+# heldout: the test split, reported once and never used to choose.
+SPLITS = ("train", "valid", "heldout")
 
 
 @dataclass(eq=False)
@@ -34,7 +37,7 @@ class Task:
 
     name: str
     family: str
-    split: str                       # "train" | "heldout"
+    split: str                       # "train" | "valid" | "heldout" (test)
     dataset: str
     batch_size: int
     build: Callable[[], nn.Module]
@@ -47,8 +50,8 @@ class Task:
     _num_params: int | None = field(default=None, repr=False)
 
     def __post_init__(self):
-        if self.split not in ("train", "heldout"):
-            raise ValueError(f"{self.name}: split must be 'train' or 'heldout', got {self.split!r}")
+        if self.split not in SPLITS:
+            raise ValueError(f"{self.name}: split must be one of {SPLITS}, got {self.split!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"{self.name}: objective must be one of {OBJECTIVES}")
 

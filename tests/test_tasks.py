@@ -123,16 +123,47 @@ def test_samplers_are_reproducible(family):
     assert len(set(configs)) > 1, "the sampler ignores its seed"
 
 
+HELDOUT_DATASETS = {"reverse", "chars", "mnist", "cifar10", "mnist1d_recon"}
+
+
 @pytest.mark.parametrize("family", sorted(tasks.TRAIN_FAMILIES))
-def test_train_samples_avoid_heldout_features(family):
+def test_train_samples_avoid_heldout_data_and_sizes(family):
     for seed in range(8):
         task = tasks.sample_task(family, seed, split="train")
         assert task.split == "train"
-        assert task.config.get("activation") not in HELDOUT_ACTIVATIONS
-        assert task.config.get("norm") != "group" and not task.config.get("layer_norm")
+        assert task.dataset not in HELDOUT_DATASETS
+        assert task.num_params() < 100_000   # the test split's "larger models" are >= 10x this
         model = task.init(0)
         loss = task.loss(model, next(task.batches("train", seed=0)))
         assert torch.isfinite(loss)
+
+
+def test_train_sampler_covers_every_activation_and_norm():
+    """Held-out tasks differ by architecture, size and data, not by layers the
+    optimizer never met: the train samplers draw every activation and norm."""
+    seen_acts, seen_norms = set(), set()
+    for family in tasks.TRAIN_FAMILIES:
+        for seed in range(40):
+            config = tasks.sample_task(family, seed, split="train").config
+            seen_acts.add(config.get("activation"))
+            seen_norms.add(config.get("norm") or ("layer" if config.get("layer_norm") else None))
+            seen_norms.add(config.get("block"))
+    assert set(HELDOUT_ACTIVATIONS) | {"relu", "tanh", "gelu"} <= seen_acts
+    assert {"batch", "group", "layer", "encoder_layer_norm_first", "prenorm_mha"} <= seen_norms
+
+
+def test_validation_suite_is_disjoint_from_train_and_test():
+    valid = tasks.get_suite("valid")
+    assert len({t.family for t in valid}) == len(tasks.FAMILIES)
+    assert all(t.split == "valid" for t in valid)
+    names = {t.name for t in valid}
+    assert not names & set(tasks.list_tasks("train")) and not names & set(tasks.list_tasks("heldout"))
+    # sampled names resolve back to the same configuration
+    for t in valid:
+        assert tasks.get_task(t.name).config == t.config
+    assert tasks.get_task("mlp~train~3").config == tasks.sample_task("mlp", 3, "train").config
+    test_configs = [repr(t.config) for t in tasks.get_suite("heldout")]
+    assert not any(repr(t.config) in test_configs for t in valid)
 
 
 @pytest.mark.parametrize("family", sorted(tasks.FAMILIES))

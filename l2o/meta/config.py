@@ -18,12 +18,16 @@ DEFAULTS: dict[str, Any] = {
     "lopt_config": {},           # constructor kwargs of the metanetwork (l2o.make_lopt)
     # what it is trained on
     "suite": "train",            # train | heldout | families | mix | comma-separated task names
-    "eval_task": "conv1d_mnist1d",  # held-out task of the quick evaluation
+    "eval_task": "conv1d~valid~0",  # validation task of the quick evaluation (never a test task)
     # the inner problem
     "inner_steps": 200,          # length T of one inner training run (then a new task is sampled)
+    "inner_steps_max": 0,        # > inner_steps: each run's length is drawn log-uniformly in
+                                 # [inner_steps, inner_steps_max] (mixed horizons); 0: always inner_steps
     "unroll": 10,                # truncation length K: inner steps per outer step
     "meta_batch": 4,             # inner runs per outer step (split across ranks)
     "meta_objective": "norm",    # norm: loss / run's initial loss | log: log(loss) | raw: loss
+    "meta_data": "train",        # batches the meta-loss is measured on: train (fresh training batches)
+                                 # | valid (the inner task's held-out data: rewards generalisation)
     "second_order": False,       # differentiate through the gradient too (create_graph=True)
     "diverge_factor": 10.0,      # an inner run whose loss exceeds this x its initial loss is reset
     # the meta-gradient estimator
@@ -57,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # About a minute on a 2-core CPU: small tasks, short runs, quick eval.
     "tiny": {
         "suite": "mlp_synthetic,regression_teacher,mlp_digits",
-        "eval_task": "regression_teacher_deep_ln",
+        "eval_task": "regression~valid~0",
         "inner_steps": 30,
         "unroll": 5,
         "meta_batch": 2,
@@ -89,10 +93,11 @@ CHOICES = {
     "lopt": ("gmn", "mlp"),
     "estimator": ("tbptt", "es", "pes"),
     "meta_objective": ("norm", "log", "raw"),
+    "meta_data": ("train", "valid"),
 }
 POSITIVE_INT = ("inner_steps", "unroll", "meta_batch", "outer_steps", "es_pairs", "eval_steps",
                 "log_every")
-NONNEG_INT = ("warmup", "checkpoint_every", "eval_every", "stop_after", "threads")
+NONNEG_INT = ("inner_steps_max", "warmup", "checkpoint_every", "eval_every", "stop_after", "threads")
 POSITIVE_FLOAT = ("lr", "es_sigma", "diverge_factor", "nominal_lr_mult")
 NONNEG_FLOAT = ("weight_decay", "clip", "min_lr_frac")
 
@@ -159,6 +164,9 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"suite must be a non-empty string, got {cfg['suite']!r}")
     if not isinstance(cfg["inject_nan_steps"], list):
         raise ConfigError("inject_nan_steps must be a list of outer steps")
+    if cfg["inner_steps_max"] and cfg["inner_steps_max"] < cfg["inner_steps"]:
+        raise ConfigError(f"inner_steps_max ({cfg['inner_steps_max']}) must be 0 or >= inner_steps "
+                          f"({cfg['inner_steps']})")
     for key in ("second_order", "progress"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")

@@ -17,6 +17,14 @@ parameters is both a meta-loss term and the source of the next gradient (its
 batch was not used to produce those parameters, so the term is on a fresh
 batch); the gradient of the last step is carried into the next unroll rather
 than recomputed.
+
+With ``meta_data: valid`` the meta-loss term is instead the loss at the new
+parameters on a batch of the inner task's *held-out* data (one extra forward
+per step), while the gradient the optimizer sees still comes from training
+batches. An optimizer meta-trained on training loss is rewarded for fitting
+the training batches at any cost (FINDINGS: inflated normalisation gains and
+logits); on held-out batches it is rewarded only for what generalises
+(Metz et al. 2019).
 """
 from __future__ import annotations
 
@@ -127,9 +135,11 @@ def new_run(pool: TaskPool, spec: str, init_seed: int, lopt, slot: int, index: i
     return run
 
 
-def batch_stream(entry: TaskEntry, run: InnerRun, device):
+def batch_stream(entry: TaskEntry, run: InnerRun, device, split: str = "train"):
     # A new stream per (run, step): batches depend only on the run's counters.
-    return entry.task.batches("train", seed=(run.data_seed * 1_000_003 + run.step) % (2**63), device=device)
+    salt = 0 if split == "train" else 0x7E57
+    seed = ((run.data_seed ^ salt) * 1_000_003 + run.step) % (2**63)
+    return entry.task.batches(split, seed=seed, device=device)
 
 
 def loss_and_grad(entry: TaskEntry, flat: Tensor, buffers: dict[str, Tensor], batch,
@@ -192,12 +202,22 @@ def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, met
     buffers = {n: b.clone() for n, b in run.buffers.items()}
     stream = batch_stream(entry, run, device)
     next(stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
+    on_valid = cfg.get("meta_data", "train") == "valid"
+    valid_stream = batch_stream(entry, run, device, split="test") if on_valid else None
     terms, losses = [], []
     for _ in range(min(k, run.length - run.step)):
         update, state = call(graph, flat, grad, state)
         flat = flat + update
-        loss, grad = loss_and_grad(entry, flat, buffers, next(stream), meta=meta, second_order=second_order)
-        terms.append(meta_term(loss, run.init_loss, cfg.get("meta_objective", "norm")))
+        # On held-out batches the training loss is no meta-loss term: its gradient
+        # needs no meta-graph unless it is differentiated (second order).
+        loss, grad = loss_and_grad(entry, flat, buffers, next(stream), meta=meta and (second_order or not on_valid),
+                                   second_order=second_order)
+        measured = loss
+        if on_valid:
+            # BatchNorm running statistics must not see held-out data: a throwaway copy.
+            spare = {n: b.clone() for n, b in buffers.items()}
+            measured = entry.loss_fn(dict(zip(graph.param_names, graph.scatter(flat))), spare, next(valid_stream))
+        terms.append(meta_term(measured, run.init_loss, cfg.get("meta_objective", "norm")))
         losses.append(loss.detach())
     # One host sync per unroll (not per step) to find where the run diverged, if it did:
     # non-finite loss, or above diverge_factor x its initial loss. Later terms are dropped

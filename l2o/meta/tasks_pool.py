@@ -12,6 +12,7 @@ repeat every inner run, so graphs (and the module used for
 """
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections import OrderedDict
@@ -35,7 +36,7 @@ def _tasks_module():
 def suite_specs(suite: str) -> list[str]:
     """The pool of specs to draw from. ``families``/``mix`` add family samplers."""
     tasks = _tasks_module()
-    if suite in ("train", "heldout", "all"):
+    if suite in ("train", "valid", "heldout", "all"):
         names = [t.name for t in tasks.get_suite(suite)]
         if not names:
             raise ConfigError(f"suite {suite!r} has no task whose data is available (is $L2O_DATA set?)")
@@ -57,6 +58,15 @@ def draw_spec(pool: list[str], seed: int, slot: int, index: int) -> tuple[str, i
     if choice.startswith("family:"):
         choice = f"{choice}:{rng.randrange(2**31)}"
     return choice, rng.randrange(2**31)
+
+
+def draw_length(shortest: int, longest: int, seed: int, slot: int, index: int) -> int:
+    """Length of run number ``index`` of slot ``slot``: log-uniform in
+    [shortest, longest] (mixed horizons), or ``shortest`` when ``longest`` is 0."""
+    if longest <= shortest:
+        return shortest
+    rng = random.Random(f"length/{seed}/{slot}/{index}")
+    return int(round(math.exp(rng.uniform(math.log(shortest), math.log(longest)))))
 
 
 def resolve_task(spec: str):

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..task import Task
-from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, TRAIN_ACTIVATIONS, activation, family_rng, features, sampled_name
+from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, SAMPLED_ACTIVATIONS, activation, family_rng, features, sampled_name
 
 FAMILY = "autoencoder"
 
@@ -41,8 +41,8 @@ def named_tasks() -> list[Task]:
 def sample(seed: int, split: str = "train") -> Task:
     rng = family_rng(FAMILY, split, seed)
     if split == "train":
-        dataset, act = "digits", rng.choice(TRAIN_ACTIVATIONS)
-        hidden = [rng.choice([16, 32, 48])]
+        dataset, act = "digits", rng.choice(SAMPLED_ACTIVATIONS)
+        hidden = sorted((rng.choice([16, 32, 64]) for _ in range(rng.randint(1, 2))), reverse=True)
     else:
         dataset, act = "mnist1d", rng.choice(HELDOUT_ACTIVATIONS)
         hidden = sorted((rng.choice([32, 64, 96]) for _ in range(rng.randint(2, 3))), reverse=True)

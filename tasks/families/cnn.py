@@ -1,16 +1,16 @@
 """Plain CNNs: [Conv2d -> (norm) -> act] * depth -> (global avg pool | flatten) -> Linear.
 
-Train: 1-3 conv layers of 4-16 channels, kernel 3 (or 2 with stride 2),
-BatchNorm or no norm, relu/tanh/gelu, on digits (and FashionMNIST when the
-data is present).  Held out: GroupNorm (absent from every train model),
-5x5 kernels, more and wider layers, held-out activations, and CIFAR-10.
+Train sampler: 1-3 conv layers of 4-32 channels, kernel 3 or 5 (2 or 3 with
+stride 2), BatchNorm, GroupNorm or no norm, every activation, on digits (and
+FashionMNIST when the data is present).  Held out: more and wider layers, and
+CIFAR-10.
 """
 from __future__ import annotations
 
 from torch import nn
 
 from ..task import Task
-from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, TRAIN_ACTIVATIONS, activation, family_rng, norm2d, sampled_name
+from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, SAMPLED_ACTIVATIONS, activation, family_rng, norm2d, sampled_name
 
 FAMILY = "cnn"
 
@@ -67,9 +67,9 @@ def sample(seed: int, split: str = "train") -> Task:
     n_down = rng.randint(0, min(2, depth))
     strides = [1] * (depth - n_down) + [2] * n_down
     if split == "train":
-        channels = [rng.choice([4, 8, 12, 16]) for _ in range(depth)]
-        kernels = [rng.choice([2, 3]) if s == 2 else 3 for s in strides]
-        norm, act = rng.choice(["none", "batch"]), rng.choice(TRAIN_ACTIVATIONS)
+        channels = [rng.choice([4, 8, 16, 32]) for _ in range(depth)]
+        kernels = [rng.choice([2, 3]) if s == 2 else rng.choice([3, 5]) for s in strides]
+        norm, act = rng.choice(["none", "batch", "group"]), rng.choice(SAMPLED_ACTIVATIONS)
     else:
         channels = [rng.choice([24, 32]) for _ in range(depth)]
         kernels = [rng.choice([3, 5]) for _ in strides]

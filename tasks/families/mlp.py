@@ -1,15 +1,15 @@
 """MLP classifiers (Flatten -> [Linear -> (LayerNorm) -> act] * depth -> Linear).
 
-Train: depth 1-3, width 16-64, relu/tanh/gelu, no norm, on digits, mnist1d
-and the synthetic teacher.  Held out: deeper (4-6) and wider (80-128),
-activations never seen in train, LayerNorm between layers.
+Named train tasks: depth 1-2, width 32-64, relu/tanh/gelu, no norm.  The train
+sampler: depth 1-4, width 8-128, every activation, LayerNorm or not, on digits,
+mnist1d and the synthetic teacher.  Held out: deeper (4-6) and wider (80-128).
 """
 from __future__ import annotations
 
 from torch import nn
 
 from ..task import Task
-from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, TRAIN_ACTIVATIONS, activation, family_rng, features, sampled_name
+from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, SAMPLED_ACTIVATIONS, activation, family_rng, features, sampled_name
 
 FAMILY = "mlp"
 
@@ -53,8 +53,9 @@ def sample(seed: int, split: str = "train") -> Task:
     rng = family_rng(FAMILY, split, seed)
     dataset = rng.choice(["digits", "mnist1d", "synthetic_cls"])
     if split == "train":
-        widths = [rng.choice([16, 24, 32, 48, 64]) for _ in range(rng.randint(1, 3))]
-        act, layer_norm = rng.choice(TRAIN_ACTIVATIONS), False
+        # widths over a 16x range, depth 1-4, every activation, LayerNorm or not
+        widths = [rng.choice([8, 16, 32, 64, 128]) for _ in range(rng.randint(1, 4))]
+        act, layer_norm = rng.choice(SAMPLED_ACTIVATIONS), rng.random() < 0.4
     else:
         widths = [rng.choice([80, 96, 128]) for _ in range(rng.randint(4, 6))]
         act, layer_norm = rng.choice(HELDOUT_ACTIVATIONS), rng.random() < 0.5

@@ -6,7 +6,7 @@ LayerNorm and held-out activations.
 from __future__ import annotations
 
 from ..task import Task
-from .layers import HELDOUT_ACTIVATIONS, TRAIN_ACTIVATIONS, family_rng, sampled_name
+from .layers import HELDOUT_ACTIVATIONS, SAMPLED_ACTIVATIONS, family_rng, sampled_name
 from .mlp import mlp_task
 
 FAMILY = "regression"
@@ -27,8 +27,8 @@ def named_tasks() -> list[Task]:
 def sample(seed: int, split: str = "train") -> Task:
     rng = family_rng(FAMILY, split, seed)
     if split == "train":
-        widths = [rng.choice([16, 32, 48, 64]) for _ in range(rng.randint(1, 3))]
-        act, layer_norm = rng.choice(TRAIN_ACTIVATIONS), False
+        widths = [rng.choice([8, 16, 32, 64, 128]) for _ in range(rng.randint(1, 3))]
+        act, layer_norm = rng.choice(SAMPLED_ACTIVATIONS), rng.random() < 0.4
     else:
         widths = [rng.choice([64, 96, 128]) for _ in range(rng.randint(4, 5))]
         act, layer_norm = rng.choice(HELDOUT_ACTIVATIONS), True

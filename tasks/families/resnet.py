@@ -1,16 +1,16 @@
 """ResNet-style nets: stem conv, residual basic blocks, global pool, Linear.
 
 A block is conv3x3-norm-act-conv3x3-norm plus a shortcut (identity, or a
-strided 1x1 conv + norm when the shape changes), then act.  Train: 1-2
-blocks, width 8-12, BatchNorm.  Held out: GroupNorm, 3-4 blocks, width 16+,
-held-out activations, and CIFAR-10.
+strided 1x1 conv + norm when the shape changes), then act.  Train sampler:
+1-2 blocks, width 4-12, BatchNorm or GroupNorm, every activation.  Held out:
+3-4 blocks, width 16+, and CIFAR-10.
 """
 from __future__ import annotations
 
 from torch import Tensor, nn
 
 from ..task import Task
-from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, TRAIN_ACTIVATIONS, activation, family_rng, norm2d, sampled_name
+from .layers import DATA_SPECS, HELDOUT_ACTIVATIONS, SAMPLED_ACTIVATIONS, activation, family_rng, norm2d, sampled_name
 
 FAMILY = "resnet"
 
@@ -75,7 +75,8 @@ def named_tasks() -> list[Task]:
 def sample(seed: int, split: str = "train") -> Task:
     rng = family_rng(FAMILY, split, seed)
     if split == "train":
-        n_blocks, choices, norm, act = rng.randint(1, 2), [8, 12], "batch", rng.choice(TRAIN_ACTIVATIONS)
+        n_blocks, choices = rng.randint(1, 2), [4, 8, 12]
+        norm, act = rng.choice(["batch", "group"]), rng.choice(SAMPLED_ACTIVATIONS)
     else:
         n_blocks, choices, norm, act = rng.randint(3, 4), [16, 24], "group", rng.choice(HELDOUT_ACTIVATIONS)
     base = rng.choice(choices)

@@ -111,7 +111,8 @@ def sample(seed: int, split: str = "train") -> Task:
     rng = family_rng(FAMILY, split, seed)
     if split == "train":
         dataset = rng.choice(["parity", "sort", "modadd"])
-        d_model, layers, block = rng.choice([16, 24, 32]), rng.randint(1, 2), "encoder_layer"
+        d_model, layers = rng.choice([8, 16, 32, 64]), rng.randint(1, 2)
+        block = rng.choice(["encoder_layer", "encoder_layer_norm_first", "prenorm_mha"])
     else:
         dataset = rng.choice(["reverse", "chars"])
         d_model, layers = rng.choice([32, 48, 64]), rng.randint(2, 3)

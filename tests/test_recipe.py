@@ -1,0 +1,115 @@
+"""The generalisation recipe's pieces: relative updates, held-out meta-loss, mixed horizons."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import l2o
+from l2o.graph import build_graph
+from l2o.meta import inner
+from l2o.meta.tasks_pool import TaskPool, draw_length
+
+
+def _scrambled(lopt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return lopt.requires_grad_(False)
+
+
+def _setup(relative=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3))
+    graph = build_graph(model)
+    lopt = _scrambled(l2o.GMNLOpt(relative=relative, scale_floor=1e-3))
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(1))
+    return model, graph, lopt, flat, grad
+
+
+def test_relative_update_is_absolute_update_times_tensor_rms():
+    _, graph, lopt, flat, grad = _setup()
+    absolute = l2o.GMNLOpt(relative=False)
+    absolute.load_state_dict(lopt.state_dict())
+    rel, _ = lopt(graph, flat, grad, lopt.init_state(flat))
+    abs_, _ = absolute(graph, flat, grad, absolute.init_state(flat))
+    for k in range(graph.num_tensors):
+        entries = graph.tensor_id == k
+        rms = flat[entries].pow(2).mean().add(1e-3 ** 2).sqrt()
+        torch.testing.assert_close(rel[entries], abs_[entries] * rms)
+
+
+def test_relative_update_follows_a_rescaled_tensor():
+    """Reparametrising W -> c W (gradient -> g / c) multiplies W's update by c:
+    the optimizer finds the tensor's step size from its scale, not from its training."""
+    _, graph, lopt, flat, grad = _setup()
+    w = graph.tensor_id == 0
+    c = 7.0
+    flat2, grad2 = flat.clone(), grad.clone()
+    flat2[w] *= c
+    grad2[w] /= c
+    u1, _ = lopt(graph, flat, grad, lopt.init_state(flat))
+    u2, _ = lopt(graph, flat2, grad2, lopt.init_state(flat2))
+    torch.testing.assert_close(u2[w], u1[w] * c, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(u2[~w], u1[~w], rtol=1e-4, atol=1e-7)
+
+
+def test_relative_config_round_trips_and_old_configs_stay_absolute(tmp_path):
+    lopt = l2o.GMNLOpt(relative=True, scale_floor=0.02, nominal_lr=0.03)
+    l2o.save_lopt(lopt, tmp_path / "rel.safetensors")
+    again = l2o.load_lopt(tmp_path / "rel.safetensors")
+    assert again.relative and again.scale_floor == 0.02
+    assert "relative" not in l2o.GMNLOpt().config()   # configs saved before relative updates rebuild as absolute
+    with pytest.raises(ValueError, match="scale_floor"):
+        l2o.GMNLOpt(relative=True, scale_floor=0.0)
+
+
+@pytest.mark.parametrize("path", ["reference", "chunked"])
+def test_optimizer_applies_the_relative_scale_on_both_step_paths(path, use_step_path):
+    use_step_path(path)
+    model, graph, lopt, flat, grad = _setup()
+    reference, _ = lopt(graph, flat, grad, lopt.init_state(flat))
+    opt = l2o.GMNOptimizer(model, weights=lopt)
+    for p, g in zip(model.parameters(), graph.scatter(grad)):
+        p.grad = g.clone()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    moved = graph.gather([p.detach() - b for p, b in zip(model.parameters(), before)])
+    torch.testing.assert_close(moved, reference, rtol=1e-4, atol=1e-7)
+
+
+def test_held_out_meta_loss_reads_the_test_split(monkeypatch):
+    pool = TaskPool("gmn", "cpu")
+    lopt = l2o.GMNLOpt()
+    run = inner.new_run(pool, "task:regression_teacher", 3, lopt, slot=0, index=0, length=50)
+    entry = pool.get(run.spec)
+    seen = []
+    real = type(entry.task).batches
+
+    def spy(self, split="train", seed=0, device="cpu"):
+        seen.append(split)
+        return real(self, split, seed, device)
+
+    monkeypatch.setattr(type(entry.task), "batches", spy)
+    on_train = inner.unroll(lopt, run, entry, 4, {"meta_data": "train"}, "cpu", meta=True)
+    assert seen == ["train"]
+    seen.clear()
+    on_valid = inner.unroll(lopt, run, entry, 4, {"meta_data": "valid"}, "cpu", meta=True)
+    assert sorted(seen) == ["test", "train"]
+    # the same steps (the optimizer still sees training gradients) ...
+    torch.testing.assert_close(on_valid.final["params"], on_train.final["params"])
+    # ... measured on other data, and differentiable w.r.t. the metanetwork
+    assert not torch.isclose(on_valid.meta_loss, on_train.meta_loss)
+    on_valid.meta_loss.backward()
+    assert lopt.log_nominal.grad is not None and torch.isfinite(lopt.log_nominal.grad)
+
+
+def test_mixed_horizon_lengths_are_deterministic_and_log_uniform():
+    lengths = [draw_length(200, 2000, 0, slot, i) for slot in range(4) for i in range(100)]
+    assert lengths == [draw_length(200, 2000, 0, slot, i) for slot in range(4) for i in range(100)]
+    assert min(lengths) >= 200 and max(lengths) <= 2000
+    below_geometric_mean = sum(n < math.sqrt(200 * 2000) for n in lengths) / len(lengths)
+    assert 0.4 < below_geometric_mean < 0.6
+    assert draw_length(300, 0, 0, 0, 0) == 300
