@@ -49,9 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-OPTIMIZERS = ("gmn", "mlp", "adam", "adamw", "sgd")
+OPTIMIZERS = ("gmn", "mlp", "adam", "adamw", "sgd", "adam_default")
 LEARNED = ("gmn", "mlp")
-HAND_DESIGNED = ("adam", "adamw", "sgd")
+# adam_default: Adam at its default lr 1e-3, untuned: what most users run
+HAND_DESIGNED = ("adam", "adamw", "sgd", "adam_default")
 DEFAULT_STEPS = 400
 DEFAULT_SEEDS = 3
 DEFAULT_TUNE_SEEDS = 1
@@ -63,6 +64,7 @@ DEFAULT_GRIDS: dict[str, tuple[float, ...]] = {
     "adam": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
     "adamw": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
     "sgd": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0),
+    "adam_default": (1e-3,),
 }
 ADAMW_WEIGHT_DECAY = 1e-2
 SGD_MOMENTUM = 0.9
@@ -305,7 +307,7 @@ def optimizer_factory(name: str, task=None, lr: float | None = None,
     if name in HAND_DESIGNED:
         if lr is None:
             raise EvaluationInputError(f"{name} needs a learning rate")
-        if name == "adam":
+        if name in ("adam", "adam_default"):
             return lambda model: torch.optim.Adam(model.parameters(), lr=lr)
         if name == "adamw":
             return lambda model: torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
@@ -407,7 +409,7 @@ def _resolve_suite(suite) -> tuple[list, list[str]]:
     """(tasks to run, names of suite tasks skipped because their data is missing)."""
     import tasks as task_suite
     if isinstance(suite, str):
-        if suite in ("train", "heldout", "all"):
+        if suite in ("train", "valid", "heldout", "all"):
             every = task_suite.get_suite(suite, include_unavailable=True)
             found = [t for t in every if t.available()]
             if not found:
@@ -431,7 +433,8 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
              out_dir: str | os.PathLike | None = None, progress: bool = True) -> EvalResults:
     """Run the whole protocol (see the module docstring) and optionally write the report.
 
-    ``suite``: "heldout" / "train" / "all", a task name, or a list of names or
+    ``suite``: "heldout" (the test split: report it, never choose on it) /
+    "valid" (choose on it) / "train" / "all", a task name, or a list of names or
     Task objects. ``seeds`` / ``tune_seeds``: a count or explicit seeds
     (tuning seeds default to 1000, 1001, ... so they never coincide with
     evaluation seeds). ``workers``: parallel processes on CPU (default: one
@@ -624,12 +627,12 @@ def _mean_curve(runs: list[RunResult]) -> np.ndarray:
 TIE_RTOL = 0.005   # final losses within 0.5% are a tie, not a win (noise between seeds is larger)
 
 
-def _beats(a: dict | None, b: dict | None) -> str | None:
-    """"win" / "tie" / "loss" of a against b on final train loss; a diverged run
-    never wins and beats any diverged one."""
+def _beats(a: dict | None, b: dict | None, key: str = "final_train_loss") -> str | None:
+    """"win" / "tie" / "loss" of a against b on ``key`` (final train loss or
+    test loss); a diverged run never wins and beats any diverged one."""
     if a is None or b is None:
         return None
-    fa, fb = a["final_train_loss"], b["final_train_loss"]
+    fa, fb = a[key], b[key]
     if not math.isfinite(fa):
         return "loss"
     if not math.isfinite(fb):
@@ -642,15 +645,17 @@ def _beats(a: dict | None, b: dict | None) -> str | None:
 def _summary(rows: list[dict], optimizers) -> dict[str, Any]:
     idx = {(r["task"], r["optimizer"]): r for r in rows}
     task_names = list(dict.fromkeys(r["task"] for r in rows))
-    summary: dict[str, Any] = {"tasks": len(task_names), "wins": {}, "median_speedup_vs_adam": {},
-                               "speedup_reached": {}, "diverged_runs": {}, "best_on": {}}
-    pairs = [(a, b) for a in LEARNED for b in ("adam", "adamw", "sgd", "mlp")
+    summary: dict[str, Any] = {"tasks": len(task_names), "wins": {}, "test_wins": {},
+                               "median_speedup_vs_adam": {}, "speedup_reached": {}, "diverged_runs": {},
+                               "best_on": {}}
+    pairs = [(a, b) for a in LEARNED for b in ("adam", "adamw", "sgd", "adam_default", "mlp")
              if a != b and a in optimizers and b in optimizers and not (a == "mlp" and b == "gmn")]
     for a, b in pairs:
-        outcomes = [_beats(idx.get((t, a)), idx.get((t, b))) for t in task_names]
-        outcomes = [x for x in outcomes if x is not None]
-        summary["wins"][f"{a}_vs_{b}"] = {"wins": outcomes.count("win"), "ties": outcomes.count("tie"),
-                                          "of": len(outcomes)}
+        for table, key in (("wins", "final_train_loss"), ("test_wins", "test_loss")):
+            outcomes = [_beats(idx.get((t, a)), idx.get((t, b)), key) for t in task_names]
+            outcomes = [x for x in outcomes if x is not None]
+            summary[table][f"{a}_vs_{b}"] = {"wins": outcomes.count("win"), "ties": outcomes.count("tie"),
+                                             "of": len(outcomes)}
     for o in optimizers:
         sp = [idx[(t, o)] for t in task_names if (t, o) in idx and math.isfinite(idx[(t, o)]["speedup_vs_adam"])]
         if sp:
@@ -706,9 +711,12 @@ def format_summary(results: EvalResults) -> str:
     out = []
     for key, w in s["wins"].items():
         a, b = key.split("_vs_")
-        other = "the MLP learned-optimizer baseline" if b == "mlp" else f"tuned {b.upper()}"
+        other = {"mlp": "the MLP learned-optimizer baseline", "adam_default": "Adam at its default lr 1e-3"}.get(
+            b, f"tuned {b.upper()}")
+        t = s.get("test_wins", {}).get(key)
         out.append(f"- {a.upper()} beats {other} on final train loss on "
-                   f"**{w['wins']}/{w['of']}** tasks" + (f" ({w['ties']} ties: within {TIE_RTOL:.1%})" if w["ties"] else ""))
+                   f"**{w['wins']}/{w['of']}** tasks" + (f" ({w['ties']} ties: within {TIE_RTOL:.1%})" if w["ties"] else "")
+                   + (f"; on test loss on **{t['wins']}/{t['of']}**" if t else ""))
     for o, med in s["median_speedup_vs_adam"].items():
         reached = s["speedup_reached"][o]
         out.append(f"- median speedup of {o.upper()} vs tuned Adam: **{med:.2f}x** (reached Adam's final loss "
@@ -861,7 +869,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate the learned optimizers against per-task LR-tuned Adam, AdamW and SGD.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("tasks", nargs="*", help="task names (default: the --suite split)")
-    p.add_argument("--suite", default="heldout", choices=["heldout", "train", "all"])
+    p.add_argument("--suite", default="heldout", choices=["heldout", "valid", "train", "all"],
+                   help="heldout = the test split (report only); valid = the split every choice is made on")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per run (the budget)")
     p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="evaluation seeds 0..N-1")
     p.add_argument("--tune-seeds", type=int, default=DEFAULT_TUNE_SEEDS,

@@ -13,9 +13,10 @@ from typing import Mapping
 import numpy as np
 
 # Fixed colours so an optimizer looks the same in every panel and figure.
-COLORS = {"gmn": "tab:red", "mlp": "tab:purple", "adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green"}
+COLORS = {"gmn": "tab:red", "mlp": "tab:purple", "adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green",
+          "adam_default": "tab:gray"}
 LABELS = {"gmn": "GMN (learned)", "mlp": "MLP (learned)", "adam": "Adam (tuned)",
-          "adamw": "AdamW (tuned)", "sgd": "SGD+mom (tuned)"}
+          "adamw": "AdamW (tuned)", "sgd": "SGD+mom (tuned)", "adam_default": "Adam (lr 1e-3)"}
 
 
 def _figure(figsize):

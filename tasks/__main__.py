@@ -1,4 +1,4 @@
-"""`python -m tasks list [--split train|heldout|all]`: a table of the suite."""
+"""`python -m tasks list [--split train|valid|heldout|all]`: a table of the suite."""
 from __future__ import annotations
 
 import argparse

@@ -90,6 +90,15 @@ def test_win_tie_and_divergence_rules():
     assert ev._beats(row(9.0), row(float("nan"))) == "win"
 
 
+def test_summary_counts_train_and_test_wins_separately():
+    """The GMN can win on train loss and lose on test loss (it overfits): both are reported."""
+    rows = [{"task": "t", "optimizer": o, "final_train_loss": f, "test_loss": tl, "speedup_vs_adam": float("nan"),
+             "diverged_seeds": 0} for o, f, tl in (("gmn", 0.1, 0.9), ("adam", 0.2, 0.3), ("adam_default", 0.5, 0.8))]
+    s = ev._summary(rows, ["gmn", "adam", "adam_default"])
+    assert s["wins"]["gmn_vs_adam"]["wins"] == 1 and s["test_wins"]["gmn_vs_adam"]["wins"] == 0
+    assert s["wins"]["gmn_vs_adam_default"]["wins"] == 1 and s["test_wins"]["gmn_vs_adam_default"]["wins"] == 0
+
+
 def test_table_rows_speedup_and_diverged_runs_get_no_credit():
     task = QuadraticTask()
     steps = np.arange(100)
@@ -214,6 +223,8 @@ def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     data = json.loads((out / "results.json").read_text())
     assert data["summary"]["wins"]["gmn_vs_adam"]["of"] == 2
     assert data["config"]["lr_grids"]["adam"] == [1e-3, 1e-2]
+    assert data["config"]["lr_grids"]["adam_default"] == [1e-3]    # untuned: what most users run
+    assert data["summary"]["test_wins"]["gmn_vs_adam"]["of"] == 2
 
 
 def test_cli_reports_user_errors_but_not_bugs(monkeypatch, capsys):

@@ -46,6 +46,9 @@ def named_tasks() -> list[Task]:
         mlp_task("mlp_digits_deep_silu", "heldout", "digits", [96] * 5, "silu"),
         mlp_task("mlp_mnist1d_wide_ln", "heldout", "mnist1d", [128, 128], "elu", layer_norm=True),
         mlp_task("mlp_mnist", "heldout", "mnist", [128, 64], "relu", batch_size=128),
+        # >= 10x the largest meta-training model (~100k parameters)
+        mlp_task("mlp_mnist1d_large", "heldout", "mnist1d", [1024, 1024, 512], "gelu", layer_norm=True,
+                 batch_size=128),
     ]
 
 

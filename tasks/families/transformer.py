@@ -104,6 +104,9 @@ def named_tasks() -> list[Task]:
         transformer_task("transformer_reverse_prenorm", "heldout", "reverse", 32, 4, 64, 2,
                          "encoder_layer_norm_first", "gelu"),
         transformer_task("transformer_charlm", "heldout", "chars", 48, 4, 128, 2, "prenorm_mha", batch_size=32),
+        # >= 10x the largest meta-training model (~100k parameters): users train bigger
+        transformer_task("transformer_charlm_large", "heldout", "chars", 128, 4, 512, 6, "prenorm_mha",
+                         batch_size=32),
     ]
 
 
