@@ -3,25 +3,57 @@
     opt = GMNOptimizer(model)                  # shipped pretrained weights
     opt = GMNOptimizer(model, weights=None)    # untrained metanetwork (~Adam, lr 1e-3)
     opt = MLPOptimizer(model.parameters(), weights="mlp.safetensors")
+    opt = GMNOptimizer([{"params": decay, "weight_decay": 1e-4},     # the torch.optim form:
+                        {"params": no_decay, "weight_decay": 0.0}],  # graph from ``model``,
+                       model=model)                                  # groups choose what moves
+
+Semantics (both optimizers; ``lr_g``, ``wd_g`` are the values of the group
+holding a tensor at this step, ``u`` the metanetwork's update computed from the
+parameters *before* this step)::
+
+    p <- p - lr_g * wd_g * p + lr_g * u(p, g, state)
+
+* ``lr`` multiplies the learned step (1.0 = the step the metanetwork was
+  meta-trained to take, roughly Adam at 1e-3 for an untrained one), so
+  ``torch.optim.lr_scheduler`` scales it; ``lr=0`` freezes a group exactly.
+* ``weight_decay`` is decoupled, as in AdamW (``p.mul_(1 - lr * wd)``), with
+  this optimizer's ``lr``: at ``lr=1`` a ``wd`` of ``1e-4`` shrinks the weights
+  by 1e-4 per step. To port ``AdamW(lr=eta, weight_decay=lam)``, whose step
+  shrinks by ``eta * lam``, use ``weight_decay=eta * lam`` (1e-5 for 1e-3, 0.01).
+  It applies exactly to the tensors stepped this time (not to ``grad=None``).
+* ``betas`` is accepted and stored so schedulers that cycle momentum
+  (``OneCycleLR``, ``CyclicLR``) run, but it is a **no-op**: the statistics use
+  the fixed betas the metanetwork was meta-trained with
+  (:data:`l2o.features.MOMENTUM_BETAS`, ``SECOND_MOMENT_BETA``); other values
+  would feed it inputs it never saw.
+* The graph (or flat layout) covers every parameter of ``model``, in groups or
+  not: tensors outside every group are inputs to the GMN's message passing but
+  never change; :meth:`~LearnedOptimizerBase.add_param_group` adds them later
+  (progressive unfreezing) with fresh state.
 
 Design notes:
 
 * State lives in two flat buffers (momenta ``m`` [num_momenta, n],
   feature-major, second moment ``v`` [n]) laid out by the ParamGraph;
-  ``self.state[p]`` holds *views* into them (``m`` as [num_momenta, *p.shape]),
-  so ``state_dict()`` has per-parameter tensors while ``step`` works on the
-  flat buffers. On CPU the flat params, grads and ``m`` sit inside the chunked
-  step's workspace (``l2o/fast``), which each optimizer owns through its
-  private copy of the graph; that costs ~70 bytes per parameter held between
-  steps for the GMN (~40 for the MLP baseline) instead of a larger transient peak.
-* ``lr`` (per param group) multiplies the learned step, so
-  ``torch.optim.lr_scheduler`` works unchanged; ``lr=1.0`` is the step the
-  metanetwork was meta-trained to take.
-* A tensor whose gradient is ``None`` (unused, frozen) or non-finite (or
-  whose square overflows float32) is left untouched for that step, and so is
-  its state; non-finite gradients warn. Entries whose *update* comes out
-  non-finite are not changed either (with a warning); their statistics, which
-  depend on finite gradients only, do advance.
+  ``self.state[p]`` holds *views* into them (``m`` as [num_momenta, *p.shape])
+  and ``step``, the tensor's own float32 step counter (a CPU 0-d view into
+  one vector of counters), so ``state_dict()`` has per-parameter tensors
+  while ``step`` works on the flat buffers. On CPU the flat params, grads and
+  ``m`` sit inside the chunked step's workspace (``l2o/fast``), which each
+  optimizer owns through its private copy of the graph; that costs ~70 bytes
+  per parameter held between steps for the GMN (~40 for the MLP baseline)
+  instead of a larger transient peak.
+* Step counters are per tensor: a tensor's counter advances when it is
+  stepped. Its own count sets its Adam bias correction (a tensor unfrozen or
+  added at step 1000 is bias-corrected as at its first step). The metanetwork
+  reads one clock for the whole model (its time features are shared by all
+  entries and, for the GMN, mixed by message passing): the largest counter
+  among the tensors stepped.
+* A tensor whose gradient is ``None`` (unused, frozen), that is in no group,
+  or whose gradient is non-finite (or whose square overflows float32) is left
+  untouched for that step, and so is its state; non-finite gradients warn.
+  Entries whose *update* comes out non-finite are not changed either (with a
+  warning); their statistics, which depend on finite gradients only, do advance.
 """
 from __future__ import annotations
 
@@ -29,7 +61,9 @@ import copy
 import os
 import warnings
 import weakref
-from typing import Callable, Iterable
+from collections import OrderedDict
+from itertools import chain
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -72,34 +106,81 @@ def _all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
+def _param_groups(params) -> list[dict]:
+    """``params`` as torch.optim takes it (tensors, ``(name, tensor)`` pairs
+    or group dicts) as a list of group dicts."""
+    if isinstance(params, Tensor):
+        raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                        f"but got {torch.typename(params)}")
+    groups = list(params)
+    if not groups:
+        raise ValueError("optimizer got an empty parameter list")
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    return [dict(g) for g in groups]
+
+
+def _tensors_of(group: dict) -> list[Tensor]:
+    params = group["params"]
+    params = [params] if isinstance(params, Tensor) else list(params)
+    return [p[1] if isinstance(p, tuple) else p for p in params]
+
+
+def _check_hyperparameters(group: dict) -> None:
+    lr, wd, betas = group["lr"], group["weight_decay"], group["betas"]
+    if isinstance(lr, Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not lr >= 0.0:
+        raise ValueError(f"invalid learning-rate multiplier: {lr}")
+    if not wd >= 0.0:
+        raise ValueError(f"invalid weight_decay value: {wd}")
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise ValueError(f"invalid betas: {betas} (two values in [0, 1); recorded only, see the module docstring)")
+
+
 class LearnedOptimizerBase(torch.optim.Optimizer):
-    """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout."""
+    """Runs a :class:`~l2o.lopt.LearnedOptimizer` over a fixed flat layout.
+
+    ``params`` are all tensors of the layout, in ``graph.param_names`` order;
+    ``param_groups`` (torch.optim's iterable of tensors or group dicts, or
+    None for one group of all of them) choose which of them move and with
+    which ``lr`` / ``weight_decay`` (see the module docstring).
+    """
 
     def __init__(self, params: list[nn.Parameter], graph: ParamGraph, lopt: LearnedOptimizer,
-                 lr: float = 1.0, model: nn.Module | None = None):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning-rate multiplier: {lr}")
+                 lr: float | Tensor = 1.0, model: nn.Module | None = None, param_groups=None,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        _check_hyperparameters(defaults)
         if len(params) != len(graph.param_names):
             raise ValueError(f"layout covers {len(graph.param_names)} tensors, got {len(params)} parameters")
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"{type(self).__name__} needs all parameters on one device, got {sorted(map(str, devices))} "
                              "(model-parallel / device_map='auto' models are not supported)")
+        if any(p.is_complex() for p in params):
+            raise TypeError(f"{type(self).__name__} does not support complex parameters")
         self._ready = False
-        super().__init__(params, dict(lr=lr))
-        self._ready = True
+        self._has_model = model is not None
+        device = params[0].device
+        self.graph = graph.to(device)
+        self._params = params            # model order == graph.param_names order
+        self._flat_params = [params[i] for i in graph.flat_order]
+        self._flat_index = {id(p): k for k, p in enumerate(self._flat_params)}
+        groups = [{"params": list(params)}] if param_groups is None else _param_groups(param_groups)
+        super().__init__(groups, defaults)
         # to notice layers added to / parameters replaced in the model after construction
         self._model_ref = weakref.ref(model) if model is not None else None
         self._param_ids = tuple(id(p) for p in model.parameters()) if model is not None else None
-        device = params[0].device
-        self.graph = graph.to(device)
         self.lopt = lopt.to(device).eval()
         for p in self.lopt.parameters():
             p.requires_grad_(False)
-        self._params = params            # model order == graph.param_names order
-        self._flat_params = [params[i] for i in graph.flat_order]
-        self._flat_state = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
-        self.param_groups[0].setdefault("step", 0)
+        init = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
+        self._flat_state = {"m": init["m"], "v": init["v"]}
+        # per-tensor step counters (flat order), on the CPU like torch.optim's
+        # non-capturable "step": reading them never synchronises a GPU
+        self._steps = torch.zeros(self.graph.num_tensors, dtype=torch.float32)
+        self._ready = True
         self._adopt_frame()
 
     def __getstate__(self) -> dict:
@@ -109,23 +190,62 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         # reference to the model neither pickles nor follows a copied model.
         state = dict(self.__dict__)
         state["_model_ref"] = None
+        state.pop("_flat_index", None)  # keyed by id(): rebuilt for the copy's tensors
         return state
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if "_flat_params" in self.__dict__:
+            self._flat_index = {id(p): k for k, p in enumerate(self._flat_params)}
+
+    # --------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_ready", False):
-            raise NotImplementedError(
-                f"{type(self).__name__} optimizes one fixed set of parameters (its graph is built once); "
-                "create a new optimizer for a different set")
+        """torch.optim's ``add_param_group``, for tensors of the layout (the
+        model's parameters) that are in no group yet, e.g. layers unfrozen
+        later; they start from fresh state (zero statistics, step 0)."""
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hyperparameters(group)
+            for p in group["params"]:
+                if id(p) not in self._flat_index:
+                    hint = ("the model it was built from" if self._has_model else
+                            "the tensors it was built with (pass model= to add a model's parameters later)")
+                    raise ValueError(
+                        f"{type(self).__name__} can only optimize parameters of {hint}: its graph is built "
+                        f"once; got a tensor of shape {tuple(p.shape)} that is not one of them")
+        except Exception:
+            self.param_groups.pop()
+            raise
+        if getattr(self, "_ready", False):
+            ks = [self._flat_index[id(p)] for p in group["params"]]
+            for k in ks:  # never stepped while in no group, but make "fresh" explicit
+                r = self.graph.tensor_slices[k]
+                self._flat_state["m"][:, r] = 0.0
+                self._flat_state["v"][r] = 0.0
+                self._steps[k] = 0.0
+            self._point_state_views()
+
+    def _group_index(self) -> list[int]:
+        """For each tensor (flat order), the index of the group holding it, or -1."""
+        where = [-1] * len(self._flat_params)
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                where[self._flat_index[id(p)]] = gi
+        return where
 
     # ---------------------------------------------------------------- state
     def _point_state_views(self) -> None:
-        """Make ``self.state[p]`` views into the flat buffers."""
+        """Make ``self.state[p]`` views into the flat buffers, for the tensors in a group."""
         m_chunks = self._flat_state["m"].split(self.graph.numels, dim=1)
         v_chunks = self._flat_state["v"].split(self.graph.numels)
-        for p, m, v in zip(self._flat_params, m_chunks, v_chunks):
+        grouped = self._group_index()
+        for k, (p, m, v) in enumerate(zip(self._flat_params, m_chunks, v_chunks)):
+            if grouped[k] < 0:
+                self.state.pop(p, None)
+                continue
             # m: [num_momenta, *p.shape], a view into the feature-major flat buffer
-            self.state[p] = {"m": m.view(m.shape[0], *p.shape), "v": v.view(p.shape)}
+            self.state[p] = {"step": self._steps[k], "m": m.view(m.shape[0], *p.shape), "v": v.view(p.shape)}
 
     def _adopt_frame(self) -> None:
         """Keep the flat params, grads and momenta where the learned
@@ -138,17 +258,34 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self._point_state_views()
 
     def state_dict(self) -> dict:
-        # The metanetwork's weights travel with the state, so a restored
-        # optimizer continues identically even when it was built with weights=None.
-        sd = super().state_dict()
+        """torch.optim's state dict (``state[i]``: ``step``, ``m``, ``v`` of
+        the i-th grouped tensor) plus ``lopt``, the metanetwork's kind, config
+        and weights, so a restored optimizer continues identically even when
+        it was built with ``weights=None``. Loads with ``torch.load(weights_only=True)``.
+        State-dict hooks see the finished dict."""
+        post_hooks = self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        try:
+            sd = super().state_dict()
+        finally:
+            self._optimizer_state_dict_post_hooks = post_hooks
         # A snapshot, not views: m may live in a larger workspace (torch.save would
         # write it whole) and both would keep changing with later steps.
         sd["state"] = {k: {name: t.clone() for name, t in v.items()} for k, v in sd["state"].items()}
         sd["lopt"] = {"kind": self.lopt.kind, "config": self.lopt.config(),
                       "weights": {k: v.detach().clone() for k, v in self.lopt.state_dict().items()}}
+        for hook in post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = dict(state_dict)
         lopt_record = state_dict.pop("lopt", None)
         if lopt_record is not None:
@@ -156,31 +293,56 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 raise ValueError(
                     f"state_dict was saved with a {lopt_record['kind']} metanetwork of config "
                     f"{lopt_record['config']}, this optimizer has {self.lopt.kind} {self.lopt.config()}")
-            self.lopt.load_state_dict(lopt_record["weights"])
         raw = state_dict.get("state", {})
-        missing = [k for k in self.graph.flat_order if "m" not in raw.get(k, {}) or "v" not in raw.get(k, {})]
+        # torch's loader would cast m/v to the parameters' dtype (rounding the
+        # float32 statistics of fp16/bf16 models): it gets the rest, they are read here
+        ours = ("step", "m", "v")
+        stripped = {k: {n: t for n, t in v.items() if n not in ours} for k, v in raw.items()}
+        saved_groups = state_dict["param_groups"]
+        pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        try:  # checks the groups' sizes, copies the groups' options
+            super().load_state_dict({**state_dict, "state": stripped})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
+        saved_of = dict(zip((id(p) for g in self.param_groups for p in g["params"]),
+                            chain.from_iterable(g["params"] for g in saved_groups)))
+        # l2o < 0.2 kept one counter in the (single) group
+        legacy_step = [g.pop("step", None) for g in self.param_groups][0]
+
+        num_momenta = self._flat_state["m"].shape[0]
+        device = self.graph.device
+        m_parts, v_parts, steps = [], [], torch.zeros(self.graph.num_tensors, dtype=torch.float32)
+        missing = []
+        for k, p in enumerate(self._flat_params):
+            shape = self.graph.param_shapes[self.graph.flat_order[k]]
+            if id(p) not in saved_of:  # in no group: fresh
+                m_parts.append(torch.zeros(num_momenta, shape.numel()))
+                v_parts.append(torch.zeros(shape.numel()))
+                continue
+            entry = raw.get(saved_of[id(p)], {})
+            if "m" not in entry or "v" not in entry:
+                missing.append(k)
+                continue
+            want_m, want_v = (num_momenta, *shape), tuple(shape)
+            if tuple(entry["m"].shape) != want_m or tuple(entry["v"].shape) != want_v:
+                raise ValueError(
+                    f"optimizer state for {self.graph.param_names[self.graph.flat_order[k]]!r} has m "
+                    f"{tuple(entry['m'].shape)} / v {tuple(entry['v'].shape)}, expected {want_m} / {want_v} "
+                    "(a state_dict of another model, or from l2o before momenta were stored feature-major)")
+            m_parts.append(entry["m"].reshape(num_momenta, -1).to("cpu", torch.float32))
+            v_parts.append(entry["v"].reshape(-1).to("cpu", torch.float32))
+            step = entry.get("step", legacy_step if legacy_step is not None else 0)
+            steps[k] = float(step)
         if missing:
             raise ValueError(f"optimizer state_dict lacks learned-optimizer state for {len(missing)} tensors")
-        num_momenta = self._flat_state["m"].shape[0]
-        for k in self.graph.flat_order:
-            shape = self.graph.param_shapes[k]
-            want_m, want_v = (num_momenta, *shape), tuple(shape)
-            if tuple(raw[k]["m"].shape) != want_m or tuple(raw[k]["v"].shape) != want_v:
-                raise ValueError(
-                    f"optimizer state for {self.graph.param_names[k]!r} has m {tuple(raw[k]['m'].shape)} / "
-                    f"v {tuple(raw[k]['v'].shape)}, expected {want_m} / {want_v} (a state_dict of another model, "
-                    "or from l2o before momenta were stored feature-major)")
-        # Read m/v from the saved dict itself: torch's loader casts state to the
-        # parameters' dtype, which would round float32 statistics of fp16/bf16 models.
-        device = self.graph.device
-        flat = {
-            "m": torch.cat([raw[k]["m"].reshape(raw[k]["m"].shape[0], -1) for k in self.graph.flat_order], dim=1),
-            "v": torch.cat([raw[k]["v"].reshape(-1) for k in self.graph.flat_order]),
-        }
-        super().load_state_dict(state_dict)
-        self._flat_state = {key: v.to(device=device, dtype=torch.float32) for key, v in flat.items()}
-        self._flat_state["step"] = torch.tensor(float(self.param_groups[0]["step"]), device=device)
+        if lopt_record is not None:
+            self.lopt.load_state_dict(lopt_record["weights"])
+        self._flat_state = {"m": torch.cat(m_parts, dim=1).to(device), "v": torch.cat(v_parts).to(device)}
+        self._steps = steps
         self._adopt_frame()
+        for hook in post.values():
+            hook(self)
 
     # ----------------------------------------------------------------- step
     def _sync_device(self) -> None:
@@ -209,7 +371,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     def _inactive_tensors(self, grads: list[Tensor | None], flat_g: Tensor) -> tuple[list[int], list[str]]:
         """Indices (in flat order) of tensors to leave alone this step, and
         names of those skipped for non-finite (or square-overflowing) gradients."""
-        inactive = [g is None or not p.requires_grad for p, g in zip(self._flat_params, grads)]
+        inactive = [g is None for g in grads]
         bad_names: list[str] = []
         # A square that overflows float32 poisons the second moment and the
         # tensor's feature RMS as surely as a NaN does (and message passing would
@@ -234,6 +396,19 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             buffers[name] = torch.empty(self.graph.num_params, device=device)
         return buffers[name]
 
+    def _step_state(self, active: list[int], device: torch.device) -> dict[str, Tensor]:
+        """The learned optimizer's state for this step: the flat statistics,
+        the clock ``step`` (the largest counter among the ``active`` tensors)
+        and, when those tensors' counters differ, ``entry_step`` (each entry's
+        own count, for its bias correction; see :mod:`l2o.features`)."""
+        counts = self._steps[active]
+        clock = float(counts.max())
+        state = dict(self._flat_state, step=torch.tensor(clock, device=device))
+        if bool((counts != clock).any()):
+            numels = torch.tensor(self.graph.numels)
+            state["entry_step"] = self._steps.repeat_interleave(numels, output_size=self.graph.num_params).to(device)
+        return state
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
         loss = None
@@ -242,7 +417,9 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 loss = closure()
         self._check_unchanged()
         self._sync_device()
-        grads = [p.grad for p in self._flat_params]
+        group_of = self._group_index()
+        # tensors in no group and frozen ones are left alone whatever their .grad holds
+        grads = [p.grad if gi >= 0 and p.requires_grad else None for p, gi in zip(self._flat_params, group_of)]
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                "(e.g. nn.Embedding(sparse=True)); use dense gradients")
@@ -255,6 +432,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                           RuntimeWarning, stacklevel=3)
         if len(inactive) == self.graph.num_tensors:
             return loss
+        off = set(inactive)
+        active = [k for k in range(self.graph.num_tensors) if k not in off]
 
         flat_p = torch.cat([p.detach().reshape(-1).float() for p in self._flat_params], out=self._flat_buffer("param"))
         ranges = [self.graph.tensor_slices[k] for k in inactive]
@@ -262,8 +441,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             flat_g[r] = 0.0
         # step_no_grad may update the statistics in place: keep what skipped tensors must get back
         kept = [(r, self._flat_state["m"][:, r].clone(), self._flat_state["v"][r].clone()) for r in ranges]
-        group = self.param_groups[0]
-        state = dict(self._flat_state, step=torch.tensor(float(group["step"]), device=flat_p.device))
+        state = self._step_state(active, flat_p.device)
         # the metanetwork always runs in float32, even inside a caller's autocast region
         with torch.autocast(device_type=flat_p.device.type, enabled=False):
             update, new_state = self.lopt.step_no_grad(self.graph, flat_p, flat_g, state)
@@ -279,57 +457,112 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         for key in ("m", "v"):
             if new_state[key] is not self._flat_state[key]:
                 self._flat_state[key].copy_(new_state[key])
-        group["step"] += 1
+        self._steps[active] += 1.0  # in place: self.state[p]["step"] are views
 
         chunks = update.split(self.graph.numels)
-        updates = [c.view(p.shape).to(p.dtype) for p, c in zip(self._flat_params, chunks)]
-        torch._foreach_add_(self._flat_params, updates, alpha=group["lr"])
+        by_group: dict[int, list[int]] = {}
+        for k in active:
+            by_group.setdefault(group_of[k], []).append(k)
+        for gi, ks in by_group.items():
+            group = self.param_groups[gi]
+            lr, wd = float(group["lr"]), float(group["weight_decay"])
+            if lr == 0.0:
+                continue
+            params = [self._flat_params[k] for k in ks]
+            if wd != 0.0:  # decoupled, from the parameters the update was computed at
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, [chunks[k].view(p.shape).to(p.dtype) for k, p in zip(ks, params)], alpha=lr)
         return loss
+
+
+def _model_and_groups(cls_name: str, params, model: nn.Module | None):
+    """``(model or None, param groups or None)`` from the two call forms:
+    ``Opt(model)`` (one group of all its parameters) and ``Opt(params, model=model)``."""
+    if isinstance(params, nn.Module):
+        if model is not None and unwrap_model(model) is not unwrap_model(params):
+            raise ValueError(f"{cls_name} got two different models (as params and as model=)")
+        return unwrap_model(params), None
+    return (unwrap_model(model) if model is not None else None), params
 
 
 class GMNOptimizer(LearnedOptimizerBase):
     """Graph-metanetwork learned optimizer for ``model``.
 
+    Two forms::
+
+        GMNOptimizer(model)                                   # every parameter, one group
+        GMNOptimizer(params_or_param_groups, model=model)     # torch.optim's form
+
+    The graph always comes from ``model`` (built once, over all its
+    parameters); ``params`` (tensors, ``named_parameters()`` or group dicts)
+    chooses which parameters move and with which options. Tensors in no
+    group feed the message passing but never change; add them later with
+    :meth:`add_param_group`.
+
     Args:
-        model: the ``nn.Module`` to train; its parameter graph is built once.
+        params: the model, or an iterable of its parameters / of group dicts.
         weights: ``"pretrained"`` (shipped weights), a path to a safetensors
             file from ``meta_train.py``, a ``GMNLOpt`` module, or ``None`` for
             a freshly initialised metanetwork.
-        lr: multiplier of the learned step (1.0 = as meta-trained).
+        lr: multiplier of the learned step (1.0 = as meta-trained); a float
+            or a 1-element tensor. Per group.
         example_inputs: passed to :func:`l2o.build_graph` when tracing needs shapes.
         strict: raise on modules the graph builder does not understand.
+        model: the ``nn.Module`` whose graph is built (DDP / DataParallel /
+            ``torch.compile`` wrappers are unwrapped); required unless
+            ``params`` is the model.
+        weight_decay: decoupled weight decay per group,
+            ``p <- p - lr * weight_decay * p`` each step the tensor is
+            stepped, from the parameters the learned update was computed at
+            (AdamW's rule with this optimizer's ``lr``; see :mod:`l2o.optim`).
+        betas: accepted for schedulers that cycle momentum; a documented
+            no-op (the metanetwork's statistics use fixed betas).
     """
 
-    def __init__(self, model: nn.Module, weights="pretrained", lr: float = 1.0,
-                 example_inputs=None, strict: bool = False):
-        if not isinstance(model, nn.Module):
-            raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph; "
+    def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0,
+                 example_inputs=None, strict: bool = False, *, model: nn.Module | None = None,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
+        model, groups = _model_and_groups("GMNOptimizer", params, model)
+        if model is None:
+            raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph: "
+                            "GMNOptimizer(model) or GMNOptimizer(params, model=model); "
                             "for a bare parameter list use l2o.MLPOptimizer")
         from .graph import build_graph
 
-        model = unwrap_model(model)
         graph = build_graph(model, example_inputs=example_inputs, strict=strict)
         named = dict(model.named_parameters())
-        params = [named[n] for n in graph.param_names]
-        super().__init__(params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model)
+        all_params = [named[n] for n in graph.param_names]
+        super().__init__(all_params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model,
+                         param_groups=groups, weight_decay=weight_decay, betas=betas)
 
 
 class MLPOptimizer(LearnedOptimizerBase):
     """Graph-free per-parameter learned optimizer (the ablation of the GMN).
 
-    ``params`` is an iterable of tensors or an ``nn.Module``.
+    ``MLPOptimizer(model)``, ``MLPOptimizer(params_or_param_groups)`` (the
+    layout is the tensors given) or ``MLPOptimizer(params_or_param_groups,
+    model=model)`` (the layout is every parameter of ``model``, so
+    :meth:`add_param_group` can add its other parameters later). Options as
+    :class:`GMNOptimizer`.
     """
 
-    def __init__(self, params: Iterable[nn.Parameter] | nn.Module, weights="pretrained",
-                 lr: float = 1.0):
-        names, model = None, None
-        if isinstance(params, nn.Module):
-            model = params
-            names, params = zip(*params.named_parameters()) if any(True for _ in params.parameters()) else ((), ())
-        params = list(params)
-        if params and isinstance(params[0], dict):
-            raise TypeError("MLPOptimizer takes one list of parameters, not param-group dicts")
-        if not params:
+    def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0, *,
+                 model: nn.Module | None = None, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.999)):
+        model, groups = _model_and_groups("MLPOptimizer", params, model)
+        if model is not None:
+            named = list(model.named_parameters())
+            names, all_params = [n for n, _ in named], [p for _, p in named]
+        else:
+            groups = _param_groups(groups)
+            names, all_params, seen = None, [], set()
+            for group in groups:
+                for p in _tensors_of(group):
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        all_params.append(p)
+        if not all_params:
             raise ValueError("MLPOptimizer got an empty parameter list")
-        layout = tensor_layout([p.shape for p in params], names)
-        super().__init__(params, layout, _resolve_lopt(weights, "mlp"), lr=lr, model=model)
+        layout = tensor_layout([p.shape for p in all_params], names)
+        super().__init__(all_params, layout, _resolve_lopt(weights, "mlp"), lr=lr, model=model,
+                         param_groups=groups, weight_decay=weight_decay, betas=betas)

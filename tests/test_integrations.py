@@ -43,7 +43,8 @@ def test_lightning_trainer_with_scheduler():
                         enable_model_summary=False, accelerator="cpu")
     trainer.fit(model, loader)
     assert F.cross_entropy(model(x), y).item() < 0.6 * before
-    assert trainer.optimizers[0].param_groups[0]["step"] == 2 * len(loader)
+    opt = trainer.optimizers[0]
+    assert all(opt.state[p]["step"] == 2 * len(loader) for p in model.parameters())
 
 
 def test_accelerate_prepare():
