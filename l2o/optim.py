@@ -150,7 +150,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     def __init__(self, params: list[nn.Parameter], graph: ParamGraph, lopt: LearnedOptimizer,
                  lr: float | Tensor = 1.0, model: nn.Module | None = None, param_groups=None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
-        defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas))
+        # differentiable=False as torch.optim's own (torch's __setstate__ adds it otherwise)
+        defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), differentiable=False)
         _check_hyperparameters(defaults)
         if len(params) != len(graph.param_names):
             raise ValueError(f"layout covers {len(graph.param_names)} tensors, got {len(params)} parameters")
@@ -307,8 +308,12 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = pre, post
         saved_of = dict(zip((id(p) for g in self.param_groups for p in g["params"]),
                             chain.from_iterable(g["params"] for g in saved_groups)))
-        # l2o < 0.2 kept one counter in the (single) group
+        # state dicts from before per-tensor counters and groups: one counter
+        # in the (single) group, no weight_decay / betas
         legacy_step = [g.pop("step", None) for g in self.param_groups][0]
+        for g in self.param_groups:
+            for key, default in self.defaults.items():
+                g.setdefault(key, default)
 
         num_momenta = self._flat_state["m"].shape[0]
         device = self.graph.device
