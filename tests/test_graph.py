@@ -454,12 +454,13 @@ def test_concatenation_permutation():
 
 # ------------------------------------------------------------ fallback paths
 class Scale(nn.Module):
+    """Uses its parameter through a reduction: no capture can structure it."""
     def __init__(self, n):
         super().__init__()
         self.s = nn.Parameter(torch.ones(n))
 
     def forward(self, x):
-        return x * self.s
+        return x * torch.logsumexp(self.s, 0)
 
 
 class WithCustom(nn.Module):
@@ -497,27 +498,30 @@ def test_unsupported_module_strict_raises():
         build_graph(WithCustom(), strict=True)
 
 
-def test_builtin_module_without_mapping_falls_back():
+def test_gru_mapped_and_unmapped_builtin_falls_back():
     class RNNNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.rnn = nn.GRU(3, 4, batch_first=True)
-            self.act = nn.PReLU(4)
+            self.act = nn.Softmax2d()   # no parameters: passed through
             self.fc = nn.Linear(4, 2)
+            self.lam = nn.Parameter(torch.ones(2, 2))
 
         def forward(self, x):
             out, _ = self.rnn(x)
-            return self.fc(self.act(out))
+            return self.fc(out) @ torch.linalg.matrix_exp(self.lam)
 
-    m = RNNNet()
-    with pytest.warns(UserWarning, match="rnn"):
-        g = build_graph(m)
-    check_bijection(g, m)
-    assert set(g.unstructured) == {n for n, _ in m.named_parameters() if not n.startswith("fc")}
-    assert (g.edge_kind == EdgeKind.LINEAR).sum() == 8
+    for capture in ("fx", "auto"):
+        m = RNNNet()
+        with pytest.warns(UserWarning, match="lam"):
+            g = build_graph(m, capture=capture, use_cache=False)
+        check_bijection(g, m)
+        assert g.unstructured == ["lam"]
+        # GRU: 3 gates x 4 units x (3 inputs + 4 recurrent) edges, fc 8
+        assert (g.edge_kind == EdgeKind.LINEAR).sum() == 3 * 4 * 7 + 8
 
 
-def test_untraceable_root_does_not_crash():
+def test_untraceable_root_recorded_eagerly():
     class DataDependent(nn.Module):
         def __init__(self):
             super().__init__()
@@ -531,46 +535,72 @@ def test_untraceable_root_does_not_crash():
             return self.fc2(torch.relu(self.fc1(x))) + self.extra.sum()
 
     m = DataDependent()
-    with pytest.warns(UserWarning, match="could not trace"):
-        g = build_graph(m)
+    # fx alone: the root cannot be traced, children are structured each on its own
+    with pytest.warns(UserWarning, match="could not be traced"):
+        g = build_graph(m, capture="fx")
     check_bijection(g, m)
-    # the children are still structured, each on its own; only `extra` falls back
-    assert g.unstructured == ["extra"]
+    assert g.unstructured == ["extra"] and g.capture.startswith("per-module")
     assert g.num_edges == 4 * 6 + 6 * 2
+    # auto: the eager run (on inputs guessed from fc1) follows the branch and keeps the wiring
+    with pytest.warns(UserWarning, match="extra"):
+        g = build_graph(m)
+    assert g.capture == "eager" and g.unstructured == ["extra"]
+    assert torch.equal(torch.unique(g.edge_index[0, _slice(g, "fc2.weight")[1]:_slice(g, "fc2.weight")[2]]),
+                       torch.unique(row_nodes(g, "fc1.weight")))
     with pytest.raises(UnsupportedModuleError):
         build_graph(m, strict=True)
 
 
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(5, 5)
+        self.own = nn.Parameter(torch.ones(5))
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.inner(x) * self.own
+        return x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(3, 5)
+        self.branchy = Branchy()
+        self.fc2 = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.fc2(self.branchy(self.fc1(x)))
+
+
 def test_untraceable_child_keeps_rest_structured():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = nn.Linear(5, 5)
-            self.own = nn.Parameter(torch.ones(5))
-
-        def forward(self, x):
-            if x.mean() > 0:
-                return self.inner(x) * self.own
-            return x
-
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1 = nn.Linear(3, 5)
-            self.branchy = Branchy()
-            self.fc2 = nn.Linear(5, 2)
-
-        def forward(self, x):
-            return self.fc2(self.branchy(self.fc1(x)))
-
     m = Outer()
     with pytest.warns(UserWarning, match="branchy"):
-        g = build_graph(m)
+        g = build_graph(m, capture="fx")
     check_bijection(g, m)
     assert g.unstructured == ["branchy.own"]
     assert g.num_edges == 15 + 25 + 10
     # fc1 -> fc2 is still wired through inputs and outputs of the network
     assert (g.node_type == NodeType.INPUT).sum() == 3 and (g.node_type == NodeType.OUTPUT).sum() == 2
+
+
+def test_eager_follows_the_branch_taken():
+    m = Outer()
+    with torch.no_grad():
+        m.fc1.weight.zero_(); m.fc1.bias.fill_(1.0)     # mean > 0: the branch with inner runs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = build_graph(m, torch.randn(2, 3))
+    check_bijection(g, m)
+    assert g.capture == "eager" and g.unstructured == []
+    # own scales inner's outputs: NORM_WEIGHT entries on inner's units, which fc2 reads
+    k, a, b = _slice(g, "branchy.own")
+    inner = row_nodes(g, "branchy.inner.weight")
+    assert torch.equal(g.entry_node[a - g.num_edges:b - g.num_edges], inner)
+    assert (g.entry_kind[a - g.num_edges:b - g.num_edges] == EntryKind.NORM_WEIGHT).all()
+    _, a2, b2 = _slice(g, "fc2.weight")
+    assert torch.equal(g.edge_index[0, a2:b2].view(2, 5)[0], inner)
 
 
 def test_tied_weights_and_shared_module():
@@ -675,7 +705,9 @@ def test_cache_keys_on_example_input_shapes():
     assert build_graph(m, example_inputs=torch.randn(1, 2, 2, 3)) is g23
     g32 = build_graph(m, example_inputs=torch.randn(1, 2, 3, 2))      # same 18 features, 3 x 2 maps
     assert g32 is not g23 and not torch.equal(g32.edge_pos, g23.edge_pos)
-    assert build_graph(m) is not g32
+    # a later call without inputs (the optimizer's) reuses the graph recorded with them
+    assert build_graph(m) is g32
+    assert build_graph(m, capture="fx") is not g32
 
 
 def test_untraceable_without_unstructured_params_still_warns():
@@ -688,7 +720,7 @@ def test_untraceable_without_unstructured_params_still_warns():
             return self.fc(x) if x.sum() > 0 else x
 
     m = Root()
-    with pytest.warns(UserWarning, match="structured separately"):
+    with pytest.warns(UserWarning, match="every parameter is structured.*could not be traced"):
         g = build_graph(m)
     assert g.unstructured == [] and g.num_edges == 9
     check_bijection(g, m)

@@ -24,10 +24,12 @@ The merged node of a residual add is HIDDEN unless one side is INPUT/OUTPUT.
 ``node_depth`` is the layer index (longest chain of weight layers from the
 inputs) divided by the maximum; TENSOR nodes have depth 0.
 """
-from .builder import build_graph
+from .builder import build_graph, example_inputs_for
+from .registry import ModuleContext, register_module, unregister_module
 from .draw import draw_graph
 from .errors import UnsupportedModuleError
 from .param_graph import EdgeKind, EntryKind, NodeType, ParamGraph
 
 __all__ = ["build_graph", "draw_graph", "ParamGraph", "NodeType", "EdgeKind", "EntryKind",
-           "UnsupportedModuleError"]
+           "UnsupportedModuleError", "register_module", "unregister_module", "ModuleContext",
+           "example_inputs_for"]

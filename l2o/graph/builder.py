@@ -1,6 +1,14 @@
-"""``build_graph``: trace a model with torch.fx and map it to a ParamGraph.
+"""``build_graph``: capture a model and map it to a ParamGraph.
 
-Walk: every fx value carries the node list of its feature dimension
+Capture, in order: (1) an eager run on example inputs recorded at the torch
+function level (:mod:`capture`; follows any Python control flow) -- inputs
+are ``example_inputs``, or made up for Hugging Face models from their config;
+(2) ``torch.fx`` symbolic trace; (3) module-by-module mapping of what fx
+cannot trace. Without ``example_inputs`` for a plain module, fx goes first and
+the eager run (on inputs guessed from the first layer) is tried when fx leaves
+parameters unstructured; the better result is kept.
+
+fx walk: every fx value carries the node list of its feature dimension
 (:mod:`values`); leaf modules of known kinds are mapped by
 :mod:`layers`, functions and tensor methods by :mod:`ops`. Network inputs
 get INPUT nodes lazily (sized by their first consumer); node lists reaching
@@ -22,13 +30,20 @@ from torch import fx, nn
 
 from . import ops
 from .errors import UnsupportedModuleError
-from .layers import mapper_for
+from . import capture as _capture
+from .layers import feature_dim_for, mapper_for
 from .param_graph import NodeType, ParamGraph
 from .state import GraphState
 from .trace import propagate_shapes, trace
 from .values import LazyNodes, ParamRef, TupleVal, Val, depth_of
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_WARNED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
+
+
+def clear_cache() -> None:
+    """Forget built graphs (after registering a mapper)."""
+    _CACHE.clear()
 
 
 def _join(prefix: str, name: str) -> str:
@@ -178,11 +193,43 @@ def _report_unstructured(model: nn.Module, state: GraphState, left: list[int], s
         raise UnsupportedModuleError(
             "build_graph(strict=True): these modules have parameters the parameter graph "
             "cannot structure, or cannot be traced:\n" + "\n".join(lines))
-    warnings.warn(
-        f"build_graph: {len(names)} parameter tensor(s) have no graph structure and are "
-        "placed on per-tensor fallback nodes (still optimised, without neuron "
-        "structure), or a module could not be traced:\n" + "\n".join(lines), stacklevel=4)
+    key = (tuple(names), tuple(state.opaque))
+    seen = _WARNED.setdefault(model, set()) if _weakrefable(model) else set()
+    if key in seen:
+        return names
+    seen.add(key)
+    total = sum(s.numel() for s in state.param_shapes) or 1
+    frac = 100.0 * sum(state.param_shapes[i].numel() for i in left) / total
+    def _short(ps, mod):
+        ps = [p[len(mod) + 1:] if mod else p for p in ps]
+        return ", ".join(ps[:3]) + (", ..." if len(ps) > 3 else "")
+    mods = [f"{mod or '<root>'} ({cls}: {_short(ps, mod)})" for (mod, cls), ps in by_module.items()]
+    untraced = list(state.opaque)
+    def _few(xs):
+        return ", ".join(xs[:6]) + (f", and {len(xs) - 6} more" if len(xs) > 6 else "")
+    if names:
+        msg = (f"build_graph: {frac:.1f}% of the parameters ({len(names)} tensor(s)) have no graph "
+               f"structure (capture: {state.capture}); they are still optimised, on per-tensor nodes.")
+        if mods:
+            msg += f" Modules: {_few(mods)}."
+    else:
+        msg = f"build_graph: every parameter is structured (capture: {state.capture}), but"
+    if untraced:
+        msg += (f"{' The' if names else ' the'} wiring between the children of {_few(untraced)} is unknown "
+                "(could not be traced).")
+    msg += (" To fix: pass example_inputs=... so the forward can be run and recorded, or describe the "
+            "module with l2o.graph.register_module(cls, mapper); build_graph(..., strict=True) lists "
+            "every reason.")
+    warnings.warn(msg, stacklevel=4)
     return names
+
+
+def _weakrefable(m) -> bool:
+    try:
+        weakref.ref(m)
+        return True
+    except TypeError:
+        return False
 
 
 def _check(graph: ParamGraph) -> None:
@@ -210,6 +257,10 @@ def _inputs_key(example_inputs):
     """Cache key part for ``example_inputs``: shapes and dtypes of its tensors (None if not given)."""
     if example_inputs is None:
         return None
+    if isinstance(example_inputs, dict):
+        if not all(isinstance(t, torch.Tensor) for t in example_inputs.values()):
+            return _UNCACHEABLE
+        return tuple((k, tuple(t.shape), str(t.dtype)) for k, t in example_inputs.items())
     items = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs
     if not isinstance(items, (tuple, list)) or not all(isinstance(t, torch.Tensor) for t in items):
         return _UNCACHEABLE
@@ -217,7 +268,7 @@ def _inputs_key(example_inputs):
 
 
 def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
-                use_cache: bool = True) -> ParamGraph:
+                use_cache: bool = True, capture: str = "auto") -> ParamGraph:
     """The parameter graph of ``model`` (see :mod:`l2o.graph` for the rules).
 
     ``example_inputs`` (a tensor or tuple) is only used for shape
@@ -228,15 +279,25 @@ def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
     ``example_inputs`` holds anything but tensors).
     ``strict=True`` raises :class:`UnsupportedModuleError` instead of placing
     unstructured parameters on fallback nodes.
+    ``capture``: ``"auto"`` (see the module docstring), ``"eager"`` (record
+    a run on ``example_inputs``, or on made-up inputs; raises if the forward
+    fails) or ``"fx"`` (symbolic trace, then module by module).
+    ``example_inputs`` may also be a dict of keyword arguments.
     """
+    if capture not in ("auto", "eager", "fx"):
+        raise ValueError(f"capture must be 'auto', 'eager' or 'fx', not {capture!r}")
     signature = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
     inputs_key = _inputs_key(example_inputs)
     if inputs_key is _UNCACHEABLE:
         use_cache = False
-    signature = (signature, inputs_key)
+    signature = (signature, (inputs_key, capture))
     if use_cache:
         hit = _CACHE.get(model)
-        if hit is not None and hit[0] == signature and hit[1] == strict:
+        if hit is not None and hit[1] == strict and (
+                hit[0] == signature or (inputs_key is None and capture == "auto"
+                                       and hit[0][1][0] is not None and hit[0][0] == signature[0])):
+            # (built with example_inputs and asked again without, e.g. by the
+            # optimizer: the graph from the recorded run is the better one)
             return hit[2]
     # The build is bound by memory (page faults writing ~40 bytes per edge)
     # and many small ops, not arithmetic; intra-op threads only add wake-up
@@ -245,7 +306,7 @@ def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        graph = _build(model, example_inputs, strict)
+        graph = _build(model, example_inputs, strict, capture)
     finally:
         torch.set_num_threads(threads)
     if use_cache:
@@ -253,11 +314,113 @@ def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
     return graph
 
 
-def _build(model: nn.Module, example_inputs, strict: bool) -> ParamGraph:
+def _unclaimed_numel(state: GraphState) -> int:
+    return sum(state.param_shapes[i].numel() for i in state.unclaimed())
+
+
+def _fx(model, example_inputs) -> GraphState:
     state = GraphState(model)
-    _walk(state, model, "", None, example_inputs, top=True)
+    _walk(state, model, "", None, example_inputs if _is_tensors(example_inputs) else None, top=True)
+    state.capture = "fx" if "<root>" not in state.opaque else "per-module (fx failed on the root)"
+    return state
+
+
+def _eager(model, inputs) -> GraphState:
+    state = GraphState(model)
+    state.notes = _capture.run(state, model, inputs, mapper_for, feature_dim_for)
+    state.capture = "eager"
+    state.opaque = {}
+    return state
+
+
+def _is_tensors(x) -> bool:
+    return isinstance(x, torch.Tensor) or (isinstance(x, (tuple, list)) and
+                                          all(isinstance(t, torch.Tensor) for t in x))
+
+
+def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto") -> ParamGraph:
+    inputs, made_up = example_inputs, False
+    if inputs is None and capture != "fx":
+        inputs, made_up = example_inputs_for(model), True
+    state, failure = None, None
+    if capture == "eager":
+        if inputs is None:
+            raise ValueError("build_graph(capture='eager') needs example_inputs for this model")
+        state = _eager(model, inputs)
+        inputs = None
+    hf = hasattr(model, "config") and hasattr(model, "main_input_name")
+    if state is None and capture != "fx" and inputs is not None and (not made_up or hf):
+        try:
+            state = _eager(model, inputs)
+        except Exception as e:  # the user's forward raised on the inputs
+            failure = f"eager capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    if state is None:
+        state = _fx(model, example_inputs)
+        if capture == "fx":
+            inputs = None
+        if failure:
+            state.notes.append(failure)
+        elif inputs is not None and made_up and (state.unclaimed() or state.opaque):
+            try:
+                other = _eager(model, inputs)
+                if _unclaimed_numel(other) < _unclaimed_numel(state) or (
+                        _unclaimed_numel(other) == _unclaimed_numel(state) and state.opaque):
+                    other.notes.append("fx left parameters unstructured; eager run on guessed inputs "
+                                       f"{_describe(inputs)} used instead")
+                    state = other
+            except Exception as e:
+                state.notes.append(f"eager capture on guessed inputs failed ({type(e).__name__})")
     left = state.unclaimed()
     unstructured = _report_unstructured(model, state, left, strict) if left or state.opaque else []
     graph = state.finish(left, unstructured)
+    graph.capture = state.capture
+    graph.notes = list(state.notes) + ([f"tied/shared weights (entries on their first use's edges, "
+                                        f"later uses' units merged with it): {', '.join(state.reused)}"]
+                                       if state.reused else [])
     _check(graph)
     return graph
+
+
+def _describe(inputs) -> str:
+    items = inputs.values() if isinstance(inputs, dict) else (
+        [inputs] if isinstance(inputs, torch.Tensor) else inputs)
+    return ", ".join(f"{tuple(t.shape)}" for t in items if isinstance(t, torch.Tensor))
+
+
+def example_inputs_for(model: nn.Module):
+    """Inputs to record a forward on when none are given: for a Hugging Face
+    model, from its config (token ids, pixel values, decoder ids); otherwise
+    from the first layer (Embedding -> token ids, Linear -> features, Conv ->
+    a 32-wide map, RNN -> a sequence; drawn from a fixed seed). None if nothing fits."""
+    gen = torch.Generator().manual_seed(0)
+    cfg = getattr(model, "config", None)
+    name = getattr(model, "main_input_name", None)
+    if cfg is not None and name is not None:
+        kw = {}
+        if name == "input_ids":
+            vocab = getattr(cfg, "vocab_size", None) or 100
+            kw["input_ids"] = torch.randint(0, int(vocab), (1, 8), generator=gen)
+        elif name == "pixel_values":
+            size = getattr(cfg, "image_size", 32)
+            size = size if isinstance(size, int) else size[0]
+            kw["pixel_values"] = torch.randn(1, getattr(cfg, "num_channels", 3), size, size, generator=gen)
+        else:
+            return None
+        if getattr(cfg, "is_encoder_decoder", False):
+            kw["decoder_input_ids"] = torch.zeros(1, 4, dtype=torch.long)
+        return kw
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            return (torch.randint(0, m.num_embeddings, (2, 8), generator=gen),)
+        if isinstance(m, nn.Linear):
+            return (torch.randn(2, m.in_features, generator=gen),)
+        if isinstance(m, nn.Conv2d):
+            return (torch.randn(2, m.in_channels, 32, 32, generator=gen),)
+        if isinstance(m, nn.Conv1d):
+            return (torch.randn(2, m.in_channels, 32, generator=gen),)
+        if isinstance(m, nn.RNNBase):
+            shape = (2, 8, m.input_size) if m.batch_first else (8, 2, m.input_size)
+            return (torch.randn(*shape, generator=gen),)
+        if m is not model and next(m.parameters(recurse=False), None) is not None:
+            return None
+    return None

@@ -84,6 +84,8 @@ class ParamGraph:
     flat_order: list[int]    # indices into param_names: edge-held tensors first, then node-held
     num_edge_params: int     # how many tensors of flat_order are edge-held
     unstructured: list[str] = field(default_factory=list)  # parameter names placed on TENSOR nodes
+    capture: str = ""        # how the model was captured: "eager", "fx", "per-module (...)"
+    notes: list[str] = field(default_factory=list)  # what the build noticed (tied weights, failures)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -161,14 +163,26 @@ class ParamGraph:
         """Identifies the architecture: names and shapes of its parameters."""
         return tuple((n, tuple(s)) for n, s in zip(self.param_names, self.param_shapes))
 
+    def fractions(self) -> dict[str, float]:
+        """Share of the parameters on edges, on node slots (biases, norms, ...)
+        and on per-tensor fallback nodes."""
+        total = max(self.num_params, 1)
+        fb = int((self.entry_kind == EntryKind.FALLBACK).sum())
+        return {"edges": self.num_edges / total, "node_slots": (self.num_entries - fb) / total,
+                "fallback": fb / total}
+
     def summary(self) -> str:
         counts = torch.bincount(self.node_type, minlength=NUM_NODE_TYPES).tolist()
         kinds = ", ".join(f"{t.name.lower()}={c}" for t, c in zip(NodeType, counts) if c)
+        f = self.fractions()
         lines = [
             f"ParamGraph: {self.num_nodes} nodes ({kinds}), {self.num_edges} edges, "
             f"{self.num_entries} node-held entries, {self.num_tensors} tensors, "
-            f"{self.num_params} parameters"
+            f"{self.num_params} parameters",
+            f"  capture: {self.capture or '?'}; parameters on edges {100 * f['edges']:.1f}%, "
+            f"node slots {100 * f['node_slots']:.1f}%, fallback {100 * f['fallback']:.1f}%",
         ]
+        lines += [f"  note: {n}" for n in self.notes]
         if self.unstructured:
             lines.append("  unstructured (per-tensor fallback): " + ", ".join(self.unstructured))
         return "\n".join(lines)

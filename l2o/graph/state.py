@@ -53,6 +53,7 @@ class GraphState:
             self.param_shapes.append(p.shape)
             self.params.append(p)
         self.claimed: dict[int, str] = {}
+        self.reused: list[str] = []   # tied / shared weights whose later uses were merged
         self.edge_chunks: list[_EdgeChunk] = []
         self.entry_chunks: list[_EntryChunk] = []
         # per-node bookkeeping (lists: nodes are few, entries are many)
@@ -64,6 +65,8 @@ class GraphState:
         self._token_groups = 0
         # modules we could not structure: qualified name -> reason
         self.opaque: dict[str, str] = {}
+        self.capture = "fx"
+        self.notes: list[str] = []
 
     # ------------------------------------------------------------- nodes
     @property
@@ -135,6 +138,10 @@ class GraphState:
                   pos: Tensor | None = None) -> bool:
         """Edges of weight ``p``: entry at (row-major) index ``j`` of ``shape``
         goes ``src[j] -> dst[j]``, with src/dst/kind/pos broadcast to ``shape``."""
+        idx = self.param_id(p)
+        if idx is not None and self.claimed.get(idx) == "edge":
+            self._reuse(idx, tuple(int(d) for d in shape), src, dst)
+            return False
         idx = self._take(p, "edge")
         if idx is None:
             return False
@@ -144,6 +151,39 @@ class GraphState:
         torch.broadcast_shapes(src.shape, dst.shape, shape)  # fails early on a mapper bug
         self.edge_chunks.append(_EdgeChunk(idx, shape, src, dst, kind, pos))
         return True
+
+    @staticmethod
+    def _factors(shape, src: Tensor, dst: Tensor):
+        """(row nodes [R], col nodes [C]) of a 2-D weight whose endpoints are
+        one fixed by the row and one by the column; None otherwise."""
+        if len(shape) != 2:
+            return None
+        R, C = shape
+        rows = cols = None
+        for ends in (src, dst):
+            e = ends.reshape((1,) * (2 - ends.dim()) + tuple(ends.shape)) if ends.dim() <= 2 else None
+            if e is None:
+                return None
+            if tuple(e.shape) == (R, 1) or (R == 1 and tuple(e.shape) == (1, 1) and rows is None):
+                rows = e.reshape(R)
+            elif tuple(e.shape) == (1, C):
+                cols = e.reshape(C)
+        return (rows, cols) if rows is not None and cols is not None else None
+
+    def _reuse(self, idx: int, shape, src: Tensor, dst: Tensor) -> None:
+        """A weight used again (tied embeddings, a module called twice): its
+        entries stay on the edges of the first use; the endpoints of this use
+        are merged with the first use's (a permutation must act on both the
+        same way, or the shared entries could not be permuted consistently)."""
+        first = next((c for c in self.edge_chunks if c.param == idx), None)
+        if first is None or first.shape != shape:
+            return
+        a, b = self._factors(first.shape, first.src, first.dst), self._factors(shape, src, dst)
+        if a is None or b is None:
+            return
+        self.merge(a[0], b[0])
+        self.merge(a[1], b[1])
+        self.reused.append(self.param_names[idx])
 
     def add_entries(self, p, nodes: Tensor, kind: EntryKind) -> bool:
         idx = self._take(p, "node")

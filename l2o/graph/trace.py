@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from .layers import LEAF_TYPES
+from .layers import LEAF_TYPES, mapper_for
 
 
 class _Tracer(fx.Tracer):
@@ -24,7 +24,7 @@ class _Tracer(fx.Tracer):
         self.fail_path: list[str] | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (qualname in self.extra_leaves or isinstance(m, LEAF_TYPES)
+        return (qualname in self.extra_leaves or isinstance(m, LEAF_TYPES) or mapper_for(m) is not None
                 or super().is_leaf_module(m, qualname))
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args, kwargs):

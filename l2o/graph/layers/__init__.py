@@ -9,7 +9,9 @@ from .attention import map_mha
 from .conv import map_conv
 from .embedding import map_embedding
 from .linear import map_linear
+from .hf import is_conv1d, is_rms_norm, map_hf_conv1d, map_rms_norm
 from .norm import map_channel_norm, map_layer_norm
+from .rnn import map_rnn
 from .transformer import map_encoder, map_encoder_layer
 
 _norms_per_channel = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d,
@@ -25,14 +27,43 @@ MAPPERS = [
     (nn.MultiheadAttention, map_mha),
     (nn.TransformerEncoderLayer, map_encoder_layer),
     (nn.TransformerEncoder, map_encoder),
+    ((nn.LSTM, nn.GRU, nn.RNN), map_rnn),
 ]
+
+# recognised by a predicate (class names of libraries we do not import)
+PREDICATES = [(is_conv1d, map_hf_conv1d), (is_rms_norm, map_rms_norm)]
+
+# filled by l2o.graph.register_module: class -> internal mapper; wins over the built-ins
+USER: dict[type, object] = {}
 
 LEAF_TYPES: tuple[type, ...] = tuple(
     t for types, _ in MAPPERS for t in (types if isinstance(types, tuple) else (types,)))
 
 
 def mapper_for(module: nn.Module):
+    for cls in type(module).__mro__:
+        fn = USER.get(cls)
+        if fn is not None:
+            return fn
     for types, fn in MAPPERS:
         if isinstance(module, types):
             return fn
+    for pred, fn in PREDICATES:
+        if pred(module):
+            return fn
     return None
+
+
+_CHANNEL = _norms_per_channel + (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+
+
+def feature_dim_for(module: nn.Module):
+    """Which dim of its input tensors a module's mapper reads as the neurons:
+    1 for convs and per-channel norms, ``"tokens"`` for an embedding, else -1."""
+    if isinstance(module, _CHANNEL):
+        return 1
+    if isinstance(module, nn.Embedding):
+        return "tokens"
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) > 1:
+        return 1
+    return -1
