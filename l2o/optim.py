@@ -480,9 +480,14 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         return loss
 
 
-def _model_and_groups(cls_name: str, params, model: nn.Module | None):
+def _model_and_groups(cls_name: str, params, model: nn.Module | None, graph_model: nn.Module | None = None):
     """``(model or None, param groups or None)`` from the two call forms:
-    ``Opt(model)`` (one group of all its parameters) and ``Opt(params, model=model)``."""
+    ``Opt(model)`` (one group of all its parameters) and ``Opt(params, model=model)``
+    (``graph_model=``: the same, under a name HF Trainer does not intercept)."""
+    if graph_model is not None:
+        if model is not None and unwrap_model(model) is not unwrap_model(graph_model):
+            raise ValueError(f"{cls_name} got two different models (model= and graph_model=)")
+        model = graph_model
     if isinstance(params, nn.Module):
         if model is not None and unwrap_model(model) is not unwrap_model(params):
             raise ValueError(f"{cls_name} got two different models (as params and as model=)")
@@ -522,12 +527,16 @@ class GMNOptimizer(LearnedOptimizerBase):
             (AdamW's rule with this optimizer's ``lr``; see :mod:`l2o.optim`).
         betas: accepted for schedulers that cycle momentum; a documented
             no-op (the metanetwork's statistics use fixed betas).
+        graph_model: another name for ``model``, for HF Trainer's
+            ``optimizer_cls_and_kwargs`` (Trainer replaces its parameter groups
+            by the model when the kwargs hold a ``"model"`` key).
     """
 
     def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0,
                  example_inputs=None, strict: bool = False, *, model: nn.Module | None = None,
-                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)):
-        model, groups = _model_and_groups("GMNOptimizer", params, model)
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 graph_model: nn.Module | None = None):
+        model, groups = _model_and_groups("GMNOptimizer", params, model, graph_model)
         if model is None:
             raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph: "
                             "GMNOptimizer(model) or GMNOptimizer(params, model=model); "
@@ -553,8 +562,8 @@ class MLPOptimizer(LearnedOptimizerBase):
 
     def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0, *,
                  model: nn.Module | None = None, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999)):
-        model, groups = _model_and_groups("MLPOptimizer", params, model)
+                 betas: tuple[float, float] = (0.9, 0.999), graph_model: nn.Module | None = None):
+        model, groups = _model_and_groups("MLPOptimizer", params, model, graph_model)
         if model is not None:
             named = list(model.named_parameters())
             names, all_params = [n for n, _ in named], [p for _, p in named]
