@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--es-sigma", type=float, help="perturbation scale (es)")
     p.add_argument("--meta-objective", choices=C.CHOICES["meta_objective"],
                    help="norm: loss/initial loss (default) | log | raw")
+    p.add_argument("--batch-runs", action="store_const", const=True,
+                   help="tbptt: unroll the meta-batch's runs together (one metanetwork pass per step over the "
+                        "union of their graphs; the same estimate, faster)")
     p.add_argument("--second-order", action="store_const", const=True,
                    help="backprop through the inner gradient too (create_graph=True)")
     p.add_argument("--lr", type=float, help="outer learning rate (peak)")

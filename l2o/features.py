@@ -124,6 +124,7 @@ def entry_features(params: Tensor, grad: Tensor, state: dict[str, Tensor], adam_
 
 
 def time_features(step: Tensor) -> Tensor:
-    """[NUM_TIME_FEATURES] encoding of the step count at several time scales."""
+    """[NUM_TIME_FEATURES] encoding of the step count at several time scales
+    ([R, NUM_TIME_FEATURES] for a vector of R runs' step counts)."""
     taus = _constant("taus", TIME_SCALES, step.device)
-    return torch.tanh(step.float() / taus - 1.0)
+    return torch.tanh(step.float().unsqueeze(-1) / taus - 1.0)

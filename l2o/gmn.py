@@ -8,7 +8,8 @@ one (direction, log-magnitude) pair per parameter entry:
    mean_{k held by v}(W_x x_k + E_entry[kind_k])`` -- biases and normalisation
    parameters enter through the node that holds them. ``io(v)`` is a fixed
    sinusoidal code of the position of an input/output neuron (zero for hidden
-   ones, which stay interchangeable); ``t`` are the time features.
+   ones, which stay interchangeable); ``t`` are the time features (one row per
+   run on a :class:`~l2o.graph.batch.BatchedGraph`).
 2. **Propagate.** ``num_layers`` rounds of :class:`~l2o.gmn_conv.GMNConv`.
 3. **Read out.** Each edge: ``MLP(e, x_e, h_src, h_dst, t)``; each node-held
    entry: ``MLP(x_k, h_v, kind_k, t)``, both factored so no concatenation of
@@ -28,6 +29,7 @@ from torch.nn import functional as F
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .fast.gmn import gmn_frame, gmn_step
 from .gmn_conv import GMNConv
+from .graph.batch import per_run, run_index
 from .graph.blocks import add_node_terms_, entry_count
 from .graph.param_graph import NUM_EDGE_KINDS, NUM_ENTRY_KINDS, NUM_NODE_TYPES, NodeType, ParamGraph
 from .lopt import LearnedOptimizer, small_init_
@@ -96,12 +98,12 @@ class GMNLOpt(LearnedOptimizer):
         e += self.edge_kind(g.edge_kind)
         if g.has_edge_pos:  # all-zero positions (MLPs) contribute nothing
             e += self.edge_pos(g.edge_pos)
-        e += self.edge_time(t)
+        e += per_run(self.edge_time(t), run_index(g, "edge"))
         return e.relu_()
 
     def encode_nodes(self, g: ParamGraph, x_entry: Tensor, t: Tensor) -> Tensor:
         h = (self.node_type(g.node_type) + self.node_depth(g.node_depth.unsqueeze(1))
-             + self.node_io(io_encoding(g.node_io_index, g.node_type)) + self.node_time(t))
+             + self.node_io(io_encoding(g.node_io_index, g.node_type)) + per_run(self.node_time(t), run_index(g, "node")))
         if x_entry.shape[0]:
             held = self.entry_in(x_entry) + self.entry_in_kind(g.entry_kind)
             sums = h.new_zeros(g.num_nodes, self.node_dim).index_add_(0, g.entry_node, held)
@@ -120,7 +122,7 @@ class GMNLOpt(LearnedOptimizer):
         z_edge = self.edge_out_e(e)
         z_edge += self.edge_out_x(x_edge)
         add_node_terms_(z_edge, graph, self.edge_out_src(h), self.edge_out_dst(h))
-        z_edge += self.edge_out_time(t)
+        z_edge += per_run(self.edge_out_time(t), run_index(graph, "edge"))
         z_edge.relu_()
         return torch.cat([self.edge_head(z_edge), self.readout_entries(graph, x_entry, h, t)], dim=0)
 
@@ -129,7 +131,8 @@ class GMNLOpt(LearnedOptimizer):
         """[M, 2] outputs of the node-held entries from their features and final
         node states (``folded``: through :meth:`folded_head`, for the no-grad step)."""
         z_entry = F.relu(self.entry_out_x(x_entry) + self.entry_out_h(h).index_select(0, graph.entry_node)
-                         + self.entry_out_kind(graph.entry_kind) + self.entry_out_time(t))
+                         + self.entry_out_kind(graph.entry_kind)
+                         + per_run(self.entry_out_time(t), run_index(graph, "entry")))
         if folded:
             weight, bias = self.folded_head(self.entry_head)
             return torch.addmm(bias.t(), z_entry, weight.t())

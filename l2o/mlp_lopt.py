@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .fast.mlp import mlp_frame, mlp_step
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
+from .graph.batch import per_run, run_index
 from .graph.param_graph import ParamGraph
 from .lopt import LearnedOptimizer, small_init_
 
@@ -44,6 +45,6 @@ class MLPLOpt(LearnedOptimizer):
         # in place on fresh intermediates: on large models every new
         # parameter-sized activation costs page faults (see GMNConv.message)
         z = self.inp(x)
-        z += self.time(t)
+        z += per_run(self.time(t), run_index(graph, "flat"))
         z = self.mid(z.relu_())
         return self.out(z.relu_())

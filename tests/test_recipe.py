@@ -113,3 +113,37 @@ def test_mixed_horizon_lengths_are_deterministic_and_log_uniform():
     below_geometric_mean = sum(n < math.sqrt(200 * 2000) for n in lengths) / len(lengths)
     assert 0.4 < below_geometric_mean < 0.6
     assert draw_length(300, 0, 0, 0, 0) == 300
+
+
+@pytest.mark.parametrize("kind", ["gmn", "mlp"])
+def test_batched_runs_give_the_single_run_estimate(kind):
+    """One metanetwork pass over the union of the runs' graphs (runs at different
+    steps, of different architectures, one ending mid-unroll) = run by run."""
+    from l2o.meta import config as C, tbptt
+    from l2o.meta.inner import new_run
+
+    torch.manual_seed(0)
+    lopt = l2o.make_lopt(kind, relative=True)
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.add_(torch.randn(p.shape) * 0.1)
+    pool = TaskPool(kind, "cpu")
+    specs = ["task:regression_teacher", "task:cnn_digits_bn", "task:mlp_digits"]
+    runs = [new_run(pool, s, 7 + i, lopt, slot=i, index=0, length=L) for i, (s, L) in enumerate(zip(specs, (3, 50, 50)))]
+    runs = [inner.advance(r, inner.unroll(lopt, r, pool.get(r.spec), i + 1, {}, "cpu", meta=False))
+            for i, r in enumerate(runs)]                  # runs at steps 1, 2, 3
+    out = {}
+    for batch in (False, True):
+        cfg = C.resolve("tiny", None, {"unroll": 5, "meta_data": "valid", "batch_runs": batch})
+        lopt.zero_grad()
+        total, results, nonfinite = tbptt.estimate(lopt, runs, pool, cfg, "cpu", 3, 0)
+        out[batch] = total, [p.grad.clone() for p in lopt.parameters()], results
+    assert [r.steps for r in out[True][2]] == [r.steps for r in out[False][2]] == [2, 5, 5]
+    assert out[True][2][0].finished and not out[True][2][1].finished
+    assert math.isclose(out[True][0], out[False][0], rel_tol=1e-5)
+    for a, b in zip(out[True][1], out[False][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(out[True][2], out[False][2]):
+        torch.testing.assert_close(a.final["params"], b.final["params"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.final["lopt_state"]["m"], b.final["lopt_state"]["m"])
+        assert float(a.final["lopt_state"]["step"]) == float(b.final["lopt_state"]["step"])

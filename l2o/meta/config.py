@@ -29,6 +29,8 @@ DEFAULTS: dict[str, Any] = {
     "meta_data": "train",        # batches the meta-loss is measured on: train (fresh training batches)
                                  # | valid (the inner task's held-out data: rewards generalisation)
     "second_order": False,       # differentiate through the gradient too (create_graph=True)
+    "batch_runs": False,         # tbptt: unroll the meta-batch's runs together, one metanetwork pass per
+                                 # step over the union of their graphs (faster; same estimate)
     "diverge_factor": 10.0,      # an inner run whose loss exceeds this x its initial loss is reset
     # the meta-gradient estimator
     "estimator": "tbptt",        # tbptt | es (antithetic, truncated) | pes (persistent ES)
@@ -167,7 +169,7 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg["inner_steps_max"] and cfg["inner_steps_max"] < cfg["inner_steps"]:
         raise ConfigError(f"inner_steps_max ({cfg['inner_steps_max']}) must be 0 or >= inner_steps "
                           f"({cfg['inner_steps']})")
-    for key in ("second_order", "progress"):
+    for key in ("second_order", "progress", "batch_runs"):
         if not isinstance(cfg[key], bool):
             raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
     return cfg
@@ -176,4 +178,5 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
 # Keys that may change when a run is resumed without changing what it computes
 # (or that obviously mean "continue longer" / "run elsewhere").
 RESUMABLE_OVERRIDES = ("outer_steps", "checkpoint_every", "eval_every", "eval_steps", "log_every",
-                       "stop_after", "progress", "device", "threads", "out", "inject_nan_steps")
+                       "stop_after", "progress", "device", "threads", "out", "inject_nan_steps",
+                       "batch_runs")   # the same estimate, computed with fewer, larger passes

@@ -187,6 +187,67 @@ class UnrollResult:
     nonfinite_pairs: int = 0  # ES/PES: antithetic pairs dropped from the estimate (non-finite loss)
 
 
+class _Unrolling:
+    """One run's working state during an unroll: what each step does after
+    the learned optimizer has produced its update, and the result at the end.
+    Shared by :func:`unroll` (one run) and :func:`unroll_batch` (several)."""
+
+    def __init__(self, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool):
+        self.run, self.entry, self.cfg, self.device, self.meta = run, entry, cfg, device, meta
+        self.second_order = bool(cfg.get("second_order", False))
+        self.flat, self.grad, self.state = run.params, run.grad, run.lopt_state
+        # ES evaluates the same run several times: BatchNorm stats are updated in place, so copy.
+        self.buffers = {n: b.clone() for n, b in run.buffers.items()}
+        self.stream = batch_stream(entry, run, device)
+        next(self.stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
+        self.on_valid = cfg.get("meta_data", "train") == "valid"
+        self.valid_stream = batch_stream(entry, run, device, split="test") if self.on_valid else None
+        self.steps = min(k, run.length - run.step)
+        self.terms: list[Tensor] = []
+        self.losses: list[Tensor] = []
+
+    def apply(self, update: Tensor, state: dict[str, Tensor]) -> None:
+        """Take the step ``update`` (with the optimizer's new ``state``) and
+        measure the new parameters."""
+        entry, graph = self.entry, self.entry.graph
+        self.state = state
+        self.flat = self.flat + update
+        # On held-out batches the training loss is no meta-loss term: its gradient
+        # needs no meta-graph unless it is differentiated (second order).
+        loss, self.grad = loss_and_grad(entry, self.flat, self.buffers, next(self.stream),
+                                        meta=self.meta and (self.second_order or not self.on_valid),
+                                        second_order=self.second_order)
+        measured = loss
+        if self.on_valid:
+            # BatchNorm running statistics must not see held-out data: a throwaway copy.
+            spare = {n: b.clone() for n, b in self.buffers.items()}
+            measured = entry.loss_fn(dict(zip(graph.param_names, graph.scatter(self.flat))), spare,
+                                     next(self.valid_stream))
+        self.terms.append(meta_term(measured, self.run.init_loss, self.cfg.get("meta_objective", "norm")))
+        self.losses.append(loss.detach())
+
+    def result(self) -> UnrollResult:
+        # One host sync per unroll (not per step) to find where the run diverged, if it did:
+        # non-finite loss, or above diverge_factor x its initial loss. Later terms are dropped
+        # (and a non-finite one too, so one blown-up run does not void the whole meta-batch);
+        # a large finite one is kept: it is the signal that these weights diverge. The caller
+        # resets the run.
+        run, terms = self.run, self.terms
+        values = torch.stack(self.losses).tolist() if self.losses else []
+        limit = self.cfg.get("diverge_factor", 10.0) * run.init_loss
+        bad = next((i for i, v in enumerate(values) if not math.isfinite(v) or v > limit), None)
+        diverged = bad is not None
+        if diverged:
+            terms = terms[: bad + (1 if math.isfinite(values[bad]) else 0)]
+        steps = len(values) if not diverged else bad + 1
+        last_loss = values[steps - 1] if values else run.last_loss
+        meta_loss = torch.stack(terms).mean() if terms else torch.zeros((), device=self.device)
+        final = {"params": self.flat.detach(), "grad": self.grad.detach(), "buffers": self.buffers,
+                 "lopt_state": {n: v.detach() for n, v in self.state.items()}, "steps": steps,
+                 "last_loss": last_loss}
+        return UnrollResult(meta_loss, steps, diverged, run.step + steps >= run.length, final)
+
+
 def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool,
            params_override: dict | None = None) -> UnrollResult:
     """Up to ``k`` learned-optimizer steps of ``run`` (which is not modified).
@@ -194,48 +255,42 @@ def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, met
     ``params_override``: metanetwork weights to use instead of its own
     (evolution strategies evaluates perturbed copies functionally).
     """
-    graph = entry.graph
-    second_order = bool(cfg.get("second_order", False))
     call = (lambda *a: torch.func.functional_call(lopt, params_override, a)) if params_override else lopt
-    flat, grad, state = run.params, run.grad, run.lopt_state
-    # ES evaluates the same run several times: BatchNorm stats are updated in place, so copy.
-    buffers = {n: b.clone() for n, b in run.buffers.items()}
-    stream = batch_stream(entry, run, device)
-    next(stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
-    on_valid = cfg.get("meta_data", "train") == "valid"
-    valid_stream = batch_stream(entry, run, device, split="test") if on_valid else None
-    terms, losses = [], []
-    for _ in range(min(k, run.length - run.step)):
-        update, state = call(graph, flat, grad, state)
-        flat = flat + update
-        # On held-out batches the training loss is no meta-loss term: its gradient
-        # needs no meta-graph unless it is differentiated (second order).
-        loss, grad = loss_and_grad(entry, flat, buffers, next(stream), meta=meta and (second_order or not on_valid),
-                                   second_order=second_order)
-        measured = loss
-        if on_valid:
-            # BatchNorm running statistics must not see held-out data: a throwaway copy.
-            spare = {n: b.clone() for n, b in buffers.items()}
-            measured = entry.loss_fn(dict(zip(graph.param_names, graph.scatter(flat))), spare, next(valid_stream))
-        terms.append(meta_term(measured, run.init_loss, cfg.get("meta_objective", "norm")))
-        losses.append(loss.detach())
-    # One host sync per unroll (not per step) to find where the run diverged, if it did:
-    # non-finite loss, or above diverge_factor x its initial loss. Later terms are dropped
-    # (and a non-finite one too, so one blown-up run does not void the whole meta-batch);
-    # a large finite one is kept: it is the signal that these weights diverge. The caller
-    # resets the run.
-    values = torch.stack(losses).tolist() if losses else []
-    limit = cfg.get("diverge_factor", 10.0) * run.init_loss
-    bad = next((i for i, v in enumerate(values) if not math.isfinite(v) or v > limit), None)
-    diverged = bad is not None
-    if diverged:
-        terms = terms[: bad + (1 if math.isfinite(values[bad]) else 0)]
-    steps = len(values) if not diverged else bad + 1
-    last_loss = values[steps - 1] if values else run.last_loss
-    meta_loss = torch.stack(terms).mean() if terms else torch.zeros((), device=device)
-    final = {"params": flat.detach(), "grad": grad.detach(), "buffers": buffers,
-             "lopt_state": {n: v.detach() for n, v in state.items()}, "steps": steps, "last_loss": last_loss}
-    return UnrollResult(meta_loss, steps, diverged, run.step + steps >= run.length, final)
+    u = _Unrolling(run, entry, k, cfg, device, meta)
+    for _ in range(u.steps):
+        u.apply(*call(entry.graph, u.flat, u.grad, u.state))
+    return u.result()
+
+
+def unroll_batch(lopt, runs: list[InnerRun], pool: TaskPool, k: int, cfg: dict, device,
+                 meta: bool) -> list[UnrollResult]:
+    """:func:`unroll` of several runs at once: each step is one metanetwork
+    pass over the disjoint union of the runs' graphs
+    (:class:`~l2o.graph.batch.BatchedGraph`), with each run's own step count
+    in the time features and the Adam bias correction. Results equal those of
+    :func:`unroll` run by run (to float rounding); the tasks' own forward and
+    backward passes stay per run.
+
+    A run that blows up to non-finite values mid-unroll can make the shared
+    metanetwork gradient non-finite (0 x NaN in the union's backward) where
+    :func:`unroll` would only drop that run's terms: the outer step is then
+    skipped and counted, as for any non-finite meta-gradient.
+    """
+    us = [_Unrolling(run, pool.get(run.spec), k, cfg, device, meta) for run in runs]
+    for j in range(max((u.steps for u in us), default=0)):
+        active = [u for u in us if j < u.steps]
+        union = pool.union(tuple(u.run.spec for u in active))
+        counts = [torch.full((u.entry.graph.num_params,), 1.0, device=device) * u.state["step"] for u in active]
+        state = {"m": union.join([u.state["m"] for u in active], dim=1),
+                 "v": union.join([u.state["v"] for u in active]),
+                 "step": torch.stack([u.state["step"] for u in active]),
+                 "entry_step": union.join(counts)}
+        update, state = lopt(union, union.join([u.flat for u in active]), union.join([u.grad for u in active]),
+                             state)
+        ms, vs = union.split(state["m"], dim=1), union.split(state["v"])
+        for i, (u, du) in enumerate(zip(active, union.split(update))):
+            u.apply(du, {"m": ms[i], "v": vs[i], "step": state["step"][i]})
+    return [u.result() for u in us]
 
 
 def advance(run: InnerRun, result: UnrollResult) -> InnerRun:

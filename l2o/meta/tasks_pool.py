@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..graph.batch import BatchedGraph
 from ..graph.param_graph import ParamGraph
 from ..layout import tensor_layout
 from .config import ConfigError
@@ -96,6 +97,7 @@ class TaskPool:
         self.device = torch.device(device)
         self.max_size = max_size
         self._cache: OrderedDict[str, TaskEntry] = OrderedDict()
+        self._unions: OrderedDict[tuple[str, ...], BatchedGraph] = OrderedDict()
         self._warned: set[str] = set()
 
     def get(self, spec: str) -> TaskEntry:
@@ -109,6 +111,16 @@ class TaskPool:
         while len(self._cache) > self.max_size:
             self._cache.popitem(last=False)
         return entry
+
+    def union(self, specs: tuple[str, ...]) -> BatchedGraph:
+        """The disjoint union of these tasks' graphs, in this order (built once, LRU-kept)."""
+        if specs in self._unions:
+            self._unions.move_to_end(specs)
+            return self._unions[specs]
+        union = self._unions[specs] = BatchedGraph.union([self.get(s).graph for s in specs])
+        while len(self._unions) > 16:
+            self._unions.popitem(last=False)
+        return union
 
     def _graph(self, task, module: nn.Module) -> ParamGraph:
         named = list(module.named_parameters())
