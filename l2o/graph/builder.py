@@ -328,6 +328,8 @@ def _fx(model, example_inputs) -> GraphState:
 def _eager(model, inputs) -> GraphState:
     state = GraphState(model)
     state.notes = _capture.run(state, model, inputs, mapper_for, feature_dim_for)
+    if isinstance(inputs, dict) or inputs is not None:
+        state.notes = [f"op not followed: {n}" for n in state.notes]
     state.capture = "eager"
     state.opaque = {}
     return state
@@ -348,8 +350,7 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
             raise ValueError("build_graph(capture='eager') needs example_inputs for this model")
         state = _eager(model, inputs)
         inputs = None
-    hf = hasattr(model, "config") and hasattr(model, "main_input_name")
-    if state is None and capture != "fx" and inputs is not None and (not made_up or hf):
+    if state is None and capture != "fx" and inputs is not None:
         try:
             state = _eager(model, inputs)
         except Exception as e:  # the user's forward raised on the inputs
@@ -360,16 +361,12 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
             inputs = None
         if failure:
             state.notes.append(failure)
-        elif inputs is not None and made_up and (state.unclaimed() or state.opaque):
-            try:
-                other = _eager(model, inputs)
-                if _unclaimed_numel(other) < _unclaimed_numel(state) or (
-                        _unclaimed_numel(other) == _unclaimed_numel(state) and state.opaque):
-                    other.notes.append("fx left parameters unstructured; eager run on guessed inputs "
-                                       f"{_describe(inputs)} used instead")
-                    state = other
-            except Exception as e:
-                state.notes.append(f"eager capture on guessed inputs failed ({type(e).__name__})")
+    elif made_up and capture == "auto" and (state.unclaimed() or state.errors_noted()):
+        # a run on guessed inputs may miss a branch: keep fx's result if it structures more
+        other = _fx(model, None)
+        if _unclaimed_numel(other) < _unclaimed_numel(state):
+            other.notes.append(f"eager run on guessed inputs {_describe(inputs)} structured less; fx used")
+            state = other
     left = state.unclaimed()
     unstructured = _report_unstructured(model, state, left, strict) if left or state.opaque else []
     graph = state.finish(left, unstructured)

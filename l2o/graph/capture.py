@@ -507,8 +507,11 @@ class Recorder:
         sa = ia.sh if ia is not None else None
         sb = ib.sh if ib is not None else None
         depth = max(ia.depth if ia else 0, ib.depth if ib else 0)
-        if sa is not None and sb is not None:
-            # contraction: a[..., i, k] with b[..., k, j] -> merge per k (per batch slice)
+        if sa is not None and sb is not None and _const_along(sa, -2) and _const_along(sb, -1) \
+                and not _const_along(sa, -1):
+            # contraction: a[..., i, k] with b[..., k, j], both carrying units along k
+            # (q @ k^T): merge per k, per batch/head slice. Attention weights @ v
+            # (units of a not along k) merge nothing.
             ka = sa.select(-2, 0)                         # [..., k]
             kb = sb.select(-1, 0)                         # [..., k]
             try:
@@ -579,6 +582,10 @@ class Recorder:
             self.set(o, _Info(sh=r, depth=i.depth))
 
 
+def _const_along(sh: Tensor, dim: int) -> bool:
+    return sh.shape[dim] <= 1 or bool((sh == sh.narrow(dim, 0, 1)).all())
+
+
 def _keep_matching_dims(sh: Tensor, shape) -> Tensor | None:
     """Shadow for an op that resizes some dims (pooling, interpolation) when
     the nodes do not vary along the resized dims."""
@@ -619,7 +626,20 @@ def _apply_to(func, name, args, kwargs, subs: dict, fill: int):
 
     if name in _LIST_ARG:
         items = args[0] if args else kwargs.get("tensors")
-        new = [subs.get(id(t), torch.full(t.shape, fill, dtype=torch.long)) for t in items]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        known = [subs[id(t)] for t in items if id(t) in subs]
+
+        def filler(t):
+            # an untracked piece (a cls token) concatenated along a dim the units
+            # do not depend on takes the units of the other pieces
+            if name in ("cat", "concat", "concatenate") and isinstance(dim, int) and known:
+                k = known[0]
+                d = dim % k.dim() if k.dim() else 0
+                if k.dim() == t.dim() and _const_along(k, d) and all(
+                        k.shape[i] == t.shape[i] for i in range(k.dim()) if i != d):
+                    return k.narrow(d, 0, 1).expand(tuple(t.shape))
+            return torch.full(t.shape, fill, dtype=torch.long)
+        new = [subs[id(t)] if id(t) in subs else filler(t) for t in items]
         args = (new,) + tuple(args[1:]) if args else args
         if not args:
             kwargs = {**kwargs, "tensors": new}

@@ -187,6 +187,13 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         return linear_core(state, w, b, args[0])
     if name in ("chunk", "split", "unbind"):
         return _split(state, node, name, args, kwargs)
+    if name == "scaled_dot_product_attention":
+        # q and k units pair up in the scores; the result carries v's units
+        q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+        if isinstance(q, Val) and isinstance(k, Val) and q.nodes is not None and k.nodes is not None \
+                and q.nodes.shape == k.nodes.shape:
+            state.merge(q.nodes, k.nodes)
+        return v.passthrough(depth=depth_of(q, k, v)) if isinstance(v, Val) else None
     if name in ("matmul", "bmm", "__matmul__"):
         return _matmul(state, args)
     if name in ("transpose", "swapaxes", "swapdims", "t", "mT") and isinstance(args[0] if args else None, Val):

@@ -171,6 +171,29 @@ class ParamGraph:
         return {"edges": self.num_edges / total, "node_slots": (self.num_entries - fb) / total,
                 "fallback": fb / total}
 
+    def edge_components(self) -> int:
+        """Number of connected pieces among the nodes that have edges
+        (1: the wiring of the whole network is one graph)."""
+        if self.num_edges == 0:
+            return 0
+        parent = torch.arange(self.num_nodes)
+        src, dst = self.edge_index
+        # label propagation: every node takes the smallest label of its neighbours
+        while True:
+            a, b = parent[src], parent[dst]
+            low = torch.minimum(a, b)
+            new = parent.clone()
+            new.scatter_reduce_(0, src, low, reduce="amin")
+            new.scatter_reduce_(0, dst, low, reduce="amin")
+            new = new[new]
+            if torch.equal(new, parent):
+                break
+            parent = new
+        used = torch.zeros(self.num_nodes, dtype=torch.bool)
+        used[src] = True
+        used[dst] = True
+        return int(torch.unique(parent[used]).numel())
+
     def summary(self) -> str:
         counts = torch.bincount(self.node_type, minlength=NUM_NODE_TYPES).tolist()
         kinds = ", ".join(f"{t.name.lower()}={c}" for t, c in zip(NodeType, counts) if c)

@@ -194,6 +194,9 @@ class GraphState:
         self.entry_chunks.append(_EntryChunk(idx, nodes, int(kind)))
         return True
 
+    def errors_noted(self) -> bool:
+        return any(n.startswith("op not followed") for n in self.notes)
+
     def unclaimed(self) -> list[int]:
         return [i for i in range(len(self.param_names)) if i not in self.claimed]
 

@@ -1,0 +1,107 @@
+"""Which Hugging Face architectures the parameter graph structures, measured.
+
+Builds the graph of tiny random-init configs (no downloads) and prints, per
+model: capture used, % of parameters on edges / node slots / fallback,
+connected pieces among edge-bearing nodes, input/output node counts, build
+time. ``--markdown`` prints the README table.
+
+Usage: .venv/bin/python bench/hf_support.py [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import torch
+
+from l2o.graph import NodeType, build_graph
+
+D = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=100)
+
+
+def configs():
+    import transformers as tr
+    out = [
+        ("GPT-2", lambda: tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100,
+                                                           n_positions=32))),
+        ("GPT-2 (untied head)", lambda: tr.GPT2LMHeadModel(tr.GPT2Config(
+            n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32, tie_word_embeddings=False))),
+        ("BERT", lambda: tr.BertModel(tr.BertConfig(**D, max_position_embeddings=32))),
+        ("BERT (masked LM)", lambda: tr.BertForMaskedLM(tr.BertConfig(**D, max_position_embeddings=32))),
+        ("RoBERTa", lambda: tr.RobertaModel(tr.RobertaConfig(**D, max_position_embeddings=40))),
+        ("DistilBERT", lambda: tr.DistilBertModel(tr.DistilBertConfig(
+            dim=64, n_layers=2, n_heads=4, hidden_dim=128, vocab_size=100, max_position_embeddings=32))),
+        ("Llama", lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**D, num_key_value_heads=4,
+                                                             max_position_embeddings=32))),
+        ("Llama (GQA, 2 kv heads)", lambda: tr.LlamaForCausalLM(tr.LlamaConfig(
+            **D, num_key_value_heads=2, max_position_embeddings=32))),
+        ("Mistral", lambda: tr.MistralForCausalLM(tr.MistralConfig(**D, num_key_value_heads=2,
+                                                                   max_position_embeddings=32))),
+        ("Qwen2", lambda: tr.Qwen2ForCausalLM(tr.Qwen2Config(**D, num_key_value_heads=2,
+                                                             max_position_embeddings=32))),
+        ("T5", lambda: tr.T5ForConditionalGeneration(tr.T5Config(
+            d_model=64, d_ff=128, num_layers=2, num_heads=4, d_kv=16, vocab_size=100))),
+        ("ViT", lambda: tr.ViTModel(tr.ViTConfig(**{k: v for k, v in D.items() if k != "vocab_size"},
+                                                 image_size=32, patch_size=8))),
+        ("ViT (classifier)", lambda: tr.ViTForImageClassification(tr.ViTConfig(
+            **{k: v for k, v in D.items() if k != "vocab_size"}, image_size=32, patch_size=8, num_labels=5))),
+        ("ResNet", lambda: tr.ResNetModel(tr.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
+                                                          depths=[1, 1], num_channels=3))),
+    ]
+    return out
+
+
+def measure(make):
+    torch.manual_seed(0)
+    model = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        g = build_graph(model, use_cache=False)
+        dt = time.perf_counter() - t0
+    f = g.fractions()
+    ours = [w for w in caught if "build_graph" in str(w.message)]
+    return dict(capture=g.capture, edges=100 * f["edges"], slots=100 * f["node_slots"],
+                fallback=100 * f["fallback"], pieces=g.edge_components(),
+                inputs=int((g.node_type == NodeType.INPUT).sum()),
+                outputs=int((g.node_type == NodeType.OUTPUT).sum()), seconds=dt,
+                params=g.num_params, unstructured=g.unstructured, warned=len(ours), notes=g.notes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    rows = []
+    for name, make in configs():
+        try:
+            rows.append((name, measure(make)))
+        except Exception as e:  # an architecture this transformers version lacks, ...
+            rows.append((name, {"error": f"{type(e).__name__}: {e}"}))
+    if args.markdown:
+        print(f"| Model (tiny random config, transformers {transformers.__version__}) | capture | "
+              "edges | node slots | fallback | connected | outputs |")
+        print("|---|---|---|---|---|---|---|")
+        for name, r in rows:
+            if "error" in r:
+                print(f"| {name} | error: {r['error'][:60]} | | | | | |")
+                continue
+            outs = str(r["outputs"]) if r["outputs"] else "tied: logits = token nodes"
+            print(f"| {name} | {r['capture']} | {r['edges']:.1f}% | {r['slots']:.1f}% | {r['fallback']:.2f}% | "
+                  f"{'yes' if r['pieces'] == 1 else str(r['pieces']) + ' pieces'} | {outs} |")
+        return
+    for name, r in rows:
+        if "error" in r:
+            print(f"{name:26s} ERROR {r['error'][:200]}")
+            continue
+        print(f"{name:26s} {r['capture']:6s} edges {r['edges']:5.1f}% slots {r['slots']:4.1f}% "
+              f"fallback {r['fallback']:5.2f}% pieces {r['pieces']} in {r['inputs']} out {r['outputs']} "
+              f"{r['seconds']:.2f}s warned {r['warned']} {r['unstructured'][:4]}")
+
+
+if __name__ == "__main__":
+    main()
