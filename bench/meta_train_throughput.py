@@ -33,9 +33,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, preset: str, repeats: int) -> dict:
-    cfg = C.resolve(preset, None, {"lopt": kind, "estimator": estimator, "device": device,
-                                   "inner_steps": 10_000})  # no run ends during the timing
+def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, preset: str, repeats: int,
+          meta_batch: int | None = None) -> dict:
+    batched = estimator == "tbptt-batched"
+    estimator = "tbptt" if batched else estimator
+    cfg = C.resolve(preset, None, {"lopt": kind, "estimator": estimator, "device": device, "batch_runs": batched,
+                                   "inner_steps": 10_000,  # no run ends during the timing
+                                   **({"meta_batch": meta_batch} if meta_batch else {})})
     dev = torch.device(device)
     torch.manual_seed(0)
     lopt = make_lopt(kind).to(dev)
@@ -78,7 +82,7 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
                         for r in runs]
         sync(dev)
         t_plain = min(t_plain, time.perf_counter() - t0)
-    return {"lopt": kind, "estimator": estimator, "outer_per_s": steps / t_outer, "inner_per_s": inner / t_outer,
+    return {"lopt": kind, "estimator": "tbptt-b" if batched else estimator, "outer_per_s": steps / t_outer, "inner_per_s": inner / t_outer,
             "plain_inner_per_s": inner / t_plain, "ratio": t_outer / t_plain,
             "params": sum(p.numel() for p in params)}
 
@@ -91,22 +95,24 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed blocks per configuration; the fastest counts")
     p.add_argument("--preset", default="tiny", choices=sorted(C.PRESETS))
     p.add_argument("--lopts", default="gmn,mlp")
-    p.add_argument("--estimators", default="tbptt,es,pes")
+    p.add_argument("--estimators", default="tbptt,tbptt-batched,es,pes",
+                   help="tbptt-batched: --batch-runs (one metanetwork pass over the union of the runs' graphs)")
+    p.add_argument("--meta-batch", type=int, default=None, help="inner runs per outer step (default: the preset's)")
     p.add_argument("--threads", type=int, default=0)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = [bench(k, e, args.device, args.steps, args.warmup, args.preset, args.repeats)
+    rows = [bench(k, e, args.device, args.steps, args.warmup, args.preset, args.repeats, args.meta_batch)
             for k in args.lopts.split(",") for e in args.estimators.split(",")]
-    cfg = C.resolve(args.preset)
+    cfg = C.resolve(args.preset, None, {"meta_batch": args.meta_batch} if args.meta_batch else None)
     print(f"\npreset {args.preset}: meta_batch {cfg['meta_batch']} x unroll {cfg['unroll']} inner steps per outer "
           f"step, suite {cfg['suite']}; device {args.device}, torch threads {torch.get_num_threads()}")
     print("inner/s: inner steps of the meta-batch per second (ES/PES also evaluate 2 x pairs perturbed copies);\n"
           "plain: the same steps as ordinary learned-optimizer steps under no_grad; outer/plain: time ratio")
-    print(f"{'lopt':<5} {'estim':<6} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "
+    print(f"{'lopt':<5} {"estim":<7} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "
           f"{'outer / plain':>14}")
     for r in rows:
-        print(f"{r['lopt']:<5} {r['estimator']:<6} {r['params']:>8} {r['outer_per_s']:>8.2f} {r['inner_per_s']:>8.1f} "
+        print(f"{r['lopt']:<5} {r["estimator"]:<7} {r['params']:>8} {r['outer_per_s']:>8.2f} {r['inner_per_s']:>8.1f} "
               f"{r['plain_inner_per_s']:>14.1f} {r['ratio']:>13.2f}x")
 
 
