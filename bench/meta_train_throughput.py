@@ -109,10 +109,10 @@ def main():
           f"step, suite {cfg['suite']}; device {args.device}, torch threads {torch.get_num_threads()}")
     print("inner/s: inner steps of the meta-batch per second (ES/PES also evaluate 2 x pairs perturbed copies);\n"
           "plain: the same steps as ordinary learned-optimizer steps under no_grad; outer/plain: time ratio")
-    print(f"{'lopt':<5} {"estim":<7} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "
+    print(f"{'lopt':<5} {'estim':<7} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "
           f"{'outer / plain':>14}")
     for r in rows:
-        print(f"{r['lopt']:<5} {r["estimator"]:<7} {r['params']:>8} {r['outer_per_s']:>8.2f} {r['inner_per_s']:>8.1f} "
+        print(f"{r['lopt']:<5} {r['estimator']:<7} {r['params']:>8} {r['outer_per_s']:>8.2f} {r['inner_per_s']:>8.1f} "
               f"{r['plain_inner_per_s']:>14.1f} {r['ratio']:>13.2f}x")
 
 
