@@ -156,8 +156,15 @@ class ParamGraph:
         kw = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            kw[f.name] = v.to(device) if isinstance(v, Tensor) else v
-        return ParamGraph(**kw)
+            if isinstance(v, Tensor) and v.dim() and v.shape[0] > 1 and v.stride(0) == 0:
+                v = v[:1].to(device).expand(v.shape)   # a constant kept as a stride-0 view
+            elif isinstance(v, Tensor):
+                v = v.to(device)
+            kw[f.name] = v
+        out = ParamGraph(**kw)
+        if hasattr(self, "_has_edge_pos"):
+            out._has_edge_pos = self._has_edge_pos
+        return out
 
     def signature(self) -> tuple:
         """Identifies the architecture: names and shapes of its parameters."""

@@ -230,8 +230,15 @@ class GraphState:
         # edges: preallocate and expand each factored chunk straight into place
         E = sum(math.prod(c.shape) for c in self.edge_chunks)
         edge_index = torch.empty(2, E, dtype=torch.long)
-        edge_kind = torch.empty(E, dtype=torch.long)
-        edge_pos = torch.empty(E, 2)
+        # Big models are bound by first-touch page faults (~1 s per GB on a busy
+        # box): when no edge has a position, or every edge has one kind, the
+        # constant tensor is a stride-0 view instead of E written entries.
+        any_pos = any(c.pos is not None for c in self.edge_chunks)
+        kinds = {int(c.kind) for c in self.edge_chunks if not isinstance(c.kind, Tensor)}
+        one_kind = len(kinds) == 1 and all(not isinstance(c.kind, Tensor) for c in self.edge_chunks)
+        edge_kind = torch.full((1,), kinds.pop(), dtype=torch.long).expand(E) if one_kind \
+            else torch.empty(E, dtype=torch.long)
+        edge_pos = torch.empty(E, 2) if any_pos else torch.zeros(1, 2).expand(E, 2)
         flat_order, tensor_sizes = [], []
         a = 0
         for c in self.edge_chunks:
@@ -241,11 +248,15 @@ class GraphState:
             b = a + math.prod(c.shape)
             edge_index[0, a:b].view(c.shape).copy_(remap[c.src].expand(c.shape))
             edge_index[1, a:b].view(c.shape).copy_(remap[c.dst].expand(c.shape))
-            if isinstance(c.kind, Tensor):
+            if one_kind:
+                pass
+            elif isinstance(c.kind, Tensor):
                 edge_kind[a:b].view(c.shape).copy_(c.kind.expand(c.shape))
             else:
                 edge_kind[a:b].fill_(int(c.kind))
-            if c.pos is not None:
+            if not any_pos:
+                pass
+            elif c.pos is not None:
                 edge_pos[a:b].view(c.shape + (2,)).copy_(c.pos.expand(c.shape + (2,)))
             else:
                 edge_pos[a:b].zero_()
@@ -273,7 +284,7 @@ class GraphState:
         for k, size in enumerate(tensor_sizes):
             tensor_id[a:a + size].fill_(k)
             a += size
-        return ParamGraph(
+        graph = ParamGraph(
             num_nodes=num_nodes,
             node_type=torch.tensor(node_type, dtype=torch.long),
             node_io_index=torch.tensor(io, dtype=torch.long),
@@ -290,3 +301,6 @@ class GraphState:
             num_edge_params=len(self.edge_chunks),
             unstructured=unstructured,
         )
+        if not any_pos:
+            graph._has_edge_pos = False
+        return graph
