@@ -366,7 +366,18 @@ class Recorder:
         nodes = torch.full((numel,), -1, dtype=torch.long)
         nodes[pidx[ok]] = sh[ok]
         if bool((nodes < 0).any()):
-            return False
+            # entries this run did not touch (positions past the example's length):
+            # along a dim where the touched ones all sit on the same unit, so do they
+            full = nodes.view(self.state.param_shapes[p])
+            for d in range(full.dim()):
+                valid = full >= 0
+                hi = full.amax(d, keepdim=True)
+                lo = torch.where(valid, full, torch.full_like(full, 1 << 62)).amin(d, keepdim=True)
+                same = (hi == lo) & (hi >= 0)
+                full = torch.where(valid | ~same.expand_as(full), full, hi.expand_as(full))
+            nodes = full.reshape(-1)
+            if bool((nodes < 0).any()):
+                return False
         return self.state.add_entries(self.state.params[p], nodes, kind)
 
     def _param_op(self, name, func, args, kwargs, out, tracked) -> bool:

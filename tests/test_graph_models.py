@@ -1,0 +1,329 @@
+"""Everyday and Hugging Face models: which unit each edge joins, what falls
+back (nothing, or < 0.5%), one connected graph, and training works.
+
+Hugging Face models are tiny random-init configs (no downloads).
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import l2o
+from l2o.graph import EdgeKind, EntryKind, NodeType, build_graph, register_module, unregister_module
+
+torch.manual_seed(0)
+
+
+def part(g, name):
+    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
+    i = g.param_names.index(name)
+    k = g.flat_order.index(i)
+    s = g.tensor_slices[k]
+    shape = g.param_shapes[i]
+    if k < g.num_edge_params:
+        return g.edge_index[0, s].view(shape), g.edge_index[1, s].view(shape)
+    return g.entry_node[s.start - g.num_edges:s.stop - g.num_edges].view(shape)
+
+
+def kinds(g, name):
+    i = g.param_names.index(name)
+    k = g.flat_order.index(i)
+    s = g.tensor_slices[k]
+    if k < g.num_edge_params:
+        return g.edge_kind[s]
+    return g.entry_kind[s.start - g.num_edges:s.stop - g.num_edges]
+
+
+def quiet_build(model, *a, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # fully structured: no warning at all
+        return build_graph(model, *a, **kw)
+
+
+def check_whole(g):
+    assert g.fractions()["fallback"] == 0.0 and g.unstructured == []
+    assert g.edge_components() == 1
+
+
+# ------------------------------------------------------------------ RNNs
+class LSTMLM(nn.Module):
+    def __init__(self, kind=nn.LSTM, bidirectional=False):
+        super().__init__()
+        self.emb = nn.Embedding(20, 6)
+        self.rnn = kind(6, 5, num_layers=2, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(5 * (2 if bidirectional else 1), 20)
+
+    def forward(self, t):
+        return self.head(self.rnn(self.emb(t))[0])
+
+
+@pytest.mark.parametrize("kind,gates", [(nn.LSTM, 4), (nn.GRU, 3), (nn.RNN, 1)])
+def test_rnn_language_model(kind, gates):
+    m = LSTMLM(kind)
+    g = quiet_build(m)
+    check_whole(g)
+    emb_dims = part(g, "emb.weight")[1][0]                       # [6]
+    src, dst = part(g, "rnn.weight_ih_l0")                       # [G*5, 6]
+    h0 = dst[:5, 0]
+    assert torch.equal(src, emb_dims.expand(gates * 5, 6))       # input units -> gates
+    assert torch.equal(dst[:, 0], h0.repeat(gates))              # gate g of unit j is unit j
+    src, dst = part(g, "rnn.weight_hh_l0")
+    assert torch.equal(src[0], h0) and torch.equal(dst[:, 0], h0.repeat(gates))   # recurrent
+    src1, dst1 = part(g, "rnn.weight_ih_l1")
+    h1 = dst1[:5, 0]
+    assert torch.equal(src1[0], h0) and not bool(torch.isin(h1, h0).any())
+    assert torch.equal(part(g, "head.weight")[0][0], h1)
+    assert torch.equal(part(g, "rnn.bias_ih_l0"), h0.repeat(gates))
+    # gates told apart by edge_pos along a row of the same (input, unit) pair
+    i = g.flat_order.index(g.param_names.index("rnn.weight_ih_l0"))
+    pos = g.edge_pos[g.tensor_slices[i]].view(gates, 5, 6, 2)[:, 0, 0, 0]
+    assert pos.unique().numel() == gates
+
+
+def test_bidirectional_gru_concatenates_directions():
+    m = LSTMLM(nn.GRU, bidirectional=True)
+    g = quiet_build(m)
+    check_whole(g)
+    fwd = part(g, "rnn.weight_ih_l0")[1][:5, 0]
+    bwd = part(g, "rnn.weight_ih_l0_reverse")[1][:5, 0]
+    assert torch.equal(part(g, "rnn.weight_ih_l1")[0][0], torch.cat([fwd, bwd]))
+
+
+# ------------------------------------------------------------------ tied / bare / gated / norms
+class TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 8)
+        self.pos = nn.Parameter(torch.randn(16, 8) * 0.1)        # learned positions, a bare parameter
+        self.cls = nn.Parameter(torch.randn(1, 1, 8) * 0.1)      # a cls token
+        self.mix = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 12, bias=False)
+        self.out.weight = self.emb.weight                          # tied
+
+    def forward(self, t):
+        x = self.emb(t) + self.pos[: t.shape[1]]
+        x = torch.cat([self.cls.expand(t.shape[0], -1, -1), x], dim=1)
+        return self.out(torch.tanh(self.mix(x)))
+
+
+def test_tied_head_bare_positions_and_cls_token():
+    m = TiedLM()
+    g = quiet_build(m)
+    check_whole(g)
+    tokens, dims = part(g, "emb.weight")                          # [12, 8] each
+    dims = dims[0]
+    # learned positions and the cls token: BIAS entries on the embedding units they are added to
+    assert torch.equal(part(g, "pos"), dims.expand(16, 8))
+    assert torch.equal(part(g, "cls"), dims.view(1, 1, 8))
+    assert (kinds(g, "pos") == EntryKind.BIAS).all() and (kinds(g, "cls") == EntryKind.BIAS).all()
+    # the tied head adds no edges: its logit t is token node t, its input units the embedding's
+    assert "out.weight" not in g.param_names
+    assert torch.equal(part(g, "mix.weight")[0][0], dims)
+    assert any("tied" in n for n in g.notes)
+    # a stated policy: with the head tied, the logits are the (INPUT) token nodes
+    assert (g.node_type[tokens[:, 0]] == NodeType.INPUT).all()
+
+
+class SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.norm = nn.RMSNorm(6)
+        self.gate, self.up = nn.Linear(6, 10, bias=False), nn.Linear(6, 10, bias=False)
+        self.down = nn.Linear(10, 3)
+        self.scale = nn.Parameter(torch.ones(6))                   # a hand-written RMSNorm's scale
+
+    def forward(self, x):
+        h = self.norm(self.inp(x))
+        h = self.scale * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def test_swiglu_and_rms_norms():
+    m = SwiGLU()
+    g = quiet_build(m)
+    check_whole(g)
+    units = part(g, "inp.weight")[1][:, 0]
+    assert torch.equal(part(g, "norm.weight"), units) and torch.equal(part(g, "scale"), units)
+    assert (kinds(g, "scale") == EntryKind.NORM_WEIGHT).all()
+    gate = part(g, "gate.weight")[1][:, 0]
+    assert torch.equal(part(g, "up.weight")[1][:, 0], gate)         # the product merges gate/up units
+    assert torch.equal(part(g, "down.weight")[0][0], gate)
+    assert torch.equal(part(g, "gate.weight")[0][0], units)
+
+
+def test_functional_glu():
+    m = nn.Sequential(nn.Linear(4, 20), nn.GLU(), nn.Linear(10, 3))
+    g = quiet_build(m)
+    check_whole(g)
+    both = part(g, "0.weight")[1][:, 0]
+    assert torch.equal(both[:10], both[10:])                     # halves multiplied: one unit each
+    assert torch.equal(part(g, "2.weight")[0][0], both[:10])
+
+
+# ------------------------------------------------------------------ register_module
+class LowRank(nn.Module):
+    def __init__(self, d_in, d_out, rank):
+        super().__init__()
+        self.V = nn.Parameter(torch.randn(rank, d_in) / d_in ** 0.5)
+        self.U = nn.Parameter(torch.randn(d_out, rank) / rank ** 0.5)
+        self.b = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return torch.einsum("bi,ri->br", x, self.V) @ self.U.T + self.b
+
+
+def map_low_rank(ctx, m, x):
+    h = ctx.linear(m.V, x)                 # V[r, i]: edge x_i -> new rank unit r
+    return ctx.linear(m.U, h, bias=m.b)    # U[o, r]: edge r -> new unit o; b on o
+
+
+def test_register_module_worked_example():
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), LowRank(5, 4, 2), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="LowRank"):
+        g = build_graph(net)
+    assert set(g.unstructured) == {"2.V", "2.U", "2.b"}
+    register_module(LowRank, map_low_rank)
+    try:
+        g = quiet_build(net)
+        check_whole(g)
+        a = part(g, "0.weight")[1][:, 0]
+        v_src, v_dst = part(g, "2.V")
+        u_src, u_dst = part(g, "2.U")
+        assert torch.equal(v_src[0], a) and torch.equal(u_src[0], v_dst[:, 0])
+        assert torch.equal(part(g, "2.b"), u_dst[:, 0]) and torch.equal(part(g, "3.weight")[0][0], u_dst[:, 0])
+        g_fx = quiet_build(net, capture="fx")       # the fx fallback keeps it whole too
+        assert torch.equal(part(g_fx, "2.U")[0][0], part(g_fx, "2.V")[1][:, 0])
+    finally:
+        unregister_module(LowRank)
+
+
+def test_warning_once_and_not_again_for_the_optimizer():
+    net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), LowRank(5, 4, 2), nn.Linear(4, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_graph(net, torch.randn(2, 3))
+        l2o.GMNOptimizer(net, weights=None)
+    ours = [str(w.message) for w in caught if "build_graph" in str(w.message)]
+    assert len(ours) == 1
+    msg = ours[0]
+    assert "%" in msg and "LowRank" in msg and "register_module" in msg and msg.count("\n") == 0
+
+
+# ------------------------------------------------------------------ Hugging Face
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+tr = transformers
+D = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=50)
+
+
+def _ids(n=8):
+    return torch.randint(0, 50, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+HF = {
+    "gpt2": (lambda: tr.GPT2LMHeadModel(tr.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=50,
+                                                       n_positions=16)),
+             lambda m: m(_ids(), labels=_ids()).loss),
+    "bert": (lambda: tr.BertForMaskedLM(tr.BertConfig(**D, max_position_embeddings=16)),
+             lambda m: m(_ids(), labels=_ids()).loss),
+    "llama": (lambda: tr.LlamaForCausalLM(tr.LlamaConfig(**D, num_key_value_heads=2, max_position_embeddings=16)),
+              lambda m: m(_ids(), labels=_ids()).loss),
+    "t5": (lambda: tr.T5ForConditionalGeneration(tr.T5Config(d_model=32, d_ff=64, num_layers=2, num_heads=4,
+                                                             d_kv=8, vocab_size=50, decoder_start_token_id=0, pad_token_id=0)),
+           lambda m: m(input_ids=_ids(), labels=_ids(4)).loss),
+    "vit": (lambda: tr.ViTForImageClassification(tr.ViTConfig(
+        **{k: v for k, v in D.items() if k != "vocab_size"}, image_size=16, patch_size=4, num_labels=3)),
+        lambda m: m(pixel_values=torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)),
+                    labels=torch.tensor([0, 2])).loss),
+    "resnet": (lambda: tr.ResNetForImageClassification(tr.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)),
+        lambda m: m(pixel_values=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)),
+                    labels=torch.tensor([0, 2])).loss),
+}
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hf_tiny_configs_structured(name):
+    torch.manual_seed(0)
+    m = HF[name][0]()
+    g = quiet_build(m)
+    assert g.capture == "eager"
+    assert g.fractions()["fallback"] < 0.005
+    # T5: the relative-position tables of encoder and decoder reach the rest
+    # only through attention scores, which have no units: separate pieces
+    assert g.edge_components() == (3 if name == "t5" else 1)
+    io = (g.node_type == NodeType.OUTPUT).sum() + (g.node_type == NodeType.INPUT).sum()
+    assert io > 0
+    if name in ("vit", "resnet"):
+        assert (g.node_type == NodeType.OUTPUT).sum() == 3       # the class logits
+
+
+def test_hf_gpt2_conv1d_wiring():
+    m = HF["gpt2"][0]()
+    g = quiet_build(m)
+    stream = part(g, "transformer.wte.weight")[1][0]                 # residual stream units
+    src, dst = part(g, "transformer.h.0.attn.c_attn.weight")         # Conv1D: [in, out]
+    assert torch.equal(src[:, 0], stream)                            # rows are inputs
+    q, k, v = dst[0].split(32)
+    assert torch.equal(q, k)                                         # q/k paired by the scores
+    p_src, p_dst = part(g, "transformer.h.0.attn.c_proj.weight")
+    assert torch.equal(p_src[:, 0], v) and torch.equal(p_dst[0], stream)
+    assert torch.equal(part(g, "transformer.h.0.ln_1.weight"), stream)
+
+
+def test_hf_llama_rms_norm_and_swiglu():
+    m = HF["llama"][0]()
+    g = quiet_build(m)
+    stream = part(g, "model.embed_tokens.weight")[1][0]
+    assert torch.equal(part(g, "model.layers.0.input_layernorm.weight"), stream)
+    assert (kinds(g, "model.norm.weight") == EntryKind.NORM_WEIGHT).all()
+    gate = part(g, "model.layers.0.mlp.gate_proj.weight")[1][:, 0]
+    assert torch.equal(part(g, "model.layers.0.mlp.up_proj.weight")[1][:, 0], gate)
+    assert torch.equal(part(g, "model.layers.0.mlp.down_proj.weight")[0][0], gate)
+    # grouped-query attention: 4 q heads share 2 kv heads; q heads 0,1 pair with kv head 0
+    q = part(g, "model.layers.0.self_attn.q_proj.weight")[1][:, 0].view(4, 8)
+    k = part(g, "model.layers.0.self_attn.k_proj.weight")[1][:, 0].view(2, 8)
+    assert torch.equal(q[0], k[0]) and torch.equal(q[1], k[0]) and torch.equal(q[2], k[1])
+    v = part(g, "model.layers.0.self_attn.v_proj.weight")[1][:, 0].view(2, 8)
+    o_src = part(g, "model.layers.0.self_attn.o_proj.weight")[0][0].view(4, 8)
+    assert torch.equal(o_src[1], v[0]) and torch.equal(o_src[3], v[1])
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "t5", "vit", "resnet"])
+def test_hf_training_loss_falls(name):
+    make, loss_fn = HF[name]
+    torch.manual_seed(0)
+    m = make()
+    m.train()
+    opt = l2o.GMNOptimizer(m)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = loss_fn(m)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda x: x == x, losses))
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_plain_lstm_and_tied_models_train():
+    for make in (lambda: LSTMLM(nn.LSTM), TiedLM):
+        torch.manual_seed(0)
+        m = make()
+        t = torch.randint(0, 12, (4, 7))
+        opt = l2o.GMNOptimizer(m)
+        losses = []
+        for _ in range(30):
+            opt.zero_grad()
+            y = m(t)
+            loss = F.cross_entropy(y[:, -7:].reshape(-1, y.shape[-1]), t.reshape(-1))
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
