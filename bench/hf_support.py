@@ -48,6 +48,34 @@ def configs():
             **{k: v for k, v in D.items() if k != "vocab_size"}, image_size=32, patch_size=8, num_labels=5))),
         ("ResNet", lambda: tr.ResNetModel(tr.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32],
                                                           depths=[1, 1], num_channels=3))),
+        ("ResNet (classifier)", lambda: tr.ResNetForImageClassification(tr.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=5))),
+        ("OPT", lambda: tr.OPTForCausalLM(tr.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128,
+                                                      num_attention_heads=4, vocab_size=100,
+                                                      max_position_embeddings=32, word_embed_proj_dim=64))),
+        ("GPT-Neo", lambda: tr.GPTNeoForCausalLM(tr.GPTNeoConfig(
+            hidden_size=64, num_layers=2, num_heads=4, vocab_size=100, max_position_embeddings=32,
+            attention_types=[[["global", "local"], 1]], window_size=8))),
+        ("GPT-J", lambda: tr.GPTJForCausalLM(tr.GPTJConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
+                                                          n_positions=32, rotary_dim=8))),
+        ("Falcon", lambda: tr.FalconForCausalLM(tr.FalconConfig(**D, max_position_embeddings=32))),
+        ("Phi", lambda: tr.PhiForCausalLM(tr.PhiConfig(**D, max_position_embeddings=32))),
+        ("Gemma", lambda: tr.GemmaForCausalLM(tr.GemmaConfig(**D, num_key_value_heads=2, head_dim=16,
+                                                             max_position_embeddings=32))),
+        ("ALBERT (shared layers)", lambda: tr.AlbertModel(tr.AlbertConfig(**D, embedding_size=32,
+                                                                           max_position_embeddings=32))),
+        ("ELECTRA", lambda: tr.ElectraModel(tr.ElectraConfig(**D, embedding_size=32,
+                                                             max_position_embeddings=32))),
+        ("BART", lambda: tr.BartForConditionalGeneration(tr.BartConfig(
+            d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=100,
+            max_position_embeddings=32))),
+        ("DeiT", lambda: tr.DeiTModel(tr.DeiTConfig(**{k: v for k, v in D.items() if k != "vocab_size"},
+                                                    image_size=32, patch_size=8))),
+        ("Swin", lambda: tr.SwinModel(tr.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                    num_heads=[2, 2], window_size=4))),
+        ("ConvNeXt", lambda: tr.ConvNextModel(tr.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                                                num_channels=3))),
     ]
     return out
 

@@ -236,10 +236,9 @@ class Recorder:
 
     # ------------------------------------------------------------ hooks
     def install(self) -> None:
+        from .layers import keep_whole
         for qn, m in self.model.named_modules():
-            if m is self.model and self.mapper_for(m) is None:
-                continue
-            if self.mapper_for(m) is None:
+            if not keep_whole(m):
                 continue
             self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
             self.handles.append(m.register_forward_hook(self._make_post(qn), with_kwargs=True))

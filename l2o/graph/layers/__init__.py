@@ -54,6 +54,23 @@ def mapper_for(module: nn.Module):
     return None
 
 
+def keep_whole(module: nn.Module) -> bool:
+    """Whether the eager capture should hand ``module`` to its mapper rather
+    than record what it computes: yes for registered and recognised modules,
+    and for built-in kinds unless a subclass overrides ``forward`` (HF's
+    channels-first ``ConvNextLayerNorm`` is a LayerNorm that permutes first)."""
+    if mapper_for(module) is None:
+        return False
+    if any(cls in USER for cls in type(module).__mro__):
+        return True
+    for types, _ in MAPPERS:
+        types = types if isinstance(types, tuple) else (types,)
+        for t in types:
+            if isinstance(module, t):
+                return type(module).forward is t.forward
+    return True
+
+
 _CHANNEL = _norms_per_channel + (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
 
 
