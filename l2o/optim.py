@@ -63,7 +63,7 @@ import warnings
 import weakref
 from collections import OrderedDict
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
