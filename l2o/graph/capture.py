@@ -300,6 +300,19 @@ class Recorder:
         else:
             self._elementwise(out, tracked)
 
+    def _transposed_param(self, t):
+        """The 2-D parameter ``W`` if ``t`` is exactly ``W.T``, else None."""
+        i = self.get(t) if isinstance(t, Tensor) and not isinstance(t, nn.Parameter) else None
+        if i is None or i.pidx is None or i.pidx[1].dim() != 2:
+            return None
+        p, idx = i.pidx
+        shape = self.state.param_shapes[p]
+        if len(shape) != 2 or tuple(idx.shape) != (shape[1], shape[0]):
+            return None
+        if not torch.equal(idx, torch.arange(shape.numel()).view(tuple(shape)).t()):
+            return None
+        return self.state.params[p]
+
     def _depth(self, tracked) -> int:
         return max([i.depth for _, i in tracked] + [0])
 
@@ -400,6 +413,13 @@ class Recorder:
             return True
         if name in ("addmm", "mm", "matmul", "__matmul__") :
             x, w, b = (arg(1), arg(2), arg(0)) if name == "addmm" else (arg(0), arg(1), None)
+            wt = self._transposed_param(w)
+            if wt is not None and isinstance(x, Tensor) and self.get(x) is not None \
+                    and self.get(x).pidx is None:
+                # x @ W.T (+ b): a Linear written out (Falcon's FalconLinear, ...)
+                v = linear_core(st, wt, b if raw(b) and b.dim() == 1 else None, self.val(x))
+                self.assign(out, v)
+                return True
             if raw(w) and w.dim() == 2 and isinstance(x, Tensor) and self.get(x) is not None \
                     and self.get(x).pidx is None:
                 from .layers.hf import conv1d_core
