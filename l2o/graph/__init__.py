@@ -1,7 +1,9 @@
 """The parameter graph: any ``nn.Module`` as the graph a metanetwork reads.
 
-``build_graph(model, example_inputs=None, strict=False)`` traces the model
-with torch.fx. Nodes are neurons / channels / token ids / attention units;
+``build_graph(model, example_inputs=None, strict=False)`` records one run of
+the model on example inputs (:mod:`l2o.graph.capture`; given, or made up from
+a Hugging Face config or the first layer), with ``torch.fx`` and then
+module-by-module mapping as fallbacks (:mod:`l2o.graph.builder`). Nodes are neurons / channels / token ids / attention units;
 every weight entry is an edge, every bias / norm entry a node-held slot, and
 anything unrecognised a per-tensor fallback node. Supported layers:
 
@@ -18,6 +20,12 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | ``torch.cat`` on the feature dim (other dims: merge) | concatenated | -- | -- |
 | flatten / view / reshape of a ``C x H x W`` map | C channel nodes kept | next Linear: column -> channel ``col // HW``, pos = (y, x) in [-1,1] | -- |
 | activations, dropout, pooling, ``mean``, softmax, transpose, ... | passed through | -- | -- |
+| HF ``Conv1D``; ``addmm(b, x, W)``, ``x @ W``, ``x @ W.T`` with a parameter ``W`` | new | ``W[i,o]`` (or ``W[o,i]``): in -> out (LINEAR) | bias: BIAS |
+| ``nn.LSTM/GRU/RNN`` | ``hidden`` per layer/direction | ``W_ih``: in -> unit, ``W_hh``: unit -> unit (recurrent), gate as ``edge_pos`` | biases: BIAS |
+| ``scaled_dot_product_attention``, ``q @ k^T``, ``attn @ v`` | -- | -- | q/k units merged per head (GQA: with their kv head); output carries v's units |
+| a parameter (view) ``* x`` / ``+ x`` / ``cat``-ed with ``x`` (RMSNorm scales, positions, cls tokens) | none | -- | NORM_WEIGHT (product) / BIAS (sum, concat) on the units it meets |
+| a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's | first use only | -- |
+| ``register_module(cls, mapper)`` | as the mapper says | | |
 | anything else with parameters (custom module, bare ``nn.Parameter``, untraceable code) | one TENSOR node per tensor | -- | all entries: FALLBACK (+ one warning; ``strict=True`` raises) |
 
 The merged node of a residual add is HIDDEN unless one side is INPUT/OUTPUT.
