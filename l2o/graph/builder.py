@@ -368,7 +368,9 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
             other.notes.append(f"eager run on guessed inputs {_describe(inputs)} structured less; fx used")
             state = other
     left = state.unclaimed()
-    unstructured = _report_unstructured(model, state, left, strict) if left or state.opaque else []
+    # zero-size tensors have nothing to structure: fallback bookkeeping only, no warning
+    report = [i for i in left if state.param_shapes[i].numel() > 0]
+    unstructured = _report_unstructured(model, state, report, strict) if report or state.opaque else []
     graph = state.finish(left, unstructured)
     graph.capture = state.capture
     graph.notes = list(state.notes) + ([f"tied/shared weights (entries on their first use's edges, "
