@@ -215,7 +215,7 @@ class Recorder:
             cols[missing] = self.state.new_nodes(int(missing.sum()), NodeType.HIDDEN, 0)
         return cols
 
-    def assign(self, out, val, ref: Tensor | None = None) -> None:
+    def assign(self, out, val) -> None:
         """Give the output tensor(s) of a mapper or op the nodes of ``val``."""
         if isinstance(out, Tensor):
             if isinstance(val, Val):
@@ -684,9 +684,7 @@ def _apply_to(func, name, args, kwargs, subs: dict, fill: int):
             == "constant" else kwargs
         if len(rest) > 2:
             rest = rest[:2]
-    if name in ("expand_as", "view_as", "reshape_as", "broadcast_to"):
-        return func(sub(first), *rest, **kwargs)
-    return func(sub(first), *rest, **kwargs)
+    return func(sub(first), *rest, **kwargs)   # other tensor args (expand_as's target) stay real
 
 
 def _pairs(out, res):
