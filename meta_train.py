@@ -62,6 +62,21 @@ from l2o.meta.tasks_pool import TaskPool, draw_length, suite_specs
 ESTIMATORS = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}
 
 
+def warm_start(lopt, path: str) -> None:
+    """Start from another run's metanetwork weights (``init_from``): every
+    weight of the same name and shape is copied; the rest (e.g. a parameter
+    the other config lacked) keeps its initialisation. Says what it did."""
+    from l2o.checkpoint import load_lopt
+
+    source = load_lopt(path).state_dict()
+    own = lopt.state_dict()
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    lopt.load_state_dict(copied, strict=False)
+    fresh = sorted(set(own) - set(copied))
+    print(f"meta_train.py: warm start from {path}: {len(copied)} weights copied"
+          + (f", kept at initialisation: {', '.join(fresh)}" if fresh else ""), file=sys.stderr)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -75,6 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="continue exactly from the checkpoint in --out (config comes from it; flags "
                         f"may change only {', '.join(C.RESUMABLE_OVERRIDES)})")
     p.add_argument("--lopt", choices=C.CHOICES["lopt"], help="metanetwork: gmn (graph) or mlp (per-parameter)")
+    p.add_argument("--init-from", help="warm start from another run's lopt.safetensors (matching weights copied)")
     p.add_argument("--suite", help="train | heldout | families | mix | comma-separated task names")
     p.add_argument("--outer-steps", type=int, help="outer (meta) optimisation steps")
     p.add_argument("--unroll", type=int, help="inner steps per truncation (K)")
@@ -140,12 +156,18 @@ def main(argv=None) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    lopt = (ckpt["lopt"] if ckpt else make_lopt(cfg["lopt"], **cfg["lopt_config"])).to(device).train()
+    lopt = ckpt["lopt"] if ckpt else make_lopt(cfg["lopt"], **cfg["lopt_config"])
+    if not ckpt and cfg["init_from"]:
+        warm_start(lopt, cfg["init_from"])
+    lopt = lopt.to(device).train()
     D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
     trainable = [p for p in lopt.parameters() if p.requires_grad]
     named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
-    groups = [{"params": [p for n, p in named if n != "log_nominal"], "lr_mult": 1.0}]
-    nominal = [p for n, p in named if n == "log_nominal"]
+    # The scalar step-size parameters (nominal weight, controller rate) get a faster outer lr:
+    # one scalar otherwise moves ~lr per step, far slower than what it controls.
+    scalars = ("log_nominal", "log_adapt_rate")
+    groups = [{"params": [p for n, p in named if n not in scalars], "lr_mult": 1.0}]
+    nominal = [p for n, p in named if n in scalars]
     if cfg.get("nominal_lr_mult", 1.0) != 1.0 and nominal:
         groups.append({"params": nominal, "lr_mult": cfg["nominal_lr_mult"]})
     else:

@@ -116,14 +116,15 @@ def test_mixed_horizon_lengths_are_deterministic_and_log_uniform():
 
 
 @pytest.mark.parametrize("kind", ["gmn", "mlp"])
-def test_batched_runs_give_the_single_run_estimate(kind):
+@pytest.mark.parametrize("adapt", [False, True])
+def test_batched_runs_give_the_single_run_estimate(kind, adapt):
     """One metanetwork pass over the union of the runs' graphs (runs at different
     steps, of different architectures, one ending mid-unroll) = run by run."""
     from l2o.meta import config as C, tbptt
     from l2o.meta.inner import new_run
 
     torch.manual_seed(0)
-    lopt = l2o.make_lopt(kind, relative=True)
+    lopt = l2o.make_lopt(kind, relative=True, adapt=adapt)
     with torch.no_grad():
         for p in lopt.parameters():
             p.add_(torch.randn(p.shape) * 0.1)
@@ -147,3 +148,72 @@ def test_batched_runs_give_the_single_run_estimate(kind):
         torch.testing.assert_close(a.final["params"], b.final["params"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.final["lopt_state"]["m"], b.final["lopt_state"]["m"])
         assert float(a.final["lopt_state"]["step"]) == float(b.final["lopt_state"]["step"])
+        if adapt:
+            torch.testing.assert_close(a.final["lopt_state"]["log_lr"], b.final["lopt_state"]["log_lr"])
+
+
+def test_step_size_controller_grows_aligned_and_shrinks_oscillating_tensors():
+    """cos(g_t, m_{t-1}) > 0 (the steps were too short) raises a tensor's
+    multiplier, < 0 (they overshot) lowers it, a zero gradient keeps it."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    graph = build_graph(model)
+    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.1).requires_grad_(False)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    g = torch.randn(flat.shape, generator=torch.Generator().manual_seed(0))
+    first = graph.tensor_id == 0
+    _, state = lopt(graph, flat, g, lopt.init_state(flat))
+    assert torch.equal(state["log_lr"], torch.zeros(graph.num_tensors))  # no momentum yet: cos = 0
+    g2 = g.clone()
+    g2[first] = -g[first]                  # tensor 0 reverses, the others keep going
+    g2[graph.tensor_id == 1] = 0.0         # tensor 1: no gradient (skipped)
+    _, state2 = lopt(graph, flat, g2, state)
+    assert state2["log_lr"][0] == pytest.approx(-0.1, rel=1e-4)
+    assert state2["log_lr"][1] == 0.0
+    assert torch.allclose(state2["log_lr"][2:], torch.full((graph.num_tensors - 2,), 0.1))
+    # the update of each tensor is scaled by exp(log_lr)
+    plain = l2o.GMNLOpt()
+    plain.load_state_dict({k: v for k, v in lopt.state_dict().items() if k != "log_adapt_rate"})
+    u_adapt, _ = lopt(graph, flat, g2, state)
+    u_plain, _ = plain(graph, flat, g2, {k: v for k, v in state.items() if k != "log_lr"})
+    scale = state2["log_lr"].exp().index_select(0, graph.tensor_id)
+    torch.testing.assert_close(u_adapt, u_plain * scale)
+
+
+@pytest.mark.parametrize("path", ["reference", "chunked"])
+def test_optimizer_carries_the_controller_state(path, use_step_path, tmp_path):
+    use_step_path(path)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 2))
+    lopt = l2o.GMNLOpt(adapt=True, relative=True)
+    opt = l2o.GMNOptimizer(model, weights=lopt)
+    x, y = torch.randn(32, 6), torch.randn(32, 2)
+    for _ in range(5):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    multipliers = [float(opt.state[p]["log_lr"]) for p in model.parameters()]
+    assert any(m != 0.0 for m in multipliers)
+    again = l2o.GMNOptimizer(model, weights=lopt)
+    again.load_state_dict(opt.state_dict())
+    assert [float(again.state[p]["log_lr"]) for p in model.parameters()] == multipliers
+    model[0].weight.grad = None                    # a tensor without gradient keeps its multiplier
+    before = float(opt.state[model[0].weight]["log_lr"])
+    nn.functional.mse_loss(model(x), y).backward()
+    model[0].weight.grad = None
+    opt.step()
+    assert float(opt.state[model[0].weight]["log_lr"]) == before
+
+
+def test_warm_start_copies_matching_weights_and_keeps_new_ones(tmp_path, capsys):
+    import meta_train
+
+    torch.manual_seed(0)
+    source = l2o.GMNLOpt(relative=True)
+    with torch.no_grad():
+        source.edge_head.weight.add_(1.0)
+    l2o.save_lopt(source, tmp_path / "src.safetensors")
+    target = l2o.GMNLOpt(relative=True, adapt=True, adapt_rate=0.07)
+    meta_train.warm_start(target, str(tmp_path / "src.safetensors"))
+    torch.testing.assert_close(target.edge_head.weight, source.edge_head.weight)
+    assert float(target.log_adapt_rate.detach().exp()) == pytest.approx(0.07)
+    assert "log_adapt_rate" in capsys.readouterr().err

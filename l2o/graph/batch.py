@@ -32,6 +32,8 @@ class BatchedGraph(ParamGraph):
     entry_run: Tensor | None = None     # [M] run of each node-held entry
     run_edges: tuple = ()               # (E_r) per run
     run_entries: tuple = ()             # (M_r) per run
+    run_edge_tensors: tuple = ()        # edge-held tensors per run
+    run_node_tensors: tuple = ()        # node-held tensors per run
 
     @classmethod
     def union(cls, graphs: list[ParamGraph]) -> "BatchedGraph":
@@ -82,6 +84,8 @@ class BatchedGraph(ParamGraph):
             entry_run=runs_of([g.num_entries for g in graphs]),
             run_edges=tuple(g.num_edges for g in graphs),
             run_entries=tuple(g.num_entries for g in graphs),
+            run_edge_tensors=tuple(g.num_edge_params for g in graphs),
+            run_node_tensors=tuple(g.num_tensors - g.num_edge_params for g in graphs),
         )
 
     @property
@@ -101,6 +105,21 @@ class BatchedGraph(ParamGraph):
         edges = flat.narrow(dim, 0, self.num_edges).split(list(self.run_edges), dim=dim)
         entries = flat.narrow(dim, self.num_edges, self.num_entries).split(list(self.run_entries), dim=dim)
         return [torch.cat([e, m], dim=dim) for e, m in zip(edges, entries)]
+
+
+    def join_tensors(self, values: list[Tensor]) -> Tensor:
+        """Per-run per-tensor vectors ``[T_r]`` (each run's tensor order) as one
+        ``[T]`` in the union's tensor order (edge-held tensors of every run first)."""
+        edges = [v[:e] for v, e in zip(values, self.run_edge_tensors)]
+        nodes = [v[e:] for v, e in zip(values, self.run_edge_tensors)]
+        return torch.cat(edges + nodes)
+
+    def split_tensors(self, values: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`join_tensors`."""
+        edge_total = sum(self.run_edge_tensors)
+        edges = values[:edge_total].split(list(self.run_edge_tensors))
+        nodes = values[edge_total:].split(list(self.run_node_tensors))
+        return [torch.cat([e, m]) for e, m in zip(edges, nodes)]
 
 
 def per_run(values: Tensor, index: Tensor | None) -> Tensor:

@@ -16,6 +16,7 @@ DEFAULTS: dict[str, Any] = {
     # what is trained
     "lopt": "gmn",               # gmn | mlp
     "lopt_config": {},           # constructor kwargs of the metanetwork (l2o.make_lopt)
+    "init_from": "",             # warm start: weights file of another run (matching names and shapes copied)
     # what it is trained on
     "suite": "train",            # train | heldout | families | mix | comma-separated task names
     "eval_task": "conv1d~valid~0",  # validation task of the quick evaluation (never a test task)
@@ -42,8 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,         # AdamW-style decoupled decay when > 0
     "warmup": 50,                # linear warmup steps, then cosine decay
     "min_lr_frac": 0.1,          # cosine ends at lr * min_lr_frac
-    "nominal_lr_mult": 1.0,      # outer lr multiplier of the learned nominal step size (one scalar
-                                 # that otherwise moves ~lr per step, far slower than the rest)
+    "nominal_lr_mult": 1.0,      # outer lr multiplier of the learned scalar step sizes (nominal weight,
+                                 # controller rate): a scalar otherwise moves ~lr per step, far slower
+                                 # than the rest
     "clip": 1.0,                 # meta-gradient norm clip (0: off)
     # bookkeeping
     "device": "cpu",
@@ -162,6 +164,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"{key} must be {'> 0' if key in POSITIVE_FLOAT else '>= 0'}, got {value}")
     if not isinstance(cfg["lopt_config"], dict):
         raise ConfigError(f"lopt_config must be a mapping of constructor arguments, got {cfg['lopt_config']!r}")
+    if not isinstance(cfg["init_from"], str):
+        raise ConfigError(f"init_from must be a path (or empty), got {cfg['init_from']!r}")
     if not isinstance(cfg["suite"], str) or not cfg["suite"]:
         raise ConfigError(f"suite must be a non-empty string, got {cfg['suite']!r}")
     if not isinstance(cfg["inject_nan_steps"], list):

@@ -285,11 +285,16 @@ def unroll_batch(lopt, runs: list[InnerRun], pool: TaskPool, k: int, cfg: dict, 
                  "v": union.join([u.state["v"] for u in active]),
                  "step": torch.stack([u.state["step"] for u in active]),
                  "entry_step": union.join(counts)}
+        if getattr(lopt, "adapt", False):  # a fresh run's state has no multipliers yet: zeros
+            state["log_lr"] = union.join_tensors([u.state.get("log_lr", u.flat.new_zeros(u.entry.graph.num_tensors))
+                                                  for u in active])
         update, state = lopt(union, union.join([u.flat for u in active]), union.join([u.grad for u in active]),
                              state)
         ms, vs = union.split(state["m"], dim=1), union.split(state["v"])
+        log_lrs = union.split_tensors(state["log_lr"]) if "log_lr" in state else None
         for i, (u, du) in enumerate(zip(active, union.split(update))):
-            u.apply(du, {"m": ms[i], "v": vs[i], "step": state["step"][i]})
+            u.apply(du, {"m": ms[i], "v": vs[i], "step": state["step"][i],
+                         **({"log_lr": log_lrs[i]} if log_lrs is not None else {})})
     return [u.result() for u in us]
 
 
