@@ -34,6 +34,22 @@ moving. Every input feature is already RMS-normalised, so a relative learned
 optimizer is invariant to rescaling a tensor (above the floor): it cannot
 learn one absolute step size that only suits the scales of its meta-training
 models, which is where the absolute form lost to per-task tuned Adam.
+
+With ``adapt=True`` each tensor ``k`` also carries a log step multiplier
+``\ell_k`` (state ``log_lr``) that a step-size controller moves every step:
+
+.. math::
+    \ell_k \leftarrow \mathrm{clip}\big(\ell_k + \beta\,\cos(g_t, m_{t-1})_k,\ \pm b\big),
+    \qquad \Delta_k \leftarrow e^{\ell_k}\,\Delta_k
+
+where ``cos`` is the cosine between the tensor's new gradient and its
+momentum (Adam's ``beta1`` one) before this step: the same sign means the
+last steps were too short to turn the gradient (grow), the opposite sign
+means they overshot (shrink). This is the hypergradient of the loss with
+respect to a per-tensor log learning rate, normalised (Baydin et al. 2018,
+"online learning-rate adaptation with hypergradient descent"); ``beta`` is
+learned (``log_adapt_rate``). It is how the optimizer finds each task's
+step size on its own, which is what per-task tuning buys Adam.
 """
 from __future__ import annotations
 
@@ -45,7 +61,7 @@ from torch import Tensor, nn
 
 from . import features as F_
 from .fast import native, use_fast_path
-from .fast.features import frame_views
+from .fast.features import Sink
 from .graph.param_graph import ParamGraph
 
 
@@ -53,12 +69,19 @@ class LearnedOptimizer(nn.Module):
     kind: str = "base"
 
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
-                 max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2):
+                 max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2,
+                 adapt: bool = False, adapt_rate: float = 0.05, adapt_bound: float = 5.0):
         super().__init__()
         if not scale_floor > 0:
             raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
+        if adapt and not (adapt_rate > 0 and adapt_bound > 0):
+            raise ValueError(f"adapt_rate and adapt_bound must be > 0, got {adapt_rate}, {adapt_bound}")
         self.relative = bool(relative)
         self.scale_floor = float(scale_floor)
+        self.adapt = bool(adapt)
+        self.adapt_rate, self.adapt_bound = float(adapt_rate), float(adapt_bound)
+        if self.adapt:  # registered only when used: weights saved without it keep loading
+            self.log_adapt_rate = nn.Parameter(torch.tensor(math.log(adapt_rate)))
         self.out_scale = float(out_scale)
         self.nominal = bool(nominal)
         self.max_log_step = float(max_log_step)
@@ -75,6 +98,7 @@ class LearnedOptimizer(nn.Module):
             "max_log_step": self.max_log_step,
             # absent from configs saved before relative updates existed: their defaults rebuild them
             **({"relative": True, "scale_floor": self.scale_floor} if self.relative else {}),
+            **({"adapt": True, "adapt_rate": self.adapt_rate, "adapt_bound": self.adapt_bound} if self.adapt else {}),
         }
 
     def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
@@ -87,6 +111,8 @@ class LearnedOptimizer(nn.Module):
 
     def forward(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                 state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        log_lr = self.adapted_log_lr(graph, grad, state)   # reads the momentum before this step
+        scale = self.update_scale(graph, params, log_lr)
         state = F_.update_state(state, grad)
         adam = F_.adam_direction(state)
         x = F_.entry_features(params, grad, state, adam, graph.tensor_id, graph.num_tensors)
@@ -97,22 +123,47 @@ class LearnedOptimizer(nn.Module):
         if self.nominal:
             step = step + self.log_nominal.exp() * adam
         update = -(step * log_step.exp())
-        if self.relative:
-            update = update * self.tensor_scale(graph, params)
+        if scale is not None:
+            update = update * scale
+        if log_lr is not None:
+            state = {**state, "log_lr": log_lr}
         return update, state
 
-    def tensor_scale(self, graph: ParamGraph, params: Tensor) -> Tensor:
-        """[n] the scale a relative update is measured in: ``sqrt(rms(W)^2 +
-        scale_floor^2)`` of the tensor ``W`` holding each entry."""
-        p = params.float()
-        sums = p.new_zeros(graph.num_tensors).index_add_(0, graph.tensor_id, p * p)
-        counts = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).clamp(min=1).to(p.dtype)
-        return (sums / counts + self.scale_floor ** 2).sqrt().index_select(0, graph.tensor_id)
+    def update_scale(self, graph: ParamGraph, params: Tensor, log_lr: Tensor | None) -> Tensor | None:
+        """[n] what each entry's update is multiplied by (None: nothing):
+        ``sqrt(rms(W)^2 + scale_floor^2)`` of the tensor ``W`` holding it when
+        ``relative``, times ``exp(log_lr)`` of that tensor when ``adapt``."""
+        per_tensor = None
+        if self.relative:
+            p = params.float()
+            sums = p.new_zeros(graph.num_tensors).index_add_(0, graph.tensor_id, p * p)
+            per_tensor = (sums / _entry_counts(graph) + self.scale_floor ** 2).sqrt()
+        if log_lr is not None:
+            per_tensor = log_lr.exp() if per_tensor is None else per_tensor * log_lr.exp()
+        return None if per_tensor is None else per_tensor.index_select(0, graph.tensor_id)
+
+    def adapted_log_lr(self, graph: ParamGraph, grad: Tensor, state: dict[str, Tensor]) -> Tensor | None:
+        """[T] the per-tensor log step multipliers after this step's controller
+        update (None without ``adapt``); ``state`` is the state *before* the
+        step. A tensor with a zero gradient (skipped) keeps its multiplier."""
+        if not self.adapt:
+            return None
+        g, m = grad.float(), state["m"][F_.ADAM_BETA1_INDEX]
+        sums = g.new_zeros(3, graph.num_tensors)
+        sums[0].index_add_(0, graph.tensor_id, g * m)
+        sums[1].index_add_(0, graph.tensor_id, g * g)
+        sums[2].index_add_(0, graph.tensor_id, m * m)
+        cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
+        prev = state.get("log_lr")
+        prev = g.new_zeros(graph.num_tensors) if prev is None else prev
+        return (prev + self.log_adapt_rate.exp() * cos).clamp(-self.adapt_bound, self.adapt_bound)
 
     # ------------------------------------------------------ no-grad stepping
     # A subclass with a chunked implementation (l2o/fast) names it here:
-    # chunked_step(lopt, graph, params, grad, state) -> (update, state) and
-    # chunked_frame(lopt, graph, device) -> (plan, frame whose last F rows are the features).
+    # chunked_step(lopt, graph, params, grad, state) -> (update, state), the
+    # flat form, whose function carries ``run_step(lopt, graph, entries, state,
+    # sink, write) -> state``, the per-tensor form the optimizers use;
+    # chunked_frame(lopt, graph, device) -> (plan, run-sized frame).
     chunked_step = None
     chunked_frame = None
 
@@ -139,30 +190,57 @@ class LearnedOptimizer(nn.Module):
         return use_fast_path(n, device, t) or (use_fast_path(n, device, t, fused=True)
                                                 and self.kernels(device) is not None)
 
+    def uses_run_step(self, graph: ParamGraph, device: torch.device) -> bool:
+        """Whether :meth:`step_entries` applies (the chunked path, with a per-tensor form)."""
+        return (self._uses_chunked_step(graph, device)
+                and getattr(type(self).chunked_step, "run_step", None) is not None)
+
     def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
                      state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         """What ``forward`` returns, for optimizers that need no autograd. On
         the chunked path (:mod:`l2o.fast`) ``state``'s buffers are updated in
-        place and the returned update is a workspace of ``graph`` that the
-        next call overwrites (clone it to keep it). The workspace belongs to
-        one optimizer state at a time: optimizers use a private copy of their graph."""
+        place; its working set beyond the returned update is a few run-sized
+        blocks (no model-sized temporaries)."""
         if not self._uses_chunked_step(graph, params.device):
             return self(graph, params, grad, state)
-        scale = self.tensor_scale(graph, params) if self.relative else None  # before params change
+        log_lr = self.adapted_log_lr(graph, grad, state)  # before the step changes the momenta in place
         update, state = self.chunked_step(graph, params, grad, state)
-        if scale is not None:
-            update.mul_(scale)
+        if log_lr is not None:
+            update.mul_(log_lr.exp().index_select(0, graph.tensor_id))
+            state["log_lr"] = log_lr
         return update, state
 
+    def step_entries(self, graph: ParamGraph, params: list[Tensor], grads: list[Tensor | None],
+                     state: dict[str, Tensor], sink: Sink, write: list[bool] | None = None) -> dict[str, Tensor]:
+        """:meth:`step_no_grad` without flat copies (needs :meth:`uses_run_step`):
+        ``params`` / ``grads`` are 1-D tensors per tensor of ``graph``'s flat
+        order (a ``None`` gradient reads as zeros); ``state`` (flat ``m``,
+        ``v``, ``step`` and optionally ``tensor_step`` [T], each tensor's count
+        before this step, for its bias correction) advances in place for the
+        tensors ``write`` allows (default all), and each update run of those
+        tensors goes to ``sink(k, start, stop, update)`` (flat indices; the
+        update is a workspace, valid during the call, relative scale included).
+        Every update is computed from ``params`` as they were when the step
+        began: a sink may change a run's parameters once it has its update."""
+        if self.adapt:  # the controller's multipliers, from the momenta before the step
+            grad = torch.cat([g.float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
+                              for p, g in zip(params, grads)])
+            log_lr = self.adapted_log_lr(graph, grad, state)
+            if write is not None:  # tensors left alone keep their multiplier
+                keep = ~torch.tensor(write, device=log_lr.device)
+                log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
+            multiplier, inner = log_lr.exp().tolist(), sink
+
+            def sink(k: int, s: int, e: int, u: Tensor) -> None:
+                inner(k, s, e, u.mul_(multiplier[k]))
+
+            state["log_lr"] = log_lr
+        return type(self).chunked_step.run_step(self, graph, params, grads, state, sink, write)
+
     def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        """Where an optimizer should keep its flat parameters, gradients and
-        momenta so that :meth:`step_no_grad` reads them without a copy
-        (views into ``graph``'s chunked-step workspace, see
-        :func:`l2o.fast.features.frame_views`; one optimizer per graph);
-        ``None`` when that step is not used."""
-        if not self._uses_chunked_step(graph, device):
-            return None
-        return frame_views(self.chunked_frame(graph, device)[1][-F_.NUM_ENTRY_FEATURES:])
+        """Kept for compatibility: the chunked step no longer keeps model-sized
+        workspaces, so there is nothing to share; always ``None``."""
+        return None
 
     def folded_head(self, head: nn.Linear) -> tuple[Tensor, Tensor]:
         """``head``'s (weight, bias as a column) with the constants of the
@@ -188,6 +266,15 @@ class LearnedOptimizer(nn.Module):
         else:
             out.copy_(direction)
         return out.mul_(magnitude)
+
+
+def _entry_counts(graph: ParamGraph) -> Tensor:
+    """[T] entries of each tensor (cached on the graph: it is static)."""
+    cached = getattr(graph, "_l2o_entry_counts", None)
+    if cached is None or cached.device != graph.tensor_id.device:
+        cached = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).clamp(min=1).float()
+        graph._l2o_entry_counts = cached
+    return cached
 
 
 def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:

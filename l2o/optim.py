@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .graph.param_graph import ParamGraph
 from .layout import tensor_layout
+from . import features as F_
 from .lopt import LearnedOptimizer
 
 
@@ -176,11 +177,16 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self.lopt = lopt.to(device).eval()
         for p in self.lopt.parameters():
             p.requires_grad_(False)
-        init = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
+        if type(self.lopt).init_state is LearnedOptimizer.init_state:  # zeros: no flat copy of the parameters
+            init = F_.init_state(torch.empty(self.graph.num_params, device=device))
+        else:
+            init = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
         self._flat_state = {"m": init["m"], "v": init["v"]}
         # per-tensor step counters (flat order), on the CPU like torch.optim's
         # non-capturable "step": reading them never synchronises a GPU
         self._steps = torch.zeros(self.graph.num_tensors, dtype=torch.float32)
+        # per-tensor log step multipliers of the step-size controller (LearnedOptimizer.adapt)
+        self._log_lr = torch.zeros(self.graph.num_tensors, device=device) if self.lopt.adapt else None
         self._ready = True
         self._adopt_frame()
 
@@ -225,6 +231,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 self._flat_state["m"][:, r] = 0.0
                 self._flat_state["v"][r] = 0.0
                 self._steps[k] = 0.0
+                if self._log_lr is not None:
+                    self._log_lr[k] = 0.0
             self._point_state_views()
 
     def _group_index(self) -> list[int]:
@@ -247,15 +255,13 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 continue
             # m: [num_momenta, *p.shape], a view into the feature-major flat buffer
             self.state[p] = {"step": self._steps[k], "m": m.view(m.shape[0], *p.shape), "v": v.view(p.shape)}
+            if self._log_lr is not None:
+                self.state[p]["log_lr"] = self._log_lr[k]
 
     def _adopt_frame(self) -> None:
-        """Keep the flat params, grads and momenta where the learned
-        optimizer's no-grad step reads them (saves a copy of each per step on
-        large models); then point ``self.state`` at the momenta."""
-        self._frame = self.lopt.flat_workspace(self.graph, self.graph.device)
-        if self._frame is not None:
-            self._frame["m"].copy_(self._flat_state["m"])
-            self._flat_state["m"] = self._frame["m"]
+        """Point ``self.state`` at the flat statistics (the chunked step keeps
+        no model-sized workspace to share any more: ``_frame`` stays None)."""
+        self._frame = None
         self._point_state_views()
 
     def state_dict(self) -> dict:
@@ -297,7 +303,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         raw = state_dict.get("state", {})
         # torch's loader would cast m/v to the parameters' dtype (rounding the
         # float32 statistics of fp16/bf16 models): it gets the rest, they are read here
-        ours = ("step", "m", "v")
+        ours = ("step", "m", "v", "log_lr")
         stripped = {k: {n: t for n, t in v.items() if n not in ours} for k, v in raw.items()}
         saved_groups = state_dict["param_groups"]
         pre, post = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
@@ -318,6 +324,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         num_momenta = self._flat_state["m"].shape[0]
         device = self.graph.device
         m_parts, v_parts, steps = [], [], torch.zeros(self.graph.num_tensors, dtype=torch.float32)
+        log_lr = torch.zeros(self.graph.num_tensors)
         missing = []
         for k, p in enumerate(self._flat_params):
             shape = self.graph.param_shapes[self.graph.flat_order[k]]
@@ -339,12 +346,14 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             v_parts.append(entry["v"].reshape(-1).to("cpu", torch.float32))
             step = entry.get("step", legacy_step if legacy_step is not None else 0)
             steps[k] = float(step)
+            log_lr[k] = float(entry.get("log_lr", 0.0))
         if missing:
             raise ValueError(f"optimizer state_dict lacks learned-optimizer state for {len(missing)} tensors")
         if lopt_record is not None:
             self.lopt.load_state_dict(lopt_record["weights"])
         self._flat_state = {"m": torch.cat(m_parts, dim=1).to(device), "v": torch.cat(v_parts).to(device)}
         self._steps = steps
+        self._log_lr = log_lr.to(device) if self.lopt.adapt else None
         self._adopt_frame()
         for hook in post.values():
             hook(self)
@@ -359,6 +368,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self.graph = self.graph.to(device)
         self.lopt = self.lopt.to(device)
         self._flat_state = {k: v.to(device) for k, v in self._flat_state.items()}
+        if self._log_lr is not None:
+            self._log_lr = self._log_lr.to(device)
         self._adopt_frame()
 
     def _check_unchanged(self) -> None:
@@ -409,6 +420,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         counts = self._steps[active]
         clock = float(counts.max())
         state = dict(self._flat_state, step=torch.tensor(clock, device=device))
+        if self._log_lr is not None:
+            state["log_lr"] = self._log_lr
         if bool((counts != clock).any()):
             numels = torch.tensor(self.graph.numels)
             state["entry_step"] = self._steps.repeat_interleave(numels, output_size=self.graph.num_params).to(device)
@@ -428,6 +441,9 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                "(e.g. nn.Embedding(sparse=True)); use dense gradients")
+        if self.lopt.uses_run_step(self.graph, self.graph.device):
+            self._step_by_runs(grads, group_of)
+            return loss
         flat_g = torch.cat([g.reshape(-1).float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
                             for p, g in zip(self._flat_params, grads)], out=self._flat_buffer("grad"))
         inactive, bad = self._inactive_tensors(grads, flat_g)
@@ -462,6 +478,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         for key in ("m", "v"):
             if new_state[key] is not self._flat_state[key]:
                 self._flat_state[key].copy_(new_state[key])
+        if self._log_lr is not None:  # skipped tensors keep their multiplier
+            self._log_lr[active] = new_state["log_lr"][active]
         self._steps[active] += 1.0  # in place: self.state[p]["step"] are views
 
         chunks = update.split(self.graph.numels)
@@ -478,6 +496,87 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, [chunks[k].view(p.shape).to(p.dtype) for k, p in zip(ks, params)], alpha=lr)
         return loss
+
+
+    def _bad_gradients(self, grads: list[Tensor | None]) -> list[int]:
+        """Indices (flat order) of tensors whose gradient is non-finite or whose
+        sum of squares overflows float32; one norm per tensor, no flat copy."""
+        present = [k for k, g in enumerate(grads) if g is not None]
+        if not present:
+            return []
+        norms = torch.stack(torch._foreach_norm([grads[k].float() if grads[k].dtype != torch.float32 else grads[k]
+                                                 for k in present])).float()
+        ok = torch.isfinite(norms * norms)
+        if bool(ok.all()):
+            return []
+        return [present[i] for i in (~ok).nonzero().flatten().tolist()]
+
+    def _step_by_runs(self, grads: list[Tensor | None], group_of: list[int]) -> None:
+        """The chunked step without flat copies (``LearnedOptimizer.step_entries``):
+        parameters and gradients are read tensor by tensor and each run's update
+        is applied as soon as it is computed, so the step's working set is a few
+        run-sized blocks beside the statistics."""
+        grads = list(grads)
+        bad = self._bad_gradients(grads)
+        if bad:
+            names = [self.graph.param_names[self.graph.flat_order[k]] for k in bad]
+            warnings.warn(f"{type(self).__name__}: non-finite gradient (or one whose square overflows float32) "
+                          f"in {', '.join(names)}; skipped the update of these tensors this step",
+                          RuntimeWarning, stacklevel=4)
+            for k in bad:
+                grads[k] = None
+        active = [k for k, g in enumerate(grads) if g is not None]
+        if not active:
+            return
+        counts = self._steps[active]
+        clock = float(counts.max())
+        device = self.graph.device
+        state = dict(self._flat_state, step=torch.tensor(clock, device=device))
+        if bool((counts != clock).any()):
+            state["tensor_step"] = self._steps.clone()
+        if getattr(self, "_log_lr", None) is not None:
+            state["log_lr"] = self._log_lr
+        write = [g is not None for g in grads]
+        params_1d = [p.detach().reshape(-1) for p in self._flat_params]   # views where contiguous
+        grads_1d = [g.reshape(-1) if g is not None else None for g in grads]
+        hyper = {}
+        for k in active:
+            group = self.param_groups[group_of[k]]
+            hyper[k] = (float(group["lr"]), float(group["weight_decay"]))
+        starts = [sl.start for sl in self.graph.tensor_slices]
+        pending: dict[int, Tensor] = {}   # updated copies of non-contiguous parameters
+        nonfinite = False
+
+        def sink(k: int, s: int, e: int, u: Tensor) -> None:
+            nonlocal nonfinite
+            if not _all_finite(u):
+                nonfinite = True
+                torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
+            lr, wd = hyper[k]
+            if lr == 0.0:
+                return
+            p = self._flat_params[k]
+            if p.is_contiguous():
+                target = p.detach().view(-1)
+            else:
+                if k not in pending:
+                    pending[k] = p.detach().reshape(-1).clone()
+                target = pending[k]
+            seg = target[s - starts[k]:e - starts[k]]
+            if wd != 0.0:  # decoupled, from the parameters the update was computed at
+                seg.mul_(1.0 - lr * wd)
+            seg.add_(u.to(p.dtype), alpha=lr)
+
+        with torch.autocast(device_type=device.type, enabled=False):
+            self.lopt.step_entries(self.graph, params_1d, grads_1d, state, sink, write)
+        for k, flat in pending.items():
+            self._flat_params[k].detach().copy_(flat.view_as(self._flat_params[k]))
+        if getattr(self, "_log_lr", None) is not None:  # skipped tensors keep their multiplier
+            self._log_lr[active] = state["log_lr"][active]
+        if nonfinite:
+            warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
+                          "those entries were not changed", RuntimeWarning, stacklevel=4)
+        self._steps[active] += 1.0  # in place: self.state[p]["step"] are views
 
 
 def _model_and_groups(cls_name: str, params, model: nn.Module | None, graph_model: nn.Module | None = None):

@@ -75,8 +75,13 @@ def _compare(lopt, fast_step, graph, flat, entry_step=None):
         torch.testing.assert_close(got_state[key], expected_state[key])
 
 
+@pytest.mark.parametrize("edge_states", ["stored", "recomputed"])
 @pytest.mark.parametrize("name", MODELS)
-def test_gmn_fast_step_equals_forward(name, chunk, kernels):
+def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states, monkeypatch):
+    """Both ways of carrying edge states between passes: kept for the whole
+    graph, or recomputed per run from its features (large models)."""
+    import l2o.fast.gmn as fast_gmn
+    monkeypatch.setattr(fast_gmn, "STORE_EDGE_STATES_MAX_PARAMS", 10**9 if edge_states == "stored" else 0)
     torch.manual_seed(0)
     make, example = MODELS[name]
     model = make()

@@ -1,17 +1,30 @@
-"""The statistics pass of the chunked no-grad step.
+"""The statistics and features of the chunked no-grad step.
 
-:func:`update_statistics_` computes what :mod:`l2o.features` computes, run by
-run and in place: it advances the momenta and second moment in the caller's
-state buffers and writes every entry's *unnormalised* features, feature-major,
-into a persistent ``[F, n]`` frame that the later passes read as strided views
-(no per-pass rebuilding). It returns each tensor's inverse feature RMS,
-``1 / (rms_k + eps)`` ``[T, F]``.
+The step reads each entry's features (``p``, ``g``, the momenta, the Adam
+direction, ``sqrt(v)``: :mod:`l2o.features`) in every one of its passes, and
+never keeps them for the whole model: :func:`entry_features_` computes them
+for one run (a range of entries within one tensor, :mod:`.plan`) into a
+run-sized feature-major block ``[F, L]``, from the parameters, the gradient
+and the statistics *before* the step (``m <- b m + (1 - b) g`` is recomputed,
+not stored), and writes the new statistics back only when asked -- once per
+entry, in the step's last pass. So the step's working set is a few run-sized
+blocks whatever the model's size, and its state between steps is the
+statistics alone (``m`` ``[num_momenta, n]``, ``v`` ``[n]``).
 
 Normalisation is never applied to the entries: since a run lies within one
 tensor ``k``, ``W (x / rms_k) = (W diag(1 / rms_k)) x``, so callers fold the
-per-tensor scale into their first layer's weights (:func:`fold_input_scale`).
+per-tensor scale (from :func:`tensor_sums` over a first pass) into their
+first layer's weights (:func:`fold_input_scale`).
+
+Parameters and gradients come tensor by tensor through :class:`Entries`
+(from the model's own tensors in ``GMNOptimizer.step``, or from flat vectors),
+and the update leaves run by run through a ``sink(k, start, stop, update)``
+(``LearnedOptimizer.step_entries``): no flat copy of the parameters,
+gradients or update is needed.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -22,6 +35,8 @@ from .plan import ChunkPlan
 
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
 _P, _G, _M0, _ADAM, _SQRT_V = 0, 1, 2, 2 + len(F_.MOMENTUM_BETAS), 3 + len(F_.MOMENTUM_BETAS)
+
+Sink = Callable[[int, int, int, Tensor], None]
 
 
 class StepConstants:
@@ -38,105 +53,145 @@ class StepConstants:
         self.adam_eps = F_.ADAM_EPS / v_scale ** 0.5
 
 
+class Entries:
+    """Parameters and gradients of a step, tensor by tensor (flat order of the
+    plan's graph): ``params[k]`` / ``grads[k]`` are 1-D tensors of tensor
+    ``k``'s entries (any float dtype; a ``None`` gradient reads as zeros), and
+    ``write[k]`` says whether tensor ``k``'s statistics advance this step
+    (a tensor left alone still feeds the message passing, with a zero
+    gradient and its statistics decayed, but keeps its state)."""
+
+    def __init__(self, plan: ChunkPlan, params: list[Tensor], grads: list[Tensor | None],
+                 write: list[bool] | None = None):
+        self.plan, self.params, self.grads = plan, params, grads
+        self.write = [True] * len(params) if write is None else write
+        self.starts = [t.start for t in plan.tensor_slices]
+
+    @classmethod
+    def from_flat(cls, plan: ChunkPlan, params: Tensor, grad: Tensor) -> "Entries":
+        split = [t.stop - t.start for t in plan.tensor_slices]
+        return cls(plan, list(params.split(split)), list(grad.split(split)))
+
+    def _chunk(self, t: Tensor, k: int, s: int, e: int) -> Tensor:
+        c = t[s - self.starts[k]:e - self.starts[k]]
+        return c if c.dtype == torch.float32 and c.is_contiguous() else c.float().contiguous()
+
+    def param(self, k: int, s: int, e: int) -> Tensor:
+        """float32 entries ``[s, e)`` (flat indices) of tensor ``k``."""
+        return self._chunk(self.params[k], k, s, e)
+
+    def grad(self, k: int, s: int, e: int, device: torch.device) -> Tensor:
+        g = self.grads[k]
+        if g is None:
+            return self.plan.fixed("zeros", (self.plan.max_run,), device)[: e - s].zero_()
+        return self._chunk(g, k, s, e)
+
+
+def step_constants(state: dict[str, Tensor], plan: ChunkPlan) -> list[StepConstants]:
+    """Advances ``state["step"]`` (and ``entry_step`` / ``tensor_step`` where
+    present) and returns each tensor's bias corrections: from its own count
+    where the state has per-entry (``entry_step`` [n], read at each tensor's
+    first entry) or per-tensor (``tensor_step`` [T]) counts, else the clock."""
+    state["step"] = state["step"] + 1.0
+    if "entry_step" in state or "tensor_step" in state:
+        if "entry_step" in state:
+            state["entry_step"] = state["entry_step"] + 1.0
+            firsts = [t.start if t.stop > t.start else 0 for t in plan.tensor_slices]
+            steps = state["entry_step"][firsts].tolist() if plan.num_params else []
+        else:
+            state["tensor_step"] = state["tensor_step"] + 1.0
+            steps = state["tensor_step"].tolist()
+        by_step = {t: StepConstants(t) for t in set(steps)}
+        return [by_step[t] for t in steps]
+    return [StepConstants(float(state["step"]))] * plan.num_tensors
+
+
 def _adam_(out: Tensor, m: Tensor, sqrt_v: Tensor, c: StepConstants) -> Tensor:
     """``out = m̂_0.9 / (sqrt(v̂) + eps)``, as :func:`l2o.features.adam_direction`."""
     torch.add(sqrt_v, c.adam_eps, out=out)
     return torch.div(m[F_.ADAM_BETA1_INDEX], out, out=out).mul_(c.adam_scale)
 
 
-def feature_frame(plan: ChunkPlan, lead_rows: int, device: torch.device) -> Tensor:
-    """The persistent ``[lead_rows + F, n]`` workspace: ``lead_rows`` rows for
-    the caller (the GMN keeps its edge states there, so ``[e; x]`` of a run is
-    one strided view), then the features written by :func:`update_statistics_`."""
-    return plan.scratch("frame", lead_rows + NUM_FEATURES, plan.num_params, device)
+def run_frame(plan: ChunkPlan, lead_rows: int, length: int, device: torch.device) -> Tensor:
+    """A run-sized ``[lead_rows + F, length]`` workspace (reused): ``lead_rows``
+    rows for the caller (the GMN's edge states, so ``[e; x]`` is one block),
+    then the features written by :func:`entry_features_`."""
+    return plan.scratch(f"frame{lead_rows}", lead_rows + NUM_FEATURES, length, device)
 
 
-def frame_views(x_all: Tensor) -> dict[str, Tensor]:
-    """Rows of a feature block ``[F, n]`` where a caller may keep the flat
-    parameters (``"param"``), gradients (``"grad"``) and momenta (``"m"``,
-    ``[num_momenta, n]``) so that :func:`update_statistics_` need not copy them."""
-    return {"param": x_all[_P], "grad": x_all[_G], "m": x_all[_M0:_ADAM]}
-
-
-def _same(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-
-
-def _unit_stride(*tensors: Tensor) -> bool:
-    return all(t.dtype == torch.float32 and t.stride(-1) == 1 for t in tensors)
-
-
-def _statistics_fused(kernels, plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
-                      x_all: Tensor, consts: list[StepConstants]) -> Tensor:
-    """The statistics pass in C (native.py), one call per tensor; returns the
-    features' sums of squares per tensor ``[T, F]``."""
-    betas = F_._constant("betas", F_.MOMENTUM_BETAS, params.device)
-    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64)
-    threads = torch.get_num_threads()
-    for k, t in enumerate(plan.tensor_slices):
-        if t.stop > t.start:
-            c = consts[k]
-            check(kernels.l2o_stats(t.stop - t.start, address(params, t.start), address(grad, t.start),
-                                    address(m_all, 0, t.start), m_all.stride(0), address(v_all, t.start),
-                                    address(x_all, 0, t.start), x_all.stride(0), betas.data_ptr(),
-                                    F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS,
-                                    c.adam_scale, c.adam_eps, F_.ADAM_BETA1_INDEX, address(sums, k), threads))
-    return sums.float()
-
-
-def _statistics_torch(plan: ChunkPlan, params: Tensor, grad: Tensor, m_all: Tensor, v_all: Tensor,
-                      x_all: Tensor, consts: list[StepConstants]) -> Tensor:
-    """The statistics pass as torch ops, run by run; returns the features'
-    sums of squares per tensor ``[T, F]``."""
-    device = params.device
+def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
+                    k: int, s: int, e: int, x: Tensor, kernels=None, write_back: bool = False,
+                    sums: Tensor | None = None) -> Tensor:
+    """The raw features of entries ``[s, e)`` (within tensor ``k``) into ``x``
+    ``[F, e - s]`` (contiguous), from the statistics before the step; with
+    ``write_back`` (and ``entries.write[k]``) the advanced statistics are
+    stored into ``state``. ``sums``: where to put each feature row's sum of
+    squares over the run (float64 ``[F]``)."""
+    write_back = write_back and entries.write[k]
+    device = x.device
+    p, g = entries.param(k, s, e), entries.grad(k, s, e, device)
+    m_all, v_all = state["m"], state["v"]
+    c = consts[k]
+    if kernels is not None and m_all.stride(1) == 1 and v_all.stride(0) == 1 and m_all.dtype == torch.float32:
+        betas = F_._constant("betas", F_.MOMENTUM_BETAS, device)
+        out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
+        check(kernels.l2o_stats(e - s, p.data_ptr(), g.data_ptr(), address(m_all, 0, s), m_all.stride(0),
+                                address(v_all, s), x.data_ptr(), x.stride(0), betas.data_ptr(),
+                                F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS,
+                                c.adam_scale, c.adam_eps, F_.ADAM_BETA1_INDEX, int(write_back), out.data_ptr(),
+                                torch.get_num_threads()))
+        return x
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
-    one_minus = 1.0 - betas  # in float32, as l2o.features computes it
     b2 = F_.SECOND_MOMENT_BETA
-    # inputs the optimizer already keeps in the frame (frame_views) need no copy
-    copy_p, copy_g, copy_m = (not _same(a, b) for a, b in ((params, x_all[_P]), (grad, x_all[_G]),
-                                                           (m_all, x_all[_M0:_ADAM])))
-    norms = plan.fixed("run_norms", (len(plan.stat_runs), NUM_FEATURES), device)
-    for i, run in enumerate(plan.stat_runs):
-        s, e = run.start, run.stop
-        g, m, v, x = grad[s:e], m_all[:, s:e], v_all[s:e], x_all[:, s:e]
-        m.mul_(betas).addcmul_(g.unsqueeze(0), one_minus)
-        v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-        if copy_p:
-            x[_P].copy_(params[s:e])
-        if copy_g:
-            x[_G].copy_(g)
-        if copy_m:
-            x[_M0:_ADAM].copy_(m)
-        torch.add(v, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
-        _adam_(x[_ADAM], m, x[_SQRT_V], consts[run.tensor])
-        torch.linalg.vector_norm(x, dim=1, out=norms[i])
-    return torch.zeros(plan.num_tensors, NUM_FEATURES, device=device).index_add_(
-        0, plan.stat_run_tensor, norms.square_())
+    m, v = m_all[:, s:e], v_all[s:e]
+    xm = x[_M0:_ADAM]
+    # the forward's ops in its order (l2o.features.update_state), out of place
+    torch.mul(m, betas, out=xm).addcmul_(g.unsqueeze(0), 1.0 - betas)
+    v_new = torch.mul(v, b2, out=plan.scratch("v_new", 1, e - s, device)[0]).addcmul_(g, g, value=1.0 - b2)
+    x[_P].copy_(p)
+    x[_G].copy_(g)
+    torch.add(v_new, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
+    _adam_(x[_ADAM], xm, x[_SQRT_V], c)
+    if write_back:
+        m.copy_(xm)
+        v.copy_(v_new)
+    if sums is not None:
+        sums.copy_(torch.linalg.vector_norm(x, dim=1).double().square_())
+    return x
 
 
-def update_statistics_(plan: ChunkPlan, params: Tensor, grad: Tensor, state: dict[str, Tensor],
-                       x_all: Tensor, kernels=None) -> Tensor:
-    """One step of ``state["m"]``/``state["v"]`` in place (``state["step"]``
-    is advanced too, and ``state["entry_step"]`` where present: it sets each
-    tensor's bias correction, read at the tensor's first entry); writes the raw
-    features into ``x_all`` ``[F, n]`` and returns the inverse per-tensor RMS
-    ``[T, F]`` of the features of this step.
-    ``kernels``: the fused C kernels (:mod:`.native`), or None for torch ops."""
-    state["step"] = state["step"] + 1.0
-    if "entry_step" in state:
-        state["entry_step"] = state["entry_step"] + 1.0
-        firsts = [t.start if t.stop > t.start else 0 for t in plan.tensor_slices]
-        steps = state["entry_step"][firsts].tolist() if plan.num_params else []
-        by_step = {t: StepConstants(t) for t in set(steps)}
-        consts = [by_step[t] for t in steps]
-    else:
-        consts = [StepConstants(float(state["step"]))] * plan.num_tensors
-    inputs = (plan, params, grad, state["m"], state["v"], x_all, consts)
-    if kernels is not None and _unit_stride(params, grad, state["m"], state["v"], x_all):
-        sums = _statistics_fused(kernels, *inputs)
-    else:
-        sums = _statistics_torch(*inputs)
+def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
+                kernels=None) -> Tensor:
+    """First pass: each tensor's per-feature sums of squares ``[T, F]`` of this
+    step's features (float64 partial sums per run); nothing is written back."""
+    device = state["m"].device
+    runs = plan.stat_runs
+    run_sums = torch.zeros(len(runs), NUM_FEATURES, dtype=torch.float64, device=device)
+    for i, run in enumerate(runs):
+        x = run_frame(plan, 0, run.stop - run.start, device)
+        entry_features_(plan, entries, state, consts, run.tensor, run.start, run.stop, x, kernels, sums=run_sums[i])
+    return torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64, device=device).index_add_(
+        0, plan.stat_run_tensor, run_sums).float()
+
+
+def inverse_rms(plan: ChunkPlan, sums: Tensor) -> Tensor:
+    """``1 / (rms_k + eps)`` ``[T, F]`` from :func:`tensor_sums`."""
     return 1.0 / (F_.rms_from_sums(sums, plan.tensor_counts) + F_._RMS_EPS)
+
+
+def relative_scale(lopt, plan: ChunkPlan, sums: Tensor) -> Tensor | None:
+    """``[T]`` the scale of a relative update (``LearnedOptimizer.tensor_scale``
+    per tensor, from the parameter row's sums of squares), or None."""
+    if not getattr(lopt, "relative", False):
+        return None
+    return (sums[:, _P] / plan.tensor_counts + lopt.scale_floor ** 2).sqrt()
+
+
+def flat_sink(update: Tensor) -> Sink:
+    """A sink that writes each run's update into the flat vector ``update``."""
+    def sink(k: int, s: int, e: int, u: Tensor) -> None:
+        update[s:e].copy_(u)
+    return sink
 
 
 def adam_row(x: Tensor) -> Tensor:

@@ -30,7 +30,8 @@ from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
 from .native import address, check
-from .features import adam_row, feature_frame, fold_input_scale, update_statistics_
+from .features import (Entries, Sink, adam_row, entry_features_, flat_sink, fold_input_scale, inverse_rms,
+                       relative_scale, run_frame, step_constants, tensor_sums)
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
 
@@ -128,111 +129,212 @@ class _StaticEdgeTerms:
         return out.addmm_(weight, inp)
 
 
-def _fused_round(kernels, frame: Tensor, de: int, run: DenseRun, layer: int, w_enc: Tensor,
+def _fused_round(kernels, fr: Tensor, de: int, run: DenseRun, encode: bool, w_enc: Tensor,
                  static: _StaticEdgeTerms, w_msg: Tensor, node_terms: _NodeTerms,
-                 acc_src: Tensor, acc_dst: Tensor) -> None:
-    """One message-passing round over a whole dense block in C (the loop body
-    of :func:`gmn_step`, fused)."""
+                 acc_src: Tensor | None, acc_dst: Tensor | None) -> None:
+    """One message-passing round over one dense run in C (the loop body of
+    :func:`gmn_run_step`, fused); ``fr`` is the run's ``[e; x]`` block.
+    ``acc_*`` None: the messages are only needed for the edge states."""
     rows, n_cols = run.groups * run.rows, run.groups * run.cols
     row_t, col_t = node_terms.tables(run)
-    row_sum, col_sum = frame.new_zeros(de, rows), frame.new_zeros(de, n_cols)
-    if layer == 0:
+    if acc_src is None:  # discarded
+        row_sum, col_sum = fr.new_empty(de, rows), fr.new_empty(de, n_cols)
+    else:
+        row_sum, col_sum = fr.new_zeros(de, rows), fr.new_zeros(de, n_cols)
+    if encode:
         stat, stat_ld, stat_rs = static.table(run)
         w = w_enc[run.tensor].contiguous()
-        x, w_ptr, stat_ptr = address(frame, de, run.start), w.data_ptr(), stat.data_ptr()
+        x, w_ptr, stat_ptr = address(fr, de, 0), w.data_ptr(), stat.data_ptr()
     else:
         x = w_ptr = stat_ptr = None
         stat_ld = stat_rs = 0
-    w_msg = w_msg.contiguous()
     check(kernels.l2o_gmn_round(x, w_ptr, stat_ptr, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
-                                col_t.data_ptr(), address(frame, 0, run.start), frame.stride(0), row_sum.data_ptr(),
+                                col_t.data_ptr(), fr.data_ptr(), fr.stride(0), row_sum.data_ptr(),
                                 col_sum.data_ptr(), rows, run.cols, run.rows, torch.get_num_threads()))
-    acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
-    run.add_to_rows_(acc_row, row_sum)
-    acc_col.index_add_(1, run.col_nodes, col_sum)
+    if acc_src is not None:
+        acc_row, acc_col = (acc_dst, acc_src) if run.row_end == "dst" else (acc_src, acc_dst)
+        run.add_to_rows_(acc_row, row_sum)
+        acc_col.index_add_(1, run.col_nodes, col_sum)
 
 
-def _fused_readout(kernels, lopt, frame: Tensor, de: int, run: DenseRun, w_out: Tensor, node_terms: _NodeTerms,
+def _fused_readout(kernels, lopt, fr: Tensor, run: DenseRun, w_out: Tensor, node_terms: _NodeTerms,
                    head_w: Tensor, head_b: Tensor, nominal: float, update: Tensor) -> None:
     row_t, col_t = node_terms.tables(run)
     w = w_out[run.tensor].contiguous()
-    head_w = head_w.contiguous()
-    check(kernels.l2o_gmn_readout(address(frame, 0, run.start), frame.stride(0),
-                                  w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(), head_w.data_ptr(),
-                                  float(head_b[0, 0]), float(head_b[1, 0]), nominal, float(lopt.max_log_step),
-                                  address(update, run.start), run.groups * run.rows, run.cols, run.rows,
-                                  torch.get_num_threads()))
+    check(kernels.l2o_gmn_readout(fr.data_ptr(), fr.stride(0), w.data_ptr(), row_t.data_ptr(), col_t.data_ptr(),
+                                  head_w.data_ptr(), float(head_b[0, 0]), float(head_b[1, 0]), nominal,
+                                  float(lopt.max_log_step), update.data_ptr(), run.groups * run.rows, run.cols,
+                                  run.rows, torch.get_num_threads()))
+
+
+def gmn_plan(graph: ParamGraph) -> ChunkPlan:
+    return chunk_plan(graph)
 
 
 def gmn_frame(lopt, graph: ParamGraph, device: torch.device) -> tuple[ChunkPlan, Tensor]:
-    """The plan and persistent frame of :func:`gmn_step`: rows ``[0, edge_dim)``
-    edge states (edge columns only), then the raw features."""
-    plan = chunk_plan(graph)
-    return plan, feature_frame(plan, lopt.edge_dim, device)
+    """The plan and a run-sized ``[edge_dim + F, max_run]`` frame of
+    :func:`gmn_run_step` (the step keeps no model-sized frame)."""
+    plan = gmn_plan(graph)
+    return plan, run_frame(plan, lopt.edge_dim, plan.max_run, device)
+
+
+# Keep the edge states [edge_dim, E] between passes (32 bytes per edge at
+# width 8) on graphs up to this many parameters; above, every pass recomputes
+# a run's edge states from its features (about 1.6x the no-grad step's time,
+# and the step's memory no longer grows with the edge width). bench/memory.py.
+STORE_EDGE_STATES_MAX_PARAMS = 4_000_000
+
+
+def _round_torch(plan: ChunkPlan, fr: Tensor, de: int, run, encode: bool, w_enc: Tensor, static: _StaticEdgeTerms,
+                 w_msg: Tensor, node_terms: _NodeTerms, acc_src: Tensor | None, acc_dst: Tensor | None) -> None:
+    """The torch form of :func:`_fused_round` (scatter runs, or no kernels)."""
+    dev, length = fr.device, fr.shape[1]
+    state_e = fr[:de]
+    if encode:
+        enc = static.linear(plan.scratch("e", de, length, dev), w_enc[run.tensor], fr[de:], run).relu_()
+    else:
+        enc = state_e
+    m = node_terms.linear(plan.scratch("m", de, length, dev), w_msg, enc, run).relu_()
+    if acc_src is not None:
+        _sum_to_ends_(m, run, acc_src, acc_dst)
+    if encode:
+        torch.add(enc, m, out=state_e)
+    else:
+        state_e += m
 
 
 @torch.no_grad()
-def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
-             state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-    dev = params.device
-    plan, frame = gmn_frame(lopt, graph, dev)
-    de, n_nodes, n_edges = lopt.edge_dim, graph.num_nodes, plan.num_edges
-    kernels = lopt.kernels(dev)
-    inv_rms = update_statistics_(plan, params, grad, state, frame[de:], kernels)
-    t = F_.time_features(state["step"])
-    update = plan.scratch("update", 1, plan.num_params, dev)[0]  # valid until the next step
+def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tensor | None],
+                 state: dict[str, Tensor], sink: Sink, write: list[bool] | None = None,
+                 store_edge_states: bool | None = None) -> dict[str, Tensor]:
+    """One step (``LearnedOptimizer.step_entries``): advances ``state`` in
+    place (the tensors ``write`` allows) and hands each run's update of those tensors to
+    ``sink(k, start, stop, update)`` (relative scale included), edge runs in
+    flat order and then the node-held tensors.
 
-    x_entry = (frame[de:, n_edges:].t() * inv_rms.index_select(0, graph.tensor_id[n_edges:]))  # [M, F]
+    Passes: the feature sums; then one per message-passing round and one for
+    the read-out, each recomputing a run's features (and, unless the edge
+    states are stored, its earlier rounds' edge states) in a run-sized block."""
+    plan = gmn_plan(graph)
+    entries = Entries(plan, params, grads, write)
+    dev = state["m"].device
+    de, n_nodes, n_edges, n = lopt.edge_dim, graph.num_nodes, plan.num_edges, plan.num_params
+    if store_edge_states is None:
+        store_edge_states = n <= STORE_EDGE_STATES_MAX_PARAMS
+    kernels = lopt.kernels(dev)
+    consts = step_constants(state, plan)
+    sums = tensor_sums(plan, entries, state, consts, kernels)
+    inv_rms, scale = inverse_rms(plan, sums), relative_scale(lopt, plan, sums)
+    t = F_.time_features(state["step"])
+
+    # node-held entries (biases, norms, fallback tensors): their features once, [F, M]
+    node_runs = [r for r in plan.stat_runs if r.start >= n_edges]
+    x_nodes = plan.fixed("x_nodes", (F_.NUM_ENTRY_FEATURES, n - n_edges), dev)
+    for r in node_runs:
+        entry_features_(plan, entries, state, consts, r.tensor, r.start, r.stop, x_nodes[:, r.start - n_edges:r.stop - n_edges],
+                        kernels)
+    x_entry = x_nodes.t() * inv_rms.index_select(0, _node_tensor_id(graph, plan))          # [M, F]
     h = lopt.encode_nodes(graph, x_entry, t)
     w_enc = fold_input_scale(lopt.edge_feat.weight, inv_rms)                  # [T, De, F]
     static = _StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(t))
     deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
     deg_dst = edge_degree(graph, "dst").clamp(min=1).unsqueeze(1)
+    edge_states = plan.fixed("edge_states", (de, n_edges), dev) if store_edge_states else None
+    use_kernel = [kernels is not None and isinstance(run, DenseRun) for run in plan.edge_runs]
+    w_msg = [conv.edge_lin.weight.contiguous() for conv in lopt.convs]
 
-    fused = [whole is not None and kernels is not None for whole, _ in plan.blocks]
-    torch_runs = [run for use, (_, runs) in zip(fused, plan.blocks) if not use for run in runs]
-    fused_blocks = [whole for use, (whole, _) in zip(fused, plan.blocks) if use]
+    def edge_states_of(run, fr: Tensor, upto: int, use: bool) -> None:
+        """``fr[:de]`` = the run's edge states after ``upto`` rounds (recomputed
+        or read), ``fr[de:]`` its features, for rounds ``upto``, ... to follow."""
+        s, e = run.start, run.stop
+        entry_features_(plan, entries, state, consts, run.tensor, s, e, fr[de:], kernels,
+                        write_back=upto == len(lopt.convs))
+        if upto == 0:
+            return
+        if edge_states is not None:
+            fr[:de].copy_(edge_states[:, s:e])
+            return
+        for layer in range(upto):
+            args = (fr, de, run, layer == 0, w_enc, static, w_msg[layer], node_terms[layer], None, None)
+            _fused_round(kernels, *args) if use else _round_torch(plan, *args)
 
+    node_terms: list[_NodeTerms] = []
     for layer, conv in enumerate(lopt.convs):
-        node_terms = _NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias)
+        node_terms.append(_NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias))
         acc_src, acc_dst = h.new_zeros(de, n_nodes), h.new_zeros(de, n_nodes)
-        for run in fused_blocks:
-            _fused_round(kernels, frame, de, run, layer, w_enc, static, conv.edge_lin.weight, node_terms,
-                         acc_src, acc_dst)
-        for run in torch_runs:
-            s, e = run.start, run.stop
-            state_e = frame[:de, s:e]
-            if layer == 0:  # encode the edges of this run
-                enc = static.linear(plan.scratch("e", de, e - s, dev), w_enc[run.tensor], frame[de:, s:e], run)
-                enc.relu_()
-            else:
-                enc = state_e
-            m = node_terms.linear(plan.scratch("m", de, e - s, dev), conv.edge_lin.weight, enc, run).relu_()
-            _sum_to_ends_(m, run, acc_src, acc_dst)
-            if layer == 0:
-                torch.add(enc, m, out=state_e)
-            else:
-                state_e += m
+        for run, use in zip(plan.edge_runs, use_kernel):
+            fr = run_frame(plan, de, run.stop - run.start, dev)
+            edge_states_of(run, fr, layer, use)
+            args = (fr, de, run, layer == 0, w_enc, static, w_msg[layer], node_terms[layer], acc_src, acc_dst)
+            _fused_round(kernels, *args) if use else _round_torch(plan, *args)
+            if edge_states is not None:
+                edge_states[:, run.start:run.stop].copy_(fr[:de])
         h = conv.update((acc_dst.t() / deg_dst, acc_src.t() / deg_src), h)
 
     # read out: one product over [e; x], with the normalisation folded into B
     w_out = torch.cat([lopt.edge_out_e.weight.expand(graph.num_tensors, -1, -1),
                        fold_input_scale(lopt.edge_out_x.weight, inv_rms)], dim=2)   # [T, H, De + F]
-    node_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h),
-                            lopt.edge_out_e.bias + lopt.edge_out_time(t))
+    readout_terms = _NodeTerms(lopt.edge_out_src(h), lopt.edge_out_dst(h),
+                               lopt.edge_out_e.bias + lopt.edge_out_time(t))
     head_w, head_b = lopt.folded_head(lopt.edge_head)
+    head_w = head_w.contiguous()
     nominal = lopt.nominal_weight()
-    for run in fused_blocks:
-        _fused_readout(kernels, lopt, frame, de, run, w_out, node_terms, head_w, head_b, nominal, update)
-    for run in torch_runs:
+    for run, use in zip(plan.edge_runs, use_kernel):
         s, e = run.start, run.stop
-        z = node_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], frame[:, s:e], run)
-        z.relu_()
-        out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
-        lopt.finish_update_(update[s:e], out[0], out[1], adam_row(frame[de:, s:e]))
+        if not entries.write[run.tensor]:
+            continue
+        fr = run_frame(plan, de, e - s, dev)
+        edge_states_of(run, fr, len(lopt.convs), use)
+        update = plan.scratch("update", 1, e - s, dev)[0]
+        if use:
+            _fused_readout(kernels, lopt, fr, run, w_out, readout_terms, head_w, head_b, nominal, update)
+        else:
+            z = readout_terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], fr, run)
+            z.relu_()
+            out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
+            lopt.finish_update_(update, out[0], out[1], adam_row(fr[de:]))
+        if scale is not None:
+            update.mul_(scale[run.tensor])
+        sink(run.tensor, s, e, update)
 
-    if x_entry.shape[0]:
+    if node_runs:
         out = lopt.readout_entries(graph, x_entry, h, t, folded=True)
-        lopt.finish_update_(update[n_edges:], out[:, 0].contiguous(), out[:, 1].contiguous(),
-                            adam_row(frame[de:, n_edges:]))
+        update = plan.scratch("update", 1, n - n_edges, dev)[0]
+        lopt.finish_update_(update, out[:, 0].contiguous(), out[:, 1].contiguous(), adam_row(x_nodes))
+        for r in node_runs:  # the new statistics, then the updates
+            entry_features_(plan, entries, state, consts, r.tensor, r.start, r.stop,
+                            run_frame(plan, 0, r.stop - r.start, dev), kernels, write_back=True)
+        for k in sorted({r.tensor for r in node_runs}):
+            if entries.write[k]:
+                sl = plan.tensor_slices[k]
+                u = update[sl.start - n_edges:sl.stop - n_edges]
+                if scale is not None:
+                    u.mul_(scale[k])
+                sink(k, sl.start, sl.stop, u)
+    return state
+
+
+def _node_tensor_id(graph: ParamGraph, plan: ChunkPlan) -> Tensor:
+    """[M] the tensor of each node-held entry (cached on the plan)."""
+    ids = plan._buffers.get("node_tensor_id")
+    if ids is None:
+        n_edges = plan.num_edges
+        numels = torch.tensor([max(0, sl.stop - max(sl.start, n_edges)) for sl in plan.tensor_slices])
+        ids = plan._buffers["node_tensor_id"] = torch.repeat_interleave(
+            torch.arange(plan.num_tensors), numels).to(graph.device)
+    return ids
+
+
+@torch.no_grad()
+def gmn_step(lopt, graph: ParamGraph, params: Tensor, grad: Tensor,
+             state: dict[str, Tensor], store_edge_states: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The flat form (``LearnedOptimizer.step_no_grad``): returns the update
+    ``[n]`` (relative scale included) and ``state``, advanced in place."""
+    update = torch.empty(graph.num_params, device=params.device)
+    split = graph.numels
+    state = gmn_run_step(lopt, graph, list(params.split(split)), list(grad.split(split)), state, flat_sink(update),
+                         store_edge_states=store_edge_states)
     return update, state
+
+
+gmn_step.run_step = gmn_run_step  # LearnedOptimizer.step_entries finds the per-tensor form here

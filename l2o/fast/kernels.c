@@ -204,15 +204,18 @@ static void parallel_for(range_fn fn, const void *args, long n, int threads) {
  * and their features (l2o/fast/features.py: update_statistics_):
  *   m_k = beta_k m_k + (1 - beta_k) g,  v = b2 v + (1 - b2) g^2,
  *   rows p, g, m_k, adam = adam_scale m_adam / (sqrt(v) + adam_eps), sqrt(v),
- * plus each feature row's sum of squares over the tensor. p, g and m may
- * already be rows of x (the optimizer keeps them there): then nothing is copied. */
+ * plus each feature row's sum of squares over the entries. p, g and m may
+ * already be rows of x: then nothing is copied. With write_back == 0 the
+ * state m, v is only read (the chunked step recomputes an entry's features in
+ * every pass from the state before the step and writes the new state back
+ * once, in its last pass). */
 typedef struct {
     const float *p, *g;
     float *m, *v, *x;
     long m_ld, x_ld;
     const float *betas;
     float b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps;
-    int adam_m;
+    int adam_m, write_back;
     double sums[MAX_THREADS][NF];
 } stats_args;
 
@@ -248,10 +251,10 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
                 float *mk = a->m + k * a->m_ld + i;
                 const float beta = a->betas[k];
                 row[ROW_M0 + k] = load(mk, nv) * beta + g * (1.f - beta);
-                store(mk, row[ROW_M0 + k], nv);
+                if (a->write_back) store(mk, row[ROW_M0 + k], nv);
             }
             const vf v = load(a->v + i, nv) * a->b2 + g * g * a->one_minus_b2;
-            store(a->v + i, v, nv);
+            if (a->write_back) store(a->v + i, v, nv);
             row[ROW_SQRT_V] = vsqrt(v + a->sqrt_eps);
             row[ROW_ADAM] = row[ROW_M0 + a->adam_m] / (row[ROW_SQRT_V] + a->adam_eps) * a->adam_scale;
             if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
@@ -270,11 +273,11 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
 
 int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, float *x, long x_ld,
               const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
-              int adam_m, double *sums, int threads) {
+              int adam_m, int write_back, double *sums, int threads) {
     stats_args *a = malloc(sizeof *a);
     if (!a) return -1;
     *a = (stats_args){p, g, m, v, x, m_ld, x_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m,
-                      {{0}}};
+                      write_back, {{0}}};
     threads = thread_count(n, n, threads);
     parallel_for(stats_range, a, n, threads);
     for (int f = 0; f < NF; f++) {
