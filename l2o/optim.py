@@ -72,6 +72,7 @@ from . import checkpoint
 from .graph.param_graph import ParamGraph
 from .layout import tensor_layout
 from . import features as F_
+from .fast.lean import lean_graph
 from .lopt import LearnedOptimizer
 
 
@@ -260,8 +261,14 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
 
     def _adopt_frame(self) -> None:
         """Point ``self.state`` at the flat statistics (the chunked step keeps
-        no model-sized workspace to share any more: ``_frame`` stays None)."""
+        no model-sized workspace to share any more: ``_frame`` stays None). On
+        the chunked path the graph is kept lean (:mod:`l2o.fast.lean`): its
+        plan is built first, then the per-entry index tensors are dropped."""
         self._frame = None
+        device = self.graph.device
+        if self.lopt.uses_run_step(self.graph, device):
+            self.lopt.chunked_frame(self.graph, device)   # the plan, cached on the graph
+            self.graph = lean_graph(self.graph)
         self._point_state_views()
 
     def state_dict(self) -> dict:
@@ -579,6 +586,9 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self._steps[active] += 1.0  # in place: self.state[p]["step"] are views
 
 
+LEAN_GRAPH_UNCACHED_PARAMS = 1_000_000
+
+
 def _model_and_groups(cls_name: str, params, model: nn.Module | None, graph_model: nn.Module | None = None):
     """``(model or None, param groups or None)`` from the two call forms:
     ``Opt(model)`` (one group of all its parameters) and ``Opt(params, model=model)``
@@ -642,7 +652,11 @@ class GMNOptimizer(LearnedOptimizerBase):
                             "for a bare parameter list use l2o.MLPOptimizer")
         from .graph import build_graph
 
-        graph = build_graph(model, example_inputs=example_inputs, strict=strict)
+        # a large model's graph is not cached by the builder: the cache would
+        # keep its per-entry index tensors (32 bytes per parameter) alive beside
+        # the optimizer's lean copy
+        large = sum(p.numel() for p in model.parameters()) >= LEAN_GRAPH_UNCACHED_PARAMS
+        graph = build_graph(model, example_inputs=example_inputs, strict=strict, use_cache=not large)
         named = dict(model.named_parameters())
         all_params = [named[n] for n in graph.param_names]
         super().__init__(all_params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model,

@@ -29,6 +29,7 @@ from torch import Tensor
 from .. import features as F_
 from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
+from .lean import entry_slice
 from .native import address, check
 from .features import (Entries, Sink, adam_row, entry_features_, flat_sink, fold_input_scale, inverse_rms,
                        relative_scale, run_frame, step_constants, tensor_sums)
@@ -94,6 +95,10 @@ class _StaticEdgeTerms:
     def __init__(self, lopt, graph: ParamGraph, bias: Tensor):
         self.lopt, self.graph, self.bias, self._cache = lopt, graph, bias, {}
 
+    def _slices(self, run) -> tuple[Tensor, Tensor]:
+        return (entry_slice(self.graph, "edge_kind", run.start, run.stop),
+                entry_slice(self.graph, "edge_pos", run.start, run.stop))
+
     def _compute(self, kind: Tensor, pos: Tensor) -> Tensor:
         term = self.lopt.edge_kind(kind) + self.bias
         if bool(pos.any()):
@@ -105,8 +110,7 @@ class _StaticEdgeTerms:
         strides at which edge ``(i, j)`` of ``run`` finds its term: ``[D, cols]``
         with row stride 0 when the terms depend on the column only."""
         if run.static_cols is None:
-            g = self.graph
-            term = self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop]).contiguous()
+            term = self._compute(*self._slices(run)).contiguous()
             return term, run.stop - run.start, run.cols
         key = id(run.static_cols[0])
         if key not in self._cache:
@@ -118,8 +122,7 @@ class _StaticEdgeTerms:
         if isinstance(run, ScatterRun):
             out.copy_(self._compute(run.edge_kind, run.edge_pos))
         elif run.static_cols is None:  # varies within a row: per-edge terms
-            g = self.graph
-            out.copy_(self._compute(g.edge_kind[run.start:run.stop], g.edge_pos[run.start:run.stop]))
+            out.copy_(self._compute(*self._slices(run)))
         else:
             key = id(run.static_cols[0])
             if key not in self._cache:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..graph.blocks import EdgeBlock, edge_blocks
 from ..graph.param_graph import ParamGraph
+from .lean import entry_slice
 
 DEFAULT_CHUNK = 65_536
 
@@ -82,8 +83,8 @@ class Run:
 
 
 def _column_static(graph: ParamGraph, b: EdgeBlock) -> tuple[Tensor, Tensor] | None:
-    kind = graph.edge_kind[b.start:b.stop].view(b.rows, b.cols)
-    pos = graph.edge_pos[b.start:b.stop].view(b.rows, b.cols, -1)
+    kind = entry_slice(graph, "edge_kind", b.start, b.stop).view(b.rows, b.cols)
+    pos = entry_slice(graph, "edge_pos", b.start, b.stop).view(b.rows, b.cols, -1)
     if bool((kind == kind[:1]).all()) and bool((pos == pos[:1]).all()):
         return kind[0].clone(), pos[0].clone()
     return None
@@ -146,8 +147,10 @@ class ChunkPlan:
                 whole = DenseRun(b.start, b.stop, k, b.groups, b.rows // b.groups, b.cols, b.row_end,
                                  b.row_nodes, b.col_nodes, runs[0].static_cols)
             else:
-                runs = [ScatterRun(s, e, k, graph.edge_index[0, s:e], graph.edge_index[1, s:e],
-                                   graph.edge_kind[s:e], graph.edge_pos[s:e])
+                # copies: a run must not keep the graph's whole index tensors alive (lean.py)
+                runs = [ScatterRun(s, e, k, *entry_slice(graph, "edge_index", s, e).clone(),
+                                   entry_slice(graph, "edge_kind", s, e).clone(),
+                                   entry_slice(graph, "edge_pos", s, e).clone())
                         for s, e in _ranges(b.start, b.stop, chunk)]
             self.blocks.append((whole, runs))
         self.edge_runs: list[DenseRun | ScatterRun] = [r for _, runs in self.blocks for r in runs]
