@@ -70,7 +70,7 @@ class LearnedOptimizer(nn.Module):
 
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
                  max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2,
-                 adapt: bool = False, adapt_rate: float = 0.05, adapt_bound: float = 5.0):
+                 adapt: bool = False, adapt_rate: float = 0.1, adapt_bound: float = 3.0):
         super().__init__()
         if not scale_floor > 0:
             raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
