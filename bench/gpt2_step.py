@@ -1,0 +1,91 @@
+"""GMNOptimizer vs AdamW on Hugging Face GPT-2 small (124M parameters) on CPU.
+
+    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128]
+
+Random init from ``transformers.GPT2Config()`` (no download). Prints:
+
+* the time to build the parameter graph (``build_graph``, uncached) and to
+  construct ``GMNOptimizer`` (graph build + lean copy + state);
+* the train step (forward + backward + optimizer step) of each optimizer,
+  interleaved on two identical copies of the model with the order swapped
+  every round (this machine's cores are shared: medians and ratios in one
+  run are what compare), and the optimizer step alone;
+* the process's peak resident memory, and the loss of both runs.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def _peak_gib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--weights", default="pretrained", help="GMN weights: 'pretrained' or 'none'")
+    args = ap.parse_args()
+    import torch
+    import transformers
+    import l2o
+    from l2o.graph import build_graph
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {"adamw": transformers.GPT2LMHeadModel(transformers.GPT2Config())}
+    models["gmn"] = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    models["gmn"].load_state_dict(models["adamw"].state_dict())
+    n = sum(p.numel() for p in models["gmn"].parameters())
+    x = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
+
+    t0 = time.perf_counter()
+    graph = build_graph(models["gmn"], use_cache=False)
+    build_s = time.perf_counter() - t0
+    del graph
+    t0 = time.perf_counter()
+    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-4),
+            "gmn": l2o.GMNOptimizer(models["gmn"], weights=None if args.weights == "none" else args.weights)}
+    construct_s = time.perf_counter() - t0
+    print(f"GPT-2 small: {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} tokens, "
+          f"{args.threads} threads; build_graph {build_s:.2f} s, GMNOptimizer(model) {construct_s:.2f} s", flush=True)
+
+    times = {k: {"train": [], "opt": []} for k in opts}
+    losses = {k: [] for k in opts}
+    for r in range(args.rounds + 1):          # round 0: warm-up (first-step allocations)
+        order = list(opts) if r % 2 == 0 else list(opts)[::-1]
+        for name in order:
+            model, opt = models[name], opts[name]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss = model(x, labels=x).loss
+            loss.backward()
+            t1 = time.perf_counter()
+            opt.step()
+            t2 = time.perf_counter()
+            losses[name].append(float(loss))
+            if r:
+                times[name]["train"].append(t2 - t0)
+                times[name]["opt"].append(t2 - t1)
+        print(f"  round {r}: " + ", ".join(f"{k} {losses[k][-1]:.3f}" for k in opts)
+              + f"  (peak RSS so far {_peak_gib():.1f} GiB)", flush=True)
+    med = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in times.items()}
+    for k in opts:
+        print(f"{k:>6}: train step {med[k]['train']:7.2f} s (optimizer step {med[k]['opt']:6.2f} s), "
+              f"loss {losses[k][0]:.3f} -> {losses[k][-1]:.3f}")
+    print(f"train step GMN / AdamW: {med['gmn']['train'] / med['adamw']['train']:.2f}x "
+          f"(optimizer step alone {med['gmn']['opt'] / med['adamw']['opt']:.2f}x); "
+          f"peak RSS of this process (both models, both optimizers) {_peak_gib():.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()
