@@ -178,11 +178,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self.lopt = lopt.to(device).eval()
         for p in self.lopt.parameters():
             p.requires_grad_(False)
-        if type(self.lopt).init_state is LearnedOptimizer.init_state:  # zeros: no flat copy of the parameters
-            init = F_.init_state(torch.empty(self.graph.num_params, device=device))
-        else:
-            init = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
-        self._flat_state = {"m": init["m"], "v": init["v"]}
+        self._flat_state = self._initial_state(params)
         # per-tensor step counters (flat order), on the CPU like torch.optim's
         # non-capturable "step": reading them never synchronises a GPU
         self._steps = torch.zeros(self.graph.num_tensors, dtype=torch.float32)
@@ -190,6 +186,14 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self._log_lr = torch.zeros(self.graph.num_tensors, device=device) if self.lopt.adapt else None
         self._ready = True
         self._adopt_frame()
+
+    def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
+        """Fresh flat statistics ``m``, ``v`` (a sharded optimizer: its entries only)."""
+        if type(self.lopt).init_state is LearnedOptimizer.init_state:  # zeros: no flat copy of the parameters
+            init = F_.init_state(torch.empty(self.graph.num_params, device=self.graph.device))
+        else:
+            init = self.lopt.init_state(self.graph.gather([p.detach() for p in params]))
+        return {"m": init["m"], "v": init["v"]}
 
     def __getstate__(self) -> dict:
         # torch's Optimizer keeps only defaults/state/param_groups, but the
@@ -518,6 +522,10 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             return []
         return [present[i] for i in (~ok).nonzero().flatten().tolist()]
 
+    def _run_step(self, params: list[Tensor], grads: list[Tensor | None], state: dict[str, Tensor], sink,
+                  write: list[bool]) -> None:
+        self.lopt.step_entries(self.graph, params, grads, state, sink, write)
+
     def _step_by_runs(self, grads: list[Tensor | None], group_of: list[int]) -> None:
         """The chunked step without flat copies (``LearnedOptimizer.step_entries``):
         parameters and gradients are read tensor by tensor and each run's update
@@ -575,7 +583,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             seg.add_(u.to(p.dtype), alpha=lr)
 
         with torch.autocast(device_type=device.type, enabled=False):
-            self.lopt.step_entries(self.graph, params_1d, grads_1d, state, sink, write)
+            self._run_step(params_1d, grads_1d, state, sink, write)
         for k, flat in pending.items():
             self._flat_params[k].detach().copy_(flat.view_as(self._flat_params[k]))
         if getattr(self, "_log_lr", None) is not None:  # skipped tensors keep their multiplier
@@ -693,3 +701,130 @@ class MLPOptimizer(LearnedOptimizerBase):
         layout = tensor_layout([p.shape for p in all_params], names)
         super().__init__(all_params, layout, _resolve_lopt(weights, "mlp"), lr=lr, model=model,
                          param_groups=groups, weight_decay=weight_decay, betas=betas)
+
+
+class ShardedGMNOptimizer(GMNOptimizer):
+    """:class:`GMNOptimizer` with its work and state split over the ranks of a
+    ``torch.distributed`` process group (DDP / ZeRO-1 style).
+
+    Every rank holds the whole model and the same (DDP-averaged) gradients;
+    rank ``r`` owns the flat entries ``[bounds[r], bounds[r+1])``
+    (:func:`l2o.fast.gmn.shard_bounds`: nearly equal shares, cut on edge-run
+    bounds). A step runs the chunked GMN step on the owned edges and entries
+    only; what crosses entries -- each tensor's feature sums of squares
+    ``[T, F]``, the node-held entries' features ``[F, M]`` and, per round,
+    the messages summed onto nodes ``2 x [edge_dim, N]`` -- is all-reduced,
+    so each rank computes the node states of the whole graph and the same
+    updates the unsharded optimizer computes, to float rounding (sums in
+    another order). Then every owned segment of every tensor is broadcast
+    from its owner. The statistics ``m``, ``v`` (20 bytes per parameter)
+    exist for the owned entries only: per-rank state falls as ``1/world``.
+
+    ``state_dict()`` holds this rank's shard (``self.state[p]``: ``m`` ``[4, L]``
+    and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
+    its (start, stop) within ``p``); restoring one is not supported yet, nor
+    ``add_param_group`` after construction or the ``adapt`` controller.
+
+    With FSDP2 (``fully_shard``) each rank holds a row shard of every
+    parameter (DTensor, dim 0) and its gradient: the owned entries are then
+    those rows (a dense block's runs are row ranges, so the same step
+    applies with ``Shard`` ranges per tensor instead of one flat range), and
+    the broadcast is not needed; see README "Sharded step".
+    """
+
+    def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0, example_inputs=None,
+                 strict: bool = False, *, model: nn.Module | None = None, process_group=None,
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                 graph_model: nn.Module | None = None):
+        import torch.distributed as dist
+        from .fast.features import Shard
+        self._pg = process_group
+        self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
+
+        def all_reduce(t: Tensor) -> None:
+            dist.all_reduce(t, group=self._pg)
+
+        self._all_reduce = all_reduce
+        self._shard_class = Shard
+        super().__init__(params, weights, lr, example_inputs, strict, model=model, weight_decay=weight_decay,
+                         betas=betas, graph_model=graph_model)
+        if self.lopt.adapt:
+            raise NotImplementedError("ShardedGMNOptimizer does not support the adapt controller yet")
+
+    def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
+        from .fast.gmn import shard_bounds
+        self._bounds = shard_bounds(self.graph, self._world)
+        lo, hi = self._bounds[self._rank], self._bounds[self._rank + 1]
+        self._shard = self._shard_class(lo, hi, self._all_reduce)
+        init = F_.init_state(torch.empty(hi - lo, device=self.graph.device))
+        return {"m": init["m"], "v": init["v"]}
+
+    def _owned(self, k: int) -> tuple[int, int]:
+        """Tensor ``k``'s owned entries (flat indices, possibly empty)."""
+        sl = self.graph.tensor_slices[k]
+        return max(sl.start, self._shard.lo), min(sl.stop, self._shard.hi)
+
+    def _point_state_views(self) -> None:
+        grouped = self._group_index()
+        lo = self._shard.lo
+        for k, p in enumerate(self._flat_params):
+            if grouped[k] < 0:
+                self.state.pop(p, None)
+                continue
+            s, e = self._owned(k)
+            e = max(s, e)
+            start = self.graph.tensor_slices[k].start
+            self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, s - lo:e - lo],
+                             "v": self._flat_state["v"][s - lo:e - lo],
+                             "shard": torch.tensor([s - start, e - start])}
+
+    def _adopt_frame(self) -> None:
+        self._frame = None
+        from .fast.gmn import gmn_plan
+        gmn_plan(self.graph)
+        self.graph = lean_graph(self.graph)
+        self._point_state_views()
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_ready", False):
+            raise NotImplementedError("ShardedGMNOptimizer: add_param_group after construction is not supported")
+        super().add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        raise NotImplementedError("ShardedGMNOptimizer: restoring a sharded state is not supported yet")
+
+    def _sync_device(self) -> None:
+        if self._flat_params[0].device != self.graph.device:
+            raise NotImplementedError("ShardedGMNOptimizer: the model moved after the optimizer was built")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_unchanged()
+        self._sync_device()
+        group_of = self._group_index()
+        grads = [p.grad if gi >= 0 and p.requires_grad else None for p, gi in zip(self._flat_params, group_of)]
+        if any(g is not None and g.is_sparse for g in grads):
+            raise RuntimeError("ShardedGMNOptimizer does not support sparse gradients")
+        if any(not p.is_contiguous() for p in self._flat_params):
+            raise RuntimeError("ShardedGMNOptimizer needs contiguous parameters")
+        self._step_by_runs(grads, group_of)
+        self._broadcast_owned()
+        return loss
+
+    def _run_step(self, params, grads, state, sink, write) -> None:
+        from .fast.gmn import gmn_run_step
+        gmn_run_step(self.lopt, self.graph, params, grads, state, sink, write, shard=self._shard)
+
+    def _broadcast_owned(self) -> None:
+        """Every rank's updated segments to every rank (the same order everywhere)."""
+        import torch.distributed as dist
+        for k, p in enumerate(self._flat_params):
+            flat, sl = p.detach().view(-1), self.graph.tensor_slices[k]
+            for r in range(self._world):
+                s, e = max(sl.start, self._bounds[r]), min(sl.stop, self._bounds[r + 1])
+                if e > s:
+                    dist.broadcast(flat[s - sl.start:e - sl.start], src=r, group=self._pg)

@@ -24,6 +24,7 @@ gradients or update is needed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -53,6 +54,20 @@ class StepConstants:
         self.adam_eps = F_.ADAM_EPS / v_scale ** 0.5
 
 
+@dataclass
+class Shard:
+    """The flat entries ``[lo, hi)`` one rank owns in a sharded step
+    (:class:`l2o.optim.ShardedGMNOptimizer`): their statistics are the
+    rank's ``m`` ``[num_momenta, hi - lo]`` and ``v``; ``all_reduce`` sums a
+    tensor over the ranks in place (per-tensor sums, node aggregates)."""
+    lo: int
+    hi: int
+    all_reduce: Callable[[Tensor], None]
+
+    def clip(self, s: int, e: int) -> tuple[int, int]:
+        return max(s, self.lo), min(e, self.hi)
+
+
 class Entries:
     """Parameters and gradients of a step, tensor by tensor (flat order of the
     plan's graph): ``params[k]`` / ``grads[k]`` are 1-D tensors of tensor
@@ -62,10 +77,11 @@ class Entries:
     gradient and its statistics decayed, but keeps its state)."""
 
     def __init__(self, plan: ChunkPlan, params: list[Tensor], grads: list[Tensor | None],
-                 write: list[bool] | None = None):
-        self.plan, self.params, self.grads = plan, params, grads
+                 write: list[bool] | None = None, shard: Shard | None = None):
+        self.plan, self.params, self.grads, self.shard = plan, params, grads, shard
         self.write = [True] * len(params) if write is None else write
         self.starts = [t.start for t in plan.tensor_slices]
+        self.state_offset = shard.lo if shard is not None else 0   # flat index of the state's first entry
 
     @classmethod
     def from_flat(cls, plan: ChunkPlan, params: Tensor, grad: Tensor) -> "Entries":
@@ -131,19 +147,19 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
     device = x.device
     p, g = entries.param(k, s, e), entries.grad(k, s, e, device)
     m_all, v_all = state["m"], state["v"]
-    c = consts[k]
+    c, off = consts[k], entries.state_offset
     if kernels is not None and m_all.stride(1) == 1 and v_all.stride(0) == 1 and m_all.dtype == torch.float32:
         betas = F_._constant("betas", F_.MOMENTUM_BETAS, device)
         out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
-        check(kernels.l2o_stats(e - s, p.data_ptr(), g.data_ptr(), address(m_all, 0, s), m_all.stride(0),
-                                address(v_all, s), x.data_ptr(), x.stride(0), betas.data_ptr(),
+        check(kernels.l2o_stats(e - s, p.data_ptr(), g.data_ptr(), address(m_all, 0, s - off), m_all.stride(0),
+                                address(v_all, s - off), x.data_ptr(), x.stride(0), betas.data_ptr(),
                                 F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS,
                                 c.adam_scale, c.adam_eps, F_.ADAM_BETA1_INDEX, int(write_back), out.data_ptr(),
                                 torch.get_num_threads()))
         return x
     betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
     b2 = F_.SECOND_MOMENT_BETA
-    m, v = m_all[:, s:e], v_all[s:e]
+    m, v = m_all[:, s - off:e - off], v_all[s - off:e - off]
     xm = x[_M0:_ADAM]
     # the forward's ops in its order (l2o.features.update_state), out of place
     torch.mul(m, betas, out=xm).addcmul_(g.unsqueeze(0), 1.0 - betas)
@@ -163,15 +179,22 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
 def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
                 kernels=None) -> Tensor:
     """First pass: each tensor's per-feature sums of squares ``[T, F]`` of this
-    step's features (float64 partial sums per run); nothing is written back."""
+    step's features (float64 partial sums per run, summed over the ranks of a
+    sharded step); nothing is written back."""
     device = state["m"].device
     runs = plan.stat_runs
     run_sums = torch.zeros(len(runs), NUM_FEATURES, dtype=torch.float64, device=device)
+    shard = entries.shard
     for i, run in enumerate(runs):
-        x = run_frame(plan, 0, run.stop - run.start, device)
-        entry_features_(plan, entries, state, consts, run.tensor, run.start, run.stop, x, kernels, sums=run_sums[i])
-    return torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64, device=device).index_add_(
-        0, plan.stat_run_tensor, run_sums).float()
+        s, e = (run.start, run.stop) if shard is None else shard.clip(run.start, run.stop)
+        if e > s:
+            x = run_frame(plan, 0, e - s, device)
+            entry_features_(plan, entries, state, consts, run.tensor, s, e, x, kernels, sums=run_sums[i])
+    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64, device=device).index_add_(
+        0, plan.stat_run_tensor, run_sums)
+    if shard is not None:
+        shard.all_reduce(sums)
+    return sums.float()
 
 
 def inverse_rms(plan: ChunkPlan, sums: Tensor) -> Tensor:

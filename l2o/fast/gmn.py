@@ -31,7 +31,7 @@ from ..graph.blocks import edge_degree
 from ..graph.param_graph import ParamGraph
 from .lean import entry_slice
 from .native import address, check
-from .features import (Entries, Sink, adam_row, entry_features_, flat_sink, fold_input_scale, inverse_rms,
+from .features import (Entries, Shard, Sink, adam_row, entry_features_, flat_sink, fold_input_scale, inverse_rms,
                        relative_scale, run_frame, step_constants, tensor_sums)
 from .plan import ChunkPlan, DenseRun, ScatterRun, chunk_plan
 
@@ -209,7 +209,7 @@ def _round_torch(plan: ChunkPlan, fr: Tensor, de: int, run, encode: bool, w_enc:
 @torch.no_grad()
 def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tensor | None],
                  state: dict[str, Tensor], sink: Sink, write: list[bool] | None = None,
-                 store_edge_states: bool | None = None) -> dict[str, Tensor]:
+                 store_edge_states: bool | None = None, shard: Shard | None = None) -> dict[str, Tensor]:
     """One step (``LearnedOptimizer.step_entries``): advances ``state`` in
     place (the tensors ``write`` allows) and hands each run's update of those tensors to
     ``sink(k, start, stop, update)`` (relative scale included), edge runs in
@@ -217,13 +217,20 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
 
     Passes: the feature sums; then one per message-passing round and one for
     the read-out, each recomputing a run's features (and, unless the edge
-    states are stored, its earlier rounds' edge states) in a run-sized block."""
+    states are stored, its earlier rounds' edge states) in a run-sized block.
+
+    ``shard``: this rank's entries ``[lo, hi)`` (whole edge runs; ``state``
+    holds theirs only): the rank processes those edges and entries, and the
+    per-tensor sums, node-held features and node aggregates -- all the
+    cross-entry information, sized by tensors and nodes -- are summed over
+    the ranks, so every rank computes the node states of the whole graph."""
     plan = gmn_plan(graph)
-    entries = Entries(plan, params, grads, write)
+    entries = Entries(plan, params, grads, write, shard)
     dev = state["m"].device
     de, n_nodes, n_edges, n = lopt.edge_dim, graph.num_nodes, plan.num_edges, plan.num_params
     if store_edge_states is None:
-        store_edge_states = n <= STORE_EDGE_STATES_MAX_PARAMS
+        store_edge_states = n <= STORE_EDGE_STATES_MAX_PARAMS and shard is None
+    store_edge_states = store_edge_states and shard is None
     kernels = lopt.kernels(dev)
     consts = step_constants(state, plan)
     sums = tensor_sums(plan, entries, state, consts, kernels)
@@ -231,11 +238,16 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
     t = F_.time_features(state["step"])
 
     # node-held entries (biases, norms, fallback tensors): their features once, [F, M]
-    node_runs = [r for r in plan.stat_runs if r.start >= n_edges]
+    node_runs = [(r.tensor, *(shard.clip(r.start, r.stop) if shard is not None else (r.start, r.stop)))
+                 for r in plan.stat_runs if r.start >= n_edges]
+    node_runs = [(k, s, e) for k, s, e in node_runs if e > s]   # (tensor, start, stop), this rank's
     x_nodes = plan.fixed("x_nodes", (F_.NUM_ENTRY_FEATURES, n - n_edges), dev)
-    for r in node_runs:
-        entry_features_(plan, entries, state, consts, r.tensor, r.start, r.stop, x_nodes[:, r.start - n_edges:r.stop - n_edges],
-                        kernels)
+    if shard is not None:
+        x_nodes.zero_()
+    for k, s, e in node_runs:
+        entry_features_(plan, entries, state, consts, k, s, e, x_nodes[:, s - n_edges:e - n_edges], kernels)
+    if shard is not None:
+        shard.all_reduce(x_nodes)
     x_entry = x_nodes.t() * inv_rms.index_select(0, _node_tensor_id(graph, plan))          # [M, F]
     h = lopt.encode_nodes(graph, x_entry, t)
     w_enc = fold_input_scale(lopt.edge_feat.weight, inv_rms)                  # [T, De, F]
@@ -243,7 +255,8 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
     deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
     deg_dst = edge_degree(graph, "dst").clamp(min=1).unsqueeze(1)
     edge_states = plan.fixed("edge_states", (de, n_edges), dev) if store_edge_states else None
-    use_kernel = [kernels is not None and isinstance(run, DenseRun) for run in plan.edge_runs]
+    edge_runs = plan.edge_runs if shard is None else _owned_runs(plan, shard)
+    use_kernel = [kernels is not None and isinstance(run, DenseRun) for run in edge_runs]
     w_msg = [conv.edge_lin.weight.contiguous() for conv in lopt.convs]
 
     def edge_states_of(run, fr: Tensor, upto: int, use: bool) -> None:
@@ -265,13 +278,16 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
     for layer, conv in enumerate(lopt.convs):
         node_terms.append(_NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias))
         acc_src, acc_dst = h.new_zeros(de, n_nodes), h.new_zeros(de, n_nodes)
-        for run, use in zip(plan.edge_runs, use_kernel):
+        for run, use in zip(edge_runs, use_kernel):
             fr = run_frame(plan, de, run.stop - run.start, dev)
             edge_states_of(run, fr, layer, use)
             args = (fr, de, run, layer == 0, w_enc, static, w_msg[layer], node_terms[layer], acc_src, acc_dst)
             _fused_round(kernels, *args) if use else _round_torch(plan, *args)
             if edge_states is not None:
                 edge_states[:, run.start:run.stop].copy_(fr[:de])
+        if shard is not None:
+            shard.all_reduce(acc_src)
+            shard.all_reduce(acc_dst)
         h = conv.update((acc_dst.t() / deg_dst, acc_src.t() / deg_src), h)
 
     # read out: one product over [e; x], with the normalisation folded into B
@@ -282,7 +298,7 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
     head_w, head_b = lopt.folded_head(lopt.edge_head)
     head_w = head_w.contiguous()
     nominal = lopt.nominal_weight()
-    for run, use in zip(plan.edge_runs, use_kernel):
+    for run, use in zip(edge_runs, use_kernel):
         s, e = run.start, run.stop
         if not entries.write[run.tensor]:
             continue
@@ -304,17 +320,51 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
         out = lopt.readout_entries(graph, x_entry, h, t, folded=True)
         update = plan.scratch("update", 1, n - n_edges, dev)[0]
         lopt.finish_update_(update, out[:, 0].contiguous(), out[:, 1].contiguous(), adam_row(x_nodes))
-        for r in node_runs:  # the new statistics, then the updates
-            entry_features_(plan, entries, state, consts, r.tensor, r.start, r.stop,
-                            run_frame(plan, 0, r.stop - r.start, dev), kernels, write_back=True)
-        for k in sorted({r.tensor for r in node_runs}):
+        for k, s, e in node_runs:  # the new statistics, then the updates
+            entry_features_(plan, entries, state, consts, k, s, e, run_frame(plan, 0, e - s, dev), kernels,
+                            write_back=True)
+        for k, s, e in node_runs:
             if entries.write[k]:
-                sl = plan.tensor_slices[k]
-                u = update[sl.start - n_edges:sl.stop - n_edges]
+                u = update[s - n_edges:e - n_edges]
                 if scale is not None:
                     u.mul_(scale[k])
-                sink(k, sl.start, sl.stop, u)
+                sink(k, s, e, u)
     return state
+
+
+def _owned_runs(plan: ChunkPlan, shard: Shard) -> list:
+    """The edge runs inside ``[shard.lo, shard.hi)`` (a shard's edge bounds must fall on run bounds)."""
+    runs = []
+    for run in plan.edge_runs:
+        if run.start >= shard.lo and run.stop <= shard.hi:
+            runs.append(run)
+        elif run.start < shard.hi and run.stop > shard.lo:
+            raise ValueError(f"shard [{shard.lo}, {shard.hi}) cuts the edge run [{run.start}, {run.stop})")
+    return runs
+
+
+def shard_bounds(graph: ParamGraph, world: int) -> list[int]:
+    """``world + 1`` flat positions splitting the entries into ``world`` nearly
+    equal ranges whose bounds fall on edge runs' bounds (any position among
+    the node-held entries)."""
+    plan = gmn_plan(graph)
+    cuts = sorted({0, plan.num_edges, *(r.start for r in plan.edge_runs)}) + list(
+        range(plan.num_edges, plan.num_params + 1))
+    cuts = sorted(set(cuts))
+    bounds = [0]
+    for r in range(1, world):
+        target = plan.num_params * r // world
+        bounds.append(max(bounds[-1], cuts[_nearest(cuts, target)]))
+    bounds.append(plan.num_params)
+    return bounds
+
+
+def _nearest(sorted_values: list[int], target: int) -> int:
+    import bisect
+    i = bisect.bisect_left(sorted_values, target)
+    if i == len(sorted_values) or (i > 0 and target - sorted_values[i - 1] <= sorted_values[i] - target):
+        return i - 1
+    return i
 
 
 def _node_tensor_id(graph: ParamGraph, plan: ChunkPlan) -> Tensor:
