@@ -453,7 +453,15 @@ def test_scalar_parameter_is_optimized(cls):
     assert opt.state[model.temperature]["m"].shape == (4,)
     assert not torch.equal(model.temperature, before)
     sd = opt.state_dict()
-    cls(copy.deepcopy(model), weights=None).load_state_dict(sd)
+    model2 = copy.deepcopy(model)
+    opt2 = cls(model2, weights=None)
+    opt2.load_state_dict(sd)
+    for key in ("step", "m", "v"):
+        assert torch.equal(opt2.state[model2.temperature][key], opt.state[model.temperature][key])
+    batch = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+    train_steps(model, opt, batch, F.cross_entropy)
+    train_steps(model2, opt2, batch, F.cross_entropy)
+    assert torch.equal(model.temperature, model2.temperature) and torch.equal(model.lin.weight, model2.lin.weight)
 
 
 def test_learned_optimizer_without_a_chunked_step_takes_the_forward(use_step_path):

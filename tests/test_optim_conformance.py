@@ -438,7 +438,13 @@ def test_zero_size_parameters(kind):
     assert not torch.equal(model[0].weight, before[0])
     assert opt.state[model.empty]["step"] == 1 and opt.state[model[0].weight]["step"] == 2
     model2 = copy.deepcopy(model)
-    make_opt(kind, model2, model=None).load_state_dict(opt.state_dict())
+    opt2 = make_opt(kind, model2, model=None)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2.state[model2.empty]["step"] == 1 and opt2.state[model2[0].weight]["step"] == 2
+    assert opt2.state[model2.empty]["m"].shape == opt.state[model.empty]["m"].shape
+    train(model, opt, BATCHES[2:])
+    train(model2, opt2, BATCHES[2:])
+    assert_same(model, model2)
 
 
 @pytest.mark.parametrize("kind", KINDS)

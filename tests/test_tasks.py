@@ -193,10 +193,22 @@ def _graph_cases():
 
 @pytest.mark.parametrize("task", _graph_cases(), ids=lambda t: t.name)
 def test_build_graph_covers_every_task_strictly(task):
-    try:
-        from l2o import build_graph
-    except ImportError as error:  # the graph builder is developed in parallel
-        pytest.skip(f"l2o.build_graph not importable yet: {error}")
+    from l2o import build_graph
+    from l2o.graph.param_graph import NodeType
+
     model = task.init(0)
     graph = build_graph(model, task.example_inputs(), strict=True)
-    assert graph is not None
+    params = dict(model.named_parameters())
+    # every parameter entry is held exactly once, structured: weight matrices and
+    # kernels (ndim >= 2) on edges, vectors (biases, norms) on node slots, nothing on fallback
+    assert graph.param_names == list(params) and graph.num_params == sum(p.numel() for p in params.values())
+    assert graph.fractions()["fallback"] == 0 and not graph.unstructured
+    assert graph.num_edges == sum(p.numel() for p in params.values() if p.dim() >= 2)
+    assert graph.num_entries == sum(p.numel() for p in params.values() if p.dim() < 2)
+    assert int(graph.edge_index.min()) >= 0 and int(graph.edge_index.max()) < graph.num_nodes
+    assert not bool((graph.edge_index[0] == graph.edge_index[1]).any()), "an edge joins a unit to itself"
+    # edges never end on an input neuron nor start at an output neuron; no fallback nodes
+    types = graph.node_type[graph.edge_index]
+    assert not bool((types[1] == NodeType.INPUT).any()) and not bool((types[0] == NodeType.OUTPUT).any())
+    assert not bool((graph.node_type == NodeType.TENSOR).any())
+    assert graph.edge_components() == 1, "the network's wiring falls apart into pieces"

@@ -1,0 +1,128 @@
+"""Structure of the graph mappers, entry by entry: which units each edge joins and
+with which kind (not only counts). Each test here was checked to fail when the
+one-line bug it names is put back by hand (issue 17)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import l2o
+from l2o.graph.param_graph import EdgeKind, EntryKind
+
+
+def edges_of(graph, name):
+    """(src [n], dst [n], kind [n]) of the edges holding parameter ``name``, in the
+    parameter's own flattened entry order."""
+    i = graph.param_names.index(name)
+    k = graph.flat_order.index(i)
+    assert k < graph.num_edge_params, f"{name} is not edge-held"
+    s = graph.tensor_slices[k]
+    return graph.edge_index[0, s], graph.edge_index[1, s], graph.edge_kind[s]
+
+
+class _Attn(nn.Module):
+    def __init__(self, kdim=None):
+        super().__init__()
+        self.att = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+
+    def forward(self, x, y=None):
+        y = x if y is None else y
+        return self.att(x, y, y, need_weights=False)[0]
+
+
+def test_packed_attention_projection_kinds_and_units():
+    # Catches: the q/k edge kinds swapped; rows wired to the wrong unit block.
+    E = 8
+    g = l2o.build_graph(_Attn(), (torch.randn(2, 5, E),), strict=True)
+    src, dst, kind = (t.view(3, E, E) for t in edges_of(g, "att.in_proj_weight"))
+    assert (kind[0] == EdgeKind.ATTN_Q).all()
+    assert (kind[1] == EdgeKind.ATTN_K).all()
+    assert (kind[2] == EdgeKind.ATTN_V).all()
+    # row r of block b is one unit; column c is input neuron c, the same for q, k, v (self-attention)
+    assert (dst == dst[:, :, :1]).all() and (src == src[:1, :1, :]).all()
+    units = dst[:, :, 0]
+    assert units.unique().numel() == 3 * E, "q, k and v units must be distinct nodes"
+    inputs = src[0, 0]
+    assert inputs.unique().numel() == E and not set(inputs.tolist()) & set(units.flatten().tolist())
+    # out_proj reads the v units: out_proj.weight[o, c] is the edge v_c -> out_o
+    osrc, odst, okind = (t.view(E, E) for t in edges_of(g, "att.out_proj.weight"))
+    assert (okind == EdgeKind.ATTN_OUT).all()
+    assert torch.equal(osrc, units[2].view(1, E).expand(E, E))
+    assert (odst == odst[:, :1]).all() and odst[:, 0].unique().numel() == E
+    # in_proj_bias sits on the q/k/v units, in order
+    slots = g.entry_kind == EntryKind.ATTN_BIAS
+    assert torch.equal(g.entry_node[slots], units.flatten())
+
+
+def test_separate_attention_projections_read_their_own_inputs():
+    # kdim != embed_dim: q_proj_weight, k_proj_weight, v_proj_weight are separate tensors.
+    E, D = 8, 6
+    g = l2o.build_graph(_Attn(kdim=D), (torch.randn(2, 5, E), torch.randn(2, 5, D)), strict=True)
+    qs, qd, qk = edges_of(g, "att.q_proj_weight")
+    ks, kd, kk = edges_of(g, "att.k_proj_weight")
+    vs, vd, vk = edges_of(g, "att.v_proj_weight")
+    assert (qk == EdgeKind.ATTN_Q).all() and (kk == EdgeKind.ATTN_K).all() and (vk == EdgeKind.ATTN_V).all()
+    assert qs.unique().numel() == E and ks.unique().numel() == D
+    assert not set(qs.tolist()) & set(ks.tolist()), "the query and key inputs are different neurons"
+    assert torch.equal(ks.unique(), vs.unique()), "key and value come from the same tensor here"
+    q_units, k_units, v_units = qd.view(E, E)[:, 0], kd.view(E, D)[:, 0], vd.view(E, D)[:, 0]
+    assert len(set(q_units.tolist()) | set(k_units.tolist()) | set(v_units.tolist())) == 3 * E
+
+
+def _expected_conv_pairs(w_shape, groups, transposed):
+    """(input channel, output channel) of every kernel entry, in flattened order."""
+    a, b, *ks = w_shape
+    k = 1
+    for s in ks:
+        k *= s
+    pairs = []
+    for r in range(a):
+        for c in range(b):
+            if not transposed:   # W[o, i]: output o of group o // (O/g) reads input g*(I/g) + i
+                o, i = r, (r // (a // groups)) * b + c
+            else:                # W[i, o']: input i of group i // (I/g) feeds output g*(O/g) + o'
+                i, o = r, (r // (a // groups)) * b + c
+            pairs += [(i, o)] * k
+    return pairs
+
+
+@pytest.mark.parametrize("make,transposed", [
+    (lambda: nn.Conv2d(4, 6, 3, groups=2), False),
+    (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2), True),
+    (lambda: nn.ConvTranspose2d(6, 4, 3, groups=2), True),
+    (lambda: nn.ConvTranspose1d(4, 8, 3, groups=4), True),
+    (lambda: nn.Conv1d(4, 8, 3, groups=4), False),
+], ids=["conv2d_g2", "convT2d_4_6_g2", "convT2d_6_4_g2", "convT1d_g4", "conv1d_g4"])
+def test_grouped_conv_edges_join_the_right_channels(make, transposed):
+    # Catches: ConvTranspose ignoring groups (every input wired to the first group's outputs).
+    torch.manual_seed(0)
+    conv = make()
+    dims = conv.weight.dim() - 2
+    model = nn.Sequential(conv, nn.ReLU())
+    x = torch.randn(1, conv.in_channels, *([6] * dims))
+    g = l2o.build_graph(model, (x,), strict=True)
+    src, dst, kind = edges_of(g, "0.weight")
+    assert (kind == EdgeKind.CONV).all()
+    in_nodes, out_nodes = src.unique(), dst.unique()
+    assert in_nodes.numel() == conv.in_channels and out_nodes.numel() == conv.out_channels
+    rank_in = {n: j for j, n in enumerate(in_nodes.tolist())}
+    rank_out = {n: j for j, n in enumerate(out_nodes.tolist())}
+    got = [(rank_in[s], rank_out[d]) for s, d in zip(src.tolist(), dst.tolist())]
+    assert got == _expected_conv_pairs(tuple(conv.weight.shape), conv.groups, transposed)
+    # the bias sits on the output channels, in order
+    bias = g.entry_kind == EntryKind.BIAS
+    assert torch.equal(g.entry_node[bias][: conv.out_channels], out_nodes)
+
+
+def test_linear_edges_are_input_to_output_in_row_major_order():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    g = l2o.build_graph(model, (torch.randn(1, 3),), strict=True)
+    s0, d0, k0 = edges_of(g, "0.weight")
+    s2, d2, _ = edges_of(g, "2.weight")
+    assert (k0 == EdgeKind.LINEAR).all()
+    s0, d0, s2, d2 = s0.view(4, 3), d0.view(4, 3), s2.view(2, 4), d2.view(2, 4)
+    assert (s0 == s0[:1]).all() and (d0 == d0[:, :1]).all()
+    hidden = d0[:, 0]
+    assert torch.equal(s2[0], hidden), "layer 2 reads layer 1's output neurons in order"
+    assert d2[:, 0].unique().numel() == 2 and not set(d2.flatten().tolist()) & set(hidden.tolist())
