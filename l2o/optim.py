@@ -562,14 +562,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         pending: dict[int, Tensor] = {}   # updated copies of non-contiguous parameters
         nonfinite = False
 
+        kernels = self.lopt.kernels(device)
+
         def sink(k: int, s: int, e: int, u: Tensor) -> None:
             nonlocal nonfinite
-            if not _all_finite(u):
-                nonfinite = True
-                torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
             lr, wd = hyper[k]
-            if lr == 0.0:
-                return
             p = self._flat_params[k]
             if p.is_contiguous():
                 target = p.detach().view(-1)
@@ -578,6 +575,16 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                     pending[k] = p.detach().reshape(-1).clone()
                 target = pending[k]
             seg = target[s - starts[k]:e - starts[k]]
+            if (kernels is not None and lr != 0.0 and seg.dtype == torch.float32
+                    and u.dtype == torch.float32 and u.is_contiguous()):
+                # one pass on this thread: p = p (1 - lr wd) + lr u, non-finite u -> 0
+                nonfinite |= kernels.l2o_apply(e - s, seg.data_ptr(), u.data_ptr(), lr, 1.0 - lr * wd) > 0
+                return
+            if not _all_finite(u):
+                nonfinite = True
+                torch.nan_to_num_(u, nan=0.0, posinf=0.0, neginf=0.0)
+            if lr == 0.0:
+                return
             if wd != 0.0:  # decoupled, from the parameters the update was computed at
                 seg.mul_(1.0 - lr * wd)
             seg.add_(u.to(p.dtype), alpha=lr)

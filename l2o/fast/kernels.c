@@ -550,6 +550,26 @@ int l2o_mlp_step(long n, const float *x, long ld, const float *w_in, const float
 }
 #endif /* MH */
 
+/* ------------------------------------------------------------ applying an update */
+
+/* p = p * decay + lr * u over one run, on the calling thread (a run is small:
+ * waking torch's thread pool for it costs more than the work on a shared
+ * machine). Non-finite entries of u are set to 0 (and leave p unchanged apart
+ * from the decay); returns how many there were. decay == 1: no decay. */
+long l2o_apply(long n, float *p, float *u, float lr, float decay) {
+    long bad = 0;
+    for (long i = 0; i < n; i++) {
+        float x = u[i];
+        if (!__builtin_isfinite(x)) {
+            x = 0.f;
+            u[i] = 0.f;
+            bad++;
+        }
+        p[i] = (decay == 1.f ? p[i] : p[i] * decay) + lr * x;
+    }
+    return bad;
+}
+
 /* The widths this library was built for (0: not built in), so the loader can check them. */
 void l2o_sizes(long *out) {
     out[0] = NF;

@@ -161,6 +161,8 @@ def _open(path: Path, sizes: Sizes) -> ctypes.CDLL:
         if hasattr(lib, name):
             getattr(lib, name).argtypes = argtypes
             getattr(lib, name).restype = ctypes.c_int
+    lib.l2o_apply.argtypes = [_l, _p, _p, _f, _f]
+    lib.l2o_apply.restype = ctypes.c_long
     return lib
 
 
