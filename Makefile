@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test demo bench pretrained clean
+.PHONY: install test test-quick demo bench pretrained clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# The quick subset: everything not marked slow (markers in pyproject.toml).
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 demo: $(STAMP)
 	$(BIN)/python -m l2o.demo

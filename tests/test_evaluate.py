@@ -185,6 +185,8 @@ def test_missing_pretrained_weights_is_a_clear_error(monkeypatch, tmp_path):
         ev.resolve_weights("mlp", tmp_path / "nope.safetensors", allow_untrained=True)
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_evaluate_end_to_end_writes_everything(tmp_path, monkeypatch):
     import l2o.checkpoint as ckpt
     # Evaluate untrained metanetworks whether or not pretrained weights are shipped.

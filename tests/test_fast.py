@@ -240,6 +240,7 @@ def test_a_non_finite_input_shows_in_the_update_as_in_the_forward(kernels):
         assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
 
 
+@pytest.mark.slow
 def test_a_damaged_cached_kernel_library_is_rebuilt(monkeypatch, tmp_path):
     if native.compiler() is None:
         pytest.skip("no C compiler on this machine")

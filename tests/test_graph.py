@@ -645,24 +645,28 @@ def test_draw_graph(tmp_path):
         draw_graph(g, str(tmp_path / "big.png"), max_nodes=10)
 
 
-def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path):
+def test_plotting_leaves_the_matplotlib_backend_alone(tmp_path, monkeypatch):
     # Library plots must not switch a notebook user's backend (nor import pyplot).
-    import subprocess
+    # In-process: pyplot is taken out of sys.modules (restored afterwards) so that
+    # an import of it by the plots shows, and the backend is put back at the end.
     import sys
 
-    code = f"""
-import sys, matplotlib
-matplotlib.use("pdf")
-from torch import nn
-from l2o.graph import build_graph, draw_graph
-from l2o.plots import plot_speedup
-draw_graph(build_graph(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))), {str(tmp_path / "g.png")!r})
-plot_speedup({{"t": {{"gmn": 2.0}}}}, {str(tmp_path / "s.png")!r})
-assert matplotlib.get_backend() == "pdf", matplotlib.get_backend()
-assert "matplotlib.pyplot" not in sys.modules
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    import matplotlib
+
+    from l2o.graph import draw_graph
+    from l2o.plots import plot_speedup
+
+    for name in [m for m in sys.modules if m == "matplotlib.pyplot" or m.startswith("matplotlib.pyplot.")]:
+        monkeypatch.delitem(sys.modules, name)
+    backend = dict.__getitem__(matplotlib.rcParams, "backend")   # get_backend() may import pyplot
+    matplotlib.use("pdf")
+    try:
+        draw_graph(build_graph(nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))), str(tmp_path / "g.png"))
+        plot_speedup({"t": {"gmn": 2.0}}, str(tmp_path / "s.png"))
+        assert "matplotlib.pyplot" not in sys.modules
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        dict.__setitem__(matplotlib.rcParams, "backend", backend)
     assert (tmp_path / "g.png").stat().st_size > 1000 and (tmp_path / "s.png").stat().st_size > 1000
 
 

@@ -212,6 +212,7 @@ def _gpt2():
                                                           attn_pdrop=0))
 
 
+@pytest.mark.integration
 def test_hf_gpt2_attention():
     def spec(m):
         out = []

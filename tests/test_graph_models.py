@@ -294,6 +294,8 @@ def test_hf_llama_rms_norm_and_swiglu():
     assert torch.equal(o_src[1], v[0]) and torch.equal(o_src[3], v[1])
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "t5", "vit", "resnet"])
 def test_hf_training_loss_falls(name):
     make, loss_fn = HF[name]

@@ -7,6 +7,10 @@ from torch.nn import functional as F
 import l2o
 
 
+# Lightning, Accelerate, Hugging Face Trainer, torch.compile end to end.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
 def digits_loader(batch_size=64):
     from sklearn.datasets import load_digits
 

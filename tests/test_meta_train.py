@@ -34,13 +34,15 @@ def run(out, *extra):
     return meta_train.main([*FAST, "--out", str(out), *extra])
 
 
-def test_help():
-    res = subprocess.run([sys.executable, str(ROOT / "meta_train.py"), "--help"], capture_output=True, text=True,
-                         cwd=ROOT)
-    assert res.returncode == 0, res.stderr
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        meta_train.parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "Precedence: defaults < --preset < --config < flags" in out
     for flag in ("--lopt", "--suite", "--outer-steps", "--unroll", "--inner-steps", "--meta-batch",
                  "--estimator", "--device", "--seed", "--out", "--resume", "--config", "--preset"):
-        assert flag in res.stdout
+        assert flag in out
 
 
 @pytest.mark.parametrize("kind", ["gmn", "mlp"])
@@ -188,6 +190,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
                     reason="torchrun not installed")
 def test_ddp_two_processes_gloo(tmp_path):

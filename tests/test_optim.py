@@ -215,6 +215,7 @@ def test_lr_scheduler_scales_the_step():
         assert torch.count_nonzero(z) == 0
 
 
+@pytest.mark.slow
 def test_both_optimizers_train_digits_from_fresh_init():
     from sklearn.datasets import load_digits
 

@@ -57,7 +57,8 @@ def test_init_is_deterministic_per_seed(name):
     assert task.num_params() == a.numel()
 
 
-@pytest.mark.parametrize("name", REPRESENTATIVES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "transformer_charlm" else n
+                                  for n in REPRESENTATIVES])
 def test_adam_lowers_training_loss(name):
     task = tasks.get_task(name)
     model = task.init(0)
