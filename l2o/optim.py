@@ -38,11 +38,11 @@ Design notes:
   ``self.state[p]`` holds *views* into them (``m`` as [num_momenta, *p.shape])
   and ``step``, the tensor's own float32 step counter (a CPU 0-d view into
   one vector of counters), so ``state_dict()`` has per-parameter tensors
-  while ``step`` works on the flat buffers. On CPU the flat params, grads and
-  ``m`` sit inside the chunked step's workspace (``l2o/fast``), which each
-  optimizer owns through its private copy of the graph; that costs ~70 bytes
-  per parameter held between steps for the GMN (~40 for the MLP baseline)
-  instead of a larger transient peak.
+  while ``step`` works on the flat buffers. On CPU (the chunked step of
+  ``l2o/fast``) these 20 bytes per parameter are all an optimizer keeps that
+  grows with the model: parameters and gradients are read in place, each
+  run's update is applied as soon as it is computed, and the optimizer's
+  private copy of the graph is lean (``l2o/fast/lean.py``); ``bench/memory.py``.
 * Step counters are per tensor: a tensor's counter advances when it is
   stepped. Its own count sets its Adam bias correction (a tensor unfrozen or
   added at step 1000 is bias-corrected as at its first step). The metanetwork

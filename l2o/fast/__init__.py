@@ -2,24 +2,27 @@
 
 ``GMNOptimizer.step`` and ``MLPOptimizer.step`` need no autograd, so they can
 evaluate the metanetwork far more cheaply than the differentiable forward used
-in meta-training: run by run over the flat entries (:mod:`.plan`), with
-feature-major workspaces reused across steps, the statistics updated in place
-(:mod:`.features`), and the per-tensor feature normalisation folded into the
-first layers' weights. The result equals ``lopt(graph, params, grad, state)``
+in meta-training: run by run over the flat entries (:mod:`.plan`), in
+run-sized feature-major workspaces reused across steps, each pass recomputing
+a run's features from the parameters, gradient and statistics, which are
+written back once (:mod:`.features`), and the per-tensor feature normalisation
+folded into the first layers' weights. The result equals ``lopt(graph, params, grad, state)``
 up to float rounding (tests/test_fast.py checks it on every layer kind).
 
 Each pass exists twice: as torch ops over the runs, and as a fused C kernel
 (:mod:`.native`, ``kernels.c``) that keeps an entry's whole chain in
-registers and takes a dense weight block whole. The kernels are built with the
+registers and takes a dense run (rows of a weight block) whole. The kernels are built with the
 system C compiler on first use and used wherever they build (CPU tensors);
 ``L2O_NATIVE=0`` turns them off, ``l2o.fast.native.status()`` says which
 is in use. Both compute the same function (tests/test_fast.py runs every
 equivalence test with and without them).
 
-The optimizers keep their flat parameters, gradients and momenta inside the
-step's workspace (``LearnedOptimizer.frame_views``), so nothing is copied in;
-the step is entered through ``LearnedOptimizer.step_no_grad``, which picks this
-path with :func:`use_fast_path`. ``bench/fast_step.py`` times the paths.
+The optimizers enter through ``LearnedOptimizer.step_entries`` (parameters
+and gradients tensor by tensor, each run's update handed to a sink that
+applies it at once: nothing model-sized is copied or kept but ``m`` and ``v``;
+their graph is a :class:`.lean.LeanGraph`); ``LearnedOptimizer.step_no_grad``
+is the flat form. :func:`use_fast_path` picks this path;
+``bench/fast_step.py`` times the paths, ``bench/memory.py`` measures memory.
 """
 from .plan import ChunkPlan, chunk_plan
 

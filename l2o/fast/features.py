@@ -83,11 +83,6 @@ class Entries:
         self.starts = [t.start for t in plan.tensor_slices]
         self.state_offset = shard.lo if shard is not None else 0   # flat index of the state's first entry
 
-    @classmethod
-    def from_flat(cls, plan: ChunkPlan, params: Tensor, grad: Tensor) -> "Entries":
-        split = [t.stop - t.start for t in plan.tensor_slices]
-        return cls(plan, list(params.split(split)), list(grad.split(split)))
-
     def _chunk(self, t: Tensor, k: int, s: int, e: int) -> Tensor:
         c = t[s - self.starts[k]:e - self.starts[k]]
         return c if c.dtype == torch.float32 and c.is_contiguous() else c.float().contiguous()

@@ -4,22 +4,29 @@ The same function as ``GMNLOpt.forward``, reorganised into passes over the
 edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
 (``[width, run length]``) so the tiny matrix products stream over long rows:
 
-1. statistics (:func:`~l2o.fast.features.update_statistics_`);
+1. the per-tensor feature sums (:func:`~l2o.fast.features.tensor_sums`);
 2. encode the edges and send the first round of messages: per run
    ``e_0 = σ(W_f' x + static)``, ``m_1 = σ(W_1 e_0 + S h[src] + D h[dst] + b)``,
-   summed onto both end nodes, ``e_1 = e_0 + m_1`` kept in the first
-   ``edge_dim`` rows of the persistent frame (the only edge-sized state);
-3. one pass per further round, updating those rows in place;
+   summed onto both end nodes, ``e_1 = e_0 + m_1`` in the first ``edge_dim``
+   rows of the run's ``[e; x]`` block;
+3. one pass per further round;
 4. read out: ``z = σ([A | B'] [e; x] + ...)``, ``(d, s) = H z`` and the
-   update, written straight into the output.
+   update, handed to the sink run by run; the new statistics are written
+   back in this pass.
+
+Every pass recomputes a run's features ``x`` from the parameters, gradient and
+statistics before the step (:func:`~l2o.fast.features.entry_features_`), and
+its edge states of the earlier rounds either from ``x`` (graphs above
+``STORE_EDGE_STATES_MAX_PARAMS``) or from a kept ``[edge_dim, E]`` buffer, so
+the step's working set is run-sized.
 
 Node updates between passes are the small ``GMNConv.update`` on all nodes.
 On a dense block (:mod:`l2o.graph.blocks`) a run is ``[groups, rows, cols]``:
 node terms broadcast along rows and columns and sums reduce along them, so
 no per-edge gather or scatter happens; other edges use plain index ops.
-With the fused kernels (:mod:`.native`) passes 2-4 take each dense block
+With the fused kernels (:mod:`.native`) passes 2-4 take each dense run
 whole in C (:func:`_fused_round`, :func:`_fused_readout`), fed the same
-per-block row and column tables; scatter edges keep the torch runs.
+row and column tables; scatter edges keep the torch runs.
 """
 from __future__ import annotations
 
