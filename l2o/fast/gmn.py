@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import features as F_
-from ..graph.blocks import edge_degree
+from ..graph.blocks import edge_degree, entry_count
 from ..graph.param_graph import ParamGraph
 from .lean import entry_slice
 from .native import address, check
@@ -244,19 +244,31 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
     inv_rms, scale = inverse_rms(plan, sums), relative_scale(lopt, plan, sums)
     t = F_.time_features(state["step"])
 
-    # node-held entries (biases, norms, fallback tensors): their features once, [F, M]
+    # node-held entries (biases, norms, fallback tensors), run by run: their
+    # encoder terms summed onto the nodes holding them (GMNLOpt.encode_nodes)
     node_runs = [(r.tensor, *(shard.clip(r.start, r.stop) if shard is not None else (r.start, r.stop)))
                  for r in plan.stat_runs if r.start >= n_edges]
     node_runs = [(k, s, e) for k, s, e in node_runs if e > s]   # (tensor, start, stop), this rank's
-    x_nodes = plan.fixed("x_nodes", (F_.NUM_ENTRY_FEATURES, n - n_edges), dev)
-    if shard is not None:
-        x_nodes.zero_()
-    for k, s, e in node_runs:
-        entry_features_(plan, entries, state, consts, k, s, e, x_nodes[:, s - n_edges:e - n_edges], kernels)
-    if shard is not None:
-        shard.all_reduce(x_nodes)
-    x_entry = x_nodes.t() * inv_rms.index_select(0, _node_tensor_id(graph, plan))          # [M, F]
-    h = lopt.encode_nodes(graph, x_entry, t)
+
+    def node_features(k: int, s: int, e: int, write_back: bool = False) -> tuple[Tensor, Tensor]:
+        """Raw ``[F, L]`` and normalised ``[L, F]`` features of node-held entries ``[s, e)``."""
+        x = entry_features_(plan, entries, state, consts, k, s, e, run_frame(plan, 0, e - s, dev), kernels,
+                            write_back=write_back)
+        return x, x.t() * inv_rms[k]
+
+    def held_slice(name: str, s: int, e: int) -> Tensor:
+        return entry_slice(graph, name, s - n_edges, e - n_edges)
+
+    h = lopt.encode_nodes(graph, inv_rms.new_empty(0, F_.NUM_ENTRY_FEATURES), t)   # the node terms alone
+    if n > n_edges:
+        held = h.new_zeros(n_nodes, lopt.node_dim)
+        for k, s, e in node_runs:
+            _, x_entry = node_features(k, s, e)
+            held.index_add_(0, held_slice("entry_node", s, e),
+                            lopt.entry_in(x_entry) + lopt.entry_in_kind(held_slice("entry_kind", s, e)))
+        if shard is not None:
+            shard.all_reduce(held)
+        h = h + held / entry_count(graph).clamp(min=1).unsqueeze(1).to(h.dtype)
     w_enc = fold_input_scale(lopt.edge_feat.weight, inv_rms)                  # [T, De, F]
     static = _StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(t))
     deg_src = edge_degree(graph, "src").clamp(min=1).unsqueeze(1)
@@ -323,19 +335,21 @@ def gmn_run_step(lopt, graph: ParamGraph, params: list[Tensor], grads: list[Tens
             update.mul_(scale[run.tensor])
         sink(run.tensor, s, e, update)
 
-    if node_runs:
-        out = lopt.readout_entries(graph, x_entry, h, t, folded=True)
-        update = plan.scratch("update", 1, n - n_edges, dev)[0]
-        lopt.finish_update_(update, out[:, 0].contiguous(), out[:, 1].contiguous(), adam_row(x_nodes))
-        for k, s, e in node_runs:  # the new statistics, then the updates
-            entry_features_(plan, entries, state, consts, k, s, e, run_frame(plan, 0, e - s, dev), kernels,
-                            write_back=True)
+    if node_runs:  # GMNLOpt.readout_entries, run by run; the new statistics are written back here
+        h_term, t_term = lopt.entry_out_h(h), lopt.entry_out_time(t)
+        weight, bias = lopt.folded_head(lopt.entry_head)
         for k, s, e in node_runs:
-            if entries.write[k]:
-                u = update[s - n_edges:e - n_edges]
-                if scale is not None:
-                    u.mul_(scale[k])
-                sink(k, s, e, u)
+            x, x_entry = node_features(k, s, e, write_back=True)
+            if not entries.write[k]:
+                continue
+            z = (lopt.entry_out_x(x_entry) + h_term.index_select(0, held_slice("entry_node", s, e))
+                 + lopt.entry_out_kind(held_slice("entry_kind", s, e)) + t_term).relu_()
+            out = torch.addmm(bias.t(), z, weight.t())
+            update = plan.scratch("update", 1, e - s, dev)[0]
+            lopt.finish_update_(update, out[:, 0].contiguous(), out[:, 1].contiguous(), adam_row(x))
+            if scale is not None:
+                update.mul_(scale[k])
+            sink(k, s, e, update)
     return state
 
 
@@ -372,17 +386,6 @@ def _nearest(sorted_values: list[int], target: int) -> int:
     if i == len(sorted_values) or (i > 0 and target - sorted_values[i - 1] <= sorted_values[i] - target):
         return i - 1
     return i
-
-
-def _node_tensor_id(graph: ParamGraph, plan: ChunkPlan) -> Tensor:
-    """[M] the tensor of each node-held entry (cached on the plan)."""
-    ids = plan._buffers.get("node_tensor_id")
-    if ids is None:
-        n_edges = plan.num_edges
-        numels = torch.tensor([max(0, sl.stop - max(sl.start, n_edges)) for sl in plan.tensor_slices])
-        ids = plan._buffers["node_tensor_id"] = torch.repeat_interleave(
-            torch.arange(plan.num_tensors), numels).to(graph.device)
-    return ids
 
 
 @torch.no_grad()
