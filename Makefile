@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-quick demo bench pretrained clean
+.PHONY: install test test-quick mutation demo bench pretrained clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: $(STAMP)
 # The quick subset: everything not marked slow (markers in pyproject.toml).
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# Mutation testing of the core (config: [tool.mutmut] in pyproject.toml); not part of
+# make test: an hour or more on a small CPU. Works in mutants/; report: docs/mutation.md.
+mutation: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run
+	$(BIN)/mutmut results
 
 demo: $(STAMP)
 	$(BIN)/python -m l2o.demo
