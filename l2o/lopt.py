@@ -159,9 +159,13 @@ class LearnedOptimizer(nn.Module):
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
+        return self._advance_log_lr(state, sums)
+
+    def _advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
+        """The controller's update from each tensor's ``<g, m>``, ``<g, g>``, ``<m, m>`` (``sums`` [3, T])."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
-        prev = g.new_zeros(graph.num_tensors) if prev is None else prev
+        prev = sums.new_zeros(sums.shape[1]) if prev is None else prev
         return (prev + self.log_adapt_rate.exp() * cos).clamp(-self.adapt_bound, self.adapt_bound)
 
     # ------------------------------------------------------ no-grad stepping
@@ -229,9 +233,13 @@ class LearnedOptimizer(nn.Module):
         Every update is computed from ``params`` as they were when the step
         began: a sink may change a run's parameters once it has its update."""
         if self.adapt:  # the controller's multipliers, from the momenta before the step
-            grad = torch.cat([g.float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
-                              for p, g in zip(params, grads)])
-            log_lr = self.adapted_log_lr(graph, grad, state)
+            m = state["m"][F_.ADAM_BETA1_INDEX]
+            sums = m.new_zeros(3, graph.num_tensors)
+            for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
+                if g is not None:
+                    gk, mk = g.float(), m[sl]
+                    sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
+            log_lr = self._advance_log_lr(state, sums)
             if write is not None:  # tensors left alone keep their multiplier
                 keep = ~torch.tensor(write, device=log_lr.device)
                 log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
