@@ -27,7 +27,7 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"
 
 # Mutation testing of the core (config: [tool.mutmut] in pyproject.toml); not part of
-# make test: an hour or more on a small CPU. Works in mutants/; report: docs/mutation.md.
+# make test: ~10k mutants, hours on a small CPU. Works in mutants/; report: docs/mutation.md.
 mutation: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run
 	$(BIN)/mutmut results
