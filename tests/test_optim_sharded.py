@@ -68,8 +68,6 @@ def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.integration
 @pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch"])
 def test_sharded_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native):
     mp.spawn(_worker, args=(str(tmp_path / "init"), 3, 64, native), nprocs=WORLD, join=True)
