@@ -7,10 +7,12 @@ maps (params, grad, state) to an update. When the metanetwork's weights
 require grad, the parameters after each update depend on them, so the losses
 along the unroll can be backpropagated into the metanetwork (truncated BPTT).
 
-Batches: inner step ``s`` of a run uses batch ``s`` of that run's stream. The
-stream is recreated at the start of every unroll from ``(data_seed, step)``, so
-a run's batches are a pure function of its counters (exact resume, and ES can
-replay the same batches for every perturbation).
+Batches: each unroll draws from a stream seeded by ``(data_seed, step at the
+start of the unroll)``, so a run's batches are a pure function of its counters
+and of where its truncations fall (exact resume, since checkpoints sit on
+truncation boundaries, and ES can replay the same batches for every
+perturbation). Two unrolls of K steps and one of 2K therefore see different
+(equally distributed) batches.
 
 Cost: one forward/backward of the task per inner step. The loss at the new
 parameters is both a meta-loss term and the source of the next gradient (its
