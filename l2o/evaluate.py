@@ -10,7 +10,8 @@ Protocol (also written into results.md so a reader never has to guess):
 * Hand-designed optimizers (Adam, AdamW, SGD with momentum 0.9) get their
   learning rate tuned per task over a grid on separate tuning seeds: the
   grid value with the lowest mean final train loss wins; runs that diverged
-  are excluded. The learned optimizers run as shipped (lr multiplier 1.0).
+  are excluded. ``adam_default`` is Adam at lr 1e-3, untuned (what most
+  users run). The learned optimizers run as shipped (lr multiplier 1.0).
 * Final train loss = mean of the last 10% of the per-step minibatch losses.
   Curves are smoothed with the same trailing window before comparing them.
 * Diverged = a non-finite loss, or the smoothed loss rising above 3x the
