@@ -730,7 +730,7 @@ class ShardedGMNOptimizer(GMNOptimizer):
     ``state_dict()`` holds this rank's shard (``self.state[p]``: ``m`` ``[4, L]``
     and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
     its (start, stop) within ``p``); restoring one is not supported yet, nor
-    ``add_param_group`` after construction.
+    ``add_param_group`` after construction or the ``adapt`` controller.
 
     With FSDP2 (``fully_shard``) each rank holds a row shard of every
     parameter (DTensor, dim 0) and its gradient: the owned entries are then
@@ -755,6 +755,8 @@ class ShardedGMNOptimizer(GMNOptimizer):
         self._shard_class = Shard
         super().__init__(params, weights, lr, example_inputs, strict, model=model, weight_decay=weight_decay,
                          betas=betas, graph_model=graph_model)
+        if self.lopt.adapt:
+            raise NotImplementedError("ShardedGMNOptimizer does not support the adapt controller yet")
 
     def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
         from .fast.gmn import shard_bounds
@@ -822,34 +824,7 @@ class ShardedGMNOptimizer(GMNOptimizer):
 
     def _run_step(self, params, grads, state, sink, write) -> None:
         from .fast.gmn import gmn_run_step
-        if self.lopt.adapt:
-            sink = self._controlled_sink(grads, state, sink, write)
         gmn_run_step(self.lopt, self.graph, params, grads, state, sink, write, shard=self._shard)
-
-    def _controlled_sink(self, grads, state, sink, write):
-        """The step-size controller (``LearnedOptimizer.adapt``) on a shard:
-        each rank sums ``<g, m>``, ``<g, g>``, ``<m, m>`` over its owned entries,
-        one all-reduce of ``[3, T]`` gives every rank the whole tensors' sums,
-        hence the same multipliers; the sink scales this rank's updates."""
-        m, lo = state["m"][F_.ADAM_BETA1_INDEX], self._shard.lo
-        sums = m.new_zeros(3, self.graph.num_tensors)
-        for k, g in enumerate(grads):
-            s, e = self._owned(k)
-            if g is None or e <= s:
-                continue
-            start = self.graph.tensor_slices[k].start
-            gk, mk = g[s - start:e - start].float(), m[s - lo:e - lo]
-            sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
-        self._all_reduce(sums)
-        log_lr = self.lopt._advance_log_lr(state, sums)
-        kept = ~torch.tensor(write, device=log_lr.device)   # tensors left alone keep their multiplier
-        log_lr[kept] = state["log_lr"][kept] if "log_lr" in state else 0.0
-        state["log_lr"] = log_lr
-        multiplier, inner = log_lr.exp().tolist(), sink
-
-        def scaled(k: int, s: int, e: int, u: Tensor) -> None:
-            inner(k, s, e, u.mul_(multiplier[k]))
-        return scaled
 
     def _broadcast_owned(self) -> None:
         """Every rank's updated segments to every rank (the same order everywhere)."""

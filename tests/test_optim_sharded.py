@@ -30,46 +30,38 @@ def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
         plan_mod.DEFAULT_CHUNK = chunk          # several runs per tensor and per shard
         for name in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
             setattr(fast, name, 0)              # the reference takes the chunked step too: the same sums, but in one process
-        # the plain update rule, then the step-size controller the shipped weights use,
-        # in one process group (fewer spawns)
-        for adapt in (False, True):
-            g = torch.Generator().manual_seed(3)
-            lopt = l2o.GMNLOpt(adapt=adapt, adapt_rate=0.3)
-            with torch.no_grad():                   # away from the near-zero output init
-                for name, p in lopt.named_parameters():
-                    if name != "log_adapt_rate":
-                        p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-            ref_model, sh_model = _model(), _model()
-            ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2)
-            sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2)
-            n = sum(p.numel() for p in sh_model.parameters())
-            local = sharded._flat_state["v"].numel()
-            total = torch.tensor([local])
-            dist.all_reduce(total)
-            assert int(total) == n                              # the shards partition the entries
-            assert abs(local - n / WORLD) <= 0.15 * n, (local, n)   # about half each
-            assert sharded._flat_state["m"].shape[1] == local
-            x, y = torch.randn(32, 24, generator=g), torch.randint(0, 5, (32,), generator=g)
-            for _ in range(steps):
-                for model, opt in ((ref_model, ref), (sh_model, sharded)):
-                    opt.zero_grad()
-                    F.cross_entropy(model(x), y).backward()     # the same data on both ranks: DDP-like gradients
-                    opt.step()
-            for a, b in zip(ref_model.parameters(), sh_model.parameters()):
-                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
-            if adapt:   # every rank has the whole tensors' multipliers, the unsharded ones
-                ref_m = torch.stack([ref.state[p]["log_lr"] for p in ref_model.parameters()])
-                assert bool(ref_m.abs().max() > 0)
-                torch.testing.assert_close(sharded._log_lr.cpu(), ref._log_lr.cpu(), rtol=1e-4, atol=1e-6)
-            # the ranks agree exactly (each owned segment was broadcast by its owner)
-            flat = torch.cat([p.detach().reshape(-1) for p in sh_model.parameters()])
-            other = flat.clone()
-            dist.broadcast(other, src=0)
-            assert torch.equal(flat, other)
-            # a state view covers this rank's part of each parameter
-            for p in sh_model.parameters():
-                s, e = sharded.state[p]["shard"].tolist()
-                assert sharded.state[p]["m"].shape == (4, e - s) and sharded.state[p]["v"].shape == (e - s,)
+        g = torch.Generator().manual_seed(3)
+        lopt = l2o.GMNLOpt()
+        with torch.no_grad():                   # away from the near-zero output init
+            for p in lopt.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        ref_model, sh_model = _model(), _model()
+        ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2)
+        sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2)
+        n = sum(p.numel() for p in sh_model.parameters())
+        local = sharded._flat_state["v"].numel()
+        total = torch.tensor([local])
+        dist.all_reduce(total)
+        assert int(total) == n                              # the shards partition the entries
+        assert abs(local - n / WORLD) <= 0.15 * n, (local, n)   # about half each
+        assert sharded._flat_state["m"].shape[1] == local
+        x, y = torch.randn(32, 24, generator=g), torch.randint(0, 5, (32,), generator=g)
+        for _ in range(steps):
+            for model, opt in ((ref_model, ref), (sh_model, sharded)):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()     # the same data on both ranks: DDP-like gradients
+                opt.step()
+        for a, b in zip(ref_model.parameters(), sh_model.parameters()):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        # the ranks agree exactly (each owned segment was broadcast by its owner)
+        flat = torch.cat([p.detach().reshape(-1) for p in sh_model.parameters()])
+        other = flat.clone()
+        dist.broadcast(other, src=0)
+        assert torch.equal(flat, other)
+        # a state view covers this rank's part of each parameter
+        for p in sh_model.parameters():
+            s, e = sharded.state[p]["shard"].tolist()
+            assert sharded.state[p]["m"].shape == (4, e - s) and sharded.state[p]["v"].shape == (e - s,)
     finally:
         dist.destroy_process_group()
 
@@ -79,4 +71,3 @@ def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
 @pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch"])
 def test_sharded_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native):
     mp.spawn(_worker, args=(str(tmp_path / "init"), 3, 64, native), nprocs=WORLD, join=True)
-
