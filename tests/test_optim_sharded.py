@@ -62,6 +62,7 @@ def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
         for p in sh_model.parameters():
             s, e = sharded.state[p]["shard"].tolist()
             assert sharded.state[p]["m"].shape == (4, e - s) and sharded.state[p]["v"].shape == (e - s,)
+        dist.barrier()   # neither rank tears gloo down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
