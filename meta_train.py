@@ -77,6 +77,19 @@ def warm_start(lopt, path: str) -> None:
           + (f", kept at initialisation: {', '.join(fresh)}" if fresh else ""), file=sys.stderr)
 
 
+def freeze(lopt, names: list[str]) -> None:
+    """Keep the named metanetwork parameters (``freeze``: names or name prefixes) at
+    their current values: they get no meta-gradient and no outer-optimizer slot."""
+    own = dict(lopt.named_parameters())
+    for name in names:
+        hits = [n for n in own if n == name or n.startswith(name + ".")]
+        if not hits:
+            raise C.ConfigError(f"freeze: {name!r} names no parameter of the {type(lopt).__name__}; "
+                                f"its parameters: {sorted(own)}")
+        for n in hits:
+            own[n].requires_grad_(False)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,6 +173,7 @@ def main(argv=None) -> dict:
     if not ckpt and cfg["init_from"]:
         warm_start(lopt, cfg["init_from"])
     lopt = lopt.to(device).train()
+    freeze(lopt, cfg["freeze"])
     D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
     trainable = [p for p in lopt.parameters() if p.requires_grad]
     named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]

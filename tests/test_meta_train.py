@@ -221,3 +221,25 @@ def test_diverged_runs_are_reset(tmp_path):
 def test_second_order_and_log_objective(tmp_path):
     summary = run(tmp_path, "--lopt", "mlp", "--outer-steps", "2", "--second-order", "--meta-objective", "log")
     assert summary["skipped"] == 0 and summary["meta_loss_last"] is not None
+
+
+def test_frozen_parameters_keep_their_initial_values(tmp_path):
+    from l2o.checkpoint import load_lopt
+
+    torch.manual_seed(0)
+    init = meta_train.make_lopt("gmn")   # what the run starts from (seed 0)
+    run(tmp_path, "--outer-steps", "4", "--config", str(_freeze_file(tmp_path, ["log_nominal", "edge_head"])))
+    trained = load_lopt(tmp_path / "lopt.safetensors")
+    assert trained.log_nominal.item() == init.log_nominal.item()
+    torch.testing.assert_close(trained.edge_head.weight, init.edge_head.weight, rtol=0, atol=0)
+    moved = [n for (n, a), b in zip(trained.named_parameters(), init.parameters())
+             if not torch.equal(a, b)]
+    assert moved and not any(n == "log_nominal" or n.startswith("edge_head.") for n in moved)
+    with pytest.raises(C.ConfigError, match="names no parameter"):
+        run(tmp_path / "bad", "--config", str(_freeze_file(tmp_path, ["no_such_weight"])))
+
+
+def _freeze_file(tmp_path, names):
+    path = tmp_path / f"freeze_{len(names)}.json"
+    path.write_text(json.dumps({"freeze": names}))
+    return path

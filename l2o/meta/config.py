@@ -17,6 +17,8 @@ DEFAULTS: dict[str, Any] = {
     "lopt": "gmn",               # gmn | mlp
     "lopt_config": {},           # constructor kwargs of the metanetwork (l2o.make_lopt)
     "init_from": "",             # warm start: weights file of another run (matching names and shapes copied)
+    "freeze": [],                # metanetwork parameters kept at their initial values: names or name
+                                 # prefixes (e.g. [log_nominal]: the nominal step size is not meta-learned)
     # what it is trained on
     "suite": "train",            # train | heldout | families | mix | comma-separated task names
     "eval_task": "conv1d~valid~0",  # validation task of the quick evaluation (never a test task)
@@ -168,6 +170,8 @@ def validate(cfg: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"init_from must be a path (or empty), got {cfg['init_from']!r}")
     if not isinstance(cfg["suite"], str) or not cfg["suite"]:
         raise ConfigError(f"suite must be a non-empty string, got {cfg['suite']!r}")
+    if not (isinstance(cfg["freeze"], list) and all(isinstance(n, str) and n for n in cfg["freeze"])):
+        raise ConfigError(f"freeze must be a list of metanetwork parameter names, got {cfg['freeze']!r}")
     if not isinstance(cfg["inject_nan_steps"], list):
         raise ConfigError("inject_nan_steps must be a list of outer steps")
     if cfg["inner_steps_max"] and cfg["inner_steps_max"] < cfg["inner_steps"]:
