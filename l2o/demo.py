@@ -16,7 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import evaluate as ev
+from . import eval as ev
 from . import plots
 
 DEFAULT_TASK = "conv1d_mnist1d"
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(ev.format_summary(results))
     gmn = next(r for r in results.rows if r["optimizer"] == "gmn")
     adam = next(r for r in results.rows if r["optimizer"] == "adam")
-    print(f"\nGMN final train loss {ev._fmt(gmn['final_train_loss'])} vs Adam (lr {adam['lr']:g}) "
-          f"{ev._fmt(adam['final_train_loss'])}; speedup {gmn['speedup_str']}"
+    print(f"\nGMN final train loss {ev.fmt(gmn['final_train_loss'])} vs Adam (lr {adam['lr']:g}) "
+          f"{ev.fmt(adam['final_train_loss'])}; speedup {gmn['speedup_str']}"
           + ("   [untrained GMN]" if untrained else ""))
     print(f"saved {png} and {out / 'results.md'}")
     return 0

@@ -1,6 +1,6 @@
 """Figures for the evaluation: loss curves per task and the speedup bar chart.
 
-Kept apart from :mod:`l2o.evaluate` so the numbers can be computed (and
+Kept apart from :mod:`l2o.eval` so the numbers can be computed (and
 tested) without matplotlib, and so the demo can draw the same curves.
 Inputs are plain arrays, not evaluation objects, so anything can be plotted.
 """
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from .eval.metrics import smooth
 
 # Fixed colours so an optimizer looks the same in every panel and figure.
 COLORS = {"gmn": "tab:red", "mlp": "tab:purple", "adam": "tab:blue", "adamw": "tab:cyan", "sgd": "tab:green",
@@ -29,7 +31,6 @@ def _figure(figsize):
 
 def _plot_smooth(curve: np.ndarray, window: int) -> np.ndarray:
     """Trailing moving average that ignores NaN (steps after an early stop)."""
-    from .evaluate import smooth
     return smooth(curve, window=window)
 
 

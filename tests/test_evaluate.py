@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2o import evaluate as ev
+from l2o import eval as ev
+from l2o.eval import cli
 
 
 # ------------------------------------------------------------------ curves
@@ -83,18 +84,18 @@ def test_select_lr_excludes_diverged():
 
 def test_win_tie_and_divergence_rules():
     row = lambda f: {"final_train_loss": f}
-    assert ev._beats(row(0.5), row(0.6)) == "win"
-    assert ev._beats(row(0.6), row(0.5)) == "loss"
-    assert ev._beats(row(0.5), row(0.501)) == "tie"                 # within 0.5%
-    assert ev._beats(row(float("nan")), row(9.0)) == "loss"         # diverged never wins
-    assert ev._beats(row(9.0), row(float("nan"))) == "win"
+    assert ev.beats(row(0.5), row(0.6)) == "win"
+    assert ev.beats(row(0.6), row(0.5)) == "loss"
+    assert ev.beats(row(0.5), row(0.501)) == "tie"                 # within 0.5%
+    assert ev.beats(row(float("nan")), row(9.0)) == "loss"         # diverged never wins
+    assert ev.beats(row(9.0), row(float("nan"))) == "win"
 
 
 def test_summary_counts_train_and_test_wins_separately():
     """The GMN can win on train loss and lose on test loss (it overfits): both are reported."""
     rows = [{"task": "t", "optimizer": o, "final_train_loss": f, "test_loss": tl, "speedup_vs_adam": float("nan"),
              "diverged_seeds": 0} for o, f, tl in (("gmn", 0.1, 0.9), ("adam", 0.2, 0.3), ("adam_default", 0.5, 0.8))]
-    s = ev._summary(rows, ["gmn", "adam", "adam_default"])
+    s = ev.summarize(rows, ["gmn", "adam", "adam_default"])
     assert s["wins"]["gmn_vs_adam"]["wins"] == 1 and s["test_wins"]["gmn_vs_adam"]["wins"] == 0
     assert s["wins"]["gmn_vs_adam_default"]["wins"] == 1 and s["test_wins"]["gmn_vs_adam_default"]["wins"] == 0
 
@@ -106,7 +107,7 @@ def test_table_rows_speedup_and_diverged_runs_get_no_credit():
     run = lambda opt, c, div=False: ev.RunResult(task.name, opt, None, 0, 100, c, div, 100,
                                                  final_test={"mse": 1.0})
     blown = np.r_[curve(8)[:40], np.full(60, np.nan)]               # fast, then diverged
-    rows = ev._table_rows([task], ["gmn", "mlp", "adam"],
+    rows = ev.table_rows([task], ["gmn", "mlp", "adam"],
                           [run("adam", curve(2)), run("gmn", curve(4)), run("mlp", blown, True)], {}, {})
     by = {r["optimizer"]: r for r in rows}
     sm = lambda c: ev.speedup(curve(2), c)
@@ -236,6 +237,23 @@ def test_cli_reports_user_errors_but_not_bugs(monkeypatch, capsys):
     def buggy(*args, **kwargs):
         raise KeyError("internal bug")
 
-    monkeypatch.setattr(ev, "evaluate", buggy)
+    monkeypatch.setattr(cli, "evaluate", buggy)
     with pytest.raises(KeyError, match="internal bug"):
         ev.main(["regression_teacher", "--no-progress"])
+
+
+def test_old_module_path_and_command_still_work():
+    """``l2o.evaluate`` is the documented command and import path: it re-exports
+    the package's public names (the same objects) and runs its CLI."""
+    import subprocess
+    import sys
+
+    from l2o import evaluate as old
+
+    for name in old.__all__:
+        assert getattr(old, name) is getattr(ev, name), name
+    assert set(old.__all__) == set(ev.__all__)
+    for module in ("l2o.evaluate", "l2o.eval"):
+        res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "--lr-grid" in res.stdout and "--allow-untrained" in res.stdout
