@@ -6,13 +6,15 @@
     python meta_train.py --out runs/gmn --resume                    # continue it exactly
     torchrun --nproc_per_node=4 meta_train.py --config configs/small.yaml --device cuda --out runs/gmn4
 
-Reads top to bottom: configuration, setup, then the outer loop. Each outer
-step unrolls every inner run of the meta-batch by ``unroll`` learned-optimizer
-steps, estimates the meta-gradient (truncated backprop or evolution
-strategies), averages it over processes, clips it and takes an Adam step. Inner
-runs carry their state across outer steps and are replaced by a freshly drawn
-task when they finish (``inner_steps``) or diverge. The pieces live in
-``l2o/meta/``.
+Reads top to bottom: the command line, the configuration
+(:class:`l2o.meta.config.MetaConfig`), the setup, the outer loop, the end.
+Each outer step unrolls every inner run of the meta-batch by ``unroll``
+learned-optimizer steps, estimates the meta-gradient (an estimator object:
+truncated backprop or evolution strategies, :mod:`l2o.meta.estimator`),
+averages it over processes, clips it and takes an Adam step
+(:func:`l2o.meta.outer.outer_update`). Inner runs carry their state across
+outer steps and are replaced by a freshly drawn task when they finish
+(``inner_steps``) or diverge. The pieces live in ``l2o/meta/``.
 
 Meta-objective (``meta_objective: norm``, the default): the mean over the
 unroll of the inner training loss divided by the run's loss at
@@ -45,51 +47,31 @@ import hashlib
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from l2o.checkpoint import make_lopt
+from l2o.checkpoint import atomic_write_json, load_lopt, make_lopt
 from l2o.meta import config as C
 from l2o.meta import dist as D
-from l2o.meta import es, pes, tbptt
 from l2o.meta import state as S
-from l2o.meta.inner import advance, start_run, InnerRun
+from l2o.meta.config import MetaConfig
+from l2o.meta.estimator import GradientEstimator
+from l2o.meta.inner import InnerRun, advance, start_run
+from l2o.meta.outer import OuterStep, make_estimator, outer_update
 from l2o.meta.quick_eval import quick_eval
 from l2o.meta.schedule import outer_lr
+from l2o.meta.summary import summarize, summarize_checkpoint  # noqa: F401 (public here too)
 from l2o.meta.tasks_pool import TaskPool, draw_length, suite_specs
 
-ESTIMATORS = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}
+# The scalar step-size parameters (nominal weight, controller rate) get a faster outer lr
+# (nominal_lr_mult): one scalar otherwise moves ~lr per step, far slower than what it controls.
+SCALAR_STEP_SIZES = ("log_nominal", "log_adapt_rate")
 
 
-def warm_start(lopt, path: str) -> None:
-    """Start from another run's metanetwork weights (``init_from``): every
-    weight of the same name and shape is copied; the rest (e.g. a parameter
-    the other config lacked) keeps its initialisation. Says what it did."""
-    from l2o.checkpoint import load_lopt
-
-    source = load_lopt(path).state_dict()
-    own = lopt.state_dict()
-    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    lopt.load_state_dict(copied, strict=False)
-    fresh = sorted(set(own) - set(copied))
-    print(f"meta_train.py: warm start from {path}: {len(copied)} weights copied"
-          + (f", kept at initialisation: {', '.join(fresh)}" if fresh else ""), file=sys.stderr)
-
-
-def freeze(lopt, names: list[str]) -> None:
-    """Keep the named metanetwork parameters (``freeze``: names or name prefixes) at
-    their current values: they get no meta-gradient and no outer-optimizer slot."""
-    own = dict(lopt.named_parameters())
-    for name in names:
-        hits = [n for n in own if n == name or n.startswith(name + ".")]
-        if not hits:
-            raise C.ConfigError(f"freeze: {name!r} names no parameter of the {type(lopt).__name__}; "
-                                f"its parameters: {sorted(own)}")
-        for n in hits:
-            own[n].requires_grad_(False)
-
-
+# ---------------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -98,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Flags default to None so that only the ones actually given override the config.
     p.add_argument("--config", help="YAML or JSON file of config keys")
     p.add_argument("--preset", choices=sorted(C.PRESETS), help="named preset (tiny: ~1 minute on CPU)")
-    p.add_argument("--out", help=f"output directory (default {C.DEFAULTS['out']})")
+    p.add_argument("--out", help=f"output directory (default {MetaConfig.out})")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the checkpoint in --out (config comes from it; flags "
                         f"may change only {', '.join(C.RESUMABLE_OVERRIDES)})")
@@ -141,220 +123,261 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    # ------------------------------------------------------------------ config
-    args = parse_args(argv)
-    flags = {k: v for k, v in vars(args).items() if v is not None and k in C.DEFAULTS}
-    out = Path(args.out or C.DEFAULTS["out"])
+def main(argv=None) -> dict | None:
+    """Meta-train as the command line says; the summary (rank 0; None on other ranks)."""
+    cfg, ckpt = configure(parse_args(argv))
+    info = D.setup(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    training = setup(cfg, ckpt, info)
+    train(training)
+    return finish(training)
+
+
+def configure(args: argparse.Namespace) -> tuple[MetaConfig, dict | None]:
+    """(the config, the checkpoint to resume or None): defaults < preset < file < flags
+    for a new run; the checkpoint's config (with the resumable flags) for --resume."""
+    flags = {k: v for k, v in vars(args).items() if v is not None and k in C.KEYS}
+    out = Path(args.out or MetaConfig.out)
     flags["out"] = str(out)
-    ckpt = None
     if args.resume:
         if args.config or args.preset:
             raise C.ConfigError("--resume takes its config from the checkpoint; drop --config/--preset")
         ckpt = S.load(out)
-        cfg = dict(ckpt["config"])
-        changed = sorted(k for k, v in flags.items() if cfg.get(k) != v and k not in C.RESUMABLE_OVERRIDES)
-        if changed:
-            raise C.ConfigError(f"cannot change {changed} when resuming (would not continue the same run); "
-                                f"resumable overrides: {C.RESUMABLE_OVERRIDES}")
-        cfg = C.validate({**cfg, **flags})
-    else:
-        if S.checkpoint_dir(out) is not None:
-            raise C.ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or pick another --out")
-        cfg = C.resolve(args.preset, C.load_file(args.config) if args.config else None, flags)
+        return C.resume(ckpt["config"], flags), ckpt
+    if S.checkpoint_dir(out) is not None:
+        raise C.ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or pick another --out")
+    return C.resolve(args.preset, C.load_file(args.config) if args.config else None, flags), None
 
-    # ------------------------------------------------------------------ setup
-    info = D.setup(cfg["device"])
-    device = info.device
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    lopt = ckpt["lopt"] if ckpt else make_lopt(cfg["lopt"], **cfg["lopt_config"])
-    if not ckpt and cfg["init_from"]:
-        warm_start(lopt, cfg["init_from"])
-    lopt = lopt.to(device).train()
-    freeze(lopt, cfg["freeze"])
-    D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
-    trainable = [p for p in lopt.parameters() if p.requires_grad]
-    named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
-    # The scalar step-size parameters (nominal weight, controller rate) get a faster outer lr:
-    # one scalar otherwise moves ~lr per step, far slower than what it controls.
-    scalars = ("log_nominal", "log_adapt_rate")
-    groups = [{"params": [p for n, p in named if n not in scalars], "lr_mult": 1.0}]
-    nominal = [p for n, p in named if n in scalars]
-    if cfg.get("nominal_lr_mult", 1.0) != 1.0 and nominal:
-        groups.append({"params": nominal, "lr_mult": cfg["nominal_lr_mult"]})
-    else:
-        groups[0]["params"] = trainable
-    opt_cls = torch.optim.AdamW if cfg["weight_decay"] > 0 else torch.optim.Adam
-    opt = opt_cls(groups, lr=cfg["lr"], **({"weight_decay": cfg["weight_decay"]} if cfg["weight_decay"] > 0 else {}))
+
+# ---------------------------------------------------------------------- setup
+@dataclass
+class Training:
+    """What the outer loop works on: this process's share of the meta-training."""
+    cfg: MetaConfig
+    info: D.DistInfo
+    out: Path
+    lopt: torch.nn.Module
+    opt: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    pool: TaskPool
+    specs: list[str]
+    estimator: GradientEstimator
+    runs: list[InnerRun]            # this rank's slots of the meta-batch
+    counters: dict[str, Any]
+    history: dict[str, list]
+    writer: Any = None              # TensorBoard (rank 0)
+    resumed: bool = False
+
+
+def setup(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> Training:
+    lopt = build_lopt(cfg, ckpt, info)
+    opt = outer_optimizer(lopt, cfg, ckpt)
+    pool, specs = TaskPool(cfg.lopt, info.device), suite_specs(cfg.suite)
     if ckpt:
-        opt.load_state_dict(ckpt["optimizer"])
-    pool = TaskPool(cfg["lopt"], device)
-    specs = suite_specs(cfg["suite"])
-    estimate = ESTIMATORS[cfg["estimator"]]
-
-    # Inner runs: this rank's slots of the meta-batch. Fresh runs get staggered first
-    # lengths (slot i ends after (i+1)/B of a run), so afterwards the meta-batch holds
-    # tasks at every stage of training, not B runs all at step 0.
-    slots = D.my_slots(info, cfg["meta_batch"])
-
-    def run_length(slot: int, index: int) -> int:
-        return draw_length(cfg["inner_steps"], cfg["inner_steps_max"], cfg["seed"], slot, index)
-
-    if ckpt:
-        runs = [InnerRun.restore(ckpt["run_scalars"][s], ckpt["run_tensors"][s], device) for s in slots]
+        runs = [InnerRun.restore(ckpt["run_scalars"][s], ckpt["run_tensors"][s], info.device)
+                for s in D.my_slots(info, cfg.meta_batch)]
         if info.rank in ckpt["rng"]:
             torch.set_rng_state(ckpt["rng"][info.rank])
         counters, history = ckpt["counters"], ckpt["history"]
     else:
-        B = cfg["meta_batch"]
-        runs = [start_run(pool, specs, lopt, cfg["seed"], s, 0, max(1, round(run_length(s, 0) * (s + 1) / B)))
-                for s in slots]
+        runs = first_runs(cfg, info, pool, specs, lopt)
         counters = {"outer_step": 0, "skipped": 0, "resets": 0, "finished_runs": 0, "inner_steps": 0,
                     "nonfinite_pairs": 0, "wall_time_s": 0.0}
         history = {"meta_loss": [], "grad_norm": [], "eval": []}
+    return Training(cfg, info, Path(cfg.out), lopt, opt, [p for p in lopt.parameters() if p.requires_grad],
+                    pool, specs, make_estimator(cfg, pool, info.device), runs, counters, history,
+                    resumed=ckpt is not None)
 
-    writer = None
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops events logged after the checkpoint by a run that was then killed.
-        writer = SummaryWriter(str(out / "tb"), purge_step=counters["outer_step"] if ckpt else None)
 
-    def checkpoint():
-        gathered = D.gather(info, ([InnerRun.restore(r.scalars(), r.tensors(), "cpu") for r in runs],
-                                   torch.get_rng_state()))
-        if info.is_main:
-            all_runs = [r for rank_runs, _ in gathered for r in rank_runs]
-            S.save(out, lopt, opt, cfg, counters, all_runs, [rng for _, rng in gathered], history)
-        D.barrier(info)
+def build_lopt(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> torch.nn.Module:
+    """The metanetwork: the checkpoint's, or a new one (warm-started if ``init_from``)."""
+    lopt = ckpt["lopt"] if ckpt else make_lopt(cfg.lopt, **cfg.lopt_config)
+    if not ckpt and cfg.init_from:
+        warm_start(lopt, cfg.init_from)
+    lopt = lopt.to(info.device).train()
+    freeze(lopt, cfg.freeze)
+    D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
+    return lopt
 
-    # ------------------------------------------------------------------ loop
+
+def warm_start(lopt, path: str) -> None:
+    """Start from another run's metanetwork weights (``init_from``): every
+    weight of the same name and shape is copied; the rest (e.g. a parameter
+    the other config lacked) keeps its initialisation. Says what it did."""
+    source = load_lopt(path).state_dict()
+    own = lopt.state_dict()
+    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    lopt.load_state_dict(copied, strict=False)
+    fresh = sorted(set(own) - set(copied))
+    print(f"meta_train.py: warm start from {path}: {len(copied)} weights copied"
+          + (f", kept at initialisation: {', '.join(fresh)}" if fresh else ""), file=sys.stderr)
+
+
+def freeze(lopt, names: list[str]) -> None:
+    """Keep the named metanetwork parameters (``freeze``: names or name prefixes) at
+    their current values: they get no meta-gradient and no outer-optimizer slot."""
+    own = dict(lopt.named_parameters())
+    for name in names:
+        hits = [n for n in own if n == name or n.startswith(name + ".")]
+        if not hits:
+            raise C.ConfigError(f"freeze: {name!r} names no parameter of the {type(lopt).__name__}; "
+                                f"its parameters: {sorted(own)}")
+        for n in hits:
+            own[n].requires_grad_(False)
+
+
+def outer_optimizer(lopt, cfg: MetaConfig, ckpt: dict | None) -> torch.optim.Optimizer:
+    """Adam (AdamW with ``weight_decay``) over the trainable weights; the scalar step
+    sizes in a group of their own when ``nominal_lr_mult`` != 1."""
+    named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
+    scalars = [p for n, p in named if n in SCALAR_STEP_SIZES]
+    if cfg.nominal_lr_mult != 1.0 and scalars:
+        groups = [{"params": [p for n, p in named if n not in SCALAR_STEP_SIZES], "lr_mult": 1.0},
+                  {"params": scalars, "lr_mult": cfg.nominal_lr_mult}]
+    else:
+        groups = [{"params": [p for _, p in named], "lr_mult": 1.0}]
+    if cfg.weight_decay > 0:
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    if ckpt:
+        opt.load_state_dict(ckpt["optimizer"])
+    return opt
+
+
+def run_length(cfg: MetaConfig, slot: int, index: int) -> int:
+    """Inner steps of the ``index``-th run of meta-batch slot ``slot``."""
+    return draw_length(cfg.inner_steps, cfg.inner_steps_max, cfg.seed, slot, index)
+
+
+def first_runs(cfg: MetaConfig, info: D.DistInfo, pool: TaskPool, specs: list[str], lopt) -> list[InnerRun]:
+    """Fresh runs of this rank's slots with staggered first lengths (slot i ends after
+    (i+1)/B of a run), so afterwards the meta-batch holds tasks at every stage of
+    training, not B runs all at step 0."""
+    b = cfg.meta_batch
+    return [start_run(pool, specs, lopt, cfg.seed, s, 0, max(1, round(run_length(cfg, s, 0) * (s + 1) / b)))
+            for s in D.my_slots(info, b)]
+
+
+# ---------------------------------------------------------------------- the outer loop
+def train(t: Training) -> None:
+    """Outer steps until ``outer_steps`` (or ``stop_after`` steps in this process)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg["outer_steps"], initial=counters["outer_step"], dynamic_ncols=True,
-               disable=not (info.is_main and cfg["progress"]), desc=f"meta-train {cfg['lopt']}")
-    steps_this_process = 0
-    t_session = time.time()
-    wall_at_start = counters["wall_time_s"]
-    while counters["outer_step"] < cfg["outer_steps"]:
-        step = counters["outer_step"]
-        t0 = time.time()
-        lr = outer_lr(step, cfg["lr"], cfg["warmup"], cfg["outer_steps"], cfg["min_lr_frac"])
-        for group in opt.param_groups:
+    cfg = t.cfg
+    if t.info.is_main:
+        t.out.mkdir(parents=True, exist_ok=True)
+        from torch.utils.tensorboard import SummaryWriter
+        # purge_step drops events logged after the checkpoint by a run that was then killed.
+        t.writer = SummaryWriter(str(t.out / "tb"), purge_step=t.counters["outer_step"] if t.resumed else None)
+    bar = tqdm(total=cfg.outer_steps, initial=t.counters["outer_step"], dynamic_ncols=True,
+               disable=not (t.info.is_main and cfg.progress), desc=f"meta-train {cfg.lopt}")
+    session_start, wall_at_start, steps_here = time.time(), t.counters["wall_time_s"], 0
+    while t.counters["outer_step"] < cfg.outer_steps:
+        step, t0 = t.counters["outer_step"], time.time()
+        lr = outer_lr(step, cfg.lr, cfg.warmup, cfg.outer_steps, cfg.min_lr_frac)
+        for group in t.opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
-
-        # Meta-gradient of this rank's runs (each already divided by the global meta-batch),
-        # then one all-reduce of gradients + scalars so every rank takes the same decision.
-        opt.zero_grad(set_to_none=True)
-        total, results, nonfinite = estimate(lopt, runs, pool, cfg, device, cfg["meta_batch"], step)
-        local = [total, float(nonfinite), sum(r.steps for r in results),
-                 sum(r.diverged for r in results), sum(r.finished and not r.diverged for r in results),
-                 sum(r.nonfinite_pairs for r in results)]
-        total, nonfinite_count, inner_done, n_diverged, n_finished, n_dropped = D.all_reduce_grads(
-            info, trainable, local)
-        meta_loss = total / cfg["meta_batch"]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg["clip"] if cfg["clip"] > 0 else float("inf")))
-        if nonfinite_count > 0 or not math.isfinite(meta_loss) or not math.isfinite(grad_norm):
-            counters["skipped"] += 1  # poisoned estimate: no update, weights and Adam moments untouched
-        else:
-            opt.step()
-
-        # Carry each run forward; replace finished or diverged runs by a freshly drawn task.
-        new_runs = []
-        for run, res in zip(runs, results):
-            if res.diverged or res.finished:
-                run = start_run(pool, specs, lopt, cfg["seed"], run.slot, run.index + 1,
-                                run_length(run.slot, run.index + 1))
-            else:
-                run = advance(run, res)
-            new_runs.append(run)
-        runs = new_runs
-        counters["resets"] += int(n_diverged)          # totals over all ranks
-        counters["finished_runs"] += int(n_finished)
-        counters["nonfinite_pairs"] = counters.get("nonfinite_pairs", 0) + int(n_dropped)   # ES/PES
-
-        counters["outer_step"] = step + 1
-        counters["inner_steps"] += int(inner_done)
-        counters["wall_time_s"] = wall_at_start + (time.time() - t_session)
-        steps_this_process += 1
-        dt = time.time() - t0
-        history["meta_loss"].append(meta_loss if math.isfinite(meta_loss) else None)
-        history["grad_norm"].append(grad_norm if math.isfinite(grad_norm) else None)
-
-        # ---- logging, evaluation, checkpoints (rank 0 writes)
-        if info.is_main:
-            bar.update(1)
-            bar.set_postfix(meta_loss=f"{meta_loss:.4f}", inner_per_s=f"{inner_done / dt:.0f}",
-                            skipped=counters["skipped"])
-            if (step + 1) % cfg["log_every"] == 0:
-                if math.isfinite(meta_loss):
-                    writer.add_scalar("meta/loss", meta_loss, step + 1)
-                if math.isfinite(grad_norm):
-                    writer.add_scalar("meta/grad_norm", grad_norm, step + 1)
-                writer.add_scalar("meta/skipped_steps", counters["skipped"], step + 1)
-                writer.add_scalar("meta/lr", lr, step + 1)
-                writer.add_scalar("inner/resets", counters["resets"], step + 1)
-                if cfg["estimator"] in ("es", "pes"):
-                    writer.add_scalar("meta/nonfinite_pairs", counters["nonfinite_pairs"], step + 1)
-                writer.add_scalar("perf/inner_steps_per_s", inner_done / dt, step + 1)
-                writer.add_scalar("perf/outer_steps_per_s", 1.0 / dt, step + 1)
-            if cfg["eval_every"] and (step + 1) % cfg["eval_every"] == 0:
-                result = quick_eval(lopt, pool, cfg["eval_task"], cfg["eval_steps"])
-                history["eval"].append({"outer_step": step + 1, **result})
-                for k, v in result.items():
-                    writer.add_scalar(f"eval/{cfg['eval_task']}/{k}", v, step + 1)
-                bar.write(f"step {step + 1}: {cfg['eval_task']} after {cfg['eval_steps']} steps: "
-                          f"lopt {result['lopt_final']:.4f} vs adam {result['adam_final']:.4f}")
-        # every rank takes part in the checkpoint (it gathers their inner runs)
-        stopping = cfg["stop_after"] and steps_this_process >= cfg["stop_after"]
-        done = counters["outer_step"] >= cfg["outer_steps"]
-        if done or stopping or (cfg["checkpoint_every"] and (step + 1) % cfg["checkpoint_every"] == 0):
-            checkpoint()
+        result = outer_update(t.estimator, t.lopt, t.opt, t.trainable, t.runs, t.info, cfg.meta_batch,
+                              cfg.clip, step)
+        t.runs = next_runs(t, result.results)
+        record(t, result, wall_at_start + (time.time() - session_start))
+        steps_here += 1
+        if t.info.is_main:
+            log(t, bar, result, lr, time.time() - t0)
+        stopping = bool(cfg.stop_after) and steps_here >= cfg.stop_after
+        if stopping or t.counters["outer_step"] >= cfg.outer_steps or every(cfg.checkpoint_every, step + 1):
+            checkpoint(t)   # every rank takes part (it gathers their inner runs)
         if stopping:
             break
     bar.close()
 
-    # Every rank applied the same all-reduced updates: check the replicas agree bitwise.
-    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in lopt.parameters())).hexdigest()
-    digests = D.gather(info, digest)
+
+def every(period: int, step: int) -> bool:
+    return bool(period) and step % period == 0
+
+
+def next_runs(t: Training, results) -> list[InnerRun]:
+    """Each run carried forward; a finished or diverged one replaced by a freshly drawn task."""
+    runs = []
+    for run, res in zip(t.runs, results):
+        if res.diverged or res.finished:
+            index = run.index + 1
+            run = start_run(t.pool, t.specs, t.lopt, t.cfg.seed, run.slot, index, run_length(t.cfg, run.slot, index))
+        else:
+            run = advance(run, res)
+        runs.append(run)
+    return runs
+
+
+def record(t: Training, result: OuterStep, wall_time: float) -> None:
+    """Counters (totals over all ranks) and the meta-loss history after one outer step."""
+    c = t.counters
+    c["skipped"] += int(result.skipped)   # poisoned estimate: weights and Adam moments untouched
+    c["resets"] += result.diverged
+    c["finished_runs"] += result.finished
+    c["nonfinite_pairs"] = c.get("nonfinite_pairs", 0) + result.dropped_pairs   # ES/PES
+    c["outer_step"] += 1
+    c["inner_steps"] += result.inner_steps
+    c["wall_time_s"] = wall_time
+    t.history["meta_loss"].append(result.meta_loss if math.isfinite(result.meta_loss) else None)
+    t.history["grad_norm"].append(result.grad_norm if math.isfinite(result.grad_norm) else None)
+
+
+def log(t: Training, bar, result: OuterStep, lr: float, dt: float) -> None:
+    """Progress bar, TensorBoard scalars and the quick evaluation (rank 0)."""
+    cfg, w, c, step = t.cfg, t.writer, t.counters, t.counters["outer_step"]
+    bar.update(1)
+    bar.set_postfix(meta_loss=f"{result.meta_loss:.4f}", inner_per_s=f"{result.inner_steps / dt:.0f}",
+                    skipped=c["skipped"])
+    if every(cfg.log_every, step):
+        if math.isfinite(result.meta_loss):
+            w.add_scalar("meta/loss", result.meta_loss, step)
+        if math.isfinite(result.grad_norm):
+            w.add_scalar("meta/grad_norm", result.grad_norm, step)
+        w.add_scalar("meta/skipped_steps", c["skipped"], step)
+        w.add_scalar("meta/lr", lr, step)
+        w.add_scalar("inner/resets", c["resets"], step)
+        if cfg.estimator in ("es", "pes"):
+            w.add_scalar("meta/nonfinite_pairs", c["nonfinite_pairs"], step)
+        w.add_scalar("perf/inner_steps_per_s", result.inner_steps / dt, step)
+        w.add_scalar("perf/outer_steps_per_s", 1.0 / dt, step)
+    if every(cfg.eval_every, step):
+        evaluation = quick_eval(t.lopt, t.pool, cfg.eval_task, cfg.eval_steps)
+        t.history["eval"].append({"outer_step": step, **evaluation})
+        for k, v in evaluation.items():
+            w.add_scalar(f"eval/{cfg.eval_task}/{k}", v, step)
+        bar.write(f"step {step}: {cfg.eval_task} after {cfg.eval_steps} steps: "
+                  f"lopt {evaluation['lopt_final']:.4f} vs adam {evaluation['adam_final']:.4f}")
+
+
+def checkpoint(t: Training) -> None:
+    """Rank 0 writes every rank's inner runs and RNG state (:mod:`l2o.meta.state`)."""
+    gathered = D.gather(t.info, ([InnerRun.restore(r.scalars(), r.tensors(), "cpu") for r in t.runs],
+                                 torch.get_rng_state()))
+    if t.info.is_main:
+        all_runs = [r for rank_runs, _ in gathered for r in rank_runs]
+        S.save(t.out, t.lopt, t.opt, t.cfg.to_dict(), t.counters, all_runs, [rng for _, rng in gathered],
+               t.history)
+    D.barrier(t.info)
+
+
+# ---------------------------------------------------------------------- the end
+def finish(t: Training) -> dict | None:
+    """Check the replicas agree bitwise (every rank applied the same all-reduced
+    updates), write summary.json (rank 0) and leave the process group."""
+    digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in t.lopt.parameters())).hexdigest()
+    digests = D.gather(t.info, digest)
     summary = None
-    if info.is_main:
-        summary = summarize(cfg, counters, history, out / S.LOPT_FILE, info.world_size, len(set(digests)) == 1)
-        from l2o.checkpoint import atomic_write_json
-
-        atomic_write_json(out / "summary.json", summary)
-        writer.close()
-    D.cleanup(info)
+    if t.info.is_main:
+        summary = summarize(t.cfg, t.counters, t.history, t.out / S.LOPT_FILE, t.info.world_size,
+                            len(set(digests)) == 1)
+        atomic_write_json(t.out / "summary.json", summary)
+        t.writer.close()
+    D.cleanup(t.info)
     return summary
-
-
-def summarize(cfg: dict, counters: dict, history: dict, weights, world_size: int = 1,
-              replicas_identical: bool | None = True) -> dict:
-    """The training-log summary written to ``summary.json`` (and shipped beside pretrained weights)."""
-    losses = [x for x in history["meta_loss"] if x is not None]
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    return {
-        "lopt": cfg["lopt"], "estimator": cfg["estimator"], "outer_steps": counters["outer_step"],
-        "inner_steps": counters["inner_steps"], "skipped": counters["skipped"],
-        "resets": counters["resets"], "finished_runs": counters["finished_runs"],
-        "wall_time_s": counters["wall_time_s"], "world_size": world_size,
-        "meta_loss_first": losses[0] if losses else None, "meta_loss_last": losses[-1] if losses else None,
-        "meta_loss_first10pct_mean": sum(head) / len(head) if losses else None,
-        "meta_loss_last10pct_mean": sum(tail) / len(tail) if losses else None,
-        "meta_loss_min": min(losses) if losses else None,
-        "last_eval": history["eval"][-1] if history["eval"] else None,
-        "weights": str(weights),
-        "replicas_identical": replicas_identical,
-    }
-
-
-def summarize_checkpoint(out) -> dict:
-    """:func:`summarize` of the checkpoint in ``out`` (a run stopped or still going)."""
-    ckpt = S.load(Path(out))
-    return summarize(ckpt["config"], ckpt["counters"], ckpt["history"], Path(out) / S.LOPT_FILE,
-                     replicas_identical=None)
 
 
 def cli(argv=None) -> int:

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from l2o.checkpoint import make_lopt  # noqa: E402
 from l2o.meta import config as C  # noqa: E402
 from l2o.meta import dist as D  # noqa: E402
-from l2o.meta import es, pes, tbptt  # noqa: E402
 from l2o.meta.inner import advance, start_run, unroll  # noqa: E402
+from l2o.meta.outer import make_estimator, outer_update  # noqa: E402
 from l2o.meta.tasks_pool import TaskPool, suite_specs  # noqa: E402
 
 
@@ -44,20 +44,16 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
     torch.manual_seed(0)
     lopt = make_lopt(kind).to(dev)
     params = [p for p in lopt.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg["lr"])
+    opt = torch.optim.Adam(params, lr=cfg.lr)
     pool = TaskPool(kind, dev)
-    specs = suite_specs(cfg["suite"])
-    runs = [start_run(pool, specs, lopt, 0, s, 0, cfg["inner_steps"]) for s in range(cfg["meta_batch"])]
-    estimate = {"tbptt": tbptt.estimate, "es": es.estimate, "pes": pes.estimate}[estimator]
+    specs = suite_specs(cfg.suite)
+    runs = [start_run(pool, specs, lopt, 0, s, 0, cfg.inner_steps) for s in range(cfg.meta_batch)]
+    estimator = make_estimator(cfg, pool, dev)
     info = D.DistInfo(device=dev)
 
     def outer_step(runs, i):
-        opt.zero_grad(set_to_none=True)
-        _, results, _ = estimate(lopt, runs, pool, cfg, dev, cfg["meta_batch"], i)
-        D.all_reduce_grads(info, params, [0.0])
-        torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
-        opt.step()
-        return [advance(r, res) for r, res in zip(runs, results)], sum(res.steps for res in results)
+        step = outer_update(estimator, lopt, opt, params, runs, info, cfg.meta_batch, cfg.clip, i)
+        return [advance(r, res) for r, res in zip(runs, step.results)], step.inner_steps
 
     for i in range(warmup):
         runs, _ = outer_step(runs, i)
@@ -78,7 +74,7 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
         t0 = time.perf_counter()
         with torch.no_grad():
             for _ in range(steps):
-                runs = [advance(r, unroll(lopt, r, pool.get(r.spec), cfg["unroll"], cfg, dev, meta=False))
+                runs = [advance(r, unroll(lopt, r, pool.get(r.spec), cfg.unroll, cfg, dev, meta=False))
                         for r in runs]
         sync(dev)
         t_plain = min(t_plain, time.perf_counter() - t0)
@@ -105,8 +101,8 @@ def main():
     rows = [bench(k, e, args.device, args.steps, args.warmup, args.preset, args.repeats, args.meta_batch)
             for k in args.lopts.split(",") for e in args.estimators.split(",")]
     cfg = C.resolve(args.preset, None, {"meta_batch": args.meta_batch} if args.meta_batch else None)
-    print(f"\npreset {args.preset}: meta_batch {cfg['meta_batch']} x unroll {cfg['unroll']} inner steps per outer "
-          f"step, suite {cfg['suite']}; device {args.device}, torch threads {torch.get_num_threads()}")
+    print(f"\npreset {args.preset}: meta_batch {cfg.meta_batch} x unroll {cfg.unroll} inner steps per outer "
+          f"step, suite {cfg.suite}; device {args.device}, torch threads {torch.get_num_threads()}")
     print("inner/s: inner steps of the meta-batch per second (ES/PES also evaluate 2 x pairs perturbed copies);\n"
           "plain: the same steps as ordinary learned-optimizer steps under no_grad; outer/plain: time ratio")
     print(f"{'lopt':<5} {'estim':<7} {'weights':>8} {'outer/s':>8} {'inner/s':>8} {'plain inner/s':>14} "

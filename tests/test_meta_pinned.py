@@ -65,9 +65,9 @@ def test_meta_training_beats_its_own_initialisation(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(meta_train, "outer_lr", lambda *a, **k: 0.0)
         train(tmp_path / "frozen", *args)
-    cfg = json.loads((S.checkpoint_dir(tmp_path / "learning") / S.JSON_FILE).read_text())["config"]
-    torch.manual_seed(cfg["seed"])
-    init = make_lopt("mlp", **cfg["lopt_config"])
+    cfg = C.from_checkpoint(json.loads((S.checkpoint_dir(tmp_path / "learning") / S.JSON_FILE).read_text())["config"])
+    torch.manual_seed(cfg.seed)
+    init = make_lopt("mlp", **cfg.lopt_config)
     learned, still = load_lopt(tmp_path / "learning" / "lopt.safetensors"), load_lopt(tmp_path / "frozen" / "lopt.safetensors")
     assert same(still.state_dict(), init.state_dict()), "lr 0 must leave the initialisation as it was"
     q_init, q_learned, q_still = inner_quality(init, cfg), inner_quality(learned, cfg), inner_quality(still, cfg)
@@ -96,8 +96,8 @@ def absolute_batches(monkeypatch):
 
 def reference_run(cfg, lopt, steps):
     """The run of slot 0 unrolled ``steps`` inner steps in one piece, by hand."""
-    pool = TaskPool(cfg["lopt"], "cpu")
-    run = start_run(pool, suite_specs(cfg["suite"]), lopt, cfg["seed"], 0, 0, cfg["inner_steps"])
+    pool = TaskPool(cfg.lopt, "cpu")
+    run = start_run(pool, suite_specs(cfg.suite), lopt, cfg.seed, 0, 0, cfg.inner_steps)
     return pool, run, unroll(lopt, run, pool.get(run.spec), steps, cfg, "cpu", meta=False)
 
 
@@ -142,7 +142,7 @@ def test_meta_train_carries_inner_state_across_truncations(tmp_path, frozen, abs
         meta_train.main(["--out", str(out), "--resume", "--no-progress"])
     ckpt = S.load(out)
     assert ckpt["counters"]["outer_step"] == 2 and ckpt["run_scalars"][0]["step"] == 6
-    _, _, once = reference_run(ckpt["config"], ckpt["lopt"], 6)
+    _, _, once = reference_run(C.from_checkpoint(ckpt["config"]), ckpt["lopt"], 6)
     assert_carried(ckpt["run_tensors"][0], once)
 
 
@@ -155,19 +155,20 @@ def test_pes_accumulates_its_perturbations():
     torch.manual_seed(0)
     lopt = make_lopt("mlp")
     pool = TaskPool("mlp", "cpu")
-    run = start_run(pool, suite_specs(cfg["suite"]), lopt, cfg["seed"], 0, 0, cfg["inner_steps"])
+    run = start_run(pool, suite_specs(cfg.suite), lopt, cfg.seed, 0, 0, cfg.inner_steps)
     weights = {n: p for n, p in lopt.named_parameters() if p.requires_grad}
-    noise = [[A.noise(weights, cfg["seed"], step, 0, j, "cpu") for j in range(2)] for step in range(2)]
+    noise = [[A.noise(weights, cfg.seed, step, 0, j, "cpu") for j in range(2)] for step in range(2)]
 
-    _, results, _ = pes.estimate(lopt, [run], pool, cfg, "cpu", 1, 0)
+    estimator = pes.PersistentES(cfg, pool, "cpu", global_batch=1)
+    results = estimator.estimate(lopt, [run], 0).results
     run = advance(run, results[0])
     for j, pair in enumerate(run.particles):
         assert same(pair["xi"], noise[0][j])
     particles = run.particles
     for p in lopt.parameters():
         p.grad = None
-    _, results, _ = pes.estimate(lopt, [run], pool, cfg, "cpu", 1, 1)
-    sigma, entry = cfg["es_sigma"], pool.get(run.spec)
+    results = estimator.estimate(lopt, [run], 1).results
+    sigma, entry = cfg.es_sigma, pool.get(run.spec)
     expected = {n: torch.zeros_like(p) for n, p in weights.items()}
     for j, pair in enumerate(particles):
         xi = {n: noise[0][j][n] + noise[1][j][n] for n in weights}
@@ -175,7 +176,7 @@ def test_pes_accumulates_its_perturbations():
         loss = {}
         with torch.no_grad():
             for sign, key in ((1.0, "+"), (-1.0, "-")):
-                loss[key] = unroll(lopt, run.with_state(pair[key]), entry, cfg["unroll"], cfg, "cpu", meta=False,
+                loss[key] = unroll(lopt, run.with_state(pair[key]), entry, cfg.unroll, cfg, "cpu", meta=False,
                                    params_override=A.perturbed(weights, noise[1][j], sign, sigma)).meta_loss
         coef = (loss["+"] - loss["-"]) / (2.0 * sigma * len(particles))
         for n in weights:
@@ -206,8 +207,8 @@ def test_flags_override_the_config_file(tmp_path):
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("unroll: 4\nmeta-objective: raw\nes_sigma: 0.02\ninner_steps: 50\n")
     resolved = C.resolve("tiny", C.load_file(cfg_file), {"unroll": 3})
-    assert resolved["unroll"] == 3 and resolved["meta_objective"] == "raw" and resolved["inner_steps"] == 50
-    assert resolved["meta_batch"] == C.PRESETS["tiny"]["meta_batch"]
+    assert resolved.unroll == 3 and resolved.meta_objective == "raw" and resolved.inner_steps == 50
+    assert resolved.meta_batch == C.PRESETS["tiny"]["meta_batch"]
     # end to end (ONE gives --unroll 3 and --inner-steps 100 as flags)
     train(tmp_path / "out", "--config", str(cfg_file), "--outer-steps", "1")
     saved = S.load(tmp_path / "out")

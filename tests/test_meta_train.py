@@ -128,13 +128,19 @@ def test_crash_mid_checkpoint_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "split").glob("ckpt-*")] == ["ckpt-6"]
 
 
-def test_nonfinite_meta_loss_is_skipped(tmp_path):
-    cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("inject_nan_steps: [1]\nlopt: mlp\n")
-    summary = run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "3")
+@pytest.mark.parametrize("estimator", ["tbptt", "es", "pes"])
+def test_nonfinite_meta_loss_is_skipped(tmp_path, estimator):
+    # The fault is injected through the test hook, never through the config.
+    from l2o.meta import faults
+
+    with faults.nan_meta_loss(steps=[1]):
+        summary = run(tmp_path / "out", "--lopt", "mlp", "--outer-steps", "3", "--estimator", estimator)
+    assert not faults.forced_nan(1), "the hook outlived its block"
     assert summary["skipped"] == 1
-    hist = json.loads(state_file(tmp_path / "out", "train_state.json").read_text())["history"]
+    ckpt = S.load(tmp_path / "out")
+    hist = ckpt["history"]
     assert hist["meta_loss"][1] is None and hist["meta_loss"][0] is not None and hist["meta_loss"][2] is not None
+    assert "inject_nan_steps" not in ckpt["config"]
 
 
 def test_console_entry_point_exits_zero(tmp_path):
@@ -243,3 +249,121 @@ def _freeze_file(tmp_path, names):
     path = tmp_path / f"freeze_{len(names)}.json"
     path.write_text(json.dumps({"freeze": names}))
     return path
+
+
+# ------------------------------------------------------------ the config
+BAD_VALUE = {"choice": "nope", "pos_int": 0, "nonneg_int": -1, "int": "3", "pos_float": 0.0,
+             "nonneg_float": -1.0, "bool": "yes", "str": 3, "nonempty": "", "mapping": [1], "names": "a"}
+
+
+def test_config_defaults_live_in_one_place_and_every_key_is_checked():
+    import dataclasses
+
+    assert C.resolve() == C.MetaConfig()
+    assert C.MetaConfig(**C.MetaConfig().to_dict()) == C.MetaConfig()      # what checkpoints store round-trips
+    assert C.resolve("tiny").unroll == C.PRESETS["tiny"]["unroll"]
+    for f in dataclasses.fields(C.MetaConfig):
+        with pytest.raises(C.ConfigError, match=rf"\b{f.name}\b"):     # the message names the key
+            C.resolve(None, None, {f.name: BAD_VALUE[f.metadata["check"]]})
+    assert isinstance(C.resolve(None, {"lr": 1}).lr, float)
+
+
+def test_retired_inject_nan_steps_is_not_configuration(tmp_path):
+    with pytest.raises(C.ConfigError, match="inject_nan_steps"):
+        C.resolve("tiny", {"inject_nan_steps": [1]})
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("inject_nan_steps: [1]\nlopt: mlp\n")
+    with pytest.raises(C.ConfigError, match="inject_nan_steps"):
+        run(tmp_path / "out", "--config", str(cfg), "--outer-steps", "1")
+
+
+def _age_checkpoint(out, **extra):
+    """Rewrite the checkpoint's stored config as older versions wrote it: no freeze,
+    init_from or batch_runs (added later), and the retired inject_nan_steps key."""
+    path = state_file(out)
+    meta = json.loads(path.read_text())
+    for key in ("freeze", "init_from", "batch_runs"):
+        del meta["config"][key]
+    meta["config"]["inject_nan_steps"] = []
+    meta["config"].update(extra)
+    path.write_text(json.dumps(meta))
+
+
+def test_checkpoints_of_older_versions_resume_exactly(tmp_path):
+    args = ("--lopt", "mlp", "--outer-steps", "4", "--checkpoint-every", "2")
+    run(tmp_path / "straight", *args)
+    run(tmp_path / "old", *args, "--stop-after", "2")
+    _age_checkpoint(tmp_path / "old")
+    meta_train.main(["--out", str(tmp_path / "old"), "--resume", "--no-progress"])
+    a = load_file(tmp_path / "straight" / "lopt.safetensors")
+    b = load_file(tmp_path / "old" / "lopt.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved = json.loads(state_file(tmp_path / "old").read_text())["config"]
+    assert "inject_nan_steps" not in saved and saved["freeze"] == [] and saved["batch_runs"] is False
+    # A checkpoint of a test run that did use the retired key: ignored, with a warning.
+    run(tmp_path / "nan", "--lopt", "mlp", "--outer-steps", "2", "--stop-after", "1")
+    _age_checkpoint(tmp_path / "nan", inject_nan_steps=[1])
+    with pytest.warns(UserWarning, match="inject_nan_steps"):
+        summary = meta_train.main(["--out", str(tmp_path / "nan"), "--resume", "--no-progress"])
+    assert summary["skipped"] == 0
+
+
+# ------------------------------------------------------------ gradient estimators
+def test_estimators_follow_the_protocol():
+    from l2o.checkpoint import make_lopt
+    from l2o.meta.estimator import Estimate, GradientEstimator
+    from l2o.meta.inner import start_run
+    from l2o.meta.outer import ESTIMATORS, make_estimator
+    from l2o.meta.tasks_pool import TaskPool, suite_specs
+
+    assert set(ESTIMATORS) == set(C.CHOICES["estimator"])
+    for name, cls in ESTIMATORS.items():
+        assert cls.name == name
+        cfg = C.resolve("tiny", None, {"lopt": "mlp", "suite": "regression_teacher", "estimator": name,
+                                       "unroll": 3, "inner_steps": 50, "es_pairs": 1})
+        torch.manual_seed(0)
+        lopt = make_lopt("mlp")
+        pool = TaskPool("mlp", "cpu")
+        estimator = make_estimator(cfg, pool, "cpu")
+        assert isinstance(estimator, GradientEstimator) and estimator.global_batch == cfg.meta_batch
+        runs = [start_run(pool, suite_specs(cfg.suite), lopt, cfg.seed, s, 0, cfg.inner_steps) for s in (0, 1)]
+        before = [r.params.clone() for r in runs]
+        est = estimator.estimate(lopt, runs, 0)
+        assert isinstance(est, Estimate) and not est.nonfinite
+        assert [r.steps for r in est.results] == [3, 3]
+        assert est.loss_sum == pytest.approx(sum(float(r.meta_loss) for r in est.results))
+        assert all(torch.equal(r.params, p) for r, p in zip(runs, before)), f"{name} modified its runs"
+        grads = [p.grad for p in lopt.parameters() if p.requires_grad]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), name
+        assert any(bool(g.abs().sum() > 0) for g in grads), name
+
+
+def test_meta_train_runs_any_object_of_the_protocol(tmp_path, monkeypatch):
+    # meta_train.py knows estimators only through the protocol: one that unrolls
+    # but estimates a zero gradient leaves the metanetwork at its initialisation
+    # while the inner runs move on.
+    from l2o.checkpoint import load_lopt, make_lopt
+    from l2o.meta import outer
+    from l2o.meta.estimator import Estimate, EstimatorSetup
+    from l2o.meta.inner import unroll
+
+    class ZeroGradient(EstimatorSetup):
+        name = "tbptt"
+        calls: list[int] = []
+
+        def estimate(self, lopt, runs, outer_step):
+            ZeroGradient.calls.append(outer_step)
+            results = [unroll(lopt, r, self.pool.get(r.spec), self.cfg.unroll, self.cfg, self.device, meta=False)
+                       for r in runs]
+            for p in lopt.parameters():
+                p.grad = torch.zeros_like(p)
+            return Estimate(sum(float(r.meta_loss) for r in results), results, False)
+
+    monkeypatch.setitem(outer.ESTIMATORS, "tbptt", ZeroGradient)
+    torch.manual_seed(0)
+    init = make_lopt("mlp")
+    summary = run(tmp_path, "--lopt", "mlp", "--outer-steps", "2", "--inner-steps", "50")
+    assert ZeroGradient.calls == [0, 1] and summary["skipped"] == 0
+    trained = load_lopt(tmp_path / "lopt.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), init.parameters()))
+    assert [r["step"] for r in json.loads(state_file(tmp_path).read_text())["runs"]] == [6, 6]

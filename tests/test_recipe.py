@@ -8,6 +8,7 @@ from torch import nn
 import l2o
 from l2o.graph import build_graph
 from l2o.meta import inner
+from l2o.meta.config import MetaConfig
 from l2o.meta.tasks_pool import TaskPool, draw_length
 
 
@@ -93,10 +94,10 @@ def test_held_out_meta_loss_reads_the_test_split(monkeypatch):
         return real(self, split, seed, device)
 
     monkeypatch.setattr(type(entry.task), "batches", spy)
-    on_train = inner.unroll(lopt, run, entry, 4, {"meta_data": "train"}, "cpu", meta=True)
+    on_train = inner.unroll(lopt, run, entry, 4, MetaConfig(meta_data="train"), "cpu", meta=True)
     assert seen == ["train"]
     seen.clear()
-    on_valid = inner.unroll(lopt, run, entry, 4, {"meta_data": "valid"}, "cpu", meta=True)
+    on_valid = inner.unroll(lopt, run, entry, 4, MetaConfig(meta_data="valid"), "cpu", meta=True)
     assert sorted(seen) == ["test", "train"]
     # the same steps (the optimizer still sees training gradients) ...
     torch.testing.assert_close(on_valid.final["params"], on_train.final["params"])
@@ -131,14 +132,14 @@ def test_batched_runs_give_the_single_run_estimate(kind, adapt):
     pool = TaskPool(kind, "cpu")
     specs = ["task:regression_teacher", "task:cnn_digits_bn", "task:mlp_digits"]
     runs = [new_run(pool, s, 7 + i, lopt, slot=i, index=0, length=L) for i, (s, L) in enumerate(zip(specs, (3, 50, 50)))]
-    runs = [inner.advance(r, inner.unroll(lopt, r, pool.get(r.spec), i + 1, {}, "cpu", meta=False))
+    runs = [inner.advance(r, inner.unroll(lopt, r, pool.get(r.spec), i + 1, MetaConfig(), "cpu", meta=False))
             for i, r in enumerate(runs)]                  # runs at steps 1, 2, 3
     out = {}
     for batch in (False, True):
         cfg = C.resolve("tiny", None, {"unroll": 5, "meta_data": "valid", "batch_runs": batch})
         lopt.zero_grad()
-        total, results, nonfinite = tbptt.estimate(lopt, runs, pool, cfg, "cpu", 3, 0)
-        out[batch] = total, [p.grad.clone() for p in lopt.parameters() if p.requires_grad], results
+        est = tbptt.TruncatedBackprop(cfg, pool, "cpu", global_batch=3).estimate(lopt, runs, 0)
+        out[batch] = est.loss_sum, [p.grad.clone() for p in lopt.parameters() if p.requires_grad], est.results
     assert [r.steps for r in out[True][2]] == [r.steps for r in out[False][2]] == [2, 5, 5]
     assert out[True][2][0].finished and not out[True][2][1].finished
     assert math.isclose(out[True][0], out[False][0], rel_tol=1e-5)

@@ -10,8 +10,6 @@ import math
 import torch
 from torch import nn
 
-from .inner import UnrollResult
-
 
 def setup(lopt: nn.Module) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor]]:
     """The metanetwork's trainable weights by name, and a zero gradient for each."""
@@ -27,13 +25,6 @@ def noise(weights: dict[str, torch.Tensor], seed: int, outer_step: int, slot: in
 
 def perturbed(weights: dict[str, torch.Tensor], eps: dict[str, torch.Tensor], sign: float, sigma: float):
     return {n: p + sign * sigma * eps[n] for n, p in weights.items()}
-
-
-def run_value(result: UnrollResult, cfg: dict, outer_step: int) -> float:
-    """The unperturbed meta-loss of one run (NaN on the steps ``inject_nan_steps`` names, for tests)."""
-    if outer_step in cfg.get("inject_nan_steps", []):
-        return float("nan")
-    return float(result.meta_loss)
 
 
 def finish(weights: dict[str, nn.Parameter], grads: dict[str, torch.Tensor], values: list[float]) -> tuple[float, bool]:

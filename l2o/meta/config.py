@@ -1,67 +1,149 @@
-"""Meta-training configuration: plain values, presets, files, validation.
+"""Meta-training configuration: one typed dataclass, presets, files, validation.
 
-A config is a flat ``dict`` of plain values (JSON-serialisable), so it goes
-into checkpoints unchanged. Precedence, lowest first: ``DEFAULTS`` < preset <
-config file < command-line flags. Unknown keys and bad values raise errors
-that name the key, because a typo silently falling back to a default would
-waste a long run.
+:class:`MetaConfig` holds every key with its one default. Precedence, lowest
+first: the dataclass defaults < preset < config file < command-line flags
+(:func:`resolve`). Every value is checked when a config is built: unknown keys
+and bad values raise a :class:`ConfigError` that names the key, because a typo
+silently falling back to a default would waste a long run.
+
+Checkpoints store the config as a plain dict (:meth:`MetaConfig.to_dict`,
+JSON); :func:`resume` reads one back: keys added since it was written get
+their defaults, and keys since retired (:data:`RETIRED_KEYS`) are dropped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-DEFAULTS: dict[str, Any] = {
+
+class ConfigError(ValueError):
+    pass
+
+
+def _key(default=dataclasses.MISSING, *, check: str, choices: tuple = (), factory=None):
+    """A config field: its default and the rule :meth:`MetaConfig.__post_init__` checks."""
+    meta = {"check": check, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class MetaConfig:
     # what is trained
-    "lopt": "gmn",               # gmn | mlp
-    "lopt_config": {},           # constructor kwargs of the metanetwork (l2o.make_lopt)
-    "init_from": "",             # warm start: weights file of another run (matching names and shapes copied)
-    "freeze": [],                # metanetwork parameters kept at their initial values: names or name
-                                 # prefixes (e.g. [log_nominal]: the nominal step size is not meta-learned)
+    lopt: str = _key("gmn", check="choice", choices=("gmn", "mlp"))
+    lopt_config: dict[str, Any] = _key(check="mapping", factory=dict)  # kwargs of l2o.make_lopt
+    init_from: str = _key("", check="str")     # warm start: weights file of another run (matching names and
+                                               # shapes copied)
+    freeze: list[str] = _key(check="names", factory=list)  # metanetwork parameters kept at their initial
+                                               # values: names or name prefixes (e.g. [log_nominal])
     # what it is trained on
-    "suite": "train",            # train | heldout | families | mix | comma-separated task names
-    "eval_task": "conv1d~valid~0",  # validation task of the quick evaluation (never a test task)
+    suite: str = _key("train", check="nonempty")    # train | heldout | families | mix | comma-separated names
+    eval_task: str = _key("conv1d~valid~0", check="str")  # task of the quick evaluation (never a test task)
     # the inner problem
-    "inner_steps": 200,          # length T of one inner training run (then a new task is sampled)
-    "inner_steps_max": 0,        # > inner_steps: each run's length is drawn log-uniformly in
-                                 # [inner_steps, inner_steps_max] (mixed horizons); 0: always inner_steps
-    "unroll": 10,                # truncation length K: inner steps per outer step
-    "meta_batch": 4,             # inner runs per outer step (split across ranks)
-    "meta_objective": "norm",    # norm: loss / run's initial loss | log: log(loss) | raw: loss
-    "meta_data": "train",        # batches the meta-loss is measured on: train (fresh training batches)
-                                 # | valid (the inner task's held-out data: rewards generalisation)
-    "second_order": False,       # differentiate through the gradient too (create_graph=True)
-    "batch_runs": False,         # tbptt: unroll the meta-batch's runs together, one metanetwork pass per
-                                 # step over the union of their graphs (faster; same estimate)
-    "diverge_factor": 10.0,      # an inner run whose loss exceeds this x its initial loss is reset
-    # the meta-gradient estimator
-    "estimator": "tbptt",        # tbptt | es (antithetic, truncated) | pes (persistent ES)
-    "es_pairs": 4,               # antithetic pairs per inner run (es, pes)
-    "es_sigma": 0.01,            # perturbation scale on the metanetwork weights (es, pes)
+    inner_steps: int = _key(200, check="pos_int")   # length T of one inner run (then a new task is drawn)
+    inner_steps_max: int = _key(0, check="nonneg_int")  # > inner_steps: each run's length is drawn
+                                               # log-uniformly in [inner_steps, this] (mixed horizons)
+    unroll: int = _key(10, check="pos_int")         # truncation length K: inner steps per outer step
+    meta_batch: int = _key(4, check="pos_int")      # inner runs per outer step (split across ranks)
+    meta_objective: str = _key("norm", check="choice", choices=("norm", "log", "raw"))  # norm: loss / run's
+                                               # initial loss | log: log(loss) | raw: loss
+    meta_data: str = _key("train", check="choice", choices=("train", "valid"))  # batches of the meta-loss:
+                                               # fresh training batches | the inner task's held-out data
+    second_order: bool = _key(False, check="bool")  # differentiate through the gradient (create_graph=True)
+    batch_runs: bool = _key(False, check="bool")    # tbptt: one metanetwork pass per step over the union of
+                                               # the runs' graphs (faster; the same estimate)
+    diverge_factor: float = _key(10.0, check="pos_float")  # a run above this x its initial loss is reset
+    # the meta-gradient estimator (l2o.meta.outer.ESTIMATORS)
+    estimator: str = _key("tbptt", check="choice", choices=("tbptt", "es", "pes"))
+    es_pairs: int = _key(4, check="pos_int")        # antithetic pairs per inner run (es, pes)
+    es_sigma: float = _key(0.01, check="pos_float")  # perturbation scale on the metanetwork weights (es, pes)
     # the outer optimizer
-    "outer_steps": 1000,
-    "lr": 3e-4,
-    "weight_decay": 0.0,         # AdamW-style decoupled decay when > 0
-    "warmup": 50,                # linear warmup steps, then cosine decay
-    "min_lr_frac": 0.1,          # cosine ends at lr * min_lr_frac
-    "nominal_lr_mult": 1.0,      # outer lr multiplier of the learned scalar step sizes (nominal weight,
-                                 # controller rate): a scalar otherwise moves ~lr per step, far slower
-                                 # than the rest
-    "clip": 1.0,                 # meta-gradient norm clip (0: off)
+    outer_steps: int = _key(1000, check="pos_int")
+    lr: float = _key(3e-4, check="pos_float")
+    weight_decay: float = _key(0.0, check="nonneg_float")  # AdamW-style decoupled decay when > 0
+    warmup: int = _key(50, check="nonneg_int")      # linear warmup steps, then cosine decay
+    min_lr_frac: float = _key(0.1, check="nonneg_float")  # cosine ends at lr * min_lr_frac
+    nominal_lr_mult: float = _key(1.0, check="pos_float")  # outer lr multiplier of the learned scalar step
+                                               # sizes (a scalar otherwise moves ~lr per step)
+    clip: float = _key(1.0, check="nonneg_float")   # meta-gradient norm clip (0: off)
     # bookkeeping
-    "device": "cpu",
-    "seed": 0,
-    "out": "runs/meta",
-    "checkpoint_every": 50,      # outer steps between checkpoints (always one at the end)
-    "eval_every": 100,           # outer steps between quick held-out evaluations (0: off)
-    "eval_steps": 100,           # inner steps of a quick evaluation
-    "log_every": 1,              # outer steps between TensorBoard scalars
-    "stop_after": 0,             # stop (with a checkpoint) after this many steps in this process (0: off)
-    "progress": True,            # tqdm progress bar
-    "threads": 0,                # torch CPU threads per process (0: torch's default)
-    "inject_nan_steps": [],      # testing aid: outer steps whose meta-loss is forced to NaN
-}
+    device: str = _key("cpu", check="str")
+    seed: int = _key(0, check="int")
+    out: str = _key("runs/meta", check="str")
+    checkpoint_every: int = _key(50, check="nonneg_int")  # outer steps between checkpoints (one at the end)
+    eval_every: int = _key(100, check="nonneg_int")  # outer steps between quick evaluations (0: off)
+    eval_steps: int = _key(100, check="pos_int")    # inner steps of a quick evaluation
+    log_every: int = _key(1, check="pos_int")       # outer steps between TensorBoard scalars
+    stop_after: int = _key(0, check="nonneg_int")   # stop (with a checkpoint) after this many steps here
+    progress: bool = _key(True, check="bool")       # tqdm progress bar
+    threads: int = _key(0, check="nonneg_int")      # torch CPU threads per process (0: torch's default)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _checked(f.name, getattr(self, f.name), f.metadata))
+        if self.inner_steps_max and self.inner_steps_max < self.inner_steps:
+            raise ConfigError(f"inner_steps_max ({self.inner_steps_max}) must be 0 or >= inner_steps "
+                              f"({self.inner_steps})")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (what checkpoints store)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes) -> "MetaConfig":
+        return dataclasses.replace(self, **changes)
+
+
+KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(MetaConfig))
+CHOICES: dict[str, tuple] = {f.name: f.metadata["choices"] for f in dataclasses.fields(MetaConfig)
+                             if f.metadata["check"] == "choice"}
+# Keys older checkpoints may hold that are no longer configuration (dropped when resuming).
+# inject_nan_steps: a testing aid, now l2o.meta.faults.nan_meta_loss.
+RETIRED_KEYS = ("inject_nan_steps",)
+# Keys that may change when a run is resumed without changing what it computes
+# (or that obviously mean "continue longer" / "run elsewhere").
+RESUMABLE_OVERRIDES = ("outer_steps", "checkpoint_every", "eval_every", "eval_steps", "log_every",
+                       "stop_after", "progress", "device", "threads", "out",
+                       "batch_runs")   # the same estimate, computed with fewer, larger passes
+
+_INT_RULES = {"pos_int": (1, ">= 1"), "nonneg_int": (0, ">= 0"), "int": (None, "")}
+_FLOAT_RULES = {"pos_float": "> 0", "nonneg_float": ">= 0"}
+
+
+def _checked(key: str, value, meta: Mapping) -> Any:
+    """``value`` if it obeys the field's rule (floats coerced to float), else a ConfigError naming ``key``."""
+    check = meta["check"]
+    if check == "choice":
+        if value not in meta["choices"]:
+            raise ConfigError(f"{key} must be one of {meta['choices']}, got {value!r}")
+    elif check in _INT_RULES:
+        low, text = _INT_RULES[check]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if low is not None and value < low:
+            raise ConfigError(f"{key} must be {text}, got {value}")
+    elif check in _FLOAT_RULES:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if value < 0 or (check == "pos_float" and value == 0):
+            raise ConfigError(f"{key} must be {_FLOAT_RULES[check]}, got {value}")
+        value = float(value)
+    elif check == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif check == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    elif check == "nonempty" and not (isinstance(value, str) and value):
+        raise ConfigError(f"{key} must be a non-empty string, got {value!r}")
+    elif check == "mapping" and not isinstance(value, dict):
+        raise ConfigError(f"{key} must be a mapping of constructor arguments, got {value!r}")
+    elif check == "names" and not (isinstance(value, list) and all(isinstance(n, str) and n for n in value)):
+        raise ConfigError(f"{key} must be a list of metanetwork parameter names, got {value!r}")
+    return value
+
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About a minute on a 2-core CPU: small tasks, short runs, quick eval.
@@ -95,22 +177,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-CHOICES = {
-    "lopt": ("gmn", "mlp"),
-    "estimator": ("tbptt", "es", "pes"),
-    "meta_objective": ("norm", "log", "raw"),
-    "meta_data": ("train", "valid"),
-}
-POSITIVE_INT = ("inner_steps", "unroll", "meta_batch", "outer_steps", "es_pairs", "eval_steps",
-                "log_every")
-NONNEG_INT = ("inner_steps_max", "warmup", "checkpoint_every", "eval_every", "stop_after", "threads")
-POSITIVE_FLOAT = ("lr", "es_sigma", "diverge_factor", "nominal_lr_mult")
-NONNEG_FLOAT = ("weight_decay", "clip", "min_lr_frac")
-
-
-class ConfigError(ValueError):
-    pass
-
 
 def load_file(path: str | Path) -> dict[str, Any]:
     """A config file: YAML (``.yaml``/``.yml``) or JSON, a flat mapping of keys."""
@@ -131,60 +197,47 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def resolve(preset: str | None = None, file_values: dict | None = None,
-            overrides: dict | None = None) -> dict[str, Any]:
-    """DEFAULTS < preset < file < overrides, validated."""
-    cfg = json.loads(json.dumps(DEFAULTS))  # deep copy of plain values
+def _check_known(values: Mapping[str, Any], source: str) -> None:
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        retired = [k for k in unknown if k in RETIRED_KEYS]
+        hint = (f" ({', '.join(retired)}: no longer configuration; tests inject faults with "
+                "l2o.meta.faults)" if retired else "")
+        raise ConfigError(f"unknown config key(s) in {source}: {unknown}{hint}; known keys: {sorted(KEYS)}")
+
+
+def resolve(preset: str | None = None, file_values: Mapping | None = None,
+            overrides: Mapping | None = None) -> MetaConfig:
+    """defaults < preset < file < overrides, validated."""
+    values: dict[str, Any] = {}
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        cfg.update(PRESETS[preset])
-    for source, values in (("config file", file_values or {}), ("flags", overrides or {})):
-        unknown = sorted(set(values) - set(DEFAULTS))
-        if unknown:
-            raise ConfigError(f"unknown config key(s) in {source}: {unknown}; known keys: {sorted(DEFAULTS)}")
-        cfg.update(values)
-    return validate(cfg)
+        values.update(json.loads(json.dumps(PRESETS[preset])))   # a copy: presets stay untouched
+    for source, given in (("config file", file_values or {}), ("flags", overrides or {})):
+        _check_known(given, source)
+        values.update(given)
+    return MetaConfig(**values)
 
 
-def validate(cfg: dict[str, Any]) -> dict[str, Any]:
-    for key, allowed in CHOICES.items():
-        if cfg[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {cfg[key]!r}")
-    for key in POSITIVE_INT + NONNEG_INT:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        if value < (1 if key in POSITIVE_INT else 0):
-            raise ConfigError(f"{key} must be {'>= 1' if key in POSITIVE_INT else '>= 0'}, got {value}")
-    for key in POSITIVE_FLOAT + NONNEG_FLOAT:
-        value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        cfg[key] = float(value)
-        if value < 0 or (key in POSITIVE_FLOAT and value == 0):
-            raise ConfigError(f"{key} must be {'> 0' if key in POSITIVE_FLOAT else '>= 0'}, got {value}")
-    if not isinstance(cfg["lopt_config"], dict):
-        raise ConfigError(f"lopt_config must be a mapping of constructor arguments, got {cfg['lopt_config']!r}")
-    if not isinstance(cfg["init_from"], str):
-        raise ConfigError(f"init_from must be a path (or empty), got {cfg['init_from']!r}")
-    if not isinstance(cfg["suite"], str) or not cfg["suite"]:
-        raise ConfigError(f"suite must be a non-empty string, got {cfg['suite']!r}")
-    if not (isinstance(cfg["freeze"], list) and all(isinstance(n, str) and n for n in cfg["freeze"])):
-        raise ConfigError(f"freeze must be a list of metanetwork parameter names, got {cfg['freeze']!r}")
-    if not isinstance(cfg["inject_nan_steps"], list):
-        raise ConfigError("inject_nan_steps must be a list of outer steps")
-    if cfg["inner_steps_max"] and cfg["inner_steps_max"] < cfg["inner_steps"]:
-        raise ConfigError(f"inner_steps_max ({cfg['inner_steps_max']}) must be 0 or >= inner_steps "
-                          f"({cfg['inner_steps']})")
-    for key in ("second_order", "progress", "batch_runs"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"{key} must be true or false, got {cfg[key]!r}")
-    return cfg
+def from_checkpoint(saved: Mapping[str, Any]) -> MetaConfig:
+    """The config a checkpoint stored (a plain dict, possibly of an older version)."""
+    values = dict(saved)
+    for key in RETIRED_KEYS:
+        if values.pop(key, None):
+            warnings.warn(f"the checkpoint's config sets {key}, no longer a config key: ignored", stacklevel=2)
+    _check_known(values, "the checkpoint")
+    return MetaConfig(**values)
 
 
-# Keys that may change when a run is resumed without changing what it computes
-# (or that obviously mean "continue longer" / "run elsewhere").
-RESUMABLE_OVERRIDES = ("outer_steps", "checkpoint_every", "eval_every", "eval_steps", "log_every",
-                       "stop_after", "progress", "device", "threads", "out", "inject_nan_steps",
-                       "batch_runs")   # the same estimate, computed with fewer, larger passes
+def resume(saved: Mapping[str, Any], flags: Mapping[str, Any]) -> MetaConfig:
+    """The checkpoint's config with the flags given on resume, which may change only
+    :data:`RESUMABLE_OVERRIDES`."""
+    cfg = from_checkpoint(saved)
+    _check_known(flags, "flags")
+    current = cfg.to_dict()
+    changed = sorted(k for k, v in flags.items() if current[k] != v and k not in RESUMABLE_OVERRIDES)
+    if changed:
+        raise ConfigError(f"cannot change {changed} when resuming (would not continue the same run); "
+                          f"resumable overrides: {RESUMABLE_OVERRIDES}")
+    return cfg.replace(**flags)

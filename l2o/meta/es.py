@@ -20,35 +20,44 @@ Noise: :func:`l2o.meta.antithetic.noise` (reproducible, rank-independent).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Sequence
+
 import torch
+from torch import nn
 
 from . import antithetic as A
-from .inner import UnrollResult, unroll
+from .estimator import Estimate, EstimatorSetup, meta_loss_value
+from .inner import InnerRun, unroll
 
 
-@torch.no_grad()
-def estimate(lopt, runs, pool, cfg: dict, device, global_batch: int, outer_step: int) -> tuple[float, list[UnrollResult], bool]:
-    """Same contract as :func:`l2o.meta.tbptt.estimate`: writes ``.grad``."""
-    sigma, pairs = float(cfg["es_sigma"]), int(cfg["es_pairs"])
-    weights, grads = A.setup(lopt)
-    values, results = [], []
-    for run in runs:
-        entry = pool.get(run.spec)
-        dropped = 0
-        for pair in range(pairs):
-            eps = A.noise(weights, cfg["seed"], outer_step, run.slot, pair, device)
-            losses = [unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False,
-                             params_override=A.perturbed(weights, eps, sign, sigma)).meta_loss
-                      for sign in (1.0, -1.0)]
-            coef = (losses[0] - losses[1]) / (2.0 * sigma * pairs * global_batch)
-            if not torch.isfinite(coef):
-                dropped += 1
-                continue
-            for n in grads:
-                grads[n].add_(coef * eps[n])
-        result = unroll(lopt, run, entry, cfg["unroll"], cfg, device, meta=False)
-        result.nonfinite_pairs = dropped
-        values.append(A.run_value(result, cfg, outer_step))
-        results.append(result)
-    total, nonfinite = A.finish(weights, grads, values)
-    return total, results, nonfinite
+@dataclass
+class TruncatedES(EstimatorSetup):
+    """:class:`~l2o.meta.estimator.GradientEstimator` by antithetic ES over one truncation."""
+    name = "es"
+
+    @torch.no_grad()
+    def estimate(self, lopt: nn.Module, runs: Sequence[InnerRun], outer_step: int) -> Estimate:
+        cfg, device = self.cfg, self.device
+        weights, grads = A.setup(lopt)
+        values, results = [], []
+        for run in runs:
+            entry = self.pool.get(run.spec)
+            dropped = 0
+            for pair in range(cfg.es_pairs):
+                eps = A.noise(weights, cfg.seed, outer_step, run.slot, pair, device)
+                losses = [unroll(lopt, run, entry, cfg.unroll, cfg, device, meta=False,
+                                 params_override=A.perturbed(weights, eps, sign, cfg.es_sigma)).meta_loss
+                          for sign in (1.0, -1.0)]
+                coef = (losses[0] - losses[1]) / (2.0 * cfg.es_sigma * cfg.es_pairs * self.global_batch)
+                if not torch.isfinite(coef):
+                    dropped += 1
+                    continue
+                for n in grads:
+                    grads[n].add_(coef * eps[n])
+            result = unroll(lopt, run, entry, cfg.unroll, cfg, device, meta=False)
+            result.nonfinite_pairs = dropped
+            values.append(meta_loss_value(result, outer_step))
+            results.append(result)
+        total, nonfinite = A.finish(weights, grads, values)
+        return Estimate(total, results, nonfinite)

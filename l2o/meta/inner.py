@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .config import MetaConfig
 from .tasks_pool import TaskEntry, TaskPool, draw_spec
 
 
@@ -194,15 +195,15 @@ class _Unrolling:
     the learned optimizer has produced its update, and the result at the end.
     Shared by :func:`unroll` (one run) and :func:`unroll_batch` (several)."""
 
-    def __init__(self, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool):
+    def __init__(self, run: InnerRun, entry: TaskEntry, k: int, cfg: MetaConfig, device, meta: bool):
         self.run, self.entry, self.cfg, self.device, self.meta = run, entry, cfg, device, meta
-        self.second_order = bool(cfg.get("second_order", False))
+        self.second_order = cfg.second_order
         self.flat, self.grad, self.state = run.params, run.grad, run.lopt_state
         # ES evaluates the same run several times: BatchNorm stats are updated in place, so copy.
         self.buffers = {n: b.clone() for n, b in run.buffers.items()}
         self.stream = batch_stream(entry, run, device)
         next(self.stream)  # batch ``step`` produced the carried gradient; the unroll starts at the next one
-        self.on_valid = cfg.get("meta_data", "train") == "valid"
+        self.on_valid = cfg.meta_data == "valid"
         self.valid_stream = batch_stream(entry, run, device, split="test") if self.on_valid else None
         self.steps = min(k, run.length - run.step)
         self.terms: list[Tensor] = []
@@ -225,7 +226,7 @@ class _Unrolling:
             spare = {n: b.clone() for n, b in self.buffers.items()}
             measured = entry.loss_fn(dict(zip(graph.param_names, graph.scatter(self.flat))), spare,
                                      next(self.valid_stream))
-        self.terms.append(meta_term(measured, self.run.init_loss, self.cfg.get("meta_objective", "norm")))
+        self.terms.append(meta_term(measured, self.run.init_loss, self.cfg.meta_objective))
         self.losses.append(loss.detach())
 
     def result(self) -> UnrollResult:
@@ -236,7 +237,7 @@ class _Unrolling:
         # resets the run.
         run, terms = self.run, self.terms
         values = torch.stack(self.losses).tolist() if self.losses else []
-        limit = self.cfg.get("diverge_factor", 10.0) * run.init_loss
+        limit = self.cfg.diverge_factor * run.init_loss
         bad = next((i for i, v in enumerate(values) if not math.isfinite(v) or v > limit), None)
         diverged = bad is not None
         if diverged:
@@ -250,10 +251,12 @@ class _Unrolling:
         return UnrollResult(meta_loss, steps, diverged, run.step + steps >= run.length, final)
 
 
-def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, meta: bool,
+def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: MetaConfig, device, meta: bool,
            params_override: dict | None = None) -> UnrollResult:
     """Up to ``k`` learned-optimizer steps of ``run`` (which is not modified).
 
+    ``cfg``: its ``meta_objective``, ``meta_data``, ``second_order`` and
+    ``diverge_factor`` decide what is measured and when the run has diverged.
     ``params_override``: metanetwork weights to use instead of its own
     (evolution strategies evaluates perturbed copies functionally).
     """
@@ -264,7 +267,7 @@ def unroll(lopt, run: InnerRun, entry: TaskEntry, k: int, cfg: dict, device, met
     return u.result()
 
 
-def unroll_batch(lopt, runs: list[InnerRun], pool: TaskPool, k: int, cfg: dict, device,
+def unroll_batch(lopt, runs: list[InnerRun], pool: TaskPool, k: int, cfg: MetaConfig, device,
                  meta: bool) -> list[UnrollResult]:
     """:func:`unroll` of several runs at once: each step is one metanetwork
     pass over the disjoint union of the runs' graphs

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 
+from .config import MetaConfig
 from .inner import batch_stream, new_run, unroll
 from .tasks_pool import TaskPool
 
 EVAL_SEED = 1234
+MEASURE = MetaConfig(meta_objective="raw", diverge_factor=float("inf"))   # plain mean loss, never reset
 
 
 @torch.no_grad()
@@ -27,8 +29,7 @@ def quick_eval(lopt, pool: TaskPool, task_name: str, steps: int) -> dict[str, fl
     was_training = lopt.training
     lopt.eval()
     try:
-        res = unroll(lopt, run, entry, steps, {"meta_objective": "raw", "diverge_factor": float("inf")},
-                     device, meta=False)
+        res = unroll(lopt, run, entry, steps, MEASURE, device, meta=False)
     finally:
         lopt.train(was_training)
 
