@@ -48,11 +48,11 @@ def bench(kind: str, estimator: str, device: str, steps: int, warmup: int, prese
     pool = TaskPool(kind, dev)
     specs = suite_specs(cfg.suite)
     runs = [start_run(pool, specs, lopt, 0, s, 0, cfg.inner_steps) for s in range(cfg.meta_batch)]
-    estimator = make_estimator(cfg, pool, dev)
+    gradient_estimator = make_estimator(cfg, pool, dev)
     info = D.DistInfo(device=dev)
 
     def outer_step(runs, i):
-        step = outer_update(estimator, lopt, opt, params, runs, info, cfg.meta_batch, cfg.clip, i)
+        step = outer_update(gradient_estimator, lopt, opt, params, runs, info, cfg.meta_batch, cfg.clip, i)
         return [advance(r, res) for r, res in zip(runs, step.results)], step.inner_steps
 
     for i in range(warmup):
