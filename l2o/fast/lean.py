@@ -21,12 +21,14 @@ the original graph.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import fields
 
 import torch
 from torch import Tensor
 
 from ..graph.blocks import EdgeBlock, edge_blocks, edge_degree, entry_count
+from ..graph.factored import FactoredGraph
 from ..graph.param_graph import ParamGraph
 
 _COMPACT = ("edge_kind", "edge_pos", "tensor_id", "entry_node", "entry_kind")
@@ -40,6 +42,16 @@ class _RunLength:
     def __init__(self, values: Tensor, counts: Tensor, like: Tensor):
         self.values, self.counts, self.dtype, self.shape = values, counts, like.dtype, like.shape
         self.ends = counts.cumsum(0)
+
+    @classmethod
+    def from_runs(cls, values: Tensor, counts: Tensor, dtype: torch.dtype, shape: torch.Size) -> "_RunLength | None":
+        """From runs already found (a factored graph's), with :meth:`encode`'s rule."""
+        if shape[0] == 0 or values.numel() * _MIN_GAIN > math.prod(shape):
+            return None
+        out = object.__new__(cls)
+        out.values, out.counts, out.dtype, out.shape = values, counts, dtype, shape
+        out.ends = counts.cumsum(0)
+        return out
 
     @classmethod
     def encode(cls, t: Tensor) -> "_RunLength | None":
@@ -126,7 +138,7 @@ for _name in _COMPACT:
 
 def entry_slice(graph: ParamGraph, name: str, s: int, e: int) -> Tensor:
     """``getattr(graph, name)[s:e]``, cheap on a :class:`LeanGraph` too."""
-    if isinstance(graph, LeanGraph):
+    if isinstance(graph, (LeanGraph, FactoredGraph)):
         return graph.entry_slice(name, s, e)
     return getattr(graph, name)[..., s:e] if name == "edge_index" else getattr(graph, name)[s:e]
 
@@ -143,13 +155,28 @@ def lean_graph(graph: ParamGraph) -> ParamGraph:
     entry_count(graph)
     graph.tensor_slices, graph.has_edge_pos  # noqa: B018  (cached on first use)
     out = object.__new__(LeanGraph)
-    heavy = {"edge_index", *_COMPACT}
+    heavy = {"edge_index", *_COMPACT, "_edge_factors"}
     out.__dict__.update({k: v for k, v in graph.__dict__.items() if k not in heavy})
     out._num_edges, out._num_entries = graph.num_edges, graph.num_entries
-    out._scatter_edges = {b.start: graph.edge_index[:, b.start:b.stop].clone()
+    out._scatter_edges = {b.start: entry_slice(graph, "edge_index", b.start, b.stop).clone()
                           for b in blocks if not isinstance(b, EdgeBlock)}
     out._lean = {}
+    factored = isinstance(graph, FactoredGraph) and graph._factors is not None
     for name in _COMPACT:
+        runs = graph.run_lengths(name) if factored else False
+        if runs is not False:   # from the factors: the per-entry tensor is never written
+            if runs is None:    # a stride-0 constant view: tiny already
+                out.__dict__[name] = getattr(graph, name)
+                continue
+            shape = torch.Size([graph.num_params if name == "tensor_id" else graph.num_edges]
+                               + ([2] if name == "edge_pos" else []))
+            dtype = graph._factors.pos_dtype if name == "edge_pos" else torch.long
+            rl = _RunLength.from_runs(runs[0], runs[1], dtype, shape)
+            if rl is not None:
+                out._lean[name] = rl
+            else:
+                out.__dict__[name] = getattr(graph, name)
+            continue
         t = getattr(graph, name)
         rl = _RunLength.encode(t)
         if rl is not None:

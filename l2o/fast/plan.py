@@ -83,6 +83,10 @@ class Run:
 
 
 def _column_static(graph: ParamGraph, b: EdgeBlock) -> tuple[Tensor, Tensor] | None:
+    factored = getattr(graph, "column_static", None)
+    found = factored(b) if factored is not None else False
+    if found is not False:   # from a built graph's factors: no per-edge slice written
+        return found
     kind = entry_slice(graph, "edge_kind", b.start, b.stop).view(b.rows, b.cols)
     pos = entry_slice(graph, "edge_pos", b.start, b.stop).view(b.rows, b.cols, -1)
     if bool((kind == kind[:1]).all()) and bool((pos == pos[:1]).all()):

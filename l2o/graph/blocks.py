@@ -69,7 +69,12 @@ def edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     cached = getattr(graph, "_edge_blocks", None)
     if cached is not None:
         return cached
-    blocks: list[EdgeBlock | ScatterBlock] = []
+    factored = getattr(graph, "factored_edge_blocks", None)
+    blocks = factored() if factored is not None else None
+    if blocks is not None:  # a graph built by build_graph: from its factors, nothing per edge read
+        graph._edge_blocks = blocks
+        return blocks
+    blocks = []
     start = 0
     src_all, dst_all = graph.edge_index[0], graph.edge_index[1]
     for k in range(graph.num_edge_params):
@@ -91,8 +96,11 @@ def edge_degree(graph: ParamGraph, end: str) -> Tensor:
     key = f"_degree_{end}"
     cached = getattr(graph, key, None)
     if cached is None:
-        idx = graph.edge_index[0 if end == "src" else 1]
-        cached = torch.bincount(idx, minlength=graph.num_nodes)
+        factored = getattr(graph, "factored_degree", None)
+        cached = factored(end) if factored is not None else None
+        if cached is None:
+            idx = graph.edge_index[0 if end == "src" else 1]
+            cached = torch.bincount(idx, minlength=graph.num_nodes)
         setattr(graph, key, cached)
     return cached
 

@@ -20,6 +20,7 @@ fallback nodes.
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections import OrderedDict
@@ -238,6 +239,13 @@ def _check(graph: ParamGraph) -> None:
     assert order == list(range(len(graph.param_names))), "a parameter tensor is missing or placed twice"
     assert graph.num_params == sum(s.numel() for s in graph.param_shapes)
     assert graph.num_edges == sum(graph.numels[: graph.num_edge_params])
+    factors = getattr(graph, "_factors", None)
+    if factors is not None:
+        # the edge chunks tile the edge range in flat order (tensor_id, written
+        # on demand from the same numels, then holds by construction)
+        bounds = [0, *itertools.accumulate(graph.numels[: graph.num_edge_params])]
+        assert [(c.start, c.stop) for c in factors.chunks] == list(zip(bounds[:-1], bounds[1:]))
+        return
     assert graph.tensor_id.shape[0] == graph.num_params
     # tensor_id is piecewise constant: check each piece's first and last entry
     # (a full bincount over 10M entries would cost more than the rest of the check)

@@ -183,23 +183,8 @@ class ParamGraph:
         (1: the wiring of the whole network is one graph)."""
         if self.num_edges == 0:
             return 0
-        parent = torch.arange(self.num_nodes)
         src, dst = self.edge_index
-        # label propagation: every node takes the smallest label of its neighbours
-        while True:
-            a, b = parent[src], parent[dst]
-            low = torch.minimum(a, b)
-            new = parent.clone()
-            new.scatter_reduce_(0, src, low, reduce="amin")
-            new.scatter_reduce_(0, dst, low, reduce="amin")
-            new = new[new]
-            if torch.equal(new, parent):
-                break
-            parent = new
-        used = torch.zeros(self.num_nodes, dtype=torch.bool)
-        used[src] = True
-        used[dst] = True
-        return int(torch.unique(parent[used]).numel())
+        return _components(self.num_nodes, src, dst)
 
     def summary(self) -> str:
         counts = torch.bincount(self.node_type, minlength=NUM_NODE_TYPES).tolist()
@@ -234,3 +219,23 @@ class ParamGraph:
             entry_node=self.entry_node,
             entry_kind=self.entry_kind,
         )
+
+
+def _components(num_nodes: int, src: Tensor, dst: Tensor) -> int:
+    """Number of connected pieces among the nodes the edges ``src -> dst`` touch."""
+    parent = torch.arange(num_nodes, device=src.device)
+    # label propagation: every node takes the smallest label of its neighbours
+    while True:
+        a, b = parent[src], parent[dst]
+        low = torch.minimum(a, b)
+        new = parent.clone()
+        new.scatter_reduce_(0, src, low, reduce="amin")
+        new.scatter_reduce_(0, dst, low, reduce="amin")
+        new = new[new]
+        if torch.equal(new, parent):
+            break
+        parent = new
+    used = torch.zeros(num_nodes, dtype=torch.bool, device=src.device)
+    used[src] = True
+    used[dst] = True
+    return int(torch.unique(parent[used]).numel())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .factored import EdgeChunk, EdgeFactors, FactoredGraph, compact
 from .param_graph import EntryKind, NodeType, ParamGraph
 
 
@@ -227,42 +228,23 @@ class GraphState:
         depth = [d / max_depth if max_depth > 0 else 0.0 for d in depth] + [0.0] * len(fallback)
         io += [-1] * len(fallback)
 
-        # edges: preallocate and expand each factored chunk straight into place
-        E = sum(math.prod(c.shape) for c in self.edge_chunks)
-        edge_index = torch.empty(2, E, dtype=torch.long)
-        # Big models are bound by first-touch page faults (~1 s per GB on a busy
-        # box): when no edge has a position, or every edge has one kind, the
-        # constant tensor is a stride-0 view instead of E written entries.
-        any_pos = any(c.pos is not None for c in self.edge_chunks)
-        kinds = {int(c.kind) for c in self.edge_chunks if not isinstance(c.kind, Tensor)}
-        one_kind = len(kinds) == 1 and all(not isinstance(c.kind, Tensor) for c in self.edge_chunks)
-        edge_kind = torch.full((1,), kinds.pop(), dtype=torch.long).expand(E) if one_kind \
-            else torch.empty(E, dtype=torch.long)
-        edge_pos = torch.empty(E, 2) if any_pos else torch.zeros(1, 2).expand(E, 2)
-        flat_order, tensor_sizes = [], []
-        a = 0
+        # edges: kept factored (node ids final); the per-edge tensors are
+        # written only when read (factored.py): a 124M-edge build writes none
+        chunks, flat_order, a = [], [], 0
         for c in self.edge_chunks:
             for ends in (c.src, c.dst):
                 assert ends.numel() == 0 or (0 <= int(ends.min()) and int(ends.max()) < n_raw), \
                     f"edge endpoints of {self.param_names[c.param]} out of range"
             b = a + math.prod(c.shape)
-            edge_index[0, a:b].view(c.shape).copy_(remap[c.src].expand(c.shape))
-            edge_index[1, a:b].view(c.shape).copy_(remap[c.dst].expand(c.shape))
-            if one_kind:
-                pass
-            elif isinstance(c.kind, Tensor):
-                edge_kind[a:b].view(c.shape).copy_(c.kind.expand(c.shape))
-            else:
-                edge_kind[a:b].fill_(int(c.kind))
-            if not any_pos:
-                pass
-            elif c.pos is not None:
-                edge_pos[a:b].view(c.shape + (2,)).copy_(c.pos.expand(c.shape + (2,)))
-            else:
-                edge_pos[a:b].zero_()
+            kind = compact(c.kind) if isinstance(c.kind, Tensor) else int(c.kind)
+            pos = compact(c.pos) if c.pos is not None else None
+            chunks.append(EdgeChunk(a, b, c.shape, remap[compact(c.src)], remap[compact(c.dst)], kind, pos))
             flat_order.append(c.param)
-            tensor_sizes.append(b - a)
             a = b
+        kinds = {c.kind for c in chunks if not isinstance(c.kind, Tensor)}
+        one_kind = kinds.pop() if len(kinds) == 1 and all(not isinstance(c.kind, Tensor) for c in chunks) else None
+        factors = EdgeFactors(chunks, a, one_kind, any(c.pos is not None for c in chunks),
+                              torch.get_default_dtype())
 
         entry_nodes, entry_kinds = [], []
         for c in self.entry_chunks:
@@ -271,36 +253,28 @@ class GraphState:
             entry_nodes.append(remap[c.nodes])
             entry_kinds.append(torch.full((c.nodes.shape[0],), c.kind, dtype=torch.long))
             flat_order.append(c.param)
-            tensor_sizes.append(c.nodes.shape[0])
         for k, idx in enumerate(fallback):
             n = self.param_shapes[idx].numel()
             entry_nodes.append(torch.full((n,), len(keep) + k, dtype=torch.long))
             entry_kinds.append(torch.full((n,), int(EntryKind.FALLBACK), dtype=torch.long))
             flat_order.append(idx)
-            tensor_sizes.append(n)
         empty = torch.zeros(0, dtype=torch.long)
-        tensor_id = torch.empty(sum(tensor_sizes), dtype=torch.long)
-        a = 0
-        for k, size in enumerate(tensor_sizes):
-            tensor_id[a:a + size].fill_(k)
-            a += size
-        graph = ParamGraph(
+        graph = object.__new__(FactoredGraph)
+        graph.__dict__.update(
             num_nodes=num_nodes,
             node_type=torch.tensor(node_type, dtype=torch.long),
             node_io_index=torch.tensor(io, dtype=torch.long),
             node_depth=torch.tensor(depth, dtype=torch.float32),
-            edge_index=edge_index,
-            edge_kind=edge_kind,
-            edge_pos=edge_pos,
             entry_node=torch.cat(entry_nodes) if entry_nodes else empty,
             entry_kind=torch.cat(entry_kinds) if entry_kinds else empty,
-            tensor_id=tensor_id,
             param_names=list(self.param_names),
             param_shapes=list(self.param_shapes),
             flat_order=flat_order,
             num_edge_params=len(self.edge_chunks),
             unstructured=unstructured,
+            capture="",
+            notes=[],
+            _edge_factors=factors,
         )
-        if not any_pos:
-            graph._has_edge_pos = False
+        graph._has_edge_pos = any(c.pos is not None and c.stop > c.start and bool(c.pos.any()) for c in chunks)
         return graph
