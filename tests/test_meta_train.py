@@ -229,6 +229,13 @@ def test_second_order_and_log_objective(tmp_path):
     assert summary["skipped"] == 0 and summary["meta_loss_last"] is not None
 
 
+def test_second_order_through_attention(tmp_path):
+    # the fused SDPA kernels' backward cannot be differentiated again: the unroll must use the math one
+    summary = run(tmp_path, "--suite", "transformer_sort", "--outer-steps", "2", "--second-order",
+                  "--meta-data", "valid")
+    assert summary["skipped"] == 0 and summary["meta_loss_last"] is not None
+
+
 def test_frozen_parameters_keep_their_initial_values(tmp_path):
     from l2o.checkpoint import load_lopt
 

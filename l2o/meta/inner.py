@@ -30,11 +30,13 @@ logits); on held-out batches it is rewarded only for what generalises
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import MetaConfig
 from .tasks_pool import TaskEntry, TaskPool, draw_spec
@@ -155,8 +157,11 @@ def loss_and_grad(entry: TaskEntry, flat: Tensor, buffers: dict[str, Tensor], ba
     notoriously unstable second-order path (Metz et al. 2019).
     """
     if meta and flat.requires_grad:
-        loss = entry.loss_fn(dict(zip(entry.graph.param_names, entry.graph.scatter(flat))), buffers, batch)
-        (grad,) = torch.autograd.grad(loss, flat, retain_graph=True, create_graph=second_order)
+        # Second order differentiates the attention backward again: only the math SDPA
+        # kernel supports that (the fused CPU/CUDA kernels' backward is not differentiable).
+        with sdpa_kernel(SDPBackend.MATH) if second_order else contextlib.nullcontext():
+            loss = entry.loss_fn(dict(zip(entry.graph.param_names, entry.graph.scatter(flat))), buffers, batch)
+            (grad,) = torch.autograd.grad(loss, flat, retain_graph=True, create_graph=second_order)
         return loss, (grad if second_order else grad.detach())
     with torch.enable_grad():
         leaf = flat.detach().requires_grad_(True)
