@@ -274,3 +274,32 @@ def test_hf_llama_attention_heads_and_v_units(kv_heads):
         return [(f"{pre}.q_proj.weight", 0, p_q), (f"{pre}.k_proj.weight", 0, p_k),
                 (f"{pre}.v_proj.weight", 0, p_v), (f"{pre}.o_proj.weight", 1, p_o)]
     check_commutes(lambda: _llama(kv_heads), spec, torch.randint(0, 30, (2, 6)))
+
+
+def _t5(impl):
+    m = transformers.T5EncoderModel(transformers.T5Config(
+        d_model=E, d_ff=24, num_layers=2, num_heads=H, d_kv=D, vocab_size=30, dropout_rate=0.0))
+    m.config._attn_implementation = impl
+    return m
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_t5_attention_with_relative_position_table(impl):
+    """T5: the relative-position table is shared by every layer's heads, so
+    whole heads permute together in all layers (and the table's columns with
+    them); q/k and v units still permute within each head, independently per
+    layer -- including the first layer, whose heads' q/k units are one node
+    with the table's head node."""
+    g = torch.Generator().manual_seed(5)
+    hp = _perm(H, g)
+
+    def spec(_):
+        out = [("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", 1, hp)]
+        for i in range(2):
+            dqk, dv = _perm(D, g), _perm(D, g)
+            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
+            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            pre = f"encoder.block.{i}.layer.0.SelfAttention"
+            out += _attn_spec(f"{pre}.q", f"{pre}.k", f"{pre}.v", f"{pre}.o.weight", p_qk, p_v, bias=False)
+        return out
+    check_commutes(lambda: _t5(impl), spec, torch.randint(0, 30, (2, 6)))

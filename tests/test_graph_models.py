@@ -254,9 +254,8 @@ def test_hf_tiny_configs_structured(name):
     g = quiet_build(m)
     assert g.capture == "eager"
     assert g.fractions()["fallback"] < 0.005
-    # T5: the relative-position tables of encoder and decoder reach the rest
-    # only through attention scores, which have no units: separate pieces
-    assert g.edge_components() == (3 if name == "t5" else 1)
+    assert g.edge_components() == 1
+    assert g.num_edges == sum(g.numels[: g.num_edge_params])
     io = (g.node_type == NodeType.OUTPUT).sum() + (g.node_type == NodeType.INPUT).sum()
     assert io > 0
     if name in ("vit", "resnet"):
@@ -274,6 +273,46 @@ def test_hf_gpt2_conv1d_wiring():
     p_src, p_dst = part(g, "transformer.h.0.attn.c_proj.weight")
     assert torch.equal(p_src[:, 0], v) and torch.equal(p_dst[0], stream)
     assert torch.equal(part(g, "transformer.h.0.ln_1.weight"), stream)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_t5_relative_position_tables_join_their_heads(impl):
+    """T5's relative-position table (one per stack, built in layer 0 and
+    added to every self-attention's scores) is an embedding from distance
+    buckets to heads. Column h feeds head h of the first attention that reads
+    it: the table's head node and that head's q/k units are one node (a
+    score bias belongs to the head as a whole). Later layers, the decoder's
+    cross-attention and every v/o unit keep their units."""
+    torch.manual_seed(0)
+    m = HF["t5"][0]()
+    m.config._attn_implementation = impl
+    g = quiet_build(m)
+    H, d = 4, 8
+    stream = part(g, "shared.weight")[1][0]                               # [32] residual stream (tied)
+    for stack, attn_names in (("encoder", ["layer.0.SelfAttention"]),
+                              ("decoder", ["layer.0.SelfAttention", "layer.1.EncDecAttention"])):
+        src, dst = part(g, f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight")  # [32, H]
+        buckets, heads = src[:, 0], dst[0]
+        assert torch.equal(src, buckets.view(-1, 1).expand(-1, H)) and torch.equal(dst, heads.expand(32, H))
+        assert bool((g.node_type[buckets] == NodeType.INPUT).all()) and heads.unique().numel() == H
+        for block in (0, 1):
+            for attn in attn_names:
+                pre = f"{stack}.block.{block}.{attn}"
+                q_src, q_dst = part(g, f"{pre}.q.weight")                   # [H*d, 32]
+                k_src, k_dst = part(g, f"{pre}.k.weight")
+                v_dst = part(g, f"{pre}.v.weight")[1][:, 0]
+                o_src, o_dst = part(g, f"{pre}.o.weight")
+                assert torch.equal(q_dst, k_dst)                            # q/k paired by the scores
+                if stack == "encoder" or attn.endswith("SelfAttention"):
+                    assert torch.equal(q_src[0], stream)
+                assert torch.equal(o_src[0], v_dst) and v_dst.unique().numel() == H * d
+                assert torch.equal(o_dst[:, 0], stream)
+                qk = q_dst[:, 0].view(H, d)
+                if block == 0 and attn.endswith("SelfAttention"):
+                    assert torch.equal(qk, heads.view(H, 1).expand(H, d))   # head h: one node, the table's
+                else:
+                    assert qk.unique().numel() == H * d and not bool(torch.isin(qk, heads).any())
+    check_whole(g)
 
 
 def test_hf_llama_rms_norm_and_swiglu():

@@ -23,6 +23,7 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | HF ``Conv1D``; ``addmm(b, x, W)``, ``x @ W``, ``x @ W.T`` with a parameter ``W`` | new | ``W[i,o]`` (or ``W[o,i]``): in -> out (LINEAR) | bias: BIAS |
 | ``nn.LSTM/GRU/RNN`` | ``hidden`` per layer/direction | ``W_ih``: in -> unit, ``W_hh``: unit -> unit (recurrent), gate as ``edge_pos`` | biases: BIAS |
 | ``scaled_dot_product_attention``, ``q @ k^T``, ``attn @ v`` | -- | -- | q/k units merged per head (GQA: with their kv head); output carries v's units |
+| a per-head term added to the scores (T5's relative-position table: ``attn_mask`` / ``scores + bias``) | its head nodes: one node with the head's q/k units, in the first attention it meets | -- | -- |
 | a parameter (view) ``* x`` / ``+ x`` / ``cat``-ed with ``x`` (RMSNorm scales, positions, cls tokens) | none | -- | NORM_WEIGHT (product) / BIAS (sum, concat) on the units it meets |
 | a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's | first use only | -- |
 | ``register_module(cls, mapper)`` | as the mapper says | | |

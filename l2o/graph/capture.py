@@ -139,6 +139,10 @@ class Recorder:
         self.busy = False
         self.errors: list[str] = []
         self.handles: list = []
+        # attention scores (q @ k^T, untracked: they have no units) -> the q/k
+        # units of each head, [..., H, d], so a per-head score bias can find its head
+        self.scores: dict[int, tuple[Tensor, Tensor]] = {}
+        self.head_nodes: list[int] = []     # score-bias head nodes already joined to a head
 
     # ----------------------------------------------------------- values
     def get(self, t) -> _Info | None:
@@ -275,6 +279,8 @@ class Recorder:
         if name in _SKIP:
             return
         ins = _tensors((args, kwargs))
+        if self.scores:
+            self._scores_op(name, ins, out)
         infos = [(t, self.get(t)) for t in ins]
         tracked = [(t, i) for t, i in infos if i is not None]
         if not tracked:
@@ -548,6 +554,8 @@ class Recorder:
             try:
                 ka, kb = torch.broadcast_tensors(ka, kb)
                 self._merge_pairs(ka, kb)
+                if out.dim() >= 3 and ka.dim() >= 2:
+                    self.scores[id(out)] = (out, ka)       # [..., H, d]
             except RuntimeError:
                 pass
         if sb is not None:
@@ -570,6 +578,10 @@ class Recorder:
             try:
                 a, b = torch.broadcast_tensors(a, b)
                 self._merge_pairs(a, b)
+                mask = args[3] if len(args) > 3 else kwargs.get("attn_mask")
+                im = self.get(mask) if isinstance(mask, Tensor) else None
+                if im is not None and im.sh is not None and im.pidx is None:
+                    self._join_heads(a, im.sh)
             except RuntimeError:
                 pass
         if iv is not None and isinstance(out, Tensor):
@@ -582,6 +594,62 @@ class Recorder:
                                     depth=max(iv.depth, iq.depth if iq else 0)))
             except RuntimeError:
                 pass
+
+    def _scores_op(self, name, ins, out) -> None:
+        """Follow attention scores through ``* scale`` / ``+ mask`` (the output
+        is still the scores); a per-head tracked term added to them is a score
+        bias: :meth:`_join_heads`."""
+        units = None
+        for t in ins:
+            hit = self.scores.get(id(t))
+            if hit is not None and hit[0] is t:
+                units = hit[1]
+                break
+        if units is None or not isinstance(out, Tensor) or (name not in _ADD and name not in _MUL):
+            return
+        if name in _ADD:
+            for t in ins:
+                i = self.get(t)
+                if i is not None and i.sh is not None and i.pidx is None and t is not out:
+                    self._join_heads(units, i.sh)
+        self.scores[id(out)] = (out, units)
+
+    def _join_heads(self, units: Tensor, bias: Tensor) -> None:
+        """A term added to the attention scores whose nodes depend on the head
+        only (T5's relative-position table: column h feeds head h) joins the
+        units of its head: the head's q/k units and the table's head node
+        become one node.
+
+        A score bias belongs to the head as a whole, and nothing else in the
+        graph stands for a head: joining it to any single q/k unit would make
+        that unit special and break the symmetry of permuting the units within
+        the head; joining all of them keeps every symmetry (the head's q/k rows
+        become parallel edges into one node) at the price of the units'
+        separate identities in this one attention. Only the first attention a
+        bias meets is joined (T5 passes layer 0's bias on to every later
+        layer: those keep their units)."""
+        if bias.dim() < 3 or units.dim() < 2 or not (_const_along(bias, -1) and _const_along(bias, -2)):
+            return
+        heads = bias[..., 0, 0]                               # [..., H]
+        H = int(units.shape[-2])
+        if heads.shape[-1] != H or bool((heads < 0).any()):
+            return
+        per_head = heads.reshape(-1, H)
+        if not bool((per_head == per_head[:1]).all()):
+            return
+        first = per_head[0].tolist()
+        roots = [self.state.find(n) for n in first]
+        joined = {self.state.find(n) for n in self.head_nodes}
+        if len(set(roots)) != H or joined.intersection(roots) \
+                or any(self.state.node_type_of(r) != NodeType.HIDDEN for r in roots):
+            return
+        try:
+            hn, u = torch.broadcast_tensors(heads.unsqueeze(-1), units)
+        except RuntimeError:
+            return
+        ok = u >= 0
+        self._merge_pairs(hn[ok], u[ok])
+        self.head_nodes.extend(first)
 
     def _glu(self, args, kwargs, out) -> None:
         x = args[0]

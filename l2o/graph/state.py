@@ -99,6 +99,9 @@ class GraphState:
             parent[i], i = root, parent[i]
         return root
 
+    def node_type_of(self, i: int) -> int:
+        return self._type[self.find(i)]
+
     def merge(self, a: Tensor, b: Tensor) -> None:
         """Identify neurons pairwise (residual add, elementwise product, ...)."""
         if a.shape != b.shape:
