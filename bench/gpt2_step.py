@@ -5,7 +5,8 @@
 Random init from ``transformers.GPT2Config()`` (no download). Prints:
 
 * the time to build the parameter graph (``build_graph``, uncached) and to
-  construct ``GMNOptimizer`` (graph build + lean copy + state);
+  construct ``GMNOptimizer`` (graph build + plan + lean copy + state), each a
+  median over ``--build-repeats`` runs (``bench/graph_build_gpt2.py``);
 * the train step (forward + backward + optimizer step) of each optimizer,
   interleaved on two identical copies of the model with the order swapped
   every round (this machine's cores are shared: medians and ratios in one
@@ -34,11 +35,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--weights", default="pretrained", help="GMN weights: 'pretrained' or 'none'")
+    ap.add_argument("--build-repeats", type=int, default=3)
     args = ap.parse_args()
     import torch
     import transformers
     import l2o
-    from l2o.graph import build_graph
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -48,16 +49,13 @@ def main() -> None:
     n = sum(p.numel() for p in models["gmn"].parameters())
     x = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
-    t0 = time.perf_counter()
-    graph = build_graph(models["gmn"], use_cache=False)
-    build_s = time.perf_counter() - t0
-    del graph
-    t0 = time.perf_counter()
+    from graph_build_gpt2 import fmt, time_build_and_construct
+    builds, constructs = time_build_and_construct(models["gmn"], args.build_repeats)
     opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-4),
             "gmn": l2o.GMNOptimizer(models["gmn"], weights=None if args.weights == "none" else args.weights)}
-    construct_s = time.perf_counter() - t0
     print(f"GPT-2 small: {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} tokens, "
-          f"{args.threads} threads; build_graph {build_s:.2f} s, GMNOptimizer(model) {construct_s:.2f} s", flush=True)
+          f"{args.threads} threads\n  build_graph {fmt(builds)}\n  GMNOptimizer(model) {fmt(constructs)}",
+          flush=True)
 
     times = {k: {"train": [], "opt": []} for k in opts}
     losses = {k: [] for k in opts}

@@ -25,6 +25,33 @@ import time
 import torch
 
 
+def time_build_and_construct(model, repeats: int, optimizer: bool = True) -> tuple[list[float], list[float]]:
+    """Seconds of ``build_graph(model, use_cache=False)`` and of
+    ``GMNOptimizer(model)``, ``repeats`` times each (alternating; everything
+    freed between runs)."""
+    import l2o
+    from l2o.graph import build_graph
+
+    builds, constructs = [], []
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        g = build_graph(model, use_cache=False)
+        builds.append(time.perf_counter() - t0)
+        del g
+        if optimizer:
+            gc.collect()
+            t0 = time.perf_counter()
+            opt = l2o.GMNOptimizer(model)
+            constructs.append(time.perf_counter() - t0)
+            del opt
+    return builds, constructs
+
+
+def fmt(ts: list[float]) -> str:
+    return f"median {statistics.median(ts):.2f} s (runs: {', '.join(f'{t:.2f}' for t in ts)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -33,7 +60,6 @@ def main() -> None:
     args = ap.parse_args()
     import transformers
     transformers.logging.set_verbosity_error()
-    import l2o
     from l2o.graph import build_graph
 
     torch.set_num_threads(1)
@@ -41,28 +67,11 @@ def main() -> None:
     cfg = transformers.GPT2Config() if args.model == "gpt2" else \
         transformers.GPT2Config(n_embd=1024, n_layer=24, n_head=16)
     model = transformers.GPT2LMHeadModel(cfg)
-    builds, constructs = [], []
-    for _ in range(args.repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        g = build_graph(model, use_cache=False)
-        builds.append(time.perf_counter() - t0)
-        del g
-        if not args.skip_optimizer:
-            gc.collect()
-            t0 = time.perf_counter()
-            opt = l2o.GMNOptimizer(model)
-            constructs.append(time.perf_counter() - t0)
-            del opt
+    builds, constructs = time_build_and_construct(model, args.repeats, not args.skip_optimizer)
     g = build_graph(model, use_cache=False)
-    summary, pieces, n = g.summary(), g.edge_components(), g.num_params
-
-    def fmt(ts):
-        return f"median {statistics.median(ts):.2f} s (runs: {', '.join(f'{t:.2f}' for t in ts)})"
-
-    print(summary)
-    print(f"{args.model}: {n / 1e6:.1f}M parameters, graph pieces {pieces}, one thread")
-    print(f"  build_graph        {fmt(builds)}")
+    print(g.summary())
+    print(f"{args.model}: {g.num_params / 1e6:.1f}M parameters, graph pieces {g.edge_components()}, one thread")
+    print(f"  build_graph         {fmt(builds)}")
     if constructs:
         print(f"  GMNOptimizer(model) {fmt(constructs)}")
 

@@ -667,9 +667,10 @@ class GMNOptimizer(LearnedOptimizerBase):
                             "for a bare parameter list use l2o.MLPOptimizer")
         from .graph import build_graph
 
-        # a large model's graph is not cached by the builder: the cache would
-        # keep its per-entry index tensors (32 bytes per parameter) alive beside
-        # the optimizer's lean copy
+        # a large model's graph is not cached by the builder: once anything
+        # reads its per-entry index tensors (32 bytes per parameter, written on
+        # first read: l2o/graph/factored.py) the cache would keep them alive
+        # beside the optimizer's lean copy
         large = sum(p.numel() for p in model.parameters()) >= LEAN_GRAPH_UNCACHED_PARAMS
         graph = build_graph(model, example_inputs=example_inputs, strict=strict, use_cache=not large)
         named = dict(model.named_parameters())

@@ -128,10 +128,10 @@ class _RowView:
         return bool((self.base[pairs[0]] == self.base[pairs[1]]).all())
 
 
-def _expand(t: Tensor | int, shape: tuple[int, ...], dtype=torch.long) -> Tensor:
+def _expand(t: Tensor | int, shape: tuple[int, ...], device) -> Tensor:
     if isinstance(t, Tensor):
         return t.expand(shape)
-    return torch.full((1,), int(t), dtype=dtype).expand(shape)
+    return torch.full((1,), int(t), dtype=torch.long, device=device).expand(shape)
 
 
 class FactoredGraph(ParamGraph):
@@ -216,7 +216,8 @@ class FactoredGraph(ParamGraph):
                 full = torch.stack([c.src.expand(c.shape).reshape(-1), c.dst.expand(c.shape).reshape(-1)])
                 parts.append(full[:, lo - c.start:hi - c.start])
             elif name == "edge_kind":
-                parts.append(_expand(c.kind, c.shape).reshape(-1)[lo - c.start:hi - c.start].to(torch.long))
+                kind = _expand(c.kind, c.shape, self.device).reshape(-1)
+                parts.append(kind[lo - c.start:hi - c.start].to(torch.long))
             else:
                 pos = c.pos.expand(c.shape + (2,)).reshape(-1, 2).to(f.pos_dtype) if c.pos is not None \
                     else torch.zeros(c.stop - c.start, 2, dtype=f.pos_dtype, device=self.device)
@@ -225,7 +226,8 @@ class FactoredGraph(ParamGraph):
             return torch.cat(parts, dim=1) if parts else torch.zeros(2, 0, dtype=torch.long, device=self.device)
         if parts:
             return torch.cat(parts)
-        return getattr(self, name)[:0] if name != "edge_pos" else torch.zeros(0, 2, dtype=f.pos_dtype)
+        return torch.zeros((0, 2) if name == "edge_pos" else (0,), dtype=f.pos_dtype if name == "edge_pos" else torch.long,
+                           device=self.device)
 
     # ------------------------------------------------- derived, from factors
     def factored_edge_blocks(self) -> list | None:
