@@ -84,6 +84,13 @@ def measure(model_name: str, opt_name: str, threads: int) -> dict:
     model, loss_fn = _model(model_name)
     n = sum(p.numel() for p in model.parameters())
     loss_fn().backward()        # gradients exist before the optimizer does
+    # modules the optimizers load on first use (l2o imports lazily; torch.optim
+    # too) are loaded before measuring: their memory is no optimizer state
+    import l2o.optim  # noqa: F401
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.ones(3)
+    torch.optim.Adam([w]).step()
+    del w
     base = _settle()
     t0 = time.perf_counter()
     if opt_name == "adam":
