@@ -22,8 +22,8 @@ class _EdgeChunk:
 
     ``src``/``dst``/``kind`` broadcast to ``shape`` (the weight's shape, or a
     reshape of it with the same row-major order), ``pos`` to ``shape + (2,)``.
-    Expanding only when writing the final tensors keeps a 10M-edge build to
-    one write pass per output tensor.
+    The graph keeps them in this form (:mod:`.factored`): the per-edge
+    tensors are written only if something reads them.
     """
     param: int
     shape: tuple[int, ...]
