@@ -18,7 +18,7 @@ SUITES = ("train", "valid", "heldout", "all")
 # validation model is a train or test model. Every recipe, checkpoint and
 # threshold is chosen on it; the "heldout" (test) suite is reported only.
 VALID_SEEDS = {"mlp": (0, 1), "cnn": (0,), "resnet": (0,), "transformer": (0, 1), "conv1d": (0,),
-               "autoencoder": (0,), "regression": (0,)}
+               "autoencoder": (0,), "regression": (0,), "rnn": (0, 1)}
 
 _named: dict[str, Task] | None = None
 

@@ -141,6 +141,30 @@ def test_char_corpus_windows_predict_next_char():
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
+def test_markov_language_is_learnable_and_deterministic():
+    from tasks.data.markov import load_markov_data
+    a, b = load_markov_data(32, seed=1), load_markov_data(32, seed=1)
+    train = a.splits["train"]
+    assert torch.equal(train, b.splits["train"]) and not torch.equal(train, load_markov_data(32, 2).splits["train"])
+    assert int(train.min()) >= 0 and int(train.max()) < 32
+    # next-token entropy given the previous token is far below the unigram entropy: there is
+    # structure for a language model to learn (a few Zipf-weighted successors per token)
+    pairs = torch.zeros(32, 32).index_put_((train[:-1], train[1:]), torch.ones(train.numel() - 1), accumulate=True)
+    def entropy(p):
+        return float(-(p * p.clamp_min(1e-12).log()).sum(-1))
+    unigram = entropy(pairs.sum(0) / pairs.sum())
+    conditional = sum(entropy(row / row.sum()) * row.sum() for row in pairs) / pairs.sum()
+    assert conditional < 0.6 * unigram
+    x, y = next(tasks.get_task("rnn_lstm_markov").batches("train", seed=0))
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_tied_recurrent_lm_shares_its_embedding():
+    model = tasks.get_task("rnn_lstm_markov").init(0)
+    assert model.head.weight is model.embedding.weight
+    assert len(list(model.parameters())) == len(dict(model.named_parameters(remove_duplicate=False))) - 1
+
+
 def test_digits_standardised_and_split():
     digits = data.load_dataset("digits")
     x, y = digits.splits["train"]

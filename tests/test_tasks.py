@@ -207,7 +207,15 @@ def test_build_graph_covers_every_task_strictly(task):
     assert graph.num_edges == sum(p.numel() for p in params.values() if p.dim() >= 2)
     assert graph.num_entries == sum(p.numel() for p in params.values() if p.dim() < 2)
     assert int(graph.edge_index.min()) >= 0 and int(graph.edge_index.max()) < graph.num_nodes
-    assert not bool((graph.edge_index[0] == graph.edge_index[1]).any()), "an edge joins a unit to itself"
+    # A unit joins itself only in a recurrent layer: W_hh entry (gate g, unit i) <- unit i, and
+    # W_ih of a one-layer RNN whose head is tied to the embedding (tying makes embedding
+    # dimension i and hidden unit i one unit). Every gate row then has exactly one self-loop.
+    for k, s in enumerate(graph.tensor_slices[:graph.num_edge_params]):
+        name = graph.param_names[graph.flat_order[k]]
+        loops = int((graph.edge_index[0, s] == graph.edge_index[1, s]).sum())
+        recurrent = "weight_hh" in name or (task.config.get("tied") and task.config.get("layers") == 1
+                                            and "weight_ih_l0" in name)
+        assert loops == (params[name].shape[0] if recurrent and task.family == "rnn" else 0), name
     # edges never end on an input neuron nor start at an output neuron; no fallback nodes
     types = graph.node_type[graph.edge_index]
     assert not bool((types[1] == NodeType.INPUT).any()) and not bool((types[0] == NodeType.OUTPUT).any())

@@ -1,7 +1,8 @@
 """Offline datasets by name, each loaded once per process and cached in memory.
 
 Bundled or procedural (always available): digits, mnist1d, synthetic_cls,
-synthetic_reg, parity, reverse, sort, modadd, chars, and the autoencoder views
+synthetic_reg, parity, reverse, sort, modadd, chars, markov (vocabulary 64),
+markov_large (vocabulary 512), and the autoencoder views
 digits_recon, mnist1d_recon.
 From a local directory (`root=` or $L2O_DATA; never downloaded): mnist,
 fashion_mnist, cifar10.
@@ -14,6 +15,7 @@ from .arrays import ArrayData, TokenStreamData, as_reconstruction, batch_stream
 from .chars import load_chars_data
 from .digits import load_digits_data
 from .local import ENV_VAR, DatasetNotFoundError, data_root
+from .markov import load_markov_data
 from .mnist1d import load_mnist1d_data
 from .sequences import (load_modadd_data, load_parity_data, load_reverse_data,
                         load_sort_data)
@@ -29,6 +31,8 @@ BUNDLED = {
     "sort": load_sort_data,
     "modadd": load_modadd_data,
     "chars": load_chars_data,
+    "markov": lambda: load_markov_data(64),
+    "markov_large": lambda: load_markov_data(512),
     # Autoencoder views: inputs as targets, sharing the tensors of the base dataset.
     "digits_recon": lambda: as_reconstruction(load_dataset("digits")),
     "mnist1d_recon": lambda: as_reconstruction(load_dataset("mnist1d")),

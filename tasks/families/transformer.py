@@ -50,7 +50,8 @@ class PreNormBlock(nn.Module):
 
 class SequenceTransformer(nn.Module):
     def __init__(self, vocab: int, seq_len: int, outputs: int, d_model: int, heads: int, ff: int,
-                 layers: int, block: str, act: str = "relu", pool: bool = False, causal: bool = False):
+                 layers: int, block: str, act: str = "relu", pool: bool = False, causal: bool = False,
+                 tied: bool = False):
         super().__init__()
         self.seq_len, self.pool, self.causal = seq_len, pool, causal
         self.token = nn.Embedding(vocab, d_model)
@@ -66,6 +67,10 @@ class SequenceTransformer(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, outputs)
+        if tied:  # output layer shares the token embedding (as most LMs do)
+            if outputs != vocab:
+                raise ValueError(f"a tied head needs outputs == vocab, got {outputs} and {vocab}")
+            self.head.weight = self.token.weight
 
     def forward(self, tokens: Tensor) -> Tensor:
         # Sequence length is fixed per task, so positions and the causal mask
@@ -84,14 +89,14 @@ class SequenceTransformer(nn.Module):
 
 
 def transformer_task(name, split, dataset, d_model, heads, ff, layers, block, act="relu",
-                     batch_size=64) -> Task:
+                     batch_size=64, tied=False) -> Task:
     vocab, seq_len, outputs, pool = SEQUENCE_SPECS[dataset]
     causal = dataset == "chars"
     config = dict(d_model=d_model, heads=heads, ff=ff, layers=layers, block=block, activation=act,
-                  pool=pool, causal=causal)
+                  pool=pool, causal=causal, tied=tied)
     return Task(name=name, family=FAMILY, split=split, dataset=dataset, batch_size=batch_size,
                 build=lambda: SequenceTransformer(vocab, seq_len, outputs, d_model, heads, ff, layers,
-                                                  block, act, pool, causal),
+                                                  block, act, pool, causal, tied),
                 objective="classify", input_shape=(seq_len,), input_dtype=torch.long,
                 vocab_size=vocab, config=config)
 
@@ -121,6 +126,9 @@ def sample(seed: int, split: str = "train") -> Task:
         d_model, layers = rng.choice([32, 48, 64]), rng.randint(2, 3)
         block = rng.choice(["encoder_layer_norm_first", "prenorm_mha"])
     heads = rng.choice([h for h in (1, 2, 4) if d_model % h == 0])
-    return transformer_task(sampled_name(FAMILY, split, seed), split, dataset, d_model, heads,
-                            d_model * rng.choice([2, 4]), layers, block, rng.choice(["relu", "gelu"]),
-                            batch_size=rng.choice([32, 64]))
+    ff, act, batch_size = d_model * rng.choice([2, 4]), rng.choice(["relu", "gelu"]), rng.choice([32, 64])
+    # Drawn last, and on train only, so validation and test configurations stay as they were.
+    vocab, _, outputs, _ = SEQUENCE_SPECS[dataset]
+    tied = split == "train" and outputs == vocab and rng.random() < 0.5
+    return transformer_task(sampled_name(FAMILY, split, seed), split, dataset, d_model, heads, ff, layers, block,
+                            act, batch_size=batch_size, tied=tied)
