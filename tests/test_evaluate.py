@@ -257,3 +257,29 @@ def test_old_module_path_and_command_still_work():
         res = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr[-2000:]
         assert "--lr-grid" in res.stdout and "--allow-untrained" in res.stdout
+
+
+def test_compare_counts_wins_against_baseline_rows_of_other_runs(tmp_path, capsys):
+    from l2o.eval import compare
+
+    def write(name, rows, steps=400):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(
+            {"config": {"steps": steps, "seeds": [0, 1]}, "rows": rows}))
+        return str(tmp_path / name)
+
+    def row(task, opt, train, test, diverged=0):
+        return {"task": task, "optimizer": opt, "final_train_loss": train, "test_loss": test,
+                "diverged_seeds": diverged}
+
+    base = write("base", [row("a", "adam", 1.0, 1.0), row("b", "adam", 1.0, 1.0), row("a", "gmn", 0.1, 0.1)])
+    cand = write("cand", [row("a", "gmn", 0.5, 2.0), row("b", "gmn", float("nan"), float("nan"), 2),
+                          row("c", "gmn", 0.1, 0.1)])
+    assert compare.main(["--baseline", base, "--candidate", cand]) == 0
+    out = capsys.readouterr().out
+    assert "train wins 1/2, test wins 0/2, diverged 1" in out and "no baseline row for: c" in out
+    other = write("other", [row("a", "adam", 1.0, 1.0)], steps=100)
+    with pytest.raises(SystemExit):
+        compare.main(["--baseline", other, "--candidate", cand])
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        compare.load_rows(tmp_path / "nowhere")
