@@ -27,6 +27,7 @@ from torch.optim import lr_scheduler
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import l2o
+from l2o.fast import native
 from l2o.gmn import GMNLOpt
 from l2o.mlp_lopt import MLPLOpt
 
@@ -78,6 +79,21 @@ def assert_same(model_a, model_b):
 
 
 KINDS = ["gmn", "mlp"]
+
+
+@pytest.fixture(autouse=True, params=["reference", "chunked-torch", "chunked-native"])
+def every_step_path(request, use_step_path, monkeypatch):
+    """Every test runs on each no-grad step: the reference (flat) step, which
+    these small models take by default and GPUs take always, and the chunked
+    step that CPU models above ~8k parameters take, with torch ops and with the
+    fused C kernels. Each applies lr / weight_decay / counters on its own."""
+    path = request.param
+    use_step_path("reference" if path == "reference" else "chunked")
+    if path != "reference":
+        monkeypatch.setenv("L2O_NATIVE", "1" if path == "chunked-native" else "0")
+        if path == "chunked-native" and native.load(8, 8, 16) is None:
+            pytest.skip(native.status())
+    return path
 
 
 # ------------------------------------------------------------ construction
