@@ -122,7 +122,9 @@ def test_hf_trainer_recipe(tmp_path, how):
     assert decayed["weight_decay"] == 1e-4 and plain["weight_decay"] == 0.0
     assert {id(p) for p in decayed["params"]} == {id(model.net[0].weight), id(model.net[3].weight)}
     assert any(p is model.net[1].weight for p in plain["params"])
-    # the linear schedule scaled the learned step down to 0 at the end
+    # the linear schedule scaled the learned step from 1 (TrainingArguments'
+    # learning_rate is not passed to an optimizer_cls_and_kwargs class) down to 0
+    assert decayed["initial_lr"] == 1.0 and plain["initial_lr"] == 1.0
     assert float(decayed["lr"]) == 0.0 and float(plain["lr"]) == 0.0
     assert all(s["step"] == 30 for s in opt.state.values())
 
@@ -262,6 +264,8 @@ def test_ddp_wrapped_model_recipe(tmp_path):
         x, y, _ = digits_loader()
         net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
         ddp = nn.parallel.DistributedDataParallel(net)
+        short = l2o.GMNOptimizer(ddp)  # the README's form: the graph of the module inside
+        assert not short.graph.unstructured and list(map(id, short.param_groups[0]["params"])) == list(map(id, net.parameters()))
         opt = l2o.GMNOptimizer(ddp.parameters(), model=ddp)
         assert not opt.graph.unstructured
         before = F.cross_entropy(net(x), y).item()

@@ -9,10 +9,14 @@ Exemptions from TestOptimRenewed, each for a stated reason:
   time, so a tensor with a zero gradient is stepped (its counter advances,
   its momenta decay, it may move). ``test_zero_gradient_is_a_step`` pins this.
   ``grad=None`` *is* a no-op, as in torch.
-* foreach / fused / capturable / differentiable / maximize flags: the step
-  has one implementation (a flat no-grad step); these options do not exist.
+* foreach / fused / capturable / differentiable / maximize flags: these
+  options do not exist. The step has two implementations, picked by model
+  size and device, not by a flag: the reference (flat) step and the chunked
+  step (torch ops, or the fused C kernels where they build). Every test here
+  runs on each of the three (the ``every_step_path`` fixture).
 * CUDA-only tests (CUDA graphs, state_dict with CUDA params, peak memory):
-  no GPU in the test environment; the code is device-agnostic.
+  the suite runs on CPU; on a GPU the optimizers take the reference step,
+  which is tested here on CPU.
 * complex parameters: rejected with a TypeError (the features are real).
 * sparse gradients: rejected with a RuntimeError (tested in test_optim.py).
 """
@@ -23,7 +27,7 @@ import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.optim import lr_scheduler
+from torch.optim import lr_scheduler, swa_utils
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import l2o
@@ -573,8 +577,12 @@ def test_mixed_dtypes(kind):
 
 # -------------------------------------------------------------- schedulers
 def _scheduler_args(opt):
-    """Arguments of every scheduler in torch.optim.lr_scheduler (defaults for the rest)."""
+    """Arguments of every scheduler in torch.optim.lr_scheduler, plus
+    swa_utils.SWALR: the required ones only (defaults for the rest, e.g.
+    OneCycleLR's and CyclicLR's cycle_momentum=True), except where a default
+    would keep the lr constant over these six steps."""
     return {
+        "SWALR": lambda: swa_utils.SWALR(opt, swa_lr=0.5, anneal_epochs=3),
         "LambdaLR": lambda: lr_scheduler.LambdaLR(opt, lambda s: 0.9 ** s),
         "MultiplicativeLR": lambda: lr_scheduler.MultiplicativeLR(opt, lambda s: 0.9),
         "StepLR": lambda: lr_scheduler.StepLR(opt, step_size=2),
@@ -596,30 +604,36 @@ def _scheduler_args(opt):
 
 
 def _all_schedulers():
-    return sorted(name for name, obj in vars(lr_scheduler).items()
-                  if inspect.isclass(obj) and (issubclass(obj, lr_scheduler.LRScheduler)
-                                               or obj is lr_scheduler.ReduceLROnPlateau)
-                  and obj not in (lr_scheduler.LRScheduler, lr_scheduler._LRScheduler)
-                  and not name.startswith("_"))
+    """Every public scheduler class of torch.optim.lr_scheduler (found, not
+    listed: one added to torch is tested here) and swa_utils.SWALR."""
+    found = sorted(name for name, obj in vars(lr_scheduler).items()
+                   if inspect.isclass(obj) and (issubclass(obj, lr_scheduler.LRScheduler)
+                                                or obj is lr_scheduler.ReduceLROnPlateau)
+                   and obj not in (lr_scheduler.LRScheduler, lr_scheduler._LRScheduler)
+                   and not name.startswith("_"))
+    return found + ["SWALR"]
 
 
 def test_every_torch_scheduler_is_covered():
     """A scheduler added to torch shows up here until it is in the list below."""
     model = make_model()
-    assert set(_all_schedulers()) <= set(_scheduler_args(l2o.MLPOptimizer(model, weights=None)))
+    names = _all_schedulers()
+    assert {"ReduceLROnPlateau", "OneCycleLR", "SequentialLR", "ChainedScheduler", "CyclicLR"} <= set(names)
+    assert set(names) <= set(_scheduler_args(l2o.MLPOptimizer(model, weights=None)))
 
 
 @pytest.mark.parametrize("name", _all_schedulers())
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
-def test_every_scheduler_runs_and_sets_the_multiplier(name, lr_kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_scheduler_runs_and_sets_the_multiplier(name, lr_kind, kind):
     """Each scheduler runs with its defaults (OneCycleLR and CyclicLR cycle
     ``betas``), with float and tensor ``lr``, on two groups (a third tensor
     pair in none); each step a group moves by the lr the scheduler set times
     the step the same optimizer takes at lr 1 (a deep copy stepped alongside)."""
     model = make_model()
     lr = 1.0 if lr_kind == "float" else torch.tensor(1.0)
-    opt = l2o.MLPOptimizer([{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": lr}],
-                           weights=randomised("mlp"), lr=lr, model=model)
+    opt = make_opt(kind, [{"params": model[0].parameters()}, {"params": model[2].parameters(), "lr": lr}],
+                   model=model, lr=lr)
     sched = _scheduler_args(opt)[name]()
     seen = set()
     for x, y in BATCHES:
@@ -679,3 +693,43 @@ def test_tensor_lr_equals_float_lr():
         train(model, opt, BATCHES[:3])
         runs.append(model)
     assert_same(*runs)
+
+
+# ------------------------------------------------------------ the README
+def test_readme_parameter_group_snippet_runs():
+    """The README's "Parameter groups, schedulers and frameworks" snippet as
+    written (its ``...`` is where training happens): the head, in no group,
+    stays put until it is added, then moves from fresh state."""
+    import pathlib
+    import re
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("### Parameter groups, schedulers and frameworks"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    before_add, after_add = code.split("...\n")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.ReLU())
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    model = Net()
+    scope = {"l2o": l2o, "model": model}
+    exec(before_add, scope)
+    opt = scope["opt"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+    head, body = snapshot(model.head), snapshot(model.body)
+    train(model, opt, BATCHES[:2])
+    assert all(torch.equal(a, b) for a, b in zip(model.head.parameters(), head))
+    assert all(not torch.equal(a, b) for a, b in zip(model.body.parameters(), body))
+    exec(after_add, scope)
+    assert opt.state[model.head.weight]["step"] == 0 and opt.state[model.body[0].weight]["step"] == 2
+    train(model, opt, BATCHES[2:3])
+    assert all(not torch.equal(a, b) for a, b in zip(model.head.parameters(), head))
+    assert opt.state[model.head.weight]["step"] == 1
