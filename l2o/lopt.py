@@ -232,24 +232,39 @@ class LearnedOptimizer(nn.Module):
         update is a workspace, valid during the call, relative scale included).
         Every update is computed from ``params`` as they were when the step
         began: a sink may change a run's parameters once it has its update."""
-        if self.adapt:  # the controller's multipliers, from the momenta before the step
-            m = state["m"][F_.ADAM_BETA1_INDEX]
-            sums = m.new_zeros(3, graph.num_tensors)
-            for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
-                if g is not None:
-                    gk, mk = g.float(), m[sl]
-                    sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
-            log_lr = self._advance_log_lr(state, sums)
-            if write is not None:  # tensors left alone keep their multiplier
-                keep = ~torch.tensor(write, device=log_lr.device)
-                log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
-            multiplier, inner = log_lr.exp().tolist(), sink
-
-            def sink(k: int, s: int, e: int, u: Tensor) -> None:
-                inner(k, s, e, u.mul_(multiplier[k]))
-
-            state["log_lr"] = log_lr
+        if self.adapt:
+            sink = self.controlled_sink(graph, grads, state, sink, write)
         return type(self).chunked_step.run_step(self, graph, params, grads, state, sink, write)
+
+    def controlled_sink(self, graph: ParamGraph, grads: list[Tensor | None], state: dict[str, Tensor], sink: Sink,
+                        write: list[bool] | None = None, shard=None) -> Sink:
+        """The controller's step (``adapt``) for :meth:`step_entries`: sets
+        ``state["log_lr"]`` from the momenta *before* the step and returns
+        ``sink`` with each tensor's update scaled by its multiplier. Tensors
+        ``write`` leaves alone keep their multiplier. With a ``shard``
+        (:class:`l2o.fast.features.Shard`) ``state["m"]`` covers the owned
+        entries only: each rank sums its part and the sums are all-reduced,
+        so every rank holds the same multipliers."""
+        m = state["m"][F_.ADAM_BETA1_INDEX]
+        lo = shard.lo if shard is not None else 0
+        sums = m.new_zeros(3, graph.num_tensors)
+        for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
+            s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
+            if g is not None and e > s:
+                gk, mk = g[s - sl.start:e - sl.start].float(), m[s - lo:e - lo]
+                sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
+        if shard is not None:
+            shard.all_reduce(sums)
+        log_lr = self._advance_log_lr(state, sums)
+        if write is not None:
+            keep = ~torch.tensor(write, device=log_lr.device)
+            log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
+        state["log_lr"] = log_lr
+        multiplier = log_lr.exp().tolist()
+
+        def scaled(k: int, s: int, e: int, u: Tensor) -> None:
+            sink(k, s, e, u.mul_(multiplier[k]))
+        return scaled
 
     def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
         """Kept for compatibility: the chunked step no longer keeps model-sized

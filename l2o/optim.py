@@ -730,8 +730,10 @@ class ShardedGMNOptimizer(GMNOptimizer):
 
     ``state_dict()`` holds this rank's shard (``self.state[p]``: ``m`` ``[4, L]``
     and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
-    its (start, stop) within ``p``); restoring one is not supported yet, nor
-    ``add_param_group`` after construction or the ``adapt`` controller.
+    its (start, stop) within ``p``, and the replicated ``log_lr`` of the
+    step-size controller, whose per-tensor sums are all-reduced like the
+    features'); restoring one is not supported yet, nor ``add_param_group``
+    after construction.
 
     With FSDP2 (``fully_shard``) each rank holds a row shard of every
     parameter (DTensor, dim 0) and its gradient: the owned entries are then
@@ -756,8 +758,6 @@ class ShardedGMNOptimizer(GMNOptimizer):
         self._shard_class = Shard
         super().__init__(params, weights, lr, example_inputs, strict, model=model, weight_decay=weight_decay,
                          betas=betas, graph_model=graph_model)
-        if self.lopt.adapt:
-            raise NotImplementedError("ShardedGMNOptimizer does not support the adapt controller yet")
 
     def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
         from .fast.gmn import shard_bounds
@@ -785,6 +785,8 @@ class ShardedGMNOptimizer(GMNOptimizer):
             self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, s - lo:e - lo],
                              "v": self._flat_state["v"][s - lo:e - lo],
                              "shard": torch.tensor([s - start, e - start])}
+            if self._log_lr is not None:
+                self.state[p]["log_lr"] = self._log_lr[k]
 
     def _adopt_frame(self) -> None:
         self._frame = None
@@ -825,6 +827,8 @@ class ShardedGMNOptimizer(GMNOptimizer):
 
     def _run_step(self, params, grads, state, sink, write) -> None:
         from .fast.gmn import gmn_run_step
+        if self.lopt.adapt:
+            sink = self.lopt.controlled_sink(self.graph, grads, state, sink, write, shard=self._shard)
         gmn_run_step(self.lopt, self.graph, params, grads, state, sink, write, shard=self._shard)
 
     def _broadcast_owned(self) -> None:

@@ -19,11 +19,11 @@ def _model():
                          nn.Linear(40, 5))
 
 
-def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
+def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str, weights: str):
     os.environ["L2O_NATIVE"] = native
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    _check_sharded_matches_unsharded(steps, chunk)
+    _check_sharded_matches_unsharded(steps, chunk, weights)
     dist.barrier()   # every collective of both ranks has completed
     # Leave without tearing gloo down: its threads have aborted a rank at teardown
     # ('terminate called without an active exception', SIGABRT) in loaded CI runs, after
@@ -33,7 +33,21 @@ def _worker(rank: int, init_file: str, steps: int, chunk: int, native: str):
     os._exit(0)
 
 
-def _check_sharded_matches_unsharded(steps: int, chunk: int):
+def _metanetwork(weights: str):
+    """random: away from the near-zero output init; adapt: the same with the step-size
+    controller; pretrained: the shipped weights (the controller is on in them)."""
+    import l2o
+    if weights == "pretrained":
+        return "pretrained"
+    g = torch.Generator().manual_seed(3)
+    lopt = l2o.GMNLOpt(adapt=weights == "adapt")
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return lopt
+
+
+def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
     import l2o
     from l2o.fast import plan as plan_mod
     from l2o.optim import ShardedGMNOptimizer
@@ -41,11 +55,8 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int):
     plan_mod.DEFAULT_CHUNK = chunk          # several runs per tensor and per shard
     for name in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
         setattr(fast, name, 0)              # the reference takes the chunked step too: the same sums, but in one process
-    g = torch.Generator().manual_seed(3)
-    lopt = l2o.GMNLOpt()
-    with torch.no_grad():                   # away from the near-zero output init
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    lopt = _metanetwork(weights)
+    g = torch.Generator().manual_seed(4)
     ref_model, sh_model = _model(), _model()
     ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2)
     sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2)
@@ -70,13 +81,17 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int):
     dist.broadcast(other, src=0)
     assert torch.equal(flat, other)
     # a state view covers this rank's part of each parameter
-    for p in sh_model.parameters():
+    for p, q in zip(sh_model.parameters(), ref_model.parameters()):
         s, e = sharded.state[p]["shard"].tolist()
         assert sharded.state[p]["m"].shape == (4, e - s) and sharded.state[p]["v"].shape == (e - s,)
+        if sharded.lopt.adapt:   # the controller's multipliers are replicated and equal the unsharded ones
+            torch.testing.assert_close(sharded.state[p]["log_lr"], ref.state[q]["log_lr"], rtol=1e-5, atol=1e-6)
+            assert float(ref.state[q]["log_lr"]) != 0.0
 
 
 @pytest.mark.slow
 @pytest.mark.integration
-@pytest.mark.parametrize("native", ["1", "0"], ids=["native", "torch"])
-def test_sharded_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), 3, 64, native), nprocs=WORLD, join=True)
+@pytest.mark.parametrize("native,weights", [("1", "random"), ("0", "random"), ("1", "adapt"), ("0", "pretrained")],
+                         ids=["native", "torch", "native-controller", "torch-shipped-weights"])
+def test_sharded_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native, weights):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), 3, 64, native, weights), nprocs=WORLD, join=True)
