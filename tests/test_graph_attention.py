@@ -303,3 +303,43 @@ def test_hf_t5_attention_with_relative_position_table(impl):
             out += _attn_spec(f"{pre}.q", f"{pre}.k", f"{pre}.v", f"{pre}.o.weight", p_qk, p_v, bias=False)
         return out
     check_commutes(lambda: _t5(impl), spec, torch.randint(0, 30, (2, 6)))
+
+
+def _swin(impl):
+    torch.manual_seed(0)
+    m = transformers.SwinModel(transformers.SwinConfig(
+        image_size=16, patch_size=2, embed_dim=E, depths=[2], num_heads=[H], window_size=4,
+        drop_path_rate=0.0))
+    m.config._attn_implementation = impl
+    with torch.no_grad():     # the tables start at zero: give them values to permute
+        for n, p in m.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape) * 0.5)
+    return m
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_hf_swin_attention_with_relative_position_tables(impl):
+    """Swin: each block's relative-position bias table (``table[rel_index]``
+    added to the scores; the second block's with the shifted-window mask)
+    biases one head per column, so whole heads permute with the table's
+    columns; q/k and v units permute within each head (its q/k units are one
+    node with the table's head node)."""
+    g = torch.Generator().manual_seed(7)
+
+    def spec(_):
+        out = []
+        for j in range(2):
+            hp, dqk, dv = _perm(H, g), _perm(D, g), _perm(D, g)
+            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
+            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            pre = f"encoder.layers.0.blocks.{j}.attention"
+            out += _attn_spec(f"{pre}.q_proj", f"{pre}.k_proj", f"{pre}.v_proj", f"{pre}.o_proj.weight",
+                              p_qk, p_v)
+            out.append((f"{pre}.relative_position_bias.relative_position_bias_table", 1, hp))
+        return out
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    # the output is layer-normed, so its mean square is flat (gradients of pure
+    # rounding noise): a fixed random readout instead
+    w = torch.randn(2, 64, E, generator=torch.Generator().manual_seed(2))
+    check_commutes(lambda: _swin(impl), spec, x, loss_fn=lambda m, x: (_out(m(x)) * w).sum())

@@ -288,11 +288,20 @@ class Recorder:
         params = [(t, i) for t, i in tracked if i.pidx is not None]
         if params and self._param_op(name, func, args, kwargs, out, tracked):
             return
-        if len(tracked) == 1 and params and isinstance(out, Tensor) and name not in _VIEW_LIKE \
-                and tuple(out.shape) == tuple(params[0][0].shape):
-            # 1.0 + w, w.float() ** 2, ...: still "the entries of w" (Gemma's 1 + weight)
-            self.set(out, _Info(pidx=params[0][1].pidx))
-            return
+        if len(tracked) == 1 and params and isinstance(out, Tensor) and name not in _VIEW_LIKE:
+            idx = params[0][1].pidx
+            if tuple(out.shape) == tuple(params[0][0].shape):
+                # 1.0 + w, w.float() ** 2, ...: still "the entries of w" (Gemma's 1 + weight)
+                self.set(out, _Info(pidx=idx))
+                return
+            if (name in _ADD or name in _MUL) and not any(id(t) in self.scores for t in ins):
+                # w + a constant broadcast to a larger shape (Swin's relative-position
+                # bias + its shifted-window mask): element e is still entry idx[e]
+                try:
+                    self.set(out, _Info(pidx=(idx[0], torch.broadcast_to(idx[1], out.shape))))
+                    return
+                except RuntimeError:
+                    pass
         if name in _VIEW_LIKE:
             self._view(name, func, args, kwargs, out, tracked)
         elif name in _MATMUL:
@@ -582,6 +591,8 @@ class Recorder:
                 im = self.get(mask) if isinstance(mask, Tensor) else None
                 if im is not None and im.sh is not None and im.pidx is None:
                     self._join_heads(a, im.sh)
+                elif im is not None and im.pidx is not None:
+                    self._score_table(a, *im.pidx)
             except RuntimeError:
                 pass
         if iv is not None and isinstance(out, Tensor):
@@ -612,7 +623,54 @@ class Recorder:
                 i = self.get(t)
                 if i is not None and i.sh is not None and i.pidx is None and t is not out:
                     self._join_heads(units, i.sh)
+                elif i is not None and i.pidx is not None and t is not out:
+                    self._score_table(units, *i.pidx)
         self.scores[id(out)] = (out, units)
+
+    def _score_table(self, units: Tensor, p: int, idx: Tensor) -> None:
+        """A parameter (or a view of one) added to the attention scores, each
+        entry biasing one head: Swin's relative-position bias table
+        ``table[rel_index]`` -> ``[1, H, L, L]``, a learned ``[H, L, L]`` bias.
+
+        The same structure as T5's table (an embedding from distance buckets
+        to heads): the parameter's head dim indexes H new head nodes, its
+        other dims (flattened) index new INPUT position nodes, entry
+        ``table[r, h]`` is the edge ``r -> h`` (EMBEDDING), and head node h is
+        joined with head h's q/k units (:meth:`_join_heads`). ``idx`` gives
+        the parameter entry of each score element, ``[..., H, Lq, Lk]``. Left
+        alone (fallback) unless every entry it touches biases a single head
+        and the heads follow one dim of the parameter."""
+        st = self.state
+        if p in st.claimed or idx.dim() < 3 or units.dim() < 2:
+            return        # a table several attentions read: its first reader's heads
+        H = int(units.shape[-2])
+        if int(idx.shape[-3]) != H:
+            return
+        shape = tuple(st.param_shapes[p])
+        numel = math.prod(shape)
+        head = torch.arange(H).view(H, 1, 1).expand(idx.shape)
+        ok = idx >= 0
+        e, h = idx[ok], head[ok]
+        if e.numel() == 0:
+            return
+        hi = torch.full((numel,), -1, dtype=torch.long).scatter_reduce(0, e, h, "amax")
+        lo = torch.full((numel,), H, dtype=torch.long).scatter_reduce(0, e, h, "amin")
+        used = hi >= 0
+        if bool((hi[used] != lo[used]).any()):
+            return                                   # an entry biases several heads
+        for d in range(len(shape)):
+            if shape[d] != H:
+                continue
+            along = torch.arange(H).view([H if i == d else 1 for i in range(len(shape))])
+            if torch.equal(along.expand(shape).reshape(-1)[used], hi[used]):
+                break
+        else:
+            return
+        A, B = math.prod(shape[:d]), math.prod(shape[d + 1:])
+        heads = st.new_nodes(H, NodeType.HIDDEN, 0)
+        self._join_heads(units, heads.view(H, 1, 1))   # fresh head nodes: it cannot refuse them
+        pos = st.new_nodes(A * B, NodeType.INPUT, 0)   # one per relative position (table row)
+        st.add_edges(st.params[p], (A, H, B), pos.view(A, 1, B), heads.view(1, H, 1), EdgeKind.EMBEDDING)
 
     def _join_heads(self, units: Tensor, bias: Tensor) -> None:
         """A term added to the attention scores whose nodes depend on the head
