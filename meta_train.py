@@ -292,6 +292,8 @@ def train(t: Training) -> None:
             checkpoint(t)   # every rank takes part (it gathers their inner runs)
         if stopping:
             break
+    if steps_here == 0 and not t.resumed:
+        checkpoint(t)   # outer_steps 0: the initialisation is the result (an untrained baseline)
     bar.close()
 
 

@@ -252,6 +252,21 @@ def test_frozen_parameters_keep_their_initial_values(tmp_path):
         run(tmp_path / "bad", "--config", str(_freeze_file(tmp_path, ["no_such_weight"])))
 
 
+def test_zero_outer_steps_writes_the_initialisation(tmp_path):
+    """outer_steps 0: the run's initial metanetwork (what step 0 of the same config starts
+    from), with its checkpoint and summary, e.g. to evaluate or ship an untrained baseline."""
+    from l2o.checkpoint import load_lopt
+
+    torch.manual_seed(0)
+    init = meta_train.make_lopt("gmn")
+    summary = run(tmp_path, "--outer-steps", "0")
+    assert summary["outer_steps"] == 0 and summary["inner_steps"] == 0 and summary["meta_loss_first"] is None
+    written = load_lopt(tmp_path / "lopt.safetensors")
+    for (name, a), b in zip(written.named_parameters(), init.parameters()):
+        assert torch.equal(a, b), name
+    assert state_file(tmp_path).is_file()
+
+
 def _freeze_file(tmp_path, names):
     path = tmp_path / f"freeze_{len(names)}.json"
     path.write_text(json.dumps({"freeze": names}))

@@ -63,7 +63,7 @@ class MetaConfig:
     es_pairs: int = _key(4, check="pos_int")        # antithetic pairs per inner run (es, pes)
     es_sigma: float = _key(0.01, check="pos_float")  # perturbation scale on the metanetwork weights (es, pes)
     # the outer optimizer
-    outer_steps: int = _key(1000, check="pos_int")
+    outer_steps: int = _key(1000, check="nonneg_int")  # 0: write the initial metanetwork (a baseline) and stop
     lr: float = _key(3e-4, check="pos_float")
     weight_decay: float = _key(0.0, check="nonneg_float")  # AdamW-style decoupled decay when > 0
     warmup: int = _key(50, check="nonneg_int")      # linear warmup steps, then cosine decay
