@@ -334,9 +334,12 @@ class Recorder:
     def _view(self, name, func, args, kwargs, out, tracked) -> None:
         depth = self._depth(tracked)
         # views of a parameter: follow which entry each element is
-        if all(i.pidx is not None for _, i in tracked) and name not in _LIST_ARG:
-            p, idx = tracked[0][1].pidx
-            res = _apply_to(func, name, args, kwargs, {id(tracked[0][0]): idx}, fill=-1)
+        # (cat/stack of views of one parameter too: BEiT re-assembles its table)
+        if all(i.pidx is not None for _, i in tracked) and (
+                name not in _LIST_ARG or len({i.pidx[0] for _, i in tracked}) == 1):
+            p = tracked[0][1].pidx[0]
+            res = _apply_to(func, name, args, kwargs, {id(t): i.pidx[1] for t, i in tracked}, fill=-1,
+                            spread=False)
             for o, r in _pairs(out, res):
                 self.set(o, _Info(pidx=(p, r)))
             return
@@ -771,9 +774,10 @@ def _along(nodes: Tensor, shape, fd: int) -> Tensor:
     return nodes.view(view).expand(tuple(shape))
 
 
-def _apply_to(func, name, args, kwargs, subs: dict, fill: int):
+def _apply_to(func, name, args, kwargs, subs: dict, fill: int, spread: bool = True):
     """``func`` applied with tracked tensors replaced by their shadows and
-    untracked tensors in a cat/stack list by ``fill``-filled long tensors."""
+    untracked tensors in a cat/stack list by ``fill``-filled long tensors
+    (``spread``: or by the units of the tracked pieces, see ``filler``)."""
     def sub(x):
         if isinstance(x, Tensor):
             s = subs.get(id(x))
@@ -789,7 +793,7 @@ def _apply_to(func, name, args, kwargs, subs: dict, fill: int):
         def filler(t):
             # an untracked piece (a cls token) concatenated along a dim the units
             # do not depend on takes the units of the other pieces
-            if name in ("cat", "concat", "concatenate") and isinstance(dim, int) and known:
+            if spread and name in ("cat", "concat", "concatenate") and isinstance(dim, int) and known:
                 k = known[0]
                 d = dim % k.dim() if k.dim() else 0
                 if k.dim() == t.dim() and _const_along(k, d) and all(
