@@ -57,6 +57,7 @@ Design notes:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import warnings
@@ -99,6 +100,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+@contextlib.contextmanager
+def _float32_default():
+    """The metanetwork's step under ``torch.set_default_dtype(torch.float32)``:
+    a caller's ``set_default_dtype(torch.float64)`` must not turn its
+    workspaces (created without a dtype) into float64 beside float32 weights."""
+    dtype = torch.get_default_dtype()
+    if dtype == torch.float32:
+        yield
+        return
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+# warnings.warn's stacklevel from _learned_step to the code calling opt.step():
+# _learned_step <- step <- torch.no_grad's wrapper <- torch.optim's step hook wrapper <- caller
+_CALLER = 5
 
 
 def _all_finite(t: Tensor) -> bool:
@@ -175,17 +197,19 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         # to notice layers added to / parameters replaced in the model after construction
         self._model_ref = weakref.ref(model) if model is not None else None
         self._param_ids = tuple(id(p) for p in model.parameters()) if model is not None else None
-        self.lopt = lopt.to(device).eval()
+        # float32 whatever the default dtype it was created under (the step runs in float32)
+        self.lopt = lopt.to(device=device, dtype=torch.float32).eval()
         for p in self.lopt.parameters():
             p.requires_grad_(False)
-        self._flat_state = self._initial_state(params)
-        # per-tensor step counters (flat order), on the CPU like torch.optim's
-        # non-capturable "step": reading them never synchronises a GPU
-        self._steps = torch.zeros(self.graph.num_tensors, dtype=torch.float32)
-        # per-tensor log step multipliers of the step-size controller (LearnedOptimizer.adapt)
-        self._log_lr = torch.zeros(self.graph.num_tensors, device=device) if self.lopt.adapt else None
-        self._ready = True
-        self._adopt_frame()
+        with _float32_default():  # the statistics and the step's plan, whatever the caller's default dtype
+            self._flat_state = self._initial_state(params)
+            # per-tensor step counters (flat order), on the CPU like torch.optim's
+            # non-capturable "step": reading them never synchronises a GPU
+            self._steps = torch.zeros(self.graph.num_tensors, dtype=torch.float32)
+            # per-tensor log step multipliers of the step-size controller (LearnedOptimizer.adapt)
+            self._log_lr = torch.zeros(self.graph.num_tensors, device=device) if self.lopt.adapt else None
+            self._ready = True
+            self._adopt_frame()
 
     def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
         """Fresh flat statistics ``m``, ``v`` (a sharded optimizer: its entries only)."""
@@ -365,7 +389,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         self._flat_state = {"m": torch.cat(m_parts, dim=1).to(device), "v": torch.cat(v_parts).to(device)}
         self._steps = steps
         self._log_lr = log_lr.to(device) if self.lopt.adapt else None
-        self._adopt_frame()
+        with _float32_default():
+            self._adopt_frame()
         for hook in post.values():
             hook(self)
 
@@ -444,6 +469,11 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        with _float32_default():  # after the closure: the caller's forward keeps its default dtype
+            self._learned_step()
+        return loss
+
+    def _learned_step(self) -> None:
         self._check_unchanged()
         self._sync_device()
         group_of = self._group_index()
@@ -454,16 +484,16 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
                                "(e.g. nn.Embedding(sparse=True)); use dense gradients")
         if self.lopt.uses_run_step(self.graph, self.graph.device):
             self._step_by_runs(grads, group_of)
-            return loss
+            return
         flat_g = torch.cat([g.reshape(-1).float() if g is not None else p.new_zeros(p.numel(), dtype=torch.float32)
                             for p, g in zip(self._flat_params, grads)], out=self._flat_buffer("grad"))
         inactive, bad = self._inactive_tensors(grads, flat_g)
         if bad:
             warnings.warn(f"{type(self).__name__}: non-finite gradient (or one whose square overflows float32) "
                           f"in {', '.join(bad)}; skipped the update of these tensors this step",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=_CALLER)
         if len(inactive) == self.graph.num_tensors:
-            return loss
+            return
         off = set(inactive)
         active = [k for k in range(self.graph.num_tensors) if k not in off]
 
@@ -484,7 +514,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             update[r] = 0.0
         if not _all_finite(update):
             warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
-                          "those entries were not changed", RuntimeWarning, stacklevel=3)
+                          "those entries were not changed", RuntimeWarning, stacklevel=_CALLER)
             update = torch.nan_to_num(update, nan=0.0, posinf=0.0, neginf=0.0)
         for key in ("m", "v"):
             if new_state[key] is not self._flat_state[key]:
@@ -506,7 +536,6 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             if wd != 0.0:  # decoupled, from the parameters the update was computed at
                 torch._foreach_mul_(params, 1.0 - lr * wd)
             torch._foreach_add_(params, [chunks[k].view(p.shape).to(p.dtype) for k, p in zip(ks, params)], alpha=lr)
-        return loss
 
 
     def _bad_gradients(self, grads: list[Tensor | None]) -> list[int]:
@@ -537,7 +566,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             names = [self.graph.param_names[self.graph.flat_order[k]] for k in bad]
             warnings.warn(f"{type(self).__name__}: non-finite gradient (or one whose square overflows float32) "
                           f"in {', '.join(names)}; skipped the update of these tensors this step",
-                          RuntimeWarning, stacklevel=4)
+                          RuntimeWarning, stacklevel=_CALLER + 1)
             for k in bad:
                 grads[k] = None
         active = [k for k, g in enumerate(grads) if g is not None]
@@ -597,7 +626,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
             self._log_lr[active] = state["log_lr"][active]
         if nonfinite:
             warnings.warn(f"{type(self).__name__}: the learned optimizer produced non-finite updates; "
-                          "those entries were not changed", RuntimeWarning, stacklevel=4)
+                          "those entries were not changed", RuntimeWarning, stacklevel=_CALLER + 1)
         self._steps[active] += 1.0  # in place: self.state[p]["step"] are views
 
 
@@ -807,12 +836,7 @@ class ShardedGMNOptimizer(GMNOptimizer):
         if self._flat_params[0].device != self.graph.device:
             raise NotImplementedError("ShardedGMNOptimizer: the model moved after the optimizer was built")
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _learned_step(self) -> None:
         self._check_unchanged()
         self._sync_device()
         group_of = self._group_index()
@@ -823,7 +847,6 @@ class ShardedGMNOptimizer(GMNOptimizer):
             raise RuntimeError("ShardedGMNOptimizer needs contiguous parameters")
         self._step_by_runs(grads, group_of)
         self._broadcast_owned()
-        return loss
 
     def _run_step(self, params, grads, state, sink, write) -> None:
         from .fast.gmn import gmn_run_step

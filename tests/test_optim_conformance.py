@@ -18,6 +18,9 @@ Exemptions from TestOptimRenewed, each for a stated reason:
   the suite runs on CPU; on a GPU the optimizers take the reference step,
   which is tested here on CPU.
 * complex parameters: rejected with a TypeError (the features are real).
+* parameters on several devices (``test_mixed_device_dtype``'s devices; its
+  dtypes are ``test_mixed_dtypes`` here): rejected with a ValueError, the
+  flat statistics and the graph live on one device.
 * sparse gradients: rejected with a RuntimeError (tested in test_optim.py).
 """
 import copy
@@ -28,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.optim import lr_scheduler, swa_utils
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 import l2o
 from l2o.fast import native
@@ -410,16 +413,17 @@ def test_step_pre_and_post_hooks(kind):
         seen.append(("post", model[0].weight.detach().clone()))
 
     h1, h2 = opt.register_step_pre_hook(pre), opt.register_step_post_hook(post)
-    g1 = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global", None)))
+    g1 = register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global_pre", None)))
+    g2 = register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global_post", None)))
     try:
         train(model, opt, BATCHES[:1])
     finally:
-        g1.remove()
-    assert [s[0] for s in seen] == ["global", "pre", "post"]
+        g1.remove(), g2.remove()
+    assert [s[0] for s in seen] == ["global_pre", "pre", "post", "global_post"]
     assert not torch.equal(seen[1][1], seen[2][1])  # the post hook sees the stepped parameters
     h1.remove(), h2.remove()
     train(model, opt, BATCHES[1:2])
-    assert len(seen) == 3
+    assert len(seen) == 4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -733,3 +737,95 @@ def test_readme_parameter_group_snippet_runs():
     train(model, opt, BATCHES[2:3])
     assert all(not torch.equal(a, b) for a, b in zip(model.head.parameters(), head))
     assert opt.state[model.head.weight]["step"] == 1
+
+
+# ------------------------------------------------------------- odds and ends
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_are_never_modified(kind):
+    """torch's test_grads_are_never_inplaced_into: the step reads .grad only."""
+    model = make_model()
+    opt = make_opt(kind, model, model=None, weight_decay=0.1)
+    for x, y in BATCHES[:2]:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_named_and_unnamed_state_dicts_load_into_each_other(kind):
+    """torch's test_can_load_from_to_named_state_dict: an optimizer built from
+    named_parameters() saves param_names; either form loads the other's."""
+    runs = []
+    for save_named, load_named in ((True, False), (False, True), (True, True)):
+        model = make_model()
+        opt = make_opt(kind, model.named_parameters() if save_named else model.parameters(), model=model)
+        train(model, opt, BATCHES[:2])
+        sd = opt.state_dict()
+        assert ("param_names" in sd["param_groups"][0]) == save_named
+        model2 = copy.deepcopy(model)
+        opt2 = make_opt(kind, model2.named_parameters() if load_named else model2.parameters(), model=model2)
+        opt2.load_state_dict(sd)
+        train(model, opt, BATCHES[2:])
+        train(model2, opt2, BATCHES[2:])
+        assert_same(model, model2)
+        runs.append(model)
+    assert_same(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_dtype_float64(kind):
+    """torch's test_set_default_dtype_works_with_foreach: under
+    torch.set_default_dtype(torch.float64) a float64 model trains, with
+    float32 statistics and metanetwork, exactly as the same float64 model
+    does under the float32 default; the closure runs under the caller's
+    default, which the step leaves as it found it."""
+    runs = []
+    for default in (torch.float32, torch.float64):
+        lopt, model = randomised(kind), make_model(dtype=torch.float64)  # the same start for both
+        torch.set_default_dtype(default)
+        try:
+            opt = make_opt(kind, model, model=None, lopt=lopt, weight_decay=0.1)
+            seen = []
+
+            def closure():
+                seen.append(torch.get_default_dtype())
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            for x, y in BATCHES[:3]:
+                x = x.double()
+                opt.step(closure)
+                assert torch.get_default_dtype() == default
+            assert seen == [default] * 3
+        finally:
+            torch.set_default_dtype(torch.float32)
+        assert all(p.dtype == torch.float64 for p in model.parameters())
+        assert all(s["m"].dtype == torch.float32 and s["v"].dtype == torch.float32 for s in opt.state.values())
+        assert all(p.dtype == torch.float32 for p in opt.lopt.parameters())
+        runs.append(model)
+    assert_same(*runs)
+    # a metanetwork created under the float64 default (weights=None) is made float32
+    torch.set_default_dtype(torch.float64)
+    try:
+        opt = (l2o.GMNOptimizer if kind == "gmn" else l2o.MLPOptimizer)(model, weights=None)
+        train(model, opt, BATCHES[:1])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert all(p.dtype == torch.float32 for p in opt.lopt.parameters())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_warnings_point_at_the_callers_step(kind):
+    """A skipped (non-finite) gradient warns at the line that called opt.step()."""
+    model = make_model()
+    opt = make_opt(kind, model, model=None)
+    x, y = BATCHES[0]
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient") as record:
+        opt.step()
+    assert record[0].filename == __file__
