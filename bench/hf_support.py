@@ -3,9 +3,11 @@
 Builds the graph of tiny random-init configs (no downloads) and prints, per
 model: capture used, % of parameters on edges / node slots / fallback,
 connected pieces among edge-bearing nodes, input/output node counts, build
-time. ``--markdown`` prints the README table.
+time, and whether ``GMNOptimizer`` (shipped weights) trains it: the loss
+(see :func:`train`) averaged over the first and the last 5 of 30 steps. ``--markdown`` prints the README table; ``--no-train`` skips
+training. ``tests/test_graph_models.py`` runs every config listed here.
 
-Usage: .venv/bin/python bench/hf_support.py [--markdown]
+Usage: .venv/bin/python bench/hf_support.py [--markdown] [--no-train]
 """
 from __future__ import annotations
 
@@ -72,8 +74,18 @@ def configs():
             max_position_embeddings=32))),
         ("DeiT", lambda: tr.DeiTModel(tr.DeiTConfig(**{k: v for k, v in D.items() if k != "vocab_size"},
                                                     image_size=32, patch_size=8))),
-        ("Swin", lambda: tr.SwinModel(tr.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
-                                                    num_heads=[2, 2], window_size=4))),
+        ("Swin (shifted windows)", lambda: tr.SwinModel(tr.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4))),
+        ("Swinv2", lambda: tr.Swinv2Model(tr.Swinv2Config(
+            image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4))),
+        ("BEiT", lambda: tr.BeitModel(tr.BeitConfig(**{k: v for k, v in D.items() if k != "vocab_size"},
+                                                    image_size=32, patch_size=8, use_relative_position_bias=True))),
+        ("BEiT (shared position bias)", lambda: tr.BeitModel(tr.BeitConfig(
+            **{k: v for k, v in D.items() if k != "vocab_size"}, image_size=32, patch_size=8,
+            use_shared_relative_position_bias=True))),
+        ("CLIP (vision)", lambda: tr.CLIPVisionModel(tr.CLIPVisionConfig(
+            **{k: v for k, v in D.items() if k != "vocab_size"}, image_size=32, patch_size=8))),
+        ("DeBERTa-v2", lambda: tr.DebertaV2Model(tr.DebertaV2Config(**D, max_position_embeddings=32))),
         ("ConvNeXt", lambda: tr.ConvNextModel(tr.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
                                                                 num_channels=3))),
     ]
@@ -97,9 +109,58 @@ def measure(make):
                 params=g.num_params, unstructured=g.unstructured, warned=len(ours), notes=g.notes)
 
 
+def _first_output(y):
+    """(name, tensor) of the model's first floating output."""
+    if isinstance(y, dict):
+        return next((k, v) for k, v in y.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    return "", y[0] if isinstance(y, tuple) else y
+
+
+def train(make, steps: int = 30) -> tuple[float, float]:
+    """(mean loss of the first 5 steps, of the last 5) of ``GMNOptimizer``
+    (shipped weights, model in train mode) on fixed inputs (a batch of 2 made
+    from the config): cross-entropy against fixed random labels when the
+    first output is ``logits`` (LM heads, classifiers), else the mean square
+    error of the first output (``last_hidden_state``) against a fixed random
+    target."""
+    import torch.nn.functional as F
+
+    import l2o
+    from l2o.graph import example_inputs_for
+
+    torch.manual_seed(0)
+    model = make()
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    inputs = {k: torch.randint(0, int(v.max()) + 1, (2, *v.shape[1:]), generator=gen) if not v.is_floating_point()
+              else torch.randn(2, *v.shape[1:], generator=gen) for k, v in example_inputs_for(model).items()}
+    with torch.no_grad():
+        name, y = _first_output(model(**inputs))
+    if name == "logits":
+        labels = torch.randint(0, y.shape[-1], y.shape[:-1], generator=gen)
+
+        def loss_of(out):
+            return F.cross_entropy(out.reshape(-1, out.shape[-1]), labels.reshape(-1))
+    else:
+        target = torch.randn(y.shape, generator=gen)
+
+        def loss_of(out):
+            return (out - target).pow(2).mean()
+    opt = l2o.GMNOptimizer(model)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_of(_first_output(model(**inputs))[1])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--no-train", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     import transformers
@@ -107,20 +168,25 @@ def main() -> None:
     rows = []
     for name, make in configs():
         try:
-            rows.append((name, measure(make)))
+            r = measure(make)
+            if not args.no_train:
+                r["loss"] = train(make)
+            rows.append((name, r))
         except Exception as e:  # an architecture this transformers version lacks, ...
             rows.append((name, {"error": f"{type(e).__name__}: {e}"}))
     if args.markdown:
+        train_col = "" if args.no_train else " loss, 30 steps |"
         print(f"| Model (tiny random config, transformers {transformers.__version__}) | capture | "
-              "edges | node slots | fallback | connected | outputs |")
-        print("|---|---|---|---|---|---|---|")
+              f"edges | node slots | fallback | connected | outputs |{train_col}")
+        print("|---|---|---|---|---|---|---|" + ("" if args.no_train else "---|"))
         for name, r in rows:
             if "error" in r:
-                print(f"| {name} | error: {r['error'][:60]} | | | | | |")
+                print(f"| {name} | error: {r['error'][:60]} | | | | | |" + ("" if args.no_train else " |"))
                 continue
             outs = str(r["outputs"]) if r["outputs"] else "tied: logits = token nodes"
+            loss = f" {r['loss'][0]:.3f} -> {r['loss'][1]:.3f} |" if "loss" in r else ""
             print(f"| {name} | {r['capture']} | {r['edges']:.1f}% | {r['slots']:.1f}% | {r['fallback']:.2f}% | "
-                  f"{'yes' if r['pieces'] == 1 else str(r['pieces']) + ' pieces'} | {outs} |")
+                  f"{'yes' if r['pieces'] == 1 else str(r['pieces']) + ' pieces'} | {outs} |{loss}")
         return
     for name, r in rows:
         if "error" in r:
@@ -128,7 +194,9 @@ def main() -> None:
             continue
         print(f"{name:26s} {r['capture']:6s} edges {r['edges']:5.1f}% slots {r['slots']:4.1f}% "
               f"fallback {r['fallback']:5.2f}% pieces {r['pieces']} in {r['inputs']} out {r['outputs']} "
-              f"{r['seconds']:.2f}s warned {r['warned']} {r['unstructured'][:4]}")
+              f"{r['seconds']:.2f}s warned {r['warned']}"
+              + (f" loss {r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if "loss" in r else "")
+              + f" {r['unstructured'][:4]}")
 
 
 if __name__ == "__main__":

@@ -343,3 +343,83 @@ def test_hf_swin_attention_with_relative_position_tables(impl):
     # rounding noise): a fixed random readout instead
     w = torch.randn(2, 64, E, generator=torch.Generator().manual_seed(2))
     check_commutes(lambda: _swin(impl), spec, x, loss_fn=lambda m, x: (_out(m(x)) * w).sum())
+
+
+def _swinv2():
+    torch.manual_seed(0)
+    m = transformers.Swinv2Model(transformers.Swinv2Config(
+        image_size=16, patch_size=2, embed_dim=E, depths=[2], num_heads=[H], window_size=4,
+        drop_path_rate=0.0))
+    with torch.no_grad():     # per-head logit scales that differ
+        for n, p in m.named_parameters():
+            if n.endswith("logit_scale"):
+                p.copy_(torch.rand(p.shape) + 1.0)
+    return m
+
+
+def test_hf_swinv2_attention_with_logit_scales_and_position_mlp():
+    """Swinv2: cosine attention scaled per head (``logit_scale``, [H, 1, 1]),
+    plus a bias from a small MLP over relative coordinates whose last layer
+    has one output per head: whole heads permute with the scales and that
+    layer's rows; q/k and v units within each head."""
+    g = torch.Generator().manual_seed(8)
+
+    def spec(_):
+        out = []
+        for j in range(2):
+            hp, dqk, dv = _perm(H, g), _perm(D, g), _perm(D, g)
+            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
+            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            pre = f"encoder.layers.0.blocks.{j}.attention"
+            out += [(f"{pre}.self.query.weight", 0, p_qk), (f"{pre}.self.query.bias", 0, p_qk),
+                    (f"{pre}.self.key.weight", 0, p_qk), (f"{pre}.self.value.weight", 0, p_v),
+                    (f"{pre}.self.value.bias", 0, p_v), (f"{pre}.output.dense.weight", 1, p_v),
+                    (f"{pre}.self.logit_scale", 0, hp),
+                    (f"{pre}.self.continuous_position_bias_mlp.2.weight", 0, hp)]
+        return out
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(2, 64, E, generator=torch.Generator().manual_seed(2))
+    check_commutes(_swinv2, spec, x, loss_fn=lambda m, x: (_out(m(x)) * w).sum())
+
+
+def _beit(shared):
+    torch.manual_seed(0)
+    m = transformers.BeitModel(transformers.BeitConfig(
+        hidden_size=E, num_hidden_layers=2, num_attention_heads=H, intermediate_size=24, image_size=16,
+        patch_size=4, use_relative_position_bias=not shared, use_shared_relative_position_bias=shared,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0),
+        add_pooling_layer=False)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith("relative_position_bias_table"):
+                p.copy_(torch.randn(p.shape) * 0.5)
+    return m
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_hf_beit_attention_with_relative_position_tables(shared):
+    """BEiT (tables with extra cls rows, re-assembled with torch.cat): a
+    table per layer, or one shared by all layers (whole heads then permute
+    together in every layer, with the table's columns)."""
+    g = torch.Generator().manual_seed(9)
+    hp_all = _perm(H, g)
+
+    def spec(_):
+        out = []
+        for i in range(2):
+            hp = hp_all if shared else _perm(H, g)
+            dqk, dv = _perm(D, g), _perm(D, g)
+            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
+            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            pre = f"layers.{i}"
+            out += _attn_spec(f"{pre}.attention.q_proj", f"{pre}.attention.k_proj", f"{pre}.attention.v_proj",
+                              f"{pre}.attention.o_proj.weight", p_qk, p_v, bias=False)
+            out += [(f"{pre}.attention.q_proj.bias", 0, p_qk), (f"{pre}.attention.v_proj.bias", 0, p_v)]
+            if not shared:
+                out.append((f"{pre}.relative_position_bias.relative_position_bias_table", 1, hp))
+        if shared:
+            out.append(("shared_position_bias.relative_position_bias_table", 1, hp_all))
+        return out
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(2, 17, E, generator=torch.Generator().manual_seed(2))
+    check_commutes(lambda: _beit(shared), spec, x, loss_fn=lambda m, x: (_out(m(x)) * w).sum())

@@ -84,6 +84,34 @@ def test_rnn_language_model(kind, gates):
     assert pos.unique().numel() == gates
 
 
+def test_plain_models_have_outputs():
+    """LSTM/GRU/RNN LMs and an SDPA block: the head's units are OUTPUT nodes."""
+    for m in (LSTMLM(nn.LSTM), LSTMLM(nn.GRU), LSTMLM(nn.RNN), SDPALM()):
+        g = quiet_build(m)
+        check_whole(g)
+        out = part(g, "head.weight")[1][:, 0]
+        assert (g.node_type[out] == NodeType.OUTPUT).all() and out.numel() == 20
+
+
+class SDPALM(nn.Module):
+    """A causal self-attention block written with F.scaled_dot_product_attention."""
+    def __init__(self, vocab=20, d=16, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(16, d) * 0.1)
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, t):
+        x = self.emb(t) + self.pos[: t.shape[1]]
+        B, T, C = x.shape
+        q, k, v = (z.view(B, T, self.heads, -1).transpose(1, 2) for z in self.qkv(self.norm(x)).chunk(3, -1))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o(a.transpose(1, 2).reshape(B, T, C)))
+
+
 def test_bidirectional_gru_concatenates_directions():
     m = LSTMLM(nn.GRU, bidirectional=True)
     g = quiet_build(m)
@@ -354,7 +382,7 @@ def test_hf_training_loss_falls(name):
 
 
 def test_plain_lstm_and_tied_models_train():
-    for make in (lambda: LSTMLM(nn.LSTM), TiedLM):
+    for make in (lambda: LSTMLM(nn.LSTM), lambda: LSTMLM(nn.GRU), TiedLM, SDPALM):
         torch.manual_seed(0)
         m = make()
         t = torch.randint(0, 12, (4, 7))
@@ -363,8 +391,88 @@ def test_plain_lstm_and_tied_models_train():
         for _ in range(30):
             opt.zero_grad()
             y = m(t)
-            loss = F.cross_entropy(y[:, -7:].reshape(-1, y.shape[-1]), t.reshape(-1))
+            loss = F.cross_entropy(y[:, -7:, :12].reshape(-1, 12), t.reshape(-1))
             loss.backward()
             opt.step()
             losses.append(loss.item())
         assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, losses
+
+
+def test_hf_swin_relative_position_tables_join_their_heads():
+    """Swin: each attention's relative-position bias table ``[R, H]``
+    (``table[rel_index]`` added to the scores; in the shifted block together
+    with the window mask) is an embedding from R relative positions to the
+    heads: edges from R INPUT nodes to H head nodes, head h one node with
+    head h's q/k units of that attention; v/o units untouched."""
+    torch.manual_seed(0)
+    m = tr.SwinModel(tr.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                                   window_size=4))
+    g = quiet_build(m)
+    check_whole(g)
+    seen = set()
+    for stage, H in ((0, 2), (1, 4)):
+        for block in (0, 1):
+            pre = f"encoder.layers.{stage}.blocks.{block}.attention"
+            src, dst = part(g, f"{pre}.relative_position_bias.relative_position_bias_table")   # [49, H]
+            assert (kinds(g, f"{pre}.relative_position_bias.relative_position_bias_table")
+                    == EdgeKind.EMBEDDING).all()
+            pos, heads = src[:, 0], dst[0]
+            assert torch.equal(src, pos.view(-1, 1).expand(-1, H)) and torch.equal(dst, heads.expand(49, H))
+            assert (g.node_type[pos] == NodeType.INPUT).all() and pos.unique().numel() == 49
+            assert heads.unique().numel() == H and not seen.intersection(pos.tolist() + heads.tolist())
+            seen.update(pos.tolist() + heads.tolist())
+            q, k = part(g, f"{pre}.q_proj.weight")[1][:, 0], part(g, f"{pre}.k_proj.weight")[1][:, 0]
+            d = q.numel() // H
+            assert torch.equal(q, k) and torch.equal(q.view(H, d), heads.view(H, 1).expand(H, d))
+            v = part(g, f"{pre}.v_proj.weight")[1][:, 0]
+            assert v.unique().numel() == H * d and torch.equal(part(g, f"{pre}.o_proj.weight")[0][0], v)
+
+
+def test_hf_swinv2_logit_scale_on_head_nodes():
+    """Swinv2's per-head ``logit_scale`` multiplies the scores: node-held
+    (NORM_WEIGHT) by head h's node, which its position MLP's output h (the
+    score bias) made one with head h's q/k units."""
+    torch.manual_seed(0)
+    m = tr.Swinv2Model(tr.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                       num_heads=[2, 4], window_size=4))
+    g = quiet_build(m)
+    check_whole(g)
+    pre = "encoder.layers.1.blocks.1.attention.self"
+    heads = part(g, f"{pre}.continuous_position_bias_mlp.2.weight")[1][:, 0]          # [4]
+    assert torch.equal(part(g, f"{pre}.logit_scale").flatten(), heads)
+    assert (kinds(g, f"{pre}.logit_scale") == EntryKind.NORM_WEIGHT).all()
+    q = part(g, f"{pre}.query.weight")[1][:, 0].view(4, 8)
+    assert torch.equal(q, heads.view(4, 1).expand(4, 8))
+
+
+# ------------------------------------------------------------------ every config of the README table
+def _hf_support():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "bench" / "hf_support.py"
+    spec = importlib.util.spec_from_file_location("hf_support", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+HF_SUPPORT = _hf_support()
+HF_TABLE = dict(HF_SUPPORT.configs())
+
+
+@pytest.mark.parametrize("name", list(HF_TABLE))
+def test_hf_support_table_configs(name):
+    """Every architecture of the README table (bench/hf_support.py): < 0.5%
+    fallback, one connected graph, outputs present (OUTPUT nodes, or, with a
+    tied head, the token nodes its logits are: a stated policy)."""
+    r = HF_SUPPORT.measure(HF_TABLE[name])
+    assert r["capture"] == "eager" and r["fallback"] < 0.5 and r["pieces"] == 1, r
+    assert r["outputs"] > 0 or any("tied" in n for n in r["notes"]), r
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("name", list(HF_TABLE))
+def test_hf_support_table_configs_train(name):
+    first, last = HF_SUPPORT.train(HF_TABLE[name])
+    assert last < 0.9 * first, (first, last)

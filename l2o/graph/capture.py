@@ -143,6 +143,7 @@ class Recorder:
         # units of each head, [..., H, d], so a per-head score bias can find its head
         self.scores: dict[int, tuple[Tensor, Tensor]] = {}
         self.head_nodes: list[int] = []     # score-bias head nodes already joined to a head
+        self.score_scales: list = []        # per-head score scales, placed after the run
 
     # ----------------------------------------------------------- values
     def get(self, t) -> _Info | None:
@@ -612,7 +613,9 @@ class Recorder:
     def _scores_op(self, name, ins, out) -> None:
         """Follow attention scores through ``* scale`` / ``+ mask`` (the output
         is still the scores); a per-head tracked term added to them is a score
-        bias: :meth:`_join_heads`."""
+        bias (:meth:`_join_heads`), a parameter added to them one too
+        (:meth:`_score_table`), a parameter multiplied in a per-head scale
+        (:meth:`_score_scale`)."""
         units = None
         for t in ins:
             hit = self.scores.get(id(t))
@@ -628,7 +631,73 @@ class Recorder:
                     self._join_heads(units, i.sh)
                 elif i is not None and i.pidx is not None and t is not out:
                     self._score_table(units, *i.pidx)
+        elif name in _MUL:
+            for t in ins:
+                i = self.get(t)
+                if i is not None and i.pidx is not None and t is not out:
+                    self._score_scale(units, *i.pidx)
         self.scores[id(out)] = (out, units)
+
+    def _head_dim(self, units: Tensor, p: int, idx: Tensor) -> tuple[int, int] | None:
+        """(H, d) when parameter ``p`` (not yet placed), met elementwise with
+        attention scores ``[..., H, Lq, Lk]`` at entries ``idx``, acts on one
+        head per entry, the head being its index along dim ``d``; else None."""
+        st = self.state
+        if p in st.claimed or idx.dim() < 3 or units.dim() < 2:
+            return None
+        H = int(units.shape[-2])
+        if int(idx.shape[-3]) != H:
+            return None
+        shape = tuple(st.param_shapes[p])
+        numel = math.prod(shape)
+        head = torch.arange(H).view(H, 1, 1).expand(idx.shape)
+        ok = idx >= 0
+        e, h = idx[ok], head[ok]
+        if e.numel() == 0:
+            return None
+        hi = torch.full((numel,), -1, dtype=torch.long).scatter_reduce(0, e, h, "amax")
+        lo = torch.full((numel,), H, dtype=torch.long).scatter_reduce(0, e, h, "amin")
+        used = hi >= 0
+        if bool((hi[used] != lo[used]).any()):
+            return None                              # an entry acts on several heads
+        for d in range(len(shape)):
+            if shape[d] != H:
+                continue
+            along = torch.arange(H).view([H if i == d else 1 for i in range(len(shape))])
+            if torch.equal(along.expand(shape).reshape(-1)[used], hi[used]):
+                return H, d
+        return None
+
+    def _score_scale(self, units: Tensor, p: int, idx: Tensor) -> None:
+        """A parameter multiplied into the attention scores, one entry per head
+        (Swinv2's ``logit_scale``, ``[H, 1, 1]``): noted now, placed after the
+        run (:meth:`place_score_scales`), when it is known whether each head's
+        q/k units have become one node (a score bias joins them): the entries
+        of head h are then node-held (NORM_WEIGHT) by that node. A scale on a
+        head whose units stay separate is left alone (on any single unit it
+        would break the symmetry of permuting the units within the head)."""
+        found = self._head_dim(units, p, idx)
+        if found is not None:
+            self.score_scales.append((units, p, found))
+
+    def place_score_scales(self) -> None:
+        st = self.state
+        for units, p, (H, d) in self.score_scales:
+            if p in st.claimed:
+                continue
+            u = units.reshape(-1, H, int(units.shape[-1])).transpose(0, 1).reshape(H, -1)   # [H, ...]
+            roots = []
+            for h in range(H):
+                rs = {st.find(n) for n in u[h].tolist() if n >= 0}
+                if len(rs) != 1:
+                    break
+                roots.append(rs.pop())
+            if len(roots) != H or len(set(roots)) != H:
+                continue
+            shape = tuple(st.param_shapes[p])
+            along = torch.arange(H).view([H if i == d else 1 for i in range(len(shape))])
+            nodes = torch.tensor(roots)[along.expand(shape).reshape(-1)]
+            st.add_entries(st.params[p], nodes, EntryKind.NORM_WEIGHT)
 
     def _score_table(self, units: Tensor, p: int, idx: Tensor) -> None:
         """A parameter (or a view of one) added to the attention scores, each
@@ -644,31 +713,11 @@ class Recorder:
         alone (fallback) unless every entry it touches biases a single head
         and the heads follow one dim of the parameter."""
         st = self.state
-        if p in st.claimed or idx.dim() < 3 or units.dim() < 2:
-            return        # a table several attentions read: its first reader's heads
-        H = int(units.shape[-2])
-        if int(idx.shape[-3]) != H:
-            return
+        found = self._head_dim(units, p, idx)
+        if found is None:
+            return        # (or a table several attentions read: its first reader's heads)
+        H, d = found
         shape = tuple(st.param_shapes[p])
-        numel = math.prod(shape)
-        head = torch.arange(H).view(H, 1, 1).expand(idx.shape)
-        ok = idx >= 0
-        e, h = idx[ok], head[ok]
-        if e.numel() == 0:
-            return
-        hi = torch.full((numel,), -1, dtype=torch.long).scatter_reduce(0, e, h, "amax")
-        lo = torch.full((numel,), H, dtype=torch.long).scatter_reduce(0, e, h, "amin")
-        used = hi >= 0
-        if bool((hi[used] != lo[used]).any()):
-            return                                   # an entry biases several heads
-        for d in range(len(shape)):
-            if shape[d] != H:
-                continue
-            along = torch.arange(H).view([H if i == d else 1 for i in range(len(shape))])
-            if torch.equal(along.expand(shape).reshape(-1)[used], hi[used]):
-                break
-        else:
-            return
         A, B = math.prod(shape[:d]), math.prod(shape[d + 1:])
         heads = st.new_nodes(H, NodeType.HIDDEN, 0)
         self._join_heads(units, heads.view(H, 1, 1))   # fresh head nodes: it cannot refuse them
@@ -847,6 +896,10 @@ def run(state, model: nn.Module, example_inputs, mapper_for, feature_dim_for) ->
         rec.remove()
         for m, training in modes.items():
             m.training = training
+    try:
+        rec.place_score_scales()
+    except Exception as e:  # never fail the build over it: the scales fall back
+        rec.errors.append(f"score scales: {type(e).__name__}: {e}")
     nodes: list[int] = []
     for t in _tensors(_plain(out)):
         i = rec.get(t)
