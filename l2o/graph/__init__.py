@@ -24,6 +24,8 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | ``nn.LSTM/GRU/RNN`` | ``hidden`` per layer/direction | ``W_ih``: in -> unit, ``W_hh``: unit -> unit (recurrent), gate as ``edge_pos`` | biases: BIAS |
 | ``scaled_dot_product_attention``, ``q @ k^T``, ``attn @ v`` | -- | -- | q/k units merged per head (GQA: with their kv head); output carries v's units |
 | a per-head term added to the scores (T5's relative-position table: ``attn_mask`` / ``scores + bias``) | its head nodes: one node with the head's q/k units, in the first attention it meets | -- | -- |
+| a parameter added to the scores, one head per entry (Swin / BEiT ``table[rel_index]``) | one INPUT node per table row; H head nodes, joined as above | ``table[r, h]``: row ``r`` -> head ``h`` (EMBEDDING) | -- |
+| a parameter multiplied into the scores, one head per entry (Swinv2's ``logit_scale``) | none | -- | NORM_WEIGHT on head ``h``'s node, when its q/k units are one node |
 | a parameter (view) ``* x`` / ``+ x`` / ``cat``-ed with ``x`` (RMSNorm scales, positions, cls tokens) | none | -- | NORM_WEIGHT (product) / BIAS (sum, concat) on the units it meets |
 | a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's | first use only | -- |
 | ``register_module(cls, mapper)`` | as the mapper says | | |
