@@ -147,8 +147,8 @@ class _LitClassifier:
                 return F.cross_entropy(self(batch[0]), batch[1])
 
             def configure_optimizers(self):
-                decay = [m.weight for m in self.net if isinstance(m, nn.Linear)]
-                no_decay = [m.bias for m in self.net if isinstance(m, nn.Linear)]
+                decay = [p for p in self.parameters() if p.ndim >= 2]     # as in the README recipe
+                no_decay = [p for p in self.parameters() if p.ndim < 2]
                 opt = l2o.GMNOptimizer([{"params": decay, "weight_decay": 1e-4},
                                         {"params": no_decay, "lr": 0.5}], model=self, weights=None)
                 sched = torch.optim.lr_scheduler.StepLR(opt, 4, 0.5)
