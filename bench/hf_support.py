@@ -157,6 +157,14 @@ def train(make, steps: int = 30) -> tuple[float, float]:
     return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
 
 
+def markdown_row(name: str, r: dict) -> str:
+    """The README table's row for ``measure``'s result (plus ``train``'s as ``r["loss"]``)."""
+    outs = str(r["outputs"]) if r["outputs"] else "tied: logits = token nodes"
+    loss = f" {r['loss'][0]:.3f} -> {r['loss'][1]:.3f} |" if "loss" in r else ""
+    return (f"| {name} | {r['capture']} | {r['edges']:.1f}% | {r['slots']:.1f}% | {r['fallback']:.2f}% | "
+            f"{'yes' if r['pieces'] == 1 else str(r['pieces']) + ' pieces'} | {outs} |{loss}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--markdown", action="store_true")
@@ -183,10 +191,7 @@ def main() -> None:
             if "error" in r:
                 print(f"| {name} | error: {r['error'][:60]} | | | | | |" + ("" if args.no_train else " |"))
                 continue
-            outs = str(r["outputs"]) if r["outputs"] else "tied: logits = token nodes"
-            loss = f" {r['loss'][0]:.3f} -> {r['loss'][1]:.3f} |" if "loss" in r else ""
-            print(f"| {name} | {r['capture']} | {r['edges']:.1f}% | {r['slots']:.1f}% | {r['fallback']:.2f}% | "
-                  f"{'yes' if r['pieces'] == 1 else str(r['pieces']) + ' pieces'} | {outs} |{loss}")
+            print(markdown_row(name, r))
         return
     for name, r in rows:
         if "error" in r:

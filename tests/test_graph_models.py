@@ -460,14 +460,30 @@ HF_SUPPORT = _hf_support()
 HF_TABLE = dict(HF_SUPPORT.configs())
 
 
+def _readme_rows():
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("| Model (tiny random config, transformers")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows[line.split("|")[1].strip()] = line
+    return rows
+
+
 @pytest.mark.parametrize("name", list(HF_TABLE))
 def test_hf_support_table_configs(name):
     """Every architecture of the README table (bench/hf_support.py): < 0.5%
     fallback, one connected graph, outputs present (OUTPUT nodes, or, with a
-    tied head, the token nodes its logits are: a stated policy)."""
+    tied head, the token nodes its logits are: a stated policy); and the
+    README's row is current (all columns but the loss)."""
     r = HF_SUPPORT.measure(HF_TABLE[name])
     assert r["capture"] == "eager" and r["fallback"] < 0.5 and r["pieces"] == 1, r
     assert r["outputs"] > 0 or any("tied" in n for n in r["notes"]), r
+    row = _readme_rows().get(name)
+    assert row is not None, f"{name} missing from the README table: rerun bench/hf_support.py --markdown"
+    assert row.startswith(HF_SUPPORT.markdown_row(name, r)), (row, HF_SUPPORT.markdown_row(name, r))
 
 
 @pytest.mark.slow
