@@ -265,7 +265,6 @@ def first_runs(cfg: MetaConfig, info: D.DistInfo, pool: TaskPool, specs: list[st
 def train(t: Training) -> None:
     """Outer steps until ``outer_steps`` (or ``stop_after`` steps in this process)."""
     from tqdm import tqdm
-
     cfg = t.cfg
     if t.info.is_main:
         t.out.mkdir(parents=True, exist_ok=True)
