@@ -166,14 +166,19 @@ def main() -> None:
         sys.exit("gpu_check: no CUDA device here (pass --device cpu for a smoke test)")
     info = {"device": str(device), "torch": torch.__version__,
             "name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    def save() -> None:  # after every part: a run cut short keeps what it measured
+        if args.json:
+            Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+
     print(f"# gpu_check on {info['name']} (torch {info['torch']})\n\n## 1. device step equals the CPU step")
     info["device_matches_cpu"] = device_matches_cpu(device)
+    save()
     print("\n## 2. train step (fwd+bwd+step): median time, ratio to AdamW, peak memory")
     info["step_costs"] = step_costs(device, args.quick, args.steps)
+    save()
     print("\n## 3. meta-training throughput")
     info["meta_throughput"] = meta_throughput(device, args.quick)
-    if args.json:
-        Path(args.json).write_text(json.dumps(info, indent=1, default=str))
+    save()
 
 
 if __name__ == "__main__":

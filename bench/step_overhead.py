@@ -1,7 +1,7 @@
 """Train-step cost (forward + backward + optimizer step) of Adam, MLPOptimizer
 and GMNOptimizer on two reference models, as ratios to Adam in the same run.
 
-    python bench/step_overhead.py [--rounds 7] [--steps 5] [--threads 2]
+    python bench/step_overhead.py [--rounds 7] [--steps 5] [--threads 2] [--device cuda]
 
 Candidates are interleaved and their order rotated every round; the table
 reports medians, because this machine's two cores are shared and noisy.
@@ -39,15 +39,23 @@ OPTIMIZERS = {
 }
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(model, opt, x, y, steps: int) -> tuple[float, float]:
     """Median ms of a whole train step and of opt.step alone."""
     whole, step_only = [], []
+    sync(x.device)
     for _ in range(steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
+        sync(x.device)
         t1 = time.perf_counter()
         opt.step()
+        sync(x.device)
         t2 = time.perf_counter()
         whole.append(t2 - t0)
         step_only.append(t2 - t1)
@@ -59,7 +67,7 @@ def bench_model(name: str, make_model, x, y, rounds: int, steps: int) -> tuple[f
     runs = {}
     for key, make_opt in OPTIMIZERS.items():
         torch.manual_seed(0)
-        model = make_model()
+        model = make_model().to(x.device)
         opt = make_opt(model)
         time_steps(model, opt, x, y, 2)  # warm-up: allocator, graph build already done
         runs[key] = (model, opt)
@@ -89,12 +97,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 1, 28, 28, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    print(f"torch {torch.__version__}, {args.threads} threads, medians over {args.rounds} interleaved rounds")
+    x = torch.randn(args.batch, 1, 28, 28, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, medians over {args.rounds} interleaved rounds")
     cnn_adam, _ = bench_model("reference CNN (convs 32/64/64, 28x28x1)", reference_cnn, x, y, args.rounds, args.steps)
     mlp_adam, mlp_mlp = bench_model("reference MLP (784-1024-1024-10)", reference_mlp, x, y, args.rounds, args.steps)
     print("\ntargets (issue 4):")

@@ -28,10 +28,14 @@ without a compiler skips the fused comparisons.
 
 Backends are chosen through :func:`use_backend`, the one place that knows
 how (today: the size thresholds of :mod:`l2o.fast` and ``L2O_NATIVE``).
+
+``L2O_TEST_DEVICE=cuda`` runs the trajectories on a GPU (``bench/gpu_check.sh``
+does): there the backends are ``forward`` (what the optimizers take on a GPU)
+and ``chunked`` forced onto it; the fused kernels are CPU code.
 """
 from __future__ import annotations
 
-import copy
+import os
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,12 +46,14 @@ import torch
 import l2o
 import tasks
 from l2o import checkpoint, fast
+from l2o import lopt as lopt_module
 from l2o.fast import native
 from l2o.fast import plan as plan_mod
 from l2o.layout import tensor_layout
 
 STEPS = 24
 BACKENDS = ("forward", "chunked", "fused")
+DEVICE = torch.device(os.environ.get("L2O_TEST_DEVICE", "cpu"))
 
 # Step -> fault: what is done to the gradients the optimizer gets at that step
 # (tensor picked by _fault_tensor). "none" is a tensor without a gradient.
@@ -72,7 +78,9 @@ def fused_expected() -> bool:
     return native.compiler() is not None
 
 
-def machine_backends() -> list[str]:
+def machine_backends(device: torch.device = DEVICE) -> list[str]:
+    if device.type != "cpu":
+        return ["forward", "chunked"]
     return [b for b in BACKENDS if b != "fused" or fused_expected()]
 
 
@@ -84,6 +92,8 @@ def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     for attr in ("FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
         monkeypatch.setattr(fast, attr, 0)
     monkeypatch.setenv("L2O_NATIVE", "1" if name == "fused" else "0")
+    if DEVICE.type != "cpu" and chunked:  # the size rule keeps the chunked step on CPUs
+        monkeypatch.setattr(lopt_module, "use_fast_path", lambda *args, **kwargs: True)
 
 
 class _Route:
@@ -194,7 +204,8 @@ def _make_optimizer(kind: str, task: tasks.Task, model: torch.nn.Module, lopt, g
         params = [{"params": [p for _, p in named[:third]], "lr": 0.5, "weight_decay": 0.1},
                   {"params": [p for _, p in named[third:-1]]}]
     if kind == "gmn":
-        return l2o.GMNOptimizer(params, weights=lopt, example_inputs=task.example_inputs(),
+        example = tuple(x.to(DEVICE) for x in task.example_inputs())
+        return l2o.GMNOptimizer(params, weights=lopt, example_inputs=example,
                                 model=model if groups else None)
     return l2o.MLPOptimizer(params, weights=lopt, model=model if groups else None)
 
@@ -207,14 +218,14 @@ def run_trajectory(monkeypatch, case: Case, kind: str, backend: str, lopt="pretr
     if case.chunk is not None:
         monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", case.chunk)
     task = case.task
-    model = task.init(0)
+    model = task.init(0).to(DEVICE)
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
     opt = _make_optimizer(kind, task, model, lopt, case.groups)
     route = _Route(opt.lopt)
     traj = Trajectory(names)
     traj.params.append([p.detach().clone() for p in params])
-    batches = task.batches("train", seed=0) if replay is None else None
+    batches = task.batches("train", seed=0, device=DEVICE) if replay is None else None
     taken = 0
     for t in range(STEPS):
         if replay is None:
@@ -334,7 +345,7 @@ SLOW = [Case(family, seed, chunk=chunk, groups=seed % 2 == 1)
         for family in tasks.FAMILIES for seed in (0, 1, 2) for chunk in (5, 37, None)
         if Case(family, seed, chunk=chunk, groups=seed % 2 == 1) not in QUICK
         and (chunk != 5 or tasks.sample_task(family, seed, "heldout" if family == "conv1d" else "train")
-             .num_params() <= 6_000)]   # tiny chunks cost a Python loop per 5 entries
+             .num_params() <= 3_000)]   # tiny chunks cost a Python loop per 5 entries
 
 
 def _params(cases, slow: bool):
