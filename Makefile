@@ -41,7 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/graph_build.py
 	$(BIN)/python bench/meta_train_throughput.py
 
-# Reproduce the shipped l2o/pretrained/ weights (about 15 min each on a 2-core CPU).
+# Reproduce the shipped l2o/pretrained/ weights (seconds: they are the recipe's outer step 0).
 pretrained: $(STAMP)
 	for k in gmn mlp; do \
 	  $(BIN)/python meta_train.py --config configs/pretrained_$$k.yaml --out runs/pretrained_$$k && \
