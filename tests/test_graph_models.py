@@ -152,8 +152,9 @@ def test_tied_head_bare_positions_and_cls_token():
     assert "out.weight" not in g.param_names
     assert torch.equal(part(g, "mix.weight")[0][0], dims)
     assert any("tied" in n for n in g.notes)
-    # a stated policy: with the head tied, the logits are the (INPUT) token nodes
-    assert (g.node_type[tokens[:, 0]] == NodeType.INPUT).all()
+    # with the head tied, the logits are the token nodes: typed OUTPUT (also the embedding's sources)
+    assert (g.node_type[tokens[:, 0]] == NodeType.OUTPUT).all()
+    assert sorted(g.node_io_index[tokens[:, 0]].tolist()) == list(range(12))
 
 
 class SwiGLU(nn.Module):
@@ -483,12 +484,12 @@ def _readme_rows():
 @pytest.mark.parametrize("name", list(HF_TABLE))
 def test_hf_support_table_configs(name):
     """Every architecture of the README table (bench/hf_support.py): < 0.5%
-    fallback, one connected graph, outputs present (OUTPUT nodes, or, with a
-    tied head, the token nodes its logits are: a stated policy); and the
-    README's row is current (all columns but the loss)."""
+    fallback, one connected graph, OUTPUT nodes present (with a tied head:
+    the token nodes its logits are); and the README's row is current (all
+    columns but the loss)."""
     r = HF_SUPPORT.measure(HF_TABLE[name])
     assert r["capture"] == "eager" and r["fallback"] < 0.5 and r["pieces"] == 1, r
-    assert r["outputs"] > 0 or any("tied" in n for n in r["notes"]), r
+    assert r["outputs"] > 0, r
     row = _readme_rows().get(name)
     assert row is not None, f"{name} missing from the README table: rerun bench/hf_support.py --markdown"
     assert row.startswith(HF_SUPPORT.markdown_row(name, r)), (row, HF_SUPPORT.markdown_row(name, r))

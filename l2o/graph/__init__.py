@@ -27,11 +27,13 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | a parameter added to the scores, one head per entry (Swin / BEiT ``table[rel_index]``) | one INPUT node per table row; H head nodes, joined as above | ``table[r, h]``: row ``r`` -> head ``h`` (EMBEDDING) | -- |
 | a parameter multiplied into the scores, one head per entry (Swinv2's ``logit_scale``) | none | -- | NORM_WEIGHT on head ``h``'s node, when its q/k units are one node |
 | a parameter (view) ``* x`` / ``+ x`` / ``cat``-ed with ``x`` (RMSNorm scales, positions, cls tokens) | none | -- | NORM_WEIGHT (product) / BIAS (sum, concat) on the units it meets |
-| a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's | first use only | -- |
+| a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's (a tied head's logits are the token nodes, typed OUTPUT) | first use only | -- |
+| MoE experts as 3-D tensors (HF ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, any layout flag) | ``I`` per expert, ``H`` output units shared by the experts | ``x_h -> (e, j)`` (gate and up row ``j`` both), ``(e, j) -> out_o`` (LINEAR) | biases: BIAS |
 | ``register_module(cls, mapper)`` | as the mapper says | | |
 | anything else with parameters (custom module, bare ``nn.Parameter``, untraceable code) | one TENSOR node per tensor | -- | all entries: FALLBACK (+ one warning; ``strict=True`` raises) |
 
-The merged node of a residual add is HIDDEN unless one side is INPUT/OUTPUT.
+The merged node of a residual add is HIDDEN unless one side is INPUT/OUTPUT;
+a node that is both an input and an output of the network is OUTPUT.
 ``node_depth`` is the layer index (longest chain of weight layers from the
 inputs) divided by the maximum; TENSOR nodes have depth 0.
 """

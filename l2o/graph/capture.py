@@ -510,7 +510,7 @@ class Recorder:
             return
         o = outs[0]
         depth = self._depth(tracked)
-        shs = []
+        shs, stretched = [], []
         for t, i in tracked:
             if i.pidx is not None:
                 continue
@@ -521,19 +521,24 @@ class Recorder:
                 continue
             try:
                 shs.append(torch.broadcast_to(i.sh, o.shape))
+                stretched.append(_stretched_dims(i.sh.shape, o.shape))
             except RuntimeError:
                 kept = _keep_matching_dims(i.sh, o.shape)   # pooling, interpolation, ...
                 if kept is not None:
                     shs.append(kept)
+                    stretched.append(())
         # lazy inputs meeting a known tensor: nodes on its last dim, merged
         for t, i in tracked:
             if i.sh is None and i.lazy is not None and shs:
                 try:
-                    shs.append(torch.broadcast_to(self.shadow_of(t, i, -1), o.shape))
+                    sh = self.shadow_of(t, i, -1)
+                    shs.append(torch.broadcast_to(sh, o.shape))
+                    stretched.append(_stretched_dims(sh.shape, o.shape))
                 except RuntimeError:
                     pass
         if not shs:
             return
+        shs = _without_collapsing(shs, stretched)
         base = shs[0]
         for other in shs[1:]:
             self._merge_pairs(base, other)
@@ -789,6 +794,28 @@ class Recorder:
         r = torch.where(hi == lo, hi, torch.full_like(hi, -1))
         if tuple(r.shape) == tuple(o.shape):
             self.set(o, _Info(sh=r, depth=i.depth))
+
+
+def _stretched_dims(shape, out_shape) -> tuple[int, ...]:
+    """Dims of ``out_shape`` a tensor of ``shape`` is broadcast along (size 1 or absent -> > 1)."""
+    pad = len(out_shape) - len(shape)
+    full = (1,) * pad + tuple(shape)
+    return tuple(d for d in range(len(out_shape)) if full[d] == 1 and out_shape[d] > 1)
+
+
+def _without_collapsing(shs: list[Tensor], stretched: list[tuple[int, ...]]) -> list[Tensor]:
+    """The shadows an elementwise op may merge pairwise: not one broadcast
+    along a dim where another operand's units vary -- a per-token scalar gate
+    ``sigmoid(g(x))[..., 1] * y[..., H]`` (Qwen2-MoE's shared expert), a
+    dueling head's ``V[..., 1] + A[..., n]``: merging would make all of
+    ``y``'s units one node. (If every operand is such, only the first is kept.)"""
+    dims = set().union(*stretched)
+    if not dims:
+        return shs
+    varies = [{d for d in dims if s.stride(d) != 0 and not _const_along(s, d)} for s in shs]
+    keep = [s for k, s in enumerate(shs)
+            if not any(set(stretched[k]) & varies[j] for j in range(len(shs)) if j != k)]
+    return keep or shs[:1]
 
 
 def _const_along(sh: Tensor, dim: int) -> bool:

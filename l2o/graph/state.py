@@ -120,9 +120,13 @@ class GraphState:
             self._depth[root] = max(self._depth[root], self._depth[child])
 
     def mark_outputs(self, nodes: list[int]) -> None:
+        """The network's output units, in output order. A unit that is an
+        input too -- the token nodes of a tied LM head, whose logit ``t`` *is*
+        token ``t`` -- becomes OUTPUT: being read by the loss is the role the
+        metanetwork is told about, and its edges say it is also an input."""
         for pos, n in enumerate(nodes):
             r = self.find(n)
-            if self._type[r] == NodeType.HIDDEN:
+            if self._type[r] in (NodeType.HIDDEN, NodeType.INPUT):
                 self._type[r] = int(NodeType.OUTPUT)
             if self._type[r] == NodeType.OUTPUT:
                 self._output_pos.setdefault(r, pos)

@@ -9,6 +9,7 @@ from .attention import map_mha
 from .conv import map_conv
 from .embedding import map_embedding
 from .linear import map_linear
+from .moe import is_moe_experts, map_moe_experts
 from .hf import is_conv1d, is_rms_norm, map_hf_conv1d, map_rms_norm
 from .norm import map_channel_norm, map_layer_norm
 from .rnn import map_rnn
@@ -31,7 +32,7 @@ MAPPERS = [
 ]
 
 # recognised by a predicate (class names of libraries we do not import)
-PREDICATES = [(is_conv1d, map_hf_conv1d), (is_rms_norm, map_rms_norm)]
+PREDICATES = [(is_conv1d, map_hf_conv1d), (is_rms_norm, map_rms_norm), (is_moe_experts, map_moe_experts)]
 
 # filled by l2o.graph.register_module: class -> internal mapper; wins over the built-ins
 USER: dict[type, object] = {}
