@@ -1,19 +1,18 @@
-"""The learned optimizers' no-grad step: the chunked implementation
-(``l2o/fast``, what ``GMNOptimizer.step`` runs on CPU from 20k parameters),
-with its passes as torch ops and as fused C kernels (``l2o/fast/kernels.c``,
-the default where a C compiler exists), against the differentiable forward it
-replaces, per architecture, in one run.
+"""The learned optimizers' no-grad step on each backend (:mod:`l2o.fast`):
+the chunked implementation with its passes as torch ops (``chunked``) and as
+fused C kernels (``fused``, ``l2o/fast/kernels.c``), against the
+differentiable forward they replace (``forward``), per architecture, in one
+run; the last column is what ``impl="auto"`` picks on this CPU.
 
     python bench/fast_step.py [--repeats 7] [--threads 2]
 
-All paths compute the same function (tests/test_fast.py); the table reports
-median milliseconds of ``lopt.step_no_grad`` and the speedup of the fused
-step over the forward.
+All backends compute the same function (tests/test_backends.py); the table
+reports median milliseconds of ``backend.step_flat`` and the speedup of the
+fused step over the forward.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
@@ -23,8 +22,7 @@ import torch
 from torch import nn
 
 import l2o
-from l2o import fast
-from l2o.fast import native
+from l2o.fast import make_backend, native, select_impl
 from l2o.layout import tensor_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,26 +60,18 @@ MODELS = {
 }
 
 
-PATHS = {  # name: (chunked step?, fused kernels?)
-    "forward": (False, False),
-    "chunked": (True, False),
-    "fused": (True, True),
-}
+PATHS = ("forward", "chunked", "fused")
 
 
 def time_paths(lopt, graph, flat, grad, repeats: int) -> dict[str, float]:
+    backends = {path: make_backend(lopt, graph, "cpu", path) for path in PATHS}
     times: dict[str, list[float]] = {path: [] for path in PATHS}
-    states = {path: lopt.init_state(flat) for path in times}
-    names = list(PATHS)
+    states = {path: lopt.init_state(flat) for path in PATHS}
     for r in range(repeats + 1):
-        for path in names[r % len(names):] + names[:r % len(names)]:  # rotate the order
-            chunked, fused = PATHS[path]
-            fast.FAST_MIN_PARAMS = fast.FUSED_MIN_PARAMS = 0 if chunked else 10**15
-            fast.FAST_MIN_PARAMS_PER_TENSOR = fast.FUSED_MIN_PARAMS_PER_TENSOR = 0
-            os.environ["L2O_NATIVE"] = "1" if fused else "0"
+        for path in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:  # rotate the order
             t0 = time.perf_counter()
-            lopt.step_no_grad(graph, flat, grad, states[path])
-            if r:  # the first round allocates the workspaces (and builds the kernels)
+            backends[path].step_flat(flat, grad, states[path])
+            if r:  # the first round allocates the workspaces
                 times[path].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
@@ -92,42 +82,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    thresholds = ("FAST_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS", "FUSED_MIN_PARAMS_PER_TENSOR")
-    defaults = {name: getattr(fast, name) for name in thresholds}
-    user_native = os.environ.get("L2O_NATIVE")
-
-    def restore() -> None:
-        """The thresholds and L2O_NATIVE as the user had them (time_paths changes both)."""
-        for key, value in defaults.items():
-            setattr(fast, key, value)
-        if user_native is None:
-            os.environ.pop("L2O_NATIVE", None)
-        else:
-            os.environ["L2O_NATIVE"] = user_native
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.repeats} interleaved steps; "
-          f"'optimizers use' is the path GMNOptimizer / MLPOptimizer.step take on CPU; "
+          f"'auto picks' is the backend GMNOptimizer / MLPOptimizer.step take on CPU; "
           f"chunked = torch ops, fused = C kernels ({native.status()})\n")
     print(f"{'model':<34} {'params':>9} {'tensors':>7} {'lopt':>5} {'forward ms':>11} {'chunked ms':>11} "
-          f"{'fused ms':>9} {'speedup':>8}  optimizers use")
-    try:
-        for name, make in MODELS.items():
-            torch.manual_seed(0)
-            model, example = make()
-            graph = l2o.build_graph(model, example)
-            layout = tensor_layout([p.shape for p in model.parameters()])
-            flat = graph.gather([p.detach() for p in model.parameters()])
-            grad = torch.randn_like(flat)
-            for lopt, g in ((l2o.GMNLOpt(), graph), (l2o.MLPLOpt(), layout)):
-                lopt.requires_grad_(False)
-                flat_l = g.gather([p.detach() for p in model.parameters()])
-                t = time_paths(lopt, g, flat_l, grad, args.repeats)
-                restore()
-                used = ("fused" if lopt.kernels("cpu") is not None else "chunked") \
-                    if lopt._uses_chunked_step(g, torch.device("cpu")) else "forward"
-                print(f"{name:<34} {graph.num_params:>9} {graph.num_tensors:>7} {lopt.kind:>5} {t['forward']:>11.1f} "
-                      f"{t['chunked']:>11.1f} {t['fused']:>9.1f} {t['forward'] / t['fused']:>7.2f}x  {used}")
-    finally:
-        restore()
+          f"{'fused ms':>9} {'speedup':>8}  auto picks")
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        model, example = make()
+        graph = l2o.build_graph(model, example)
+        layout = tensor_layout([p.shape for p in model.parameters()])
+        flat = graph.gather([p.detach() for p in model.parameters()])
+        grad = torch.randn_like(flat)
+        for lopt, g in ((l2o.GMNLOpt(), graph), (l2o.MLPLOpt(), layout)):
+            lopt.requires_grad_(False)
+            flat_l = g.gather([p.detach() for p in model.parameters()])
+            t = time_paths(lopt, g, flat_l, grad, args.repeats)
+            print(f"{name:<34} {graph.num_params:>9} {graph.num_tensors:>7} {lopt.kind:>5} {t['forward']:>11.1f} "
+                  f"{t['chunked']:>11.1f} {t['fused']:>9.1f} {t['forward'] / t['fused']:>7.2f}x  "
+                  f"{select_impl(lopt, g, 'cpu')}")
 
 
 if __name__ == "__main__":

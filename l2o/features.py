@@ -34,19 +34,27 @@ SECOND_MOMENT_BETA = 0.999
 ADAM_EPS = 1e-8
 TIME_SCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, 3e4, 1e5)
 
-# p, g, the momenta, the Adam direction, sqrt(v)
-NUM_ENTRY_FEATURES = 2 + len(MOMENTUM_BETAS) + 2
+# The feature layout: which row (feature-major) or column (entry-major) of an
+# entry's features holds what. Every implementation of the step reads it from
+# here: the forward (entry_features), the chunked step (l2o/fast) and the C
+# kernels (l2o/fast/kernels.c, built with these values as -D defines).
+ROW_P = 0                                    # the parameter value
+ROW_G = 1                                    # its gradient
+ROW_M0 = 2                                   # the momenta, one row per MOMENTUM_BETAS
+ROW_ADAM = ROW_M0 + len(MOMENTUM_BETAS)      # the bias-corrected Adam direction
+ROW_SQRT_V = ROW_ADAM + 1                    # sqrt(v)
+NUM_ENTRY_FEATURES = ROW_SQRT_V + 1
 NUM_TIME_FEATURES = len(TIME_SCALES)
-_RMS_EPS = 1e-12
+RMS_EPS = 1e-12
 # sqrt has an infinite derivative at 0; a tiny shift keeps meta-gradients finite
 # for entries whose gradient has always been zero.
-_SQRT_EPS = 1e-30
+SQRT_EPS = 1e-30
 
 
 _CONSTANTS: dict[tuple[str, torch.device], Tensor] = {}
 
 
-def _constant(name: str, values: tuple[float, ...], device: torch.device) -> Tensor:
+def constant(name: str, values: tuple[float, ...], device: torch.device) -> Tensor:
     """A small constant tensor, created once per device (no host-to-device copy per step)."""
     key = (name, device)
     if key not in _CONSTANTS:
@@ -69,7 +77,7 @@ def init_state(flat_params: Tensor) -> dict[str, Tensor]:
 
 def update_state(state: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
     """One step of the running statistics (out of place, differentiable)."""
-    betas = _constant("betas", MOMENTUM_BETAS, grad.device).unsqueeze(1)
+    betas = constant("betas", MOMENTUM_BETAS, grad.device).unsqueeze(1)
     g = grad.float()
     m = state["m"] * betas + (1.0 - betas) * g.unsqueeze(0)
     v = state["v"] * SECOND_MOMENT_BETA + (1.0 - SECOND_MOMENT_BETA) * g * g
@@ -77,6 +85,21 @@ def update_state(state: dict[str, Tensor], grad: Tensor) -> dict[str, Tensor]:
     if "entry_step" in state:
         out["entry_step"] = state["entry_step"] + 1.0
     return out
+
+
+def adam_bias_correction(t: float) -> tuple[float, float]:
+    """``(scale, eps)`` with which the Adam direction of step ``t`` (``>= 1``)
+    is ``scale * m / (sqrt(v) + eps)`` from the *uncorrected* ``m``, ``v``:
+
+    ``m̂ / (sqrt(v̂) + eps) = (c_m / sqrt(c_v)) m / (sqrt(v) + eps / sqrt(c_v))``
+    with ``c_m = 1 / (1 - b1^t)``, ``c_v = 1 / (1 - b2^t)``. The no-grad step
+    uses this form (it reuses the ``sqrt(v)`` feature row); it equals
+    :func:`adam_direction` up to the ``SQRT_EPS`` inside the root, which moves
+    by a factor ``c_v``: far below float32 resolution next to ``eps``."""
+    b1 = MOMENTUM_BETAS[ADAM_BETA1_INDEX]
+    m_scale = 1.0 / (1.0 - b1 ** t)
+    v_scale = 1.0 / (1.0 - SECOND_MOMENT_BETA ** t)
+    return m_scale / v_scale ** 0.5, ADAM_EPS / v_scale ** 0.5
 
 
 def adam_direction(state: dict[str, Tensor]) -> Tensor:
@@ -87,13 +110,13 @@ def adam_direction(state: dict[str, Tensor]) -> Tensor:
     b1 = MOMENTUM_BETAS[ADAM_BETA1_INDEX]
     m_hat = state["m"][ADAM_BETA1_INDEX] / (1.0 - b1 ** t)
     v_hat = state["v"] / (1.0 - SECOND_MOMENT_BETA ** t)
-    return m_hat / ((v_hat + _SQRT_EPS).sqrt() + ADAM_EPS)
+    return m_hat / ((v_hat + SQRT_EPS).sqrt() + ADAM_EPS)
 
 
 def rms_from_sums(sums_of_squares: Tensor, counts: Tensor) -> Tensor:
     """[T, F] root-mean-squares from each tensor's per-feature sums of squares
     and its entry count (at least 1)."""
-    return (sums_of_squares / counts.unsqueeze(1) + _SQRT_EPS).sqrt()
+    return (sums_of_squares / counts.unsqueeze(1) + SQRT_EPS).sqrt()
 
 
 def per_tensor_rms(x: Tensor, tensor_id: Tensor, num_tensors: int) -> Tensor:
@@ -106,25 +129,19 @@ def per_tensor_rms(x: Tensor, tensor_id: Tensor, num_tensors: int) -> Tensor:
 
 def entry_features(params: Tensor, grad: Tensor, state: dict[str, Tensor], adam_dir: Tensor,
                    tensor_id: Tensor, num_tensors: int) -> Tensor:
-    """[n, NUM_ENTRY_FEATURES] per-entry inputs, RMS-normalised per tensor.
+    """[n, NUM_ENTRY_FEATURES] per-entry inputs, RMS-normalised per tensor,
+    in the layout of ``ROW_*``.
 
     ``state`` is the *updated* state of this step (momenta include ``grad``).
     """
-    raw = torch.cat(
-        [
-            params.float().unsqueeze(1),
-            grad.float().unsqueeze(1),
-            state["m"].t(),
-            adam_dir.unsqueeze(1),
-            (state["v"] + _SQRT_EPS).sqrt().unsqueeze(1),
-        ],
-        dim=1,
-    )
-    return raw / (per_tensor_rms(raw, tensor_id, num_tensors) + _RMS_EPS)
+    columns = {ROW_P: params.float().unsqueeze(1), ROW_G: grad.float().unsqueeze(1), ROW_M0: state["m"].t(),
+               ROW_ADAM: adam_dir.unsqueeze(1), ROW_SQRT_V: (state["v"] + SQRT_EPS).sqrt().unsqueeze(1)}
+    raw = torch.cat([columns[row] for row in sorted(columns)], dim=1)
+    return raw / (per_tensor_rms(raw, tensor_id, num_tensors) + RMS_EPS)
 
 
 def time_features(step: Tensor) -> Tensor:
     """[NUM_TIME_FEATURES] encoding of the step count at several time scales
     ([R, NUM_TIME_FEATURES] for a vector of R runs' step counts)."""
-    taus = _constant("taus", TIME_SCALES, step.device)
+    taus = constant("taus", TIME_SCALES, step.device)
     return torch.tanh(step.float().unsqueeze(-1) / taus - 1.0)

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
-from .fast.gmn import gmn_frame, gmn_step
 from .gmn_conv import GMNConv
 from .graph.batch import per_run, run_index
 from .graph.blocks import add_node_terms_, entry_count
@@ -49,7 +48,6 @@ def io_encoding(io_index: Tensor, node_type: Tensor) -> Tensor:
 
 class GMNLOpt(LearnedOptimizer):
     kind = "gmn"
-    chunked_step, chunked_frame = gmn_step, gmn_frame
 
     def __init__(self, node_dim: int = 32, edge_dim: int = 8, hidden: int = 16, num_layers: int = 2,
                  **kwargs):
@@ -88,9 +86,6 @@ class GMNLOpt(LearnedOptimizer):
         return {**super().config(), "node_dim": self.node_dim, "edge_dim": self.edge_dim,
                 "hidden": self.hidden, "num_layers": self.num_layers}
 
-    def kernel_widths(self) -> dict[str, int]:
-        return {"edge_dim": self.edge_dim, "hidden": self.hidden}
-
     # ------------------------------------------------------------- encoders
     def encode_edges(self, g: ParamGraph, x_edge: Tensor, t: Tensor) -> Tensor:
         # in-place sums on fresh intermediates: see GMNConv.message
@@ -126,14 +121,9 @@ class GMNLOpt(LearnedOptimizer):
         z_edge.relu_()
         return torch.cat([self.edge_head(z_edge), self.readout_entries(graph, x_entry, h, t)], dim=0)
 
-    def readout_entries(self, graph: ParamGraph, x_entry: Tensor, h: Tensor, t: Tensor,
-                        folded: bool = False) -> Tensor:
-        """[M, 2] outputs of the node-held entries from their features and final
-        node states (``folded``: through :meth:`folded_head`, for the no-grad step)."""
+    def readout_entries(self, graph: ParamGraph, x_entry: Tensor, h: Tensor, t: Tensor) -> Tensor:
+        """[M, 2] outputs of the node-held entries from their features and final node states."""
         z_entry = F.relu(self.entry_out_x(x_entry) + self.entry_out_h(h).index_select(0, graph.entry_node)
                          + self.entry_out_kind(graph.entry_kind)
                          + per_run(self.entry_out_time(t), run_index(graph, "entry")))
-        if folded:
-            weight, bias = self.folded_head(self.entry_head)
-            return torch.addmm(bias.t(), z_entry, weight.t())
         return self.entry_head(z_entry)

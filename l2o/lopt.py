@@ -15,6 +15,7 @@ entry, a direction ``d`` and a log-magnitude ``s``. The update is
     \\Delta = -\\exp(\\hat s)\\,\\big(w_{nom}\\,a + \\alpha\\,d\\big), \\qquad
     \\hat s = c\\tanh(s / c)
 
+(:func:`l2o.update_rule.learned_update`, where the formula is defined once)
 where ``a`` is the bias-corrected Adam direction (the *nominal* term, Harrison
 et al. 2022) with learned weight ``w_nom = exp(log_nominal)`` (initially Adam's
 usual 1e-3), ``alpha`` a small output scale (Metz et al. 2022) and ``c`` bounds
@@ -63,12 +64,15 @@ import torch
 from torch import Tensor, nn
 
 from . import features as F_
-from .fast import native, use_fast_path
-from .fast.features import Sink
 from .graph.param_graph import ParamGraph
+from .update_rule import learned_update
 
 
 class LearnedOptimizer(nn.Module):
+    """The metanetwork contract (module docstring). This module and its
+    subclasses define the math once, as a differentiable forward; the no-grad
+    step of the optimizers implements it in ``l2o/fast`` (the backends), which
+    sits above the metanetworks: nothing here imports it."""
     kind: str = "base"
 
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
@@ -123,12 +127,8 @@ class LearnedOptimizer(nn.Module):
         adam = F_.adam_direction(state)
         x = F_.entry_features(params, grad, state, adam, graph.tensor_id, graph.num_tensors)
         out = self.predict(graph, x, F_.time_features(state["step"]))
-        direction, log_step = out[:, 0], out[:, 1]
-        log_step = self.max_log_step * torch.tanh(log_step / self.max_log_step)
-        step = self.out_scale * direction
-        if self.nominal:
-            step = step + self.log_nominal.exp() * adam
-        update = -(step * log_step.exp())
+        update = learned_update(out[:, 0], out[:, 1], adam, self.out_scale,
+                                self.log_nominal.exp() if self.nominal else None, self.max_log_step)
         if scale is not None:
             update = update * scale
         if log_lr is not None:
@@ -143,7 +143,8 @@ class LearnedOptimizer(nn.Module):
         if self.relative:
             p = params.float()
             sums = p.new_zeros(graph.num_tensors).index_add_(0, graph.tensor_id, p * p)
-            per_tensor = (sums / _entry_counts(graph) + self.scale_floor ** 2).sqrt()
+            counts = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).clamp(min=1).float()
+            per_tensor = (sums / counts + self.scale_floor ** 2).sqrt()
         if log_lr is not None:
             per_tensor = log_lr.exp() if per_tensor is None else per_tensor * log_lr.exp()
         return None if per_tensor is None else per_tensor.index_select(0, graph.tensor_id)
@@ -159,151 +160,19 @@ class LearnedOptimizer(nn.Module):
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
-        return self._advance_log_lr(state, sums)
+        return self.advance_log_lr(state, sums)
 
-    def _advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
+    def advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
         """The controller's update from each tensor's ``<g, m>``, ``<g, g>``, ``<m, m>`` (``sums`` [3, T])."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
         prev = sums.new_zeros(sums.shape[1]) if prev is None else prev
         return (prev + self.log_adapt_rate.exp() * cos).clamp(-self.adapt_bound, self.adapt_bound)
 
-    # ------------------------------------------------------ no-grad stepping
-    # A subclass with a chunked implementation (l2o/fast) names it here:
-    # chunked_step(lopt, graph, params, grad, state) -> (update, state), the
-    # flat form, whose function carries ``run_step(lopt, graph, entries, state,
-    # sink, write) -> state``, the per-tensor form the optimizers use;
-    # chunked_frame(lopt, graph, device) -> (plan, run-sized frame).
-    chunked_step = None
-    chunked_frame = None
-
-    def kernel_widths(self) -> dict[str, int] | None:
-        """The widths of this metanetwork's fused C kernels
-        (:func:`l2o.fast.native.load` keywords), or None when it has none."""
-        return None
-
-    def kernels(self, device: torch.device):
-        """The fused C kernels of this metanetwork for ``device``
-        (:mod:`l2o.fast.native`: CPU and float32 only), or None."""
-        widths = self.kernel_widths()
-        if widths is None or torch.device(device).type != "cpu":
-            return None
-        if any(p.dtype != torch.float32 for p in self.parameters()):
-            return None
-        return native.load(F_.NUM_ENTRY_FEATURES, **widths)
-
-    def _uses_chunked_step(self, graph: ParamGraph, device: torch.device) -> bool:
-        if self.chunked_step is None:
-            return False
-        n, t = graph.num_params, graph.num_tensors
-        # the kernels are looked up (and built, once) only where they decide the path
-        return use_fast_path(n, device, t) or (use_fast_path(n, device, t, fused=True)
-                                                and self.kernels(device) is not None)
-
-    def uses_run_step(self, graph: ParamGraph, device: torch.device) -> bool:
-        """Whether :meth:`step_entries` applies (the chunked path, with a per-tensor form)."""
-        return (self._uses_chunked_step(graph, device)
-                and getattr(type(self).chunked_step, "run_step", None) is not None)
-
-    def step_no_grad(self, graph: ParamGraph, params: Tensor, grad: Tensor,
-                     state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        """What ``forward`` returns, for optimizers that need no autograd. On
-        the chunked path (:mod:`l2o.fast`) ``state``'s buffers are updated in
-        place; its working set beyond the returned update is a few run-sized
-        blocks (no model-sized temporaries)."""
-        if not self._uses_chunked_step(graph, params.device):
-            return self(graph, params, grad, state)
-        log_lr = self.adapted_log_lr(graph, grad, state)  # before the step changes the momenta in place
-        update, state = self.chunked_step(graph, params, grad, state)
-        if log_lr is not None:
-            update.mul_(log_lr.exp().index_select(0, graph.tensor_id))
-            state["log_lr"] = log_lr
-        return update, state
-
-    def step_entries(self, graph: ParamGraph, params: list[Tensor], grads: list[Tensor | None],
-                     state: dict[str, Tensor], sink: Sink, write: list[bool] | None = None) -> dict[str, Tensor]:
-        """:meth:`step_no_grad` without flat copies (needs :meth:`uses_run_step`):
-        ``params`` / ``grads`` are 1-D tensors per tensor of ``graph``'s flat
-        order (a ``None`` gradient reads as zeros); ``state`` (flat ``m``,
-        ``v``, ``step`` and optionally ``tensor_step`` [T], each tensor's count
-        before this step, for its bias correction) advances in place for the
-        tensors ``write`` allows (default all), and each update run of those
-        tensors goes to ``sink(k, start, stop, update)`` (flat indices; the
-        update is a workspace, valid during the call, relative scale included).
-        Every update is computed from ``params`` as they were when the step
-        began: a sink may change a run's parameters once it has its update."""
-        if self.adapt:
-            sink = self.controlled_sink(graph, grads, state, sink, write)
-        return type(self).chunked_step.run_step(self, graph, params, grads, state, sink, write)
-
-    def controlled_sink(self, graph: ParamGraph, grads: list[Tensor | None], state: dict[str, Tensor], sink: Sink,
-                        write: list[bool] | None = None, shard=None) -> Sink:
-        """The controller's step (``adapt``) for :meth:`step_entries`: sets
-        ``state["log_lr"]`` from the momenta *before* the step and returns
-        ``sink`` with each tensor's update scaled by its multiplier. Tensors
-        ``write`` leaves alone keep their multiplier. With a ``shard``
-        (:class:`l2o.fast.features.Shard`) ``state["m"]`` covers the owned
-        entries only: each rank sums its part and the sums are all-reduced,
-        so every rank holds the same multipliers."""
-        m = state["m"][F_.ADAM_BETA1_INDEX]
-        lo = shard.lo if shard is not None else 0
-        sums = m.new_zeros(3, graph.num_tensors)
-        for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
-            s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
-            if g is not None and e > s:
-                gk, mk = g[s - sl.start:e - sl.start].float(), m[s - lo:e - lo]
-                sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
-        if shard is not None:
-            shard.all_reduce(sums)
-        log_lr = self._advance_log_lr(state, sums)
-        if write is not None:
-            keep = ~torch.tensor(write, device=log_lr.device)
-            log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
-        state["log_lr"] = log_lr
-        multiplier = log_lr.exp().tolist()
-
-        def scaled(k: int, s: int, e: int, u: Tensor) -> None:
-            sink(k, s, e, u.mul_(multiplier[k]))
-        return scaled
-
-    def flat_workspace(self, graph: ParamGraph, device: torch.device) -> dict[str, Tensor] | None:
-        """Kept for compatibility: the chunked step no longer keeps model-sized
-        workspaces, so there is nothing to share; always ``None``."""
-        return None
-
-    def folded_head(self, head: nn.Linear) -> tuple[Tensor, Tensor]:
-        """``head``'s (weight, bias as a column) with the constants of the
-        update formula folded in, for :meth:`finish_update_`: the direction row
-        times ``-alpha``, the log-magnitude row times ``2 / c``."""
-        scale = head.weight.new_tensor([-self.out_scale, 2.0 / self.max_log_step]).unsqueeze(1)
-        return head.weight * scale, (head.bias.unsqueeze(1) * scale)
-
     def nominal_weight(self) -> float:
         """The learned weight of the nominal Adam term (0 without one), for
         the no-grad step's update formula."""
         return float(self.log_nominal.exp()) if self.nominal else 0.0
-
-    def finish_update_(self, out: Tensor, direction: Tensor, log_step: Tensor, adam: Tensor) -> Tensor:
-        """``forward``'s final formula, in place, from the outputs of
-        :meth:`folded_head`; writes the update into ``out`` (``log_step`` is
-        overwritten). Uses ``c tanh(s / c) = 2c sigmoid(2s / c) - c``:
-        sigmoid is several times cheaper than tanh on CPU."""
-        c = self.max_log_step
-        magnitude = log_step.sigmoid_().mul_(2.0 * c).sub_(c).exp_()
-        if self.nominal:
-            torch.add(direction, adam, alpha=-self.nominal_weight(), out=out)
-        else:
-            out.copy_(direction)
-        return out.mul_(magnitude)
-
-
-def _entry_counts(graph: ParamGraph) -> Tensor:
-    """[T] entries of each tensor (cached on the graph: it is static)."""
-    cached = getattr(graph, "_l2o_entry_counts", None)
-    if cached is None or cached.device != graph.tensor_id.device:
-        cached = torch.bincount(graph.tensor_id, minlength=graph.num_tensors).clamp(min=1).float()
-        graph._l2o_entry_counts = cached
-    return cached
 
 
 def small_init_(linear: nn.Linear, scale: float = 1e-2) -> nn.Linear:

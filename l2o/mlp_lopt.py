@@ -15,7 +15,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .fast.mlp import mlp_frame, mlp_step
 from .features import NUM_ENTRY_FEATURES, NUM_TIME_FEATURES
 from .graph.batch import per_run, run_index
 from .graph.param_graph import ParamGraph
@@ -24,7 +23,6 @@ from .lopt import LearnedOptimizer, small_init_
 
 class MLPLOpt(LearnedOptimizer):
     kind = "mlp"
-    chunked_step, chunked_frame = mlp_step, mlp_frame
 
     def __init__(self, hidden: int = 32, **kwargs):
         super().__init__(**kwargs)
@@ -37,9 +35,6 @@ class MLPLOpt(LearnedOptimizer):
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "hidden": self.hidden}
-
-    def kernel_widths(self) -> dict[str, int]:
-        return {"mlp_hidden": self.hidden}
 
     def predict(self, graph: ParamGraph, x: Tensor, t: Tensor) -> Tensor:
         # in place on fresh intermediates: on large models every new

@@ -1,7 +1,6 @@
 """Fixtures shared by the test modules."""
 import pytest
 
-from l2o import fast
 from l2o.fast import native
 
 
@@ -19,7 +18,8 @@ def _kernel_cache(tmp_path_factory):
 
 @pytest.fixture(params=["torch", "native"])
 def kernels(request, monkeypatch):
-    """Runs a test with the chunked step's fused C kernels off and on."""
+    """Runs a test with the chunked step's fused C kernels off and on
+    (``L2O_NATIVE``, the documented override)."""
     monkeypatch.setenv("L2O_NATIVE", "1" if request.param == "native" else "0")
     if request.param == "native" and native.load(8, 8, 16) is None:
         pytest.skip(native.status())
@@ -29,13 +29,18 @@ def kernels(request, monkeypatch):
 @pytest.fixture
 def use_step_path(monkeypatch):
     """``use_step_path("reference" | "chunked")``: the no-grad step the learned
-    optimizers take from then on, whatever the model's size."""
+    optimizers built with ``impl="auto"`` take from then on, whatever the
+    model's size: the forward, or the chunked step (fused where the kernels
+    are enabled and build). Through ``L2O_IMPL``, the documented override of
+    what "auto" means (:func:`l2o.fast.select_impl`)."""
     def use(path: str) -> None:
-        chunked = {"reference": False, "chunked": True}[path]
-        for name in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS"):
-            monkeypatch.setattr(fast, name, 0 if chunked else 10**12)
-        for name in ("FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
-            monkeypatch.setattr(fast, name, 0)
+        if path == "reference":
+            monkeypatch.setenv("L2O_IMPL", "forward")
+        elif path == "chunked":
+            fused = native.enabled() and native.load(8, 8, 16) is not None
+            monkeypatch.setenv("L2O_IMPL", "fused" if fused else "chunked")
+        else:
+            raise ValueError(path)
     return use
 
 

@@ -7,6 +7,9 @@ of one function:
 * ``chunked``: ``l2o/fast``, run by run over the flat entries, torch ops;
 * ``fused``: the same runs through the C kernels of ``l2o/fast/kernels.c``.
 
+The optimizers take a backend through their ``impl`` argument
+(:func:`l2o.fast.select_impl`); these tests name it.
+
 A reference run on ``forward`` trains a model drawn by a task sampler on its
 data for ``STEPS`` steps, with faults injected at fixed steps (a NaN, an inf,
 an entry whose square overflows float32, a missing gradient, a step where
@@ -26,9 +29,6 @@ expected wherever there is a C compiler (:func:`l2o.fast.native.compiler`),
 and a compiler that fails to build them fails these tests; only a machine
 without a compiler skips the fused comparisons.
 
-Backends are chosen through :func:`use_backend`, the one place that knows
-how (today: the size thresholds of :mod:`l2o.fast` and ``L2O_NATIVE``).
-
 ``L2O_TEST_DEVICE=cuda`` runs the trajectories on a GPU (``bench/gpu_check.sh``
 does): there the backends are ``forward`` (what the optimizers take on a GPU)
 and ``chunked`` forced onto it; the fused kernels are CPU code.
@@ -45,10 +45,10 @@ import torch
 
 import l2o
 import tasks
-from l2o import checkpoint, fast
-from l2o import lopt as lopt_module
-from l2o.fast import native
+from l2o import checkpoint
+from l2o.fast import make_backend, native
 from l2o.fast import plan as plan_mod
+from l2o.fast.backend import fused_kernels
 from l2o.layout import tensor_layout
 
 STEPS = 24
@@ -84,44 +84,30 @@ def machine_backends(device: torch.device = DEVICE) -> list[str]:
     return [b for b in BACKENDS if b != "fused" or fused_expected()]
 
 
-def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """From now on the optimizers' no-grad step takes backend ``name``, whatever the model's size."""
-    chunked = name != "forward"
-    for attr in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS"):
-        monkeypatch.setattr(fast, attr, 0 if chunked else 10**12)
-    for attr in ("FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
-        monkeypatch.setattr(fast, attr, 0)
-    monkeypatch.setenv("L2O_NATIVE", "1" if name == "fused" else "0")
-    if DEVICE.type != "cpu" and chunked:  # the size rule keeps the chunked step on CPUs
-        monkeypatch.setattr(lopt_module, "use_fast_path", lambda *args, **kwargs: True)
-
-
 class _Route:
-    """Spies on an optimizer's metanetwork: which implementation each step ran."""
+    """Spies on an optimizer's backend: which implementation each step ran."""
 
-    def __init__(self, lopt: l2o.LearnedOptimizer):
+    def __init__(self, opt):
         self.forward_calls, self.run_steps, self.kernel_calls = 0, 0, Counter()
-        self.kernels_missing = False
-        forward, step_entries, kernels = lopt.forward, lopt.step_entries, lopt.kernels
+        lopt, backend = opt.lopt, opt.backend
+        forward = lopt.forward
 
         def counted_forward(*args, **kwargs):
             self.forward_calls += 1
             return forward(*args, **kwargs)
+        lopt.forward = counted_forward
+        if backend.per_tensor:
+            step_entries = backend.step_entries
 
-        def counted_step_entries(*args, **kwargs):
-            self.run_steps += 1
-            return step_entries(*args, **kwargs)
+            def counted_step_entries(*args, **kwargs):
+                self.run_steps += 1
+                return step_entries(*args, **kwargs)
+            backend.step_entries = counted_step_entries
+        if backend.kernels is not None:
+            backend.kernels.lib = _CountingLibrary(backend.kernels.lib, self.kernel_calls)
 
-        def counted_kernels(device):
-            lib = kernels(device)
-            if lib is None:
-                self.kernels_missing = True
-                return None
-            return _CountingLibrary(lib, self.kernel_calls)
-
-        lopt.forward, lopt.step_entries, lopt.kernels = counted_forward, counted_step_entries, counted_kernels
-
-    def check(self, backend: str, lopt, steps_taken: int) -> None:
+    def check(self, backend: str, opt, steps_taken: int) -> None:
+        assert opt.backend.name == backend, f"asked for {backend}, the optimizer runs {opt.backend.name}"
         if backend == "forward":
             assert self.run_steps == 0 and not self.kernel_calls
             assert self.forward_calls == steps_taken
@@ -131,8 +117,7 @@ class _Route:
         if backend == "chunked":
             assert not self.kernel_calls, f"chunked: the C kernels ran ({dict(self.kernel_calls)})"
             return
-        assert not self.kernels_missing, f"fused backend missing on a machine with a C compiler: {native.status()}"
-        network = ("l2o_gmn_round", "l2o_gmn_readout") if lopt.kind == "gmn" else ("l2o_mlp_step",)
+        network = ("l2o_gmn_round", "l2o_gmn_readout") if opt.lopt.kind == "gmn" else ("l2o_mlp_step",)
         for name in ("l2o_stats", "l2o_apply", *network):
             assert self.kernel_calls[name] > 0, f"fused: kernel {name} never ran ({dict(self.kernel_calls)})"
 
@@ -196,7 +181,7 @@ def _inject(fault: str | None, step: int, grads: list[torch.Tensor | None]) -> l
     return grads
 
 
-def _make_optimizer(kind: str, task: tasks.Task, model: torch.nn.Module, lopt, groups: bool):
+def _make_optimizer(kind: str, task: tasks.Task, model: torch.nn.Module, lopt, groups: bool, impl: str):
     named = list(model.named_parameters())
     params = model
     if groups:  # the first third in a group of its own, the last tensor in no group
@@ -206,23 +191,22 @@ def _make_optimizer(kind: str, task: tasks.Task, model: torch.nn.Module, lopt, g
     if kind == "gmn":
         example = tuple(x.to(DEVICE) for x in task.example_inputs())
         return l2o.GMNOptimizer(params, weights=lopt, example_inputs=example,
-                                model=model if groups else None)
-    return l2o.MLPOptimizer(params, weights=lopt, model=model if groups else None)
+                                model=model if groups else None, impl=impl)
+    return l2o.MLPOptimizer(params, weights=lopt, model=model if groups else None, impl=impl)
 
 
 def run_trajectory(monkeypatch, case: Case, kind: str, backend: str, lopt="pretrained",
                    replay: Trajectory | None = None) -> Trajectory:
     """``STEPS`` steps of the optimizer on ``backend``: on the task's data with
     the faults of ``FAULTS`` (``replay=None``), or fed ``replay``'s gradients."""
-    use_backend(monkeypatch, backend)
     if case.chunk is not None:
         monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", case.chunk)
     task = case.task
     model = task.init(0).to(DEVICE)
     names = [n for n, _ in model.named_parameters()]
     params = [p for _, p in model.named_parameters()]
-    opt = _make_optimizer(kind, task, model, lopt, case.groups)
-    route = _Route(opt.lopt)
+    opt = _make_optimizer(kind, task, model, lopt, case.groups, backend)
+    route = _Route(opt)
     traj = Trajectory(names)
     traj.params.append([p.detach().clone() for p in params])
     batches = task.batches("train", seed=0, device=DEVICE) if replay is None else None
@@ -247,7 +231,7 @@ def run_trajectory(monkeypatch, case: Case, kind: str, backend: str, lopt="pretr
         traj.params.append([p.detach().clone() for p in params])
         traj.states.append({n: {k: v.clone() for k, v in opt.state[p].items()}
                             for n, p in zip(names, params) if p in opt.state})
-    route.check(backend, opt.lopt, taken)
+    route.check(backend, opt, taken)
     return traj
 
 
@@ -331,7 +315,7 @@ def test_this_machine_has_every_backend_it_should(monkeypatch):
         pytest.skip("no C compiler on this machine: the fused backend is not expected")
     for kind in ("gmn", "mlp"):
         lopt = checkpoint.load_pretrained(kind)
-        assert lopt.kernels(torch.device("cpu")) is not None, f"{kind}: {native.status()}"
+        assert fused_kernels(lopt, "cpu") is not None, f"{kind}: {native.status()}"
 
 
 # Quick cases: every layer kind the samplers produce that matters to the
@@ -392,9 +376,9 @@ def test_metanetworks_of_other_widths_follow_the_same_trajectory(monkeypatch, ki
 
 
 def test_the_flat_no_grad_step_follows_the_forward(monkeypatch):
-    """``LearnedOptimizer.step_no_grad`` (the flat form, as meta-training and
-    evaluation code call it) against ``forward`` over a trajectory with
-    per-entry step counts that differ between tensors and the controller on."""
+    """Each backend's flat form (``step_flat``) against ``forward`` over a
+    trajectory with per-entry step counts that differ between tensors and the
+    controller on."""
     task = Case("cnn", 1).task
     model = task.init(0)
     graph = l2o.build_graph(model, task.example_inputs())
@@ -407,13 +391,12 @@ def test_the_flat_no_grad_step_follows_the_forward(monkeypatch):
         x = layout.gather(graph.scatter(flat))
         results = {}
         for backend in machine_backends():
-            use_backend(monkeypatch, backend)
-            assert lopt._uses_chunked_step(layout, x.device) == (backend != "forward")
-            assert (lopt.kernels(x.device) is not None) == (backend == "fused"), native.status()
+            step = make_backend(lopt, layout, x.device, backend)
+            assert step.name == backend and (step.kernels is not None) == (backend == "fused"), native.status()
             p, state = x.clone(), dict(lopt.init_state(x), entry_step=layout.gather(graph.scatter(counts)))
             for t in range(STEPS):
                 with torch.no_grad():
-                    update, state = lopt.step_no_grad(layout, p, layout.gather(graph.scatter(grads[t])), state)
+                    update, state = step.step_flat(p, layout.gather(graph.scatter(grads[t])), state)
                 p = p + update
             results[backend] = p, state
         p_ref, s_ref = results["forward"]

@@ -8,11 +8,10 @@ from torch.nn import functional as F
 
 import l2o
 import tasks
-from l2o import fast
+from l2o.fast import backend as backend_mod
 from l2o.fast import native
 from l2o.fast import plan as plan_mod
-from l2o.fast.gmn import gmn_step
-from l2o.fast.mlp import mlp_step
+from l2o.fast.backend import ChunkedBackend, fused_kernels, select_impl
 from l2o.graph.blocks import ScatterBlock, edge_blocks
 from l2o.layout import tensor_layout
 
@@ -38,6 +37,15 @@ def chunk(request, monkeypatch):
     tensor; a huge one puts each tensor in one run."""
     monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", request.param)
     return request.param
+
+
+def chunked_step(lopt, graph, flat, grad, state):
+    """The flat chunked step, fused where the ``kernels`` fixture (``L2O_NATIVE``) lets the kernels load."""
+    kernels = fused_kernels(lopt, "cpu") if native.enabled() else None
+    return ChunkedBackend(lopt, graph, kernels).step_flat(flat, grad, state)
+
+
+gmn_step = mlp_step = chunked_step
 
 
 def _scrambled(lopt, seed: int = 0):
@@ -154,7 +162,7 @@ def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk, kernels):
     graph.node_type, graph.node_io_index, graph.node_depth = (
         graph.node_type[old_of_new], graph.node_io_index[old_of_new], graph.node_depth[old_of_new])
     graph.edge_index, graph.entry_node = new_id[graph.edge_index], new_id[graph.entry_node]
-    runs = [r for r in plan_mod.chunk_plan(graph).edge_runs if isinstance(r, plan_mod.DenseRun)]
+    runs = [r for r in plan_mod.ChunkPlan(graph).edge_runs if isinstance(r, plan_mod.DenseRun)]
     if chunk > 5:  # (runs of one row are trivially ranges)
         assert any(r.row_range is None for r in runs)
     flat = torch.randn(graph.num_params, generator=torch.Generator().manual_seed(1))
@@ -286,7 +294,7 @@ def test_a_compiler_that_rejects_the_source_is_asked_once(monkeypatch, tmp_path)
 def test_plan_runs_tile_the_flat_vector(chunk):
     make, example = MODELS["grouped_conv1d"]
     graph = l2o.build_graph(make(), example)
-    p = plan_mod.chunk_plan(graph)
+    p = plan_mod.ChunkPlan(graph)
     edges = sorted((r.start, r.stop) for r in p.edge_runs)
     assert edges[0][0] == 0 and edges[-1][1] == graph.num_edges
     assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
@@ -330,26 +338,56 @@ def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, use_step
     assert torch.equal(m_fast[2].weight, frozen)
 
 
-def test_fast_path_is_used_only_for_large_cpu_models():
-    for fused, (n, per_tensor) in ((False, (fast.FAST_MIN_PARAMS, fast.FAST_MIN_PARAMS_PER_TENSOR)),
-                                   (True, (fast.FUSED_MIN_PARAMS, fast.FUSED_MIN_PARAMS_PER_TENSOR))):
-        assert fast.use_fast_path(n, "cpu", fused=fused)
-        assert not fast.use_fast_path(n - 1, "cpu", fused=fused)
-        assert not fast.use_fast_path(10**9, "cuda:0", fused=fused)
+def test_auto_takes_the_chunked_step_only_for_large_cpu_models(monkeypatch):
+    monkeypatch.delenv("L2O_IMPL", raising=False)
+    lopt = l2o.GMNLOpt()
+    cases = [("chunked", "0", backend_mod.CHUNKED_MIN_PARAMS, backend_mod.CHUNKED_MIN_PARAMS_PER_TENSOR)]
+    if native.load(8, 8, 16) is not None:
+        cases.append(("fused", "1", backend_mod.FUSED_MIN_PARAMS, backend_mod.FUSED_MIN_PARAMS_PER_TENSOR))
+    for impl, native_flag, n, per_tensor in cases:
+        monkeypatch.setenv("L2O_NATIVE", native_flag)
+        assert select_impl(lopt, tensor_layout([(n,)]), "cpu") == impl
+        assert select_impl(lopt, tensor_layout([(n - 1,)]), "cpu") == "forward"
+        assert select_impl(lopt, tensor_layout([(n,)]), "cuda:0") == "forward"
         # many small tensors: the per-run loop would cost more than it saves
-        assert not fast.use_fast_path(n, "cpu", num_tensors=n // per_tensor + 1, fused=fused)
+        many = tensor_layout([(per_tensor - 1,)] * (n // (per_tensor - 1) + 1))
+        assert many.num_params >= n and select_impl(lopt, many, "cpu") == "forward"
     # the kernels make the chunked step pay off on smaller models
-    assert fast.FUSED_MIN_PARAMS < fast.FAST_MIN_PARAMS
+    assert backend_mod.FUSED_MIN_PARAMS < backend_mod.CHUNKED_MIN_PARAMS
 
 
-def test_medium_models_take_the_chunked_step_where_the_kernels_build(kernels):
+def test_impl_names_a_backend_or_fails_clearly(monkeypatch):
+    monkeypatch.delenv("L2O_IMPL", raising=False)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    graph = l2o.build_graph(model)
+    lopt = l2o.GMNLOpt()
+    assert select_impl(lopt, graph, "cpu") == "forward"         # tiny: the forward wins
+    assert select_impl(lopt, graph, "cpu", "chunked") == "chunked"
+    with pytest.raises(ValueError, match="impl must be"):
+        select_impl(lopt, graph, "cpu", "fast")
+
+    class ForwardOnly(l2o.GMNLOpt):   # may change the math: no chunked step
+        pass
+    with pytest.raises(ValueError, match="no chunked implementation"):
+        select_impl(ForwardOnly(), graph, "cpu", "chunked")
+    monkeypatch.setenv("L2O_IMPL", "chunked")     # the documented override of "auto"
+    assert select_impl(lopt, graph, "cpu") == "chunked"
+    assert select_impl(ForwardOnly(), graph, "cpu") == "forward"
+    monkeypatch.setenv("L2O_NATIVE", "0")
+    with pytest.raises(RuntimeError, match="disabled"):
+        select_impl(lopt, graph, "cpu", "fused")
+
+
+def test_medium_models_take_the_chunked_step_where_the_kernels_build(kernels, monkeypatch):
     """A 12k-parameter model: below the torch-ops threshold, above the fused one."""
+    monkeypatch.delenv("L2O_IMPL", raising=False)
     model = nn.Sequential(nn.Linear(60, 150), nn.ReLU(), nn.Linear(150, 20))
     graph = l2o.build_graph(model)
-    assert fast.FUSED_MIN_PARAMS <= graph.num_params < fast.FAST_MIN_PARAMS
+    assert backend_mod.FUSED_MIN_PARAMS <= graph.num_params < backend_mod.CHUNKED_MIN_PARAMS
     lopt = l2o.GMNLOpt()
-    assert lopt._uses_chunked_step(graph, torch.device("cpu")) == (kernels == "native")
-    assert not lopt.double()._uses_chunked_step(graph, torch.device("cpu"))  # the kernels take float32 only
+    assert select_impl(lopt, graph, "cpu") == ("fused" if kernels == "native" else "forward")
+    assert select_impl(lopt.double(), graph, "cpu") == "forward"  # the kernels take float32 only
+    assert l2o.GMNOptimizer(model, weights=None).backend.name == select_impl(lopt.float(), graph, "cpu")
 
 
 # The >= 1M-parameter test models add no layer kind or shape pattern the others lack; with a

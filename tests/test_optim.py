@@ -468,12 +468,14 @@ def test_scalar_parameter_is_optimized(cls):
 def test_learned_optimizer_without_a_chunked_step_takes_the_forward(use_step_path):
     use_step_path("chunked")
 
-    class ForwardOnly(l2o.MLPLOpt):  # a user's learned optimizer: only predict(), no l2o/fast kernel
-        chunked_step = chunked_frame = None
+    class ForwardOnly(l2o.MLPLOpt):  # a user's learned optimizer: it may change the math, so no l2o/fast step
+        pass
 
     model = mlp()
     opt = l2o.MLPOptimizer(model, weights=ForwardOnly())
-    assert opt.lopt.flat_workspace(opt.graph, opt.graph.device) is None
+    assert opt.backend.name == "forward"
+    with pytest.raises(ValueError, match="no chunked implementation"):
+        l2o.MLPOptimizer(model, weights=ForwardOnly(), impl="chunked")
     before = [p.detach().clone() for p in model.parameters()]
     train_steps(model, opt, [(torch.randn(8, 6), torch.randint(0, 3, (8,)))], F.cross_entropy)
     assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), before))

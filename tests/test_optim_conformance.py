@@ -95,11 +95,11 @@ def every_step_path(request, use_step_path, monkeypatch):
     step that CPU models above ~8k parameters take, with torch ops and with the
     fused C kernels. Each applies lr / weight_decay / counters on its own."""
     path = request.param
-    use_step_path("reference" if path == "reference" else "chunked")
     if path != "reference":
         monkeypatch.setenv("L2O_NATIVE", "1" if path == "chunked-native" else "0")
         if path == "chunked-native" and native.load(8, 8, 16) is None:
             pytest.skip(native.status())
+    use_step_path("reference" if path == "reference" else "chunked")
     return path
 
 

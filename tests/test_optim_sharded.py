@@ -50,16 +50,17 @@ def _metanetwork(weights: str):
 def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
     import l2o
     from l2o.fast import plan as plan_mod
+    from l2o.fast import native
     from l2o.optim import ShardedGMNOptimizer
-    from l2o import fast
     plan_mod.DEFAULT_CHUNK = chunk          # several runs per tensor and per shard
-    for name in ("FAST_MIN_PARAMS", "FUSED_MIN_PARAMS", "FAST_MIN_PARAMS_PER_TENSOR", "FUSED_MIN_PARAMS_PER_TENSOR"):
-        setattr(fast, name, 0)              # the reference takes the chunked step too: the same sums, but in one process
+    # the reference takes the chunked step too: the same sums, but in one process
+    impl = "fused" if native.enabled() and native.load(8, 8, 16) is not None else "chunked"
     lopt = _metanetwork(weights)
     g = torch.Generator().manual_seed(4)
     ref_model, sh_model = _model(), _model()
-    ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2)
-    sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2)
+    ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2, impl=impl)
+    sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2, impl=impl)
+    assert ref.backend.name == sharded.backend.name == impl
     n = sum(p.numel() for p in sh_model.parameters())
     local = sharded._flat_state["v"].numel()
     total = torch.tensor([local])

@@ -15,6 +15,13 @@ PACKAGE = ROOT / "l2o"
 # The parts kept small here (the rest of l2o is tracked by issue 15 item 1-2).
 SMALL = sorted(PACKAGE.glob("eval/*.py")) + sorted(PACKAGE.glob("meta/*.py")) + [
     PACKAGE / "evaluate.py", PACKAGE / "plots.py", PACKAGE / "__init__.py", ROOT / "meta_train.py"]
+# The optimizer step's path: the optimizers, the metanetworks, the step math and its backends.
+STEP_PATH = sorted(PACKAGE.glob("fast/*.py")) + [PACKAGE / f"{name}.py" for name in (
+    "optim", "optim_base", "optim_step", "optim_state", "lopt", "gmn", "gmn_conv", "mlp_lopt", "features",
+    "update_rule", "layout")]
+SMALL = SMALL + STEP_PATH
+# The metanetworks define the math once; the backends (l2o.fast) sit above them.
+METANETWORKS = ["l2o.lopt", "l2o.gmn", "l2o.gmn_conv", "l2o.mlp_lopt", "l2o.features", "l2o.update_rule"]
 
 
 def module_name(path: Path) -> tuple[str, bool]:
@@ -80,6 +87,17 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycles_in_l2o():
     assert find_cycle(import_graph()) is None
+
+
+def test_no_metanetwork_imports_a_backend():
+    graph = import_graph()
+    for start in METANETWORKS:
+        seen, todo = set(), [start]
+        while todo:
+            for dep in graph[todo.pop()] - seen:
+                assert not dep.startswith("l2o.fast"), f"{start} imports the backend module {dep} (via {sorted(seen)})"
+                seen.add(dep)
+                todo.append(dep)
 
 
 def loaded_after(code: str) -> list[str]:

@@ -4,7 +4,8 @@ The step reads each entry's features (``p``, ``g``, the momenta, the Adam
 direction, ``sqrt(v)``: :mod:`l2o.features`) in every one of its passes, and
 never keeps them for the whole model: :func:`entry_features_` computes them
 for one run (a range of entries within one tensor, :mod:`.plan`) into a
-run-sized feature-major block ``[F, L]``, from the parameters, the gradient
+run-sized feature-major block ``[F, L]`` (rows in the ``ROW_*`` layout of
+:mod:`l2o.features`), from the parameters, the gradient
 and the statistics *before* the step (``m <- b m + (1 - b) g`` is recomputed,
 not stored), and writes the new statistics back only when asked -- once per
 entry, in the step's last pass. So the step's working set is a few run-sized
@@ -19,53 +20,33 @@ first layer's weights (:func:`fold_input_scale`).
 Parameters and gradients come tensor by tensor through :class:`Entries`
 (from the model's own tensors in ``GMNOptimizer.step``, or from flat vectors),
 and the update leaves run by run through a ``sink(k, start, stop, update)``
-(``LearnedOptimizer.step_entries``): no flat copy of the parameters,
+(:meth:`.backend.ChunkedBackend.step_entries`): no flat copy of the parameters,
 gradients or update is needed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from .. import features as F_
-from .native import address, check
+from .kernel_calls import FusedKernels
 from .plan import ChunkPlan
+from .shard import Shard
 
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
-_P, _G, _M0, _ADAM, _SQRT_V = 0, 1, 2, 2 + len(F_.MOMENTUM_BETAS), 3 + len(F_.MOMENTUM_BETAS)
 
 Sink = Callable[[int, int, int, Tensor], None]
 
 
 class StepConstants:
-    """Bias corrections of the step ``t`` (already incremented)."""
+    """Bias corrections of the step ``t`` (already incremented): the Adam
+    direction is ``adam_scale * m / (sqrt(v) + adam_eps)``
+    (:func:`l2o.features.adam_bias_correction`)."""
 
     def __init__(self, t: float):
-        b1 = F_.MOMENTUM_BETAS[F_.ADAM_BETA1_INDEX]
-        m_scale = 1.0 / (1.0 - b1 ** t)
-        v_scale = 1.0 / (1.0 - F_.SECOND_MOMENT_BETA ** t)
-        # m̂ / (sqrt(v̂) + eps) == (m_scale / sqrt(v_scale)) m / (sqrt(v) + eps / sqrt(v_scale)),
-        # so the Adam row reuses the sqrt(v) feature (the 1e-30 inside the root
-        # moves by a factor v_scale: far below float32 resolution next to eps)
-        self.adam_scale = m_scale / v_scale ** 0.5
-        self.adam_eps = F_.ADAM_EPS / v_scale ** 0.5
-
-
-@dataclass
-class Shard:
-    """The flat entries ``[lo, hi)`` one rank owns in a sharded step
-    (:class:`l2o.optim.ShardedGMNOptimizer`): their statistics are the
-    rank's ``m`` ``[num_momenta, hi - lo]`` and ``v``; ``all_reduce`` sums a
-    tensor over the ranks in place (per-tensor sums, node aggregates)."""
-    lo: int
-    hi: int
-    all_reduce: Callable[[Tensor], None]
-
-    def clip(self, s: int, e: int) -> tuple[int, int]:
-        return max(s, self.lo), min(e, self.hi)
+        self.adam_scale, self.adam_eps = F_.adam_bias_correction(t)
 
 
 class Entries:
@@ -118,7 +99,7 @@ def step_constants(state: dict[str, Tensor], plan: ChunkPlan) -> list[StepConsta
 
 
 def _adam_(out: Tensor, m: Tensor, sqrt_v: Tensor, c: StepConstants) -> Tensor:
-    """``out = m̂_0.9 / (sqrt(v̂) + eps)``, as :func:`l2o.features.adam_direction`."""
+    """``out = m̂_0.9 / (sqrt(v̂) + eps)`` (:func:`l2o.features.adam_bias_correction`)."""
     torch.add(sqrt_v, c.adam_eps, out=out)
     return torch.div(m[F_.ADAM_BETA1_INDEX], out, out=out).mul_(c.adam_scale)
 
@@ -131,38 +112,35 @@ def run_frame(plan: ChunkPlan, lead_rows: int, length: int, device: torch.device
 
 
 def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
-                    k: int, s: int, e: int, x: Tensor, kernels=None, write_back: bool = False,
+                    k: int, s: int, e: int, x: Tensor, kernels: FusedKernels | None = None, write_back: bool = False,
                     sums: Tensor | None = None) -> Tensor:
     """The raw features of entries ``[s, e)`` (within tensor ``k``) into ``x``
-    ``[F, e - s]`` (contiguous), from the statistics before the step; with
-    ``write_back`` (and ``entries.write[k]``) the advanced statistics are
-    stored into ``state``. ``sums``: where to put each feature row's sum of
-    squares over the run (float64 ``[F]``)."""
+    ``[F, e - s]`` (contiguous, rows in :mod:`l2o.features`' ``ROW_*``
+    layout), from the statistics before the step; with ``write_back`` (and
+    ``entries.write[k]``) the advanced statistics are stored into ``state``.
+    ``sums``: where to put each feature row's sum of squares over the run
+    (float64 ``[F]``)."""
     write_back = write_back and entries.write[k]
     device = x.device
     p, g = entries.param(k, s, e), entries.grad(k, s, e, device)
-    m_all, v_all = state["m"], state["v"]
-    c, off = consts[k], entries.state_offset
-    if kernels is not None and m_all.stride(1) == 1 and v_all.stride(0) == 1 and m_all.dtype == torch.float32:
-        betas = F_._constant("betas", F_.MOMENTUM_BETAS, device)
+    off = entries.state_offset
+    m, v = state["m"][:, s - off:e - off], state["v"][s - off:e - off]
+    c = consts[k]
+    if kernels is not None:
         out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
-        check(kernels.l2o_stats(e - s, p.data_ptr(), g.data_ptr(), address(m_all, 0, s - off), m_all.stride(0),
-                                address(v_all, s - off), x.data_ptr(), x.stride(0), betas.data_ptr(),
-                                F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_._SQRT_EPS,
-                                c.adam_scale, c.adam_eps, F_.ADAM_BETA1_INDEX, int(write_back), out.data_ptr(),
-                                torch.get_num_threads()))
+        kernels.stats(p, g, m, v, x, F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale, c.adam_eps,
+                      write_back, out)
         return x
-    betas = F_._constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
+    betas = F_.constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
     b2 = F_.SECOND_MOMENT_BETA
-    m, v = m_all[:, s - off:e - off], v_all[s - off:e - off]
-    xm = x[_M0:_ADAM]
+    xm = x[F_.ROW_M0:F_.ROW_M0 + len(F_.MOMENTUM_BETAS)]
     # the forward's ops in its order (l2o.features.update_state), out of place
     torch.mul(m, betas, out=xm).addcmul_(g.unsqueeze(0), 1.0 - betas)
     v_new = torch.mul(v, b2, out=plan.scratch("v_new", 1, e - s, device)[0]).addcmul_(g, g, value=1.0 - b2)
-    x[_P].copy_(p)
-    x[_G].copy_(g)
-    torch.add(v_new, F_._SQRT_EPS, out=x[_SQRT_V]).sqrt_()
-    _adam_(x[_ADAM], xm, x[_SQRT_V], c)
+    x[F_.ROW_P].copy_(p)
+    x[F_.ROW_G].copy_(g)
+    torch.add(v_new, F_.SQRT_EPS, out=x[F_.ROW_SQRT_V]).sqrt_()
+    _adam_(x[F_.ROW_ADAM], xm, x[F_.ROW_SQRT_V], c)
     if write_back:
         m.copy_(xm)
         v.copy_(v_new)
@@ -172,7 +150,7 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
 
 
 def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
-                kernels=None) -> Tensor:
+                kernels: FusedKernels | None = None) -> Tensor:
     """First pass: each tensor's per-feature sums of squares ``[T, F]`` of this
     step's features (float64 partial sums per run, summed over the ranks of a
     sharded step); nothing is written back."""
@@ -194,15 +172,15 @@ def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], con
 
 def inverse_rms(plan: ChunkPlan, sums: Tensor) -> Tensor:
     """``1 / (rms_k + eps)`` ``[T, F]`` from :func:`tensor_sums`."""
-    return 1.0 / (F_.rms_from_sums(sums, plan.tensor_counts) + F_._RMS_EPS)
+    return 1.0 / (F_.rms_from_sums(sums, plan.tensor_counts) + F_.RMS_EPS)
 
 
 def relative_scale(lopt, plan: ChunkPlan, sums: Tensor) -> Tensor | None:
-    """``[T]`` the scale of a relative update (``LearnedOptimizer.tensor_scale``
+    """``[T]`` the scale of a relative update (``LearnedOptimizer.update_scale``
     per tensor, from the parameter row's sums of squares), or None."""
     if not getattr(lopt, "relative", False):
         return None
-    return (sums[:, _P] / plan.tensor_counts + lopt.scale_floor ** 2).sqrt()
+    return (sums[:, F_.ROW_P] / plan.tensor_counts + lopt.scale_floor ** 2).sqrt()
 
 
 def flat_sink(update: Tensor) -> Sink:
@@ -214,7 +192,7 @@ def flat_sink(update: Tensor) -> Sink:
 
 def adam_row(x: Tensor) -> Tensor:
     """The (unnormalised) Adam direction row of a feature block ``[F, L]``."""
-    return x[_ADAM]
+    return x[F_.ROW_ADAM]
 
 
 def fold_input_scale(weight: Tensor, inv_rms: Tensor) -> Tensor:

@@ -19,15 +19,13 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef NF
-#error "compile with -DNF=<number of entry features>"
+/* The feature layout is not written here: native.py passes l2o/features.py's
+ * (NUM_ENTRY_FEATURES, the number of momenta and the ROW_* indices) as -D
+ * defines, and checks l2o_layout() against it when it loads a library. */
+#if !defined(NF) || !defined(NM) || !defined(ROW_P) || !defined(ROW_G) || !defined(ROW_M0) || !defined(ROW_ADAM) || \
+    !defined(ROW_SQRT_V)
+#error "compile with the feature layout of l2o/features.py: -DNF -DNM -DROW_P -DROW_G -DROW_M0 -DROW_ADAM -DROW_SQRT_V"
 #endif
-#define NM (NF - 4) /* momenta: the rows are param, grad, m_0..m_{NM-1}, adam, sqrt(v) (l2o/fast/features.py) */
-#define ROW_P 0
-#define ROW_G 1
-#define ROW_M0 2
-#define ROW_ADAM (2 + NM)
-#define ROW_SQRT_V (3 + NM)
 
 /* ------------------------------------------------------------ vectors */
 
@@ -568,6 +566,28 @@ long l2o_apply(long n, float *p, float *u, float lr, float decay) {
         p[i] = (decay == 1.f ? p[i] : p[i] * decay) + lr * x;
     }
     return bad;
+}
+
+/* The update formula alone over n entries (tests/test_step_math.py compares it
+ * with l2o/update_rule.py). */
+int l2o_finish(long n, const float *dir, const float *log_step, const float *adam, float nominal, float c,
+               float *out) {
+    for (long i = 0; i < n; i += VB) {
+        const int nv = n - i < VB ? (int)(n - i) : VB;
+        store(out + i, finish(load(dir + i, nv), load(log_step + i, nv), load(adam + i, nv), nominal, c), nv);
+    }
+    return 0;
+}
+
+/* The feature layout this library was built with, so the loader can check it. */
+void l2o_layout(long *out) {
+    out[0] = NF;
+    out[1] = NM;
+    out[2] = ROW_P;
+    out[3] = ROW_G;
+    out[4] = ROW_M0;
+    out[5] = ROW_ADAM;
+    out[6] = ROW_SQRT_V;
 }
 
 /* The widths this library was built for (0: not built in), so the loader can check them. */

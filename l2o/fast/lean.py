@@ -144,9 +144,9 @@ def entry_slice(graph: ParamGraph, name: str, s: int, e: int) -> Tensor:
 
 
 def lean_graph(graph: ParamGraph) -> ParamGraph:
-    """``graph`` as a :class:`LeanGraph` (caches the chunked step needs --
-    blocks, degrees, entry counts, plans -- carried over), or ``graph``
-    itself when it is one already."""
+    """``graph`` as a :class:`LeanGraph` (the graph's own caches the chunked
+    step needs -- blocks, degrees, entry counts -- carried over; build the
+    step's plan before, from ``graph``), or ``graph`` itself when it is one already."""
     if isinstance(graph, LeanGraph):
         return graph
     blocks = edge_blocks(graph)

@@ -1,11 +1,15 @@
 """Builds and loads the fused C kernels of the chunked step (``kernels.c``).
 
 The kernels are plain C called through :mod:`ctypes` on tensors' data
-pointers: no torch headers, so a build takes a few seconds with the system C
-compiler (``$CC``, else ``cc``), once per metanetwork size, cached under
-``$L2O_CACHE`` (default ``~/.cache/l2o``). Without a compiler, on a failed
-build, or with ``L2O_NATIVE=0`` the step uses the torch implementation of the
-same passes; :func:`status` says which and why.
+pointers (only through the checked wrappers of :mod:`.kernel_calls`): no
+torch headers, so a build takes a few seconds with the system C compiler
+(``$CC``, else ``cc``), once per metanetwork size, cached under
+``$L2O_CACHE`` (default ``~/.cache/l2o``). The feature layout is passed to
+the compiler from :mod:`l2o.features` (:func:`layout_defines`) and checked
+again when a library is loaded. Without a compiler, on a failed build, or
+with ``L2O_NATIVE=0`` (the documented override: the ``"auto"`` backend then
+never picks ``"fused"``) the step uses the torch implementation of the same
+passes; :func:`status` says which and why.
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .. import features as F_
+
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("kernels.c")
 Sizes = tuple[int, int, int, int]  # (features, GMN edge width, GMN read-out width, MLP width); 0: not built in
@@ -35,19 +41,15 @@ _SIGNATURES = {
     "l2o_gmn_round": [_p, _p, _p, _l, _l, _p, _p, _p, _p, _l, _p, _p, _l, _l, _l, _i],
     "l2o_gmn_readout": [_p, _l, _p, _p, _p, _p, _f, _f, _f, _f, _p, _l, _l, _l, _i],
     "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _i],
+    "l2o_finish": [_l, _p, _p, _p, _f, _f, _p],
 }
+_LAYOUT_NAMES = ("NF", "NM", "ROW_P", "ROW_G", "ROW_M0", "ROW_ADAM", "ROW_SQRT_V")
 
 
-def address(t, *index: int) -> int:
-    """Address of ``t[index]`` (the kernels index from it with the strides
-    they are given)."""
-    return t.data_ptr() + t.element_size() * sum(i * s for i, s in zip(index, t.stride()))
-
-
-def check(status: int) -> None:
-    """The kernels return nonzero only when their scratch allocation failed."""
-    if status != 0:
-        raise MemoryError("l2o fused kernel: out of memory for its scratch buffers")
+def layout_defines() -> dict[str, int]:
+    """The feature layout of :mod:`l2o.features`, as the kernels' -D defines."""
+    return {"NF": F_.NUM_ENTRY_FEATURES, "NM": len(F_.MOMENTUM_BETAS), "ROW_P": F_.ROW_P, "ROW_G": F_.ROW_G,
+            "ROW_M0": F_.ROW_M0, "ROW_ADAM": F_.ROW_ADAM, "ROW_SQRT_V": F_.ROW_SQRT_V}
 
 
 def compiler() -> str | None:
@@ -125,7 +127,8 @@ def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
     """Builds the library at ``out``; on failure returns the error message and
     whether the compiler itself rejected the source (worth remembering, unlike
     a timeout or a missing executable)."""
-    defines = [f"-D{name}={value}" for name, value in zip(("NF", "DE", "HID", "MH"), sizes) if value]
+    widths = {name: value for name, value in zip(("NF", "DE", "HID", "MH"), sizes) if value}
+    defines = [f"-D{name}={value}" for name, value in {**layout_defines(), **widths}.items()]
     # no -ffast-math: it would let the compiler reassociate the unrolled
     # products (slower here) and, linked, set flush-to-zero for the process
     base = ["-O3", "-fPIC", "-fno-math-errno", *defines]
@@ -157,6 +160,11 @@ def _open(path: Path, sizes: Sizes) -> ctypes.CDLL:
     lib.l2o_sizes(built)
     if tuple(built) != sizes:
         raise OSError(f"{path} was built for widths {tuple(built)}, not {sizes}")
+    layout = (ctypes.c_long * len(_LAYOUT_NAMES))()
+    lib.l2o_layout(layout)
+    if dict(zip(_LAYOUT_NAMES, layout)) != layout_defines():
+        raise OSError(f"{path} was built for the feature layout {dict(zip(_LAYOUT_NAMES, layout))}, "
+                      f"not l2o.features' {layout_defines()}")
     for name, argtypes in _SIGNATURES.items():
         if hasattr(lib, name):
             getattr(lib, name).argtypes = argtypes
@@ -172,7 +180,7 @@ def _build_and_open(sizes: Sizes) -> ctypes.CDLL:
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     machine = _machine_key(cc)
-    key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, machine, _variants())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(_SOURCE.read_bytes() + repr((sizes, layout_defines(), machine, _variants())).encode()).hexdigest()[:16]
     path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
     failed = path.with_suffix(".failed")
     if failed.exists():  # this compiler could not build this source: do not retry in every process
@@ -207,6 +215,8 @@ def load(num_features: int, edge_dim: int = 0, hidden: int = 0, mlp_hidden: int 
     sizes: Sizes = (int(num_features), int(edge_dim), int(hidden) if edge_dim else 0, int(mlp_hidden))
     if not enabled():
         return None
+    if sizes[0] != F_.NUM_ENTRY_FEATURES:
+        _loaded[sizes], _why_not[sizes] = None, f"{num_features} features, l2o.features has {F_.NUM_ENTRY_FEATURES}"
     if sizes not in _loaded:
         try:
             _loaded[sizes] = _build_and_open(sizes)

@@ -126,9 +126,13 @@ def _ranges(start: int, stop: int, chunk: int):
 
 
 class ChunkPlan:
-    """Runs over one graph's flat vector; build with :func:`chunk_plan`."""
+    """Runs of at most ``chunk`` entries (default ``DEFAULT_CHUNK``) over one
+    graph's flat vector, and the run-sized workspaces of the steps that walk
+    them. Owned by the step that uses it (:class:`l2o.fast.backend.ChunkedBackend`),
+    never cached on the graph."""
 
-    def __init__(self, graph: ParamGraph, chunk: int):
+    def __init__(self, graph: ParamGraph, chunk: int | None = None):
+        chunk = DEFAULT_CHUNK if chunk is None else chunk
         if chunk < 1:
             raise ValueError(f"chunk must be positive, got {chunk}")
         self.chunk = int(chunk)
@@ -178,14 +182,3 @@ class ChunkPlan:
         if buf is None or buf.numel() < need:
             buf = self._buffers[key] = torch.empty(need, device=device)
         return buf[: rows * length].view(rows, length)
-
-
-def chunk_plan(graph: ParamGraph, chunk: int | None = None) -> ChunkPlan:
-    """The plan of ``graph`` (cached on it: the graph is static); ``chunk``
-    defaults to ``DEFAULT_CHUNK``."""
-    chunk = DEFAULT_CHUNK if chunk is None else chunk
-    plan = getattr(graph, "_chunk_plan", None)
-    if plan is None or plan.chunk != chunk:
-        plan = ChunkPlan(graph, chunk)
-        graph._chunk_plan = plan
-    return plan

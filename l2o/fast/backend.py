@@ -1,0 +1,212 @@
+"""The no-grad step's backends and the one function that picks one.
+
+A backend evaluates a metanetwork's function (its differentiable forward,
+:mod:`l2o.lopt`) for the optimizers, which need no autograd:
+
+* ``"forward"`` (:class:`ForwardBackend`): the forward itself under
+  ``no_grad``; any metanetwork, any device. Flat vectors in, flat update out.
+* ``"chunked"`` (:class:`ChunkedBackend`, no kernels): the same function
+  reorganised into passes over runs of entries (:mod:`.gmn`, :mod:`.mlp`),
+  torch ops, run-sized workspaces; parameters and gradients read tensor by
+  tensor, each run's update handed to a sink.
+* ``"fused"`` (:class:`ChunkedBackend` with kernels): the chunked passes
+  through the C kernels of ``kernels.c`` (:mod:`.kernel_calls`), CPU float32.
+
+:func:`select_impl` decides which one ``impl="auto"`` means for a graph and
+a device; :func:`make_backend` builds it. A backend owns its workspace (the
+:class:`~.plan.ChunkPlan` and its run-sized buffers): the optimizer that made
+it keeps it, nothing is cached on the graph.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from .. import features as F_
+from ..gmn import GMNLOpt
+from ..graph.param_graph import ParamGraph
+from ..lopt import LearnedOptimizer
+from ..mlp_lopt import MLPLOpt
+from . import gmn as gmn_chunked
+from . import mlp as mlp_chunked
+from . import native, plan as plan_module
+from .features import Sink, flat_sink
+from .kernel_calls import FusedKernels, load
+from .lean import lean_graph
+from .shard import Shard
+
+IMPLS = ("forward", "chunked", "fused")
+# The chunked implementation of each metanetwork class (exact classes: a
+# subclass may change the math, so it gets the forward) and the run length
+# of its plan (the MLP's hidden activations are entry-major: half the runs
+# keep them in cache).
+CHUNKED = {GMNLOpt: (gmn_chunked, 1), MLPLOpt: (mlp_chunked, 2)}
+
+# When "auto" takes the chunked step, on CPU. The chunked step loops in
+# Python over runs (at least one per tensor), the forward runs a fixed number
+# of large ops: below these sizes the loop costs more than the memory traffic
+# it saves. With torch ops per pass (bench/fast_step.py: a 22k-parameter CNN
+# with 28 tensors is 1.5x slower chunked, a 56k one with 8 tensors 2x faster):
+CHUNKED_MIN_PARAMS = 20_000
+CHUNKED_MIN_PARAMS_PER_TENSOR = 2_000
+# With the fused kernels (bench/fast_step.py and the task suite: ties from ~8k
+# parameters and ~500 per tensor, 2-2.5x faster on 24k-51k models of 14-32
+# tensors; a 5k-parameter ResNet of 20 tensors is 1.3x slower chunked):
+FUSED_MIN_PARAMS = 8_000
+FUSED_MIN_PARAMS_PER_TENSOR = 500
+
+
+def fused_kernels(lopt: LearnedOptimizer, device: torch.device | str) -> FusedKernels | None:
+    """The fused kernels of ``lopt`` on ``device`` (built once per widths), or
+    None: not a chunked metanetwork, not CPU, not float32, ``L2O_NATIVE=0``,
+    or no working C compiler (:func:`l2o.fast.native.status` says why)."""
+    if type(lopt) not in CHUNKED or torch.device(device).type != "cpu":
+        return None
+    if any(p.dtype != torch.float32 for p in lopt.parameters()):
+        return None
+    module, _ = CHUNKED[type(lopt)]
+    return load(F_.NUM_ENTRY_FEATURES, **module.kernel_widths(lopt))
+
+
+def select_impl(lopt: LearnedOptimizer, graph: ParamGraph, device: torch.device | str, impl: str = "auto") -> str:
+    """The backend ``impl`` stands for: itself when named (an error when it
+    cannot run here), else (``"auto"``) the cheapest for this graph on this
+    device: ``"fused"`` where the kernels exist and the model is large enough
+    (``FUSED_MIN_*``), ``"chunked"`` above ``CHUNKED_MIN_*``, otherwise (and
+    always off CPU, where the one-shot forward launches far fewer kernels)
+    ``"forward"``. Two documented environment overrides: ``L2O_IMPL`` (one
+    of ``IMPLS``) replaces what ``"auto"`` means for the metanetworks with a
+    chunked step, and ``L2O_NATIVE=0`` keeps ``"auto"`` off ``"fused"``."""
+    if impl not in ("auto", *IMPLS):
+        raise ValueError(f"impl must be 'auto' or one of {IMPLS}, got {impl!r}")
+    if impl == "auto" and os.environ.get("L2O_IMPL", "auto") != "auto":
+        impl = os.environ["L2O_IMPL"]
+        if impl not in IMPLS:
+            raise ValueError(f"L2O_IMPL must be 'auto' or one of {IMPLS}, got {impl!r}")
+        if type(lopt) not in CHUNKED:   # the override applies where there is a chunked step
+            return "forward"
+    if impl == "forward":
+        return impl
+    if type(lopt) not in CHUNKED:
+        if impl == "auto":
+            return "forward"
+        raise ValueError(f"{type(lopt).__name__} has no {impl} implementation (only {sorted(c.__name__ for c in CHUNKED)}"
+                         " do); use impl='forward'")
+    if impl == "chunked":
+        return impl
+    if impl == "fused":
+        if fused_kernels(lopt, device) is None:
+            raise RuntimeError(f"impl='fused' needs the C kernels on a CPU with float32 weights: {native.status()}")
+        return impl
+    n, t = graph.num_params, graph.num_tensors
+    if torch.device(device).type != "cpu":
+        return "forward"
+    if n >= FUSED_MIN_PARAMS and n >= FUSED_MIN_PARAMS_PER_TENSOR * t and fused_kernels(lopt, device) is not None:
+        return "fused"
+    if n >= CHUNKED_MIN_PARAMS and n >= CHUNKED_MIN_PARAMS_PER_TENSOR * t:
+        return "chunked"
+    return "forward"
+
+
+class ForwardBackend:
+    """The metanetwork's differentiable forward, run under ``no_grad``."""
+    name = "forward"
+    per_tensor = False
+    kernels = None
+
+    def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph):
+        self.lopt, self.graph = lopt, graph
+
+    @torch.no_grad()
+    def step_flat(self, params: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """``lopt(graph, params, grad, state)``: the update ``[n]`` and the new state."""
+        return self.lopt(self.graph, params, grad, state)
+
+
+class ChunkedBackend:
+    """The chunked step of ``lopt`` over ``graph`` (``kernels``: fused).
+
+    ``lean``: after the plan is built, keep the graph without its per-entry
+    index tensors (:func:`.lean.lean_graph`; the optimizers do) as ``self.graph``.
+    ``chunk``: the plan's run length (default :data:`.plan.DEFAULT_CHUNK`).
+    ``store_edge_states``: the GMN's choice (default: by size, :mod:`.gmn`)."""
+    per_tensor = True
+
+    def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph, kernels: FusedKernels | None = None,
+                 chunk: int | None = None, lean: bool = False, store_edge_states: bool | None = None):
+        _, divisor = CHUNKED[type(lopt)]
+        chunk = plan_module.DEFAULT_CHUNK // divisor if chunk is None else chunk
+        self.lopt, self.kernels, self.store_edge_states = lopt, kernels, store_edge_states
+        self.name = "fused" if kernels is not None else "chunked"
+        self.plan = plan_module.ChunkPlan(graph, max(1, chunk))
+        self.graph = lean_graph(graph) if lean else graph
+
+    def step_entries(self, params: list[Tensor], grads: list[Tensor | None], state: dict[str, Tensor], sink: Sink,
+                     write: list[bool] | None = None, shard: Shard | None = None) -> dict[str, Tensor]:
+        """One step without flat copies: ``params`` / ``grads`` are 1-D tensors
+        per tensor of the graph's flat order (a ``None`` gradient reads as
+        zeros); ``state`` (flat ``m``, ``v``, ``step``, optionally
+        ``tensor_step`` [T] / ``entry_step`` [n], each tensor's count before
+        this step, and ``log_lr``) advances in place for the tensors ``write``
+        allows (default all), and each update run of those tensors goes to
+        ``sink(k, start, stop, update)`` (flat indices; the update is a
+        workspace, valid during the call, relative scale and step-size
+        controller included). Every update is computed from ``params`` as
+        they were when the step began: a sink may change a run's parameters
+        once it has its update."""
+        if self.lopt.adapt:
+            sink = controlled_sink(self.lopt, self.graph, grads, state, sink, write, shard)
+        kwargs = {} if self.store_edge_states is None else {"store_edge_states": self.store_edge_states}
+        steps, _ = CHUNKED[type(self.lopt)]
+        return steps.run_step(self.lopt, self.plan, self.graph, params, grads, state, sink, write,
+                                   self.kernels, shard, **kwargs)
+
+    def step_flat(self, params: Tensor, grad: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The flat form (what :meth:`ForwardBackend.step_flat` returns);
+        ``state``'s buffers are advanced in place."""
+        update = torch.empty(self.plan.num_params, device=params.device)
+        split = self.graph.numels
+        state = self.step_entries(list(params.split(split)), list(grad.split(split)), state, flat_sink(update))
+        return update, state
+
+
+def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tensor | None], state: dict[str, Tensor],
+                    sink: Sink, write: list[bool] | None = None, shard: Shard | None = None) -> Sink:
+    """The step-size controller (``LearnedOptimizer.adapt``) of a chunked
+    step: sets ``state["log_lr"]`` from the momenta *before* the step and
+    returns ``sink`` with each tensor's update scaled by its multiplier.
+    Tensors ``write`` leaves alone keep their multiplier. With a ``shard``
+    ``state["m"]`` covers the owned entries only: each rank sums its part and
+    the sums are all-reduced, so every rank holds the same multipliers."""
+    m = state["m"][F_.ADAM_BETA1_INDEX]
+    lo = shard.lo if shard is not None else 0
+    sums = m.new_zeros(3, graph.num_tensors)
+    for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
+        s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
+        if g is not None and e > s:
+            gk, mk = g[s - sl.start:e - sl.start].float(), m[s - lo:e - lo]
+            sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
+    if shard is not None:
+        shard.all_reduce(sums)
+    log_lr = lopt.advance_log_lr(state, sums)
+    if write is not None:
+        keep = ~torch.tensor(write, device=log_lr.device)
+        log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
+    state["log_lr"] = log_lr
+    multiplier = log_lr.exp().tolist()
+
+    def scaled(k: int, s: int, e: int, u: Tensor) -> None:
+        sink(k, s, e, u.mul_(multiplier[k]))
+    return scaled
+
+
+def make_backend(lopt: LearnedOptimizer, graph: ParamGraph, device: torch.device | str, impl: str = "auto",
+                 **options) -> ForwardBackend | ChunkedBackend:
+    """The backend :func:`select_impl` picks, built for ``graph`` (``options``:
+    :class:`ChunkedBackend`'s keywords, for the chunked ones)."""
+    chosen = select_impl(lopt, graph, device, impl)
+    if chosen == "forward":
+        return ForwardBackend(lopt, graph)
+    return ChunkedBackend(lopt, graph, fused_kernels(lopt, device) if chosen == "fused" else None, **options)
