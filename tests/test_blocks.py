@@ -47,7 +47,7 @@ def test_irregular_edges_fall_back_to_scatter(dense_always):
     # scramble the destinations: no block pattern left
     graph.edge_index = graph.edge_index.clone()
     graph.edge_index[1] = graph.edge_index[1][torch.randperm(graph.num_edges, generator=torch.Generator().manual_seed(0))]
-    graph._edge_blocks = None
+    graph.forget_derived()
     assert isinstance(edge_blocks(graph)[0], ScatterBlock)
     m = torch.randn(graph.num_edges, 2)
     expected = scatter(m, graph.edge_index[1], 0, dim_size=graph.num_nodes, reduce="sum")

@@ -3,7 +3,8 @@
 ``build_graph(model, example_inputs=None, strict=False)`` records one run of
 the model on example inputs (:mod:`l2o.graph.capture`; given, or made up from
 a Hugging Face config or the first layer), with ``torch.fx`` and then
-module-by-module mapping as fallbacks (:mod:`l2o.graph.builder`). Nodes are neurons / channels / token ids / attention units;
+module-by-module mapping as fallbacks (:mod:`l2o.graph.fx_walk`;
+the order: :mod:`l2o.graph.builder`). Nodes are neurons / channels / token ids / attention units;
 every weight entry is an edge, every bias / norm entry a node-held slot, and
 anything unrecognised a per-tensor fallback node. Supported layers:
 
@@ -37,7 +38,8 @@ a node that is both an input and an output of the network is OUTPUT.
 ``node_depth`` is the layer index (longest chain of weight layers from the
 inputs) divided by the maximum; TENSOR nodes have depth 0.
 """
-from .builder import build_graph, example_inputs_for
+from .builder import build_graph
+from .example_inputs import example_inputs_for
 from .registry import ModuleContext, register_module, unregister_module
 from .draw import draw_graph
 from .errors import UnsupportedModuleError

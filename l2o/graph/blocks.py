@@ -41,7 +41,7 @@ class ScatterBlock:
     stop: int
 
 
-def _detect(src: Tensor, dst: Tensor, rows: int) -> EdgeBlock | None:
+def detect_block(src: Tensor, dst: Tensor, rows: int) -> EdgeBlock | None:
     n = src.numel()
     if rows <= 0 or n % rows:
         return None
@@ -66,13 +66,13 @@ def _detect(src: Tensor, dst: Tensor, rows: int) -> EdgeBlock | None:
 
 def edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     """One entry per edge-held tensor, in flat order (cached on the graph)."""
-    cached = getattr(graph, "_edge_blocks", None)
-    if cached is not None:
-        return cached
+    return graph.derived("edge_blocks", lambda: _find_edge_blocks(graph))
+
+
+def _find_edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     factored = getattr(graph, "factored_edge_blocks", None)
     blocks = factored() if factored is not None else None
     if blocks is not None:  # a graph built by build_graph: from its factors, nothing per edge read
-        graph._edge_blocks = blocks
         return blocks
     blocks = []
     start = 0
@@ -80,38 +80,30 @@ def edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     for k in range(graph.num_edge_params):
         shape = graph.param_shapes[graph.flat_order[k]]
         stop = start + shape.numel()
-        found = _detect(src_all[start:stop], dst_all[start:stop], shape[0] if len(shape) else 0)
+        found = detect_block(src_all[start:stop], dst_all[start:stop], shape[0] if len(shape) else 0)
         if found is None:
             blocks.append(ScatterBlock(start, stop))
         else:
             found.start, found.stop = start, stop
             blocks.append(found)
         start = stop
-    graph._edge_blocks = blocks
     return blocks
 
 
 def edge_degree(graph: ParamGraph, end: str) -> Tensor:
     """[N] number of edges whose ``end`` ("src"/"dst") is each node (cached)."""
-    key = f"_degree_{end}"
-    cached = getattr(graph, key, None)
-    if cached is None:
+    def compute():
         factored = getattr(graph, "factored_degree", None)
-        cached = factored(end) if factored is not None else None
-        if cached is None:
-            idx = graph.edge_index[0 if end == "src" else 1]
-            cached = torch.bincount(idx, minlength=graph.num_nodes)
-        setattr(graph, key, cached)
-    return cached
+        deg = factored(end) if factored is not None else None
+        if deg is None:
+            deg = torch.bincount(graph.edge_index[0 if end == "src" else 1], minlength=graph.num_nodes)
+        return deg
+    return graph.derived(f"degree_{end}", compute)
 
 
 def entry_count(graph: ParamGraph) -> Tensor:
     """[N] number of node-held entries on each node (cached)."""
-    cached = getattr(graph, "_entry_count", None)
-    if cached is None:
-        cached = torch.bincount(graph.entry_node, minlength=graph.num_nodes)
-        graph._entry_count = cached
-    return cached
+    return graph.derived("entry_count", lambda: torch.bincount(graph.entry_node, minlength=graph.num_nodes))
 
 
 def sum_to_nodes(m: Tensor, graph: ParamGraph, end: str) -> Tensor:

@@ -1,236 +1,37 @@
 """``build_graph``: capture a model and map it to a ParamGraph.
 
 Capture, in order: (1) an eager run on example inputs recorded at the torch
-function level (:mod:`capture`; follows any Python control flow) -- inputs
-are ``example_inputs``, or made up for Hugging Face models from their config;
-(2) ``torch.fx`` symbolic trace; (3) module-by-module mapping of what fx
-cannot trace. Without ``example_inputs`` for a plain module, fx goes first and
-the eager run (on inputs guessed from the first layer) is tried when fx leaves
-parameters unstructured; the better result is kept.
-
-fx walk: every fx value carries the node list of its feature dimension
-(:mod:`values`); leaf modules of known kinds are mapped by
-:mod:`layers`, functions and tensor methods by :mod:`ops`. Network inputs
-get INPUT nodes lazily (sized by their first consumer); node lists reaching
-the output become OUTPUT nodes (``node_io_index`` = position in the
-concatenated output). A submodule fx cannot trace is walked on its own (its
-inputs wired to the caller's values), and if even that fails its children
-are walked separately; parameters nobody structured go on per-tensor
-fallback nodes.
+function level (:mod:`l2o.graph.capture`; follows any Python control flow) --
+inputs are ``example_inputs``, or made up (:mod:`l2o.graph.example_inputs`:
+for Hugging Face models from their config); (2) ``torch.fx`` symbolic trace
+and (3) module-by-module mapping of what fx cannot trace
+(:mod:`l2o.graph.fx_walk`). Without ``example_inputs`` for a plain module,
+the eager run on guessed inputs is kept unless fx structures more. What
+stays unstructured is reported once (:mod:`l2o.graph.report`) and placed on
+per-tensor fallback nodes; built graphs are cached per model.
 """
 from __future__ import annotations
 
 import itertools
-import warnings
 import weakref
-from collections import OrderedDict
-from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from . import ops
-from .errors import UnsupportedModuleError
-from . import capture as _capture
-from .layers import feature_dim_for, mapper_for
-from .param_graph import NodeType, ParamGraph
+from .capture import record
+from .example_inputs import example_inputs_for
+from .fx_walk import walk_module
+from .layers import feature_dim_for, keep_whole, mapper_for
+from .param_graph import ParamGraph
+from .report import report_unstructured
 from .state import GraphState
-from .trace import propagate_shapes, trace
-from .values import LazyNodes, ParamRef, TupleVal, Val, depth_of
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_WARNED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
 
 
 def clear_cache() -> None:
     """Forget built graphs (after registering a mapper)."""
     _CACHE.clear()
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
-def _map_arg(env: dict, a: Any) -> Any:
-    return fx.node.map_aggregate(a, lambda x: env.get(x) if isinstance(x, fx.Node) else x)
-
-
-def _collect_nodes(v: Any, out: list[int]) -> None:
-    if isinstance(v, Val):
-        if v.nodes is not None:
-            out.extend(v.nodes.tolist())
-    elif isinstance(v, TupleVal):
-        for x in v.items:
-            _collect_nodes(x, out)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _collect_nodes(x, out)
-    elif isinstance(v, dict):
-        for x in v.values():
-            _collect_nodes(x, out)
-
-
-def _has_params(m: nn.Module) -> bool:
-    return next(m.parameters(), None) is not None
-
-
-def _placeholder(top: bool, position: int) -> Val:
-    return Val(lazy=LazyNodes(NodeType.INPUT if top else NodeType.HIDDEN, group=position))
-
-
-def _walk(state: GraphState, module: nn.Module, prefix: str, inputs: list | None,
-          example_inputs=None, top: bool = False) -> Any:
-    fn = mapper_for(module)
-    if fn is not None:
-        # a known layer kind as the model itself (e.g. a bare TransformerEncoder,
-        # which fx cannot trace): map it directly
-        n_in = 3 if isinstance(module, nn.MultiheadAttention) else 1
-        args = inputs if inputs is not None else [_placeholder(top, i) for i in range(n_in)]
-        out = fn(state, module, prefix, args, {})
-        if top:
-            nodes: list[int] = []
-            _collect_nodes(out, nodes)
-            state.mark_outputs(nodes)
-        return out
-    graph, opaque, root_failure = trace(module)
-    for qn, why in opaque.items():
-        state.opaque[_join(prefix, qn)] = why
-    if graph is None:
-        state.opaque[prefix or "<root>"] = root_failure
-        # The module's own forward is opaque, but its children may not be:
-        # structure each on its own (their inputs become unknown neurons).
-        for name, child in module.named_children():
-            if _has_params(child):
-                _walk(state, child, _join(prefix, name), None)
-        return None
-    if example_inputs is not None:
-        failure = propagate_shapes(module, graph, example_inputs)
-        if failure is not None:
-            warnings.warn(
-                f"build_graph: shape propagation with the given example_inputs failed for "
-                f"{prefix or 'the model'} ({failure}); spatial positions after a flatten are inferred "
-                "from layer sizes instead (square maps assumed). Check that example_inputs is a valid "
-                "input of the model's forward.", UserWarning, stacklevel=4)
-
-    env: dict[fx.Node, Any] = {}
-    placeholders = 0
-    for node in graph.nodes:
-        if node.op == "placeholder":
-            if inputs is not None:
-                env[node] = inputs[placeholders] if placeholders < len(inputs) else None
-            else:
-                env[node] = _placeholder(top, placeholders)
-            placeholders += 1
-        elif node.op == "get_attr":
-            obj: Any = module
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part, None)
-            idx = state.param_id(obj) if isinstance(obj, nn.Parameter) else None
-            env[node] = ParamRef(idx) if idx is not None else None
-        elif node.op == "call_module":
-            qn = _join(prefix, str(node.target))
-            sub = module.get_submodule(str(node.target))
-            args, kwargs = _map_arg(env, node.args), _map_arg(env, node.kwargs)
-            fn = mapper_for(sub)
-            if fn is not None:
-                env[node] = fn(state, sub, qn, args, kwargs)
-            elif not _has_params(sub):
-                # activation, pooling, Flatten, ...: dispatch on the class name
-                env[node] = ops.apply(state, node, args, kwargs, name=type(sub).__name__)
-            else:
-                # unknown module with parameters: look inside it on its own
-                out = _walk(state, sub, qn, list(args))
-                env[node] = out if out is not None else ops.opaque_output(depth_of(*args))
-        elif node.op in ("call_function", "call_method"):
-            env[node] = ops.apply(state, node, _map_arg(env, node.args), _map_arg(env, node.kwargs))
-        elif node.op == "output":
-            out = _map_arg(env, node.args[0])
-            if top:
-                nodes: list[int] = []
-                _collect_nodes(out, nodes)
-                state.mark_outputs(nodes)
-            return out
-    return None
-
-
-def _owner(model: nn.Module, param_name: str) -> tuple[str, str]:
-    mod_name = param_name.rsplit(".", 1)[0] if "." in param_name else ""
-    try:
-        cls = type(model.get_submodule(mod_name)).__name__
-    except AttributeError:
-        cls = "?"
-    return mod_name, cls
-
-
-def _reason_for(state: GraphState, mod_name: str) -> str:
-    probe = mod_name
-    while True:
-        key = probe or "<root>"
-        if key in state.opaque:
-            where = "" if probe == mod_name else f" (inside untraceable '{key}')"
-            return state.opaque[key] + where
-        if not probe:
-            break
-        probe = probe.rsplit(".", 1)[0] if "." in probe else ""
-    return "no graph mapping for this module or a parameter used directly"
-
-
-def _report_unstructured(model: nn.Module, state: GraphState, left: list[int], strict: bool) -> list[str]:
-    names = [state.param_names[i] for i in left]
-    by_module: "OrderedDict[tuple[str, str], list[str]]" = OrderedDict()
-    for n in names:
-        by_module.setdefault(_owner(model, n), []).append(n)
-    lines = [f"  {mod or '<root>'} ({cls}): {', '.join(ps)} -- {_reason_for(state, mod)}"
-             for (mod, cls), ps in by_module.items()]
-    # untraceable modules whose parameters were all structured piecewise still
-    # lose the wiring between their children: say so
-    for qn, why in state.opaque.items():
-        mod = "" if qn == "<root>" else qn
-        if not any(_owner(model, n)[0] == mod for n in names):
-            cls = type(model.get_submodule(mod)).__name__
-            lines.append(f"  {qn} ({cls}): children structured separately, wiring between "
-                         f"them unknown -- {why}")
-    if strict:
-        raise UnsupportedModuleError(
-            "build_graph(strict=True): these modules have parameters the parameter graph "
-            "cannot structure, or cannot be traced:\n" + "\n".join(lines))
-    key = (tuple(names), tuple(state.opaque))
-    seen = _WARNED.setdefault(model, set()) if _weakrefable(model) else set()
-    if key in seen:
-        return names
-    seen.add(key)
-    total = sum(s.numel() for s in state.param_shapes) or 1
-    frac = 100.0 * sum(state.param_shapes[i].numel() for i in left) / total
-    def _short(ps, mod):
-        ps = [p[len(mod) + 1:] if mod else p for p in ps]
-        return ", ".join(ps[:3]) + (", ..." if len(ps) > 3 else "")
-    mods = [f"{mod or '<root>'} ({cls}: {_short(ps, mod)})" for (mod, cls), ps in by_module.items()]
-    untraced = list(state.opaque)
-    def _few(xs):
-        return ", ".join(xs[:6]) + (f", and {len(xs) - 6} more" if len(xs) > 6 else "")
-    if names:
-        msg = (f"build_graph: {frac:.1f}% of the parameters ({len(names)} tensor(s)) have no graph "
-               f"structure (capture: {state.capture}); they are still optimised, on per-tensor nodes.")
-        if mods:
-            msg += f" Modules: {_few(mods)}."
-    else:
-        msg = f"build_graph: every parameter is structured (capture: {state.capture}), but"
-    if untraced:
-        msg += (f"{' The' if names else ' the'} wiring between the children of {_few(untraced)} is unknown "
-                "(could not be traced).")
-    msg += (" To fix: pass example_inputs=... so the forward can be run and recorded, or describe the "
-            "module with l2o.graph.register_module(cls, mapper); build_graph(..., strict=True) lists "
-            "every reason.")
-    warnings.warn(msg, stacklevel=4)
-    return names
-
-
-def _weakrefable(m) -> bool:
-    try:
-        weakref.ref(m)
-        return True
-    except TypeError:
-        return False
 
 
 def _check(graph: ParamGraph) -> None:
@@ -239,7 +40,7 @@ def _check(graph: ParamGraph) -> None:
     assert order == list(range(len(graph.param_names))), "a parameter tensor is missing or placed twice"
     assert graph.num_params == sum(s.numel() for s in graph.param_shapes)
     assert graph.num_edges == sum(graph.numels[: graph.num_edge_params])
-    factors = getattr(graph, "_factors", None)
+    factors = getattr(graph, "edge_factors", None)
     if factors is not None:
         # the edge chunks tile the edge range in flat order (tensor_id, written
         # on demand from the same numels, then holds by construction)
@@ -328,14 +129,14 @@ def _unclaimed_numel(state: GraphState) -> int:
 
 def _fx(model, example_inputs) -> GraphState:
     state = GraphState(model)
-    _walk(state, model, "", None, example_inputs if _is_tensors(example_inputs) else None, top=True)
+    walk_module(state, model, "", None, example_inputs if _is_tensors(example_inputs) else None, top=True)
     state.capture = "fx" if "<root>" not in state.opaque else "per-module (fx failed on the root)"
     return state
 
 
 def _eager(model, inputs) -> GraphState:
     state = GraphState(model)
-    state.notes = _capture.run(state, model, inputs, mapper_for, feature_dim_for)
+    state.notes = record(state, model, inputs, mapper_for, feature_dim_for, keep_whole)
     if isinstance(inputs, dict) or inputs is not None:
         state.notes = [f"op not followed: {n}" for n in state.notes]
     state.capture = "eager"
@@ -378,7 +179,7 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
     left = state.unclaimed()
     # zero-size tensors have nothing to structure: fallback bookkeeping only, no warning
     report = [i for i in left if state.param_shapes[i].numel() > 0]
-    unstructured = _report_unstructured(model, state, report, strict) if report or state.opaque else []
+    unstructured = report_unstructured(model, state, report, strict) if report or state.opaque else []
     graph = state.finish(left, unstructured)
     graph.capture = state.capture
     graph.notes = list(state.notes) + ([f"tied/shared weights (entries on their first use's edges, "
@@ -392,42 +193,3 @@ def _describe(inputs) -> str:
     items = inputs.values() if isinstance(inputs, dict) else (
         [inputs] if isinstance(inputs, torch.Tensor) else inputs)
     return ", ".join(f"{tuple(t.shape)}" for t in items if isinstance(t, torch.Tensor))
-
-
-def example_inputs_for(model: nn.Module):
-    """Inputs to record a forward on when none are given: for a Hugging Face
-    model, from its config (token ids, pixel values, decoder ids); otherwise
-    from the first layer (Embedding -> token ids, Linear -> features, Conv ->
-    a 32-wide map, RNN -> a sequence; drawn from a fixed seed). None if nothing fits."""
-    gen = torch.Generator().manual_seed(0)
-    cfg = getattr(model, "config", None)
-    name = getattr(model, "main_input_name", None)
-    if cfg is not None and name is not None:
-        kw = {}
-        if name == "input_ids":
-            vocab = getattr(cfg, "vocab_size", None) or 100
-            kw["input_ids"] = torch.randint(0, int(vocab), (1, 8), generator=gen)
-        elif name == "pixel_values":
-            size = getattr(cfg, "image_size", 32)
-            size = size if isinstance(size, int) else size[0]
-            kw["pixel_values"] = torch.randn(1, getattr(cfg, "num_channels", 3), size, size, generator=gen)
-        else:
-            return None
-        if getattr(cfg, "is_encoder_decoder", False):
-            kw["decoder_input_ids"] = torch.zeros(1, 4, dtype=torch.long)
-        return kw
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            return (torch.randint(0, m.num_embeddings, (2, 8), generator=gen),)
-        if isinstance(m, nn.Linear):
-            return (torch.randn(2, m.in_features, generator=gen),)
-        if isinstance(m, nn.Conv2d):
-            return (torch.randn(2, m.in_channels, 32, 32, generator=gen),)
-        if isinstance(m, nn.Conv1d):
-            return (torch.randn(2, m.in_channels, 32, generator=gen),)
-        if isinstance(m, nn.RNNBase):
-            shape = (2, 8, m.input_size) if m.batch_first else (8, 2, m.input_size)
-            return (torch.randn(*shape, generator=gen),)
-        if m is not model and next(m.parameters(recurse=False), None) is not None:
-            return None
-    return None

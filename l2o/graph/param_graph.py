@@ -128,6 +128,18 @@ class ParamGraph:
     def device(self) -> torch.device:
         return self.edge_index.device
 
+    def derived(self, key: str, compute):
+        """``compute()``, memoised under ``key``: data derived from this static
+        graph (dense blocks, degrees, entry counts: :mod:`l2o.graph.blocks`).
+        Not carried by :meth:`to`; :meth:`forget_derived` after rewiring."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
+    def forget_derived(self) -> None:
+        self.__dict__.pop("_derived", None)
+
     # ------------------------------------------------------- gather / scatter
     def gather(self, tensors: Sequence[Tensor]) -> Tensor:
         """Flatten per-parameter tensors (in the model's ``named_parameters``
@@ -184,7 +196,7 @@ class ParamGraph:
         if self.num_edges == 0:
             return 0
         src, dst = self.edge_index
-        return _components(self.num_nodes, src, dst)
+        return count_components(self.num_nodes, src, dst)
 
     def summary(self) -> str:
         counts = torch.bincount(self.node_type, minlength=NUM_NODE_TYPES).tolist()
@@ -221,7 +233,7 @@ class ParamGraph:
         )
 
 
-def _components(num_nodes: int, src: Tensor, dst: Tensor) -> int:
+def count_components(num_nodes: int, src: Tensor, dst: Tensor) -> int:
     """Number of connected pieces among the nodes the edges ``src -> dst`` touch."""
     parent = torch.arange(num_nodes, device=src.device)
     # label propagation: every node takes the smallest label of its neighbours

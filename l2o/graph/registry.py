@@ -32,14 +32,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 from .layers import USER
 from .layers.embedding import embedding_core
 from .layers.hf import conv1d_core
 from .layers.linear import linear_core
-from .param_graph import EdgeKind, EntryKind, NodeType
+from .param_graph import EntryKind, NodeType
 from .values import TupleVal, Val, depth_of, resolve
 
 _KINDS = {"bias": EntryKind.BIAS, "scale": EntryKind.NORM_WEIGHT, "shift": EntryKind.NORM_BIAS,

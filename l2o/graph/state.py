@@ -266,8 +266,9 @@ class GraphState:
             entry_kinds.append(torch.full((n,), int(EntryKind.FALLBACK), dtype=torch.long))
             flat_order.append(idx)
         empty = torch.zeros(0, dtype=torch.long)
-        graph = object.__new__(FactoredGraph)
-        graph.__dict__.update(
+        return FactoredGraph.assemble(
+            factors,
+            has_edge_pos=any(c.pos is not None and c.stop > c.start and bool(c.pos.any()) for c in chunks),
             num_nodes=num_nodes,
             node_type=torch.tensor(node_type, dtype=torch.long),
             node_io_index=torch.tensor(io, dtype=torch.long),
@@ -281,7 +282,4 @@ class GraphState:
             unstructured=unstructured,
             capture="",
             notes=[],
-            _edge_factors=factors,
         )
-        graph._has_edge_pos = any(c.pos is not None and c.stop > c.start and bool(c.pos.any()) for c in chunks)
-        return graph

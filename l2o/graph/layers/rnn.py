@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..param_graph import EdgeKind, EntryKind, NodeType
-from ..values import Val, depth_of, input_columns, resolve
+from ..values import Val, depth_of, input_columns
 
 
 def _gates(m: nn.RNNBase) -> int:

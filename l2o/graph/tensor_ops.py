@@ -1,0 +1,129 @@
+"""Eager-capture handlers for ops on activations: shape ops, elementwise
+ops, ``glu`` and reductions (see :mod:`l2o.graph.capture`).
+Each handler takes the :class:`~l2o.graph.recorder.Recorder` as ``rec``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import param_uses
+from .op_names import LIST_ARG
+from .shadows import (TensorInfo, apply_to_shadows, keep_matching_dims, output_pairs, stretched_dims,
+                      tensors_in, without_collapsing)
+
+
+def view(rec, name, func, args, kwargs, out, tracked) -> None:
+    """A shape op: applied to the shadows (or, on views of one parameter, to
+    the parameter's entry indices)."""
+    depth = rec.depth(tracked)
+    # views of a parameter: follow which entry each element is
+    # (cat/stack of views of one parameter too: BEiT re-assembles its table)
+    if all(i.pidx is not None for _, i in tracked) and (
+            name not in LIST_ARG or len({i.pidx[0] for _, i in tracked}) == 1):
+        p = tracked[0][1].pidx[0]
+        res = apply_to_shadows(func, name, args, kwargs, {id(t): i.pidx[1] for t, i in tracked}, fill=-1,
+                               spread=False)
+        for o, r in output_pairs(out, res):
+            rec.set(o, TensorInfo(pidx=(p, r)))
+        return
+    lazy = [i for _, i in tracked if i.lazy is not None and i.sh is None]
+    if lazy and len(tracked) == 1:
+        # an input not yet consumed: integer token ids keep their identity,
+        # other inputs too when the op only relabels dims
+        for o in tensors_in(out):
+            rec.set(o, TensorInfo(lazy=lazy[0].lazy, depth=depth))
+        return
+    subs = {id(t): rec.shadow_of(t, i, -1) for t, i in tracked if i.pidx is None}
+    res = apply_to_shadows(func, name, args, kwargs, subs, fill=-1)
+    spatial = None
+    if name in ("flatten", "view", "reshape") and isinstance(out, torch.Tensor):
+        src = tracked[0][0]
+        if src.dim() >= 3 and out.dim() == 2 and out.shape[1] == math.prod(src.shape[1:]) \
+                and src.shape[0] == out.shape[0]:
+            spatial = tuple(src.shape[2:])
+    if name in LIST_ARG and isinstance(out, torch.Tensor):
+        param_uses.place_listed_params(rec, name, args, kwargs, res)
+    for o, r in output_pairs(out, res):
+        if isinstance(r, torch.Tensor) and r.dtype == torch.long and tuple(r.shape) == tuple(o.shape):
+            rec.set(o, TensorInfo(sh=r, depth=depth, spatial=spatial))
+
+
+def elementwise(rec, out, tracked) -> None:
+    """Tensors met elementwise: their units are one, position by position
+    (residual adds, gated products), except where that would make one
+    operand's different units one node (:func:`~l2o.graph.shadows.without_collapsing`)."""
+    outs = tensors_in(out)
+    if len(outs) != 1:
+        return
+    o = outs[0]
+    depth = rec.depth(tracked)
+    shs, stretched = [], []
+    for t, i in tracked:
+        if i.pidx is not None:
+            continue
+        if i.sh is None and i.lazy is not None:
+            if len(tracked) == 1 or all(j.sh is None for _, j in tracked):
+                rec.set(o, TensorInfo(lazy=i.lazy, depth=depth))
+                return
+            continue
+        try:
+            shs.append(torch.broadcast_to(i.sh, o.shape))
+            stretched.append(stretched_dims(i.sh.shape, o.shape))
+        except RuntimeError:
+            kept = keep_matching_dims(i.sh, o.shape)   # pooling, interpolation, ...
+            if kept is not None:
+                shs.append(kept)
+                stretched.append(())
+    # lazy inputs meeting a known tensor: nodes on its last dim, merged
+    for t, i in tracked:
+        if i.sh is None and i.lazy is not None and shs:
+            try:
+                sh = rec.shadow_of(t, i, -1)
+                shs.append(torch.broadcast_to(sh, o.shape))
+                stretched.append(stretched_dims(sh.shape, o.shape))
+            except RuntimeError:
+                pass
+    if not shs:
+        return
+    shs = without_collapsing(shs, stretched)
+    base = shs[0]
+    for other in shs[1:]:
+        rec.merge_pairs(base, other)
+        base = torch.where(base >= 0, base, other)
+    rec.set(o, TensorInfo(sh=base, depth=depth, spatial=next(
+        (i.spatial for _, i in tracked if i.spatial), None)))
+
+
+def glu(rec, args, kwargs, out) -> None:
+    """``F.glu``: the two halves' units are one."""
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+    i = rec.get(x)
+    if i is None or not isinstance(out, torch.Tensor):
+        return
+    sh = rec.shadow_of(x, i, dim)
+    a, b = sh.chunk(2, dim)
+    rec.merge_pairs(a, b)
+    rec.set(out, TensorInfo(sh=a.clone(), depth=i.depth))
+
+
+def reduce(rec, args, kwargs, out) -> None:
+    """A reduction keeps the nodes of the dims it does not reduce."""
+    x = args[0] if args else None
+    i = rec.get(x)
+    o = out[0] if isinstance(out, tuple) else out
+    if i is None or i.sh is None or not isinstance(o, torch.Tensor) or not o.is_floating_point():
+        if i is not None and i.lazy is not None and isinstance(o, torch.Tensor) and o.shape == x.shape:
+            rec.set(o, TensorInfo(lazy=i.lazy, depth=i.depth))
+        return
+    dim = args[1] if len(args) > 1 and not isinstance(args[1], (float, str)) else kwargs.get("dim")
+    if dim is None:
+        return
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    hi, lo = i.sh.amax(dims, keepdim=keep), i.sh.amin(dims, keepdim=keep)
+    r = torch.where(hi == lo, hi, torch.full_like(hi, -1))
+    if tuple(r.shape) == tuple(o.shape):
+        rec.set(o, TensorInfo(sh=r, depth=i.depth))
