@@ -20,6 +20,9 @@ STEP_PATH = sorted(PACKAGE.glob("fast/*.py")) + [PACKAGE / f"{name}.py" for name
     "optim", "optim_base", "optim_step", "optim_state", "lopt", "gmn", "gmn_conv", "mlp_lopt", "features",
     "update_rule", "layout")]
 SMALL = SMALL + STEP_PATH
+# The parameter graph (issue 15: no l2o.graph module over ~400 lines, no function over ~80).
+GRAPH = sorted(PACKAGE.glob("graph/**/*.py"))
+SMALL = SMALL + GRAPH
 # The metanetworks define the math once; the backends (l2o.fast) sit above them.
 METANETWORKS = ["l2o.lopt", "l2o.gmn", "l2o.gmn_conv", "l2o.mlp_lopt", "l2o.features", "l2o.update_rule"]
 

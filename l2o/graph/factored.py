@@ -191,18 +191,15 @@ class FactoredGraph(ParamGraph):
             return ParamGraph.to(self, device)
         device = torch.device(device)
         same = device == self.device or (device.index is None and device.type == self.device.type)
-        out = object.__new__(FactoredGraph)
+        values = {}
         for fl in fields(ParamGraph):
             if fl.name in HEAVY:
                 if same and fl.name in self.__dict__:
-                    out.__dict__[fl.name] = self.__dict__[fl.name]
+                    values[fl.name] = self.__dict__[fl.name]
                 continue
             v = getattr(self, fl.name)
-            out.__dict__[fl.name] = v.to(device) if isinstance(v, Tensor) else v
-        out.__dict__["_edge_factors"] = f if same else f.to(device)
-        if "_has_edge_pos" in self.__dict__:
-            out._has_edge_pos = self._has_edge_pos
-        return out
+            values[fl.name] = v.to(device) if isinstance(v, Tensor) else v
+        return FactoredGraph.assemble(f if same else f.to(device), self.has_edge_pos, **values)
 
 
 def _heavy_property(name: str) -> property:
