@@ -39,10 +39,11 @@ def chunk(request, monkeypatch):
     return request.param
 
 
-def chunked_step(lopt, graph, flat, grad, state):
-    """The flat chunked step, fused where the ``kernels`` fixture (``L2O_NATIVE``) lets the kernels load."""
+def chunked_step(lopt, graph, flat, grad, state, **options):
+    """The flat chunked step, fused where the ``kernels`` fixture (``L2O_NATIVE``)
+    lets the kernels load (``options``: :class:`ChunkedBackend`'s)."""
     kernels = fused_kernels(lopt, "cpu") if native.enabled() else None
-    return ChunkedBackend(lopt, graph, kernels).step_flat(flat, grad, state)
+    return ChunkedBackend(lopt, graph, kernels, **options).step_flat(flat, grad, state)
 
 
 gmn_step = mlp_step = chunked_step
@@ -85,17 +86,18 @@ def _compare(lopt, fast_step, graph, flat, entry_step=None):
 
 @pytest.mark.parametrize("edge_states", ["stored", "recomputed"])
 @pytest.mark.parametrize("name", MODELS)
-def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states, monkeypatch):
+def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states):
     """Both ways of carrying edge states between passes: kept for the whole
     graph, or recomputed per run from its features (large models)."""
-    import l2o.fast.gmn as fast_gmn
-    monkeypatch.setattr(fast_gmn, "STORE_EDGE_STATES_MAX_PARAMS", 10**9 if edge_states == "stored" else 0)
     torch.manual_seed(0)
     make, example = MODELS[name]
     model = make()
     graph = l2o.build_graph(model, example)
     flat = graph.gather([p.detach() for p in model.parameters()])
-    _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
+
+    def step(*args):
+        return chunked_step(*args, store_edge_states=edge_states == "stored")
+    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat)
 
 
 def _per_tensor_steps(graph):
