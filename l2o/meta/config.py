@@ -52,6 +52,8 @@ class MetaConfig:
     meta_batch: int = _key(4, check="pos_int")      # inner runs per outer step (split across ranks)
     meta_objective: str = _key("norm", check="choice", choices=("norm", "log", "raw"))  # norm: loss / run's
                                                # initial loss | log: log(loss) | raw: loss
+    meta_log_floor: float = _key(0.0, check="nonneg_float")  # log objective: log(loss + this x initial
+                                               # loss); progress below that level earns nothing
     meta_data: str = _key("train", check="choice", choices=("train", "valid"))  # batches of the meta-loss:
                                                # fresh training batches | the inner task's held-out data
     second_order: bool = _key(False, check="bool")  # differentiate through the gradient (create_graph=True)

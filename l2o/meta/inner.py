@@ -170,18 +170,25 @@ def loss_and_grad(entry: TaskEntry, flat: Tensor, buffers: dict[str, Tensor], ba
     return loss.detach(), grad
 
 
-def meta_term(loss: Tensor, init_loss: float, objective: str) -> Tensor:
+def meta_term(loss: Tensor, init_loss: float, objective: str, log_floor: float = 0.0) -> Tensor:
     """One unroll step's contribution to the meta-loss.
 
     ``norm`` (default) divides by the run's initial loss: tasks with losses of
     very different scales (cross-entropy ~2, MSE ~0.01) then weigh alike, and
     unlike ``log`` it does not blow up the gradient of tasks that are nearly
     solved (d log L = dL / L).
+
+    ``log`` is ``log(L + f L_0)`` with ``f = log_floor`` (0: plain ``log L``):
+    a 10% reduction weighs alike at every stage until the loss is ~f times its
+    initial value, after which further progress earns nothing. Without the floor
+    the objective keeps rewarding ever-larger relative progress on a task that is
+    already solved, which is where meta-trained optimizers learned late-run
+    loss spikes (docs/experiments.md, v8).
     """
     if objective == "norm":
         return loss / max(init_loss, 1e-8)
     if objective == "log":
-        return torch.log(loss.clamp(min=1e-8))
+        return torch.log(loss.clamp(min=1e-8) + log_floor * init_loss)
     return loss
 
 
@@ -231,7 +238,8 @@ class _Unrolling:
             spare = {n: b.clone() for n, b in self.buffers.items()}
             measured = entry.loss_fn(dict(zip(graph.param_names, graph.scatter(self.flat))), spare,
                                      next(self.valid_stream))
-        self.terms.append(meta_term(measured, self.run.init_loss, self.cfg.meta_objective))
+        self.terms.append(meta_term(measured, self.run.init_loss, self.cfg.meta_objective,
+                                     self.cfg.meta_log_floor))
         self.losses.append(loss.detach())
 
     def result(self) -> UnrollResult:
