@@ -15,6 +15,24 @@ Both skip tensors whose gradient is missing, non-finite or whose square
 overflows float32 (with a warning; their state is left alone), zero and warn
 about non-finite updates, and advance the per-tensor step counters of the
 tensors stepped.
+
+The route of one ``GMNOptimizer.step()`` on a CPU with the fused kernels, top
+to bottom (each file calls only into the ones below it; the sink is the one
+callback up):
+
+1. ``l2o/optim_base.py`` -- ``step`` / ``_learned_step``: the gradients;
+2. here -- :func:`step_by_runs`: skipped tensors, the step's state, the sink;
+3. ``l2o/fast/backend.py`` -- ``ChunkedBackend.step_entries``: the step-size
+   controller, then the metanetwork's chunked step;
+4. ``l2o/fast/gmn.py`` -- ``run_step``: the passes of ``GMNChunkedStep``
+   (feature sums, node encoder, message-passing rounds, read-out), over the
+   runs of the backend's ``ChunkPlan`` (``l2o/fast/plan.py``), features from
+   ``l2o/fast/features.py``, node terms from ``l2o/fast/gmn_terms.py``;
+5. ``l2o/fast/kernel_calls.py`` -- the checked C calls (``kernels.c``), or
+   torch ops on scatter runs;
+6. ``l2o/update_rule.py`` / ``l2o/features.py`` -- the math both evaluate,
+   defined once (the metanetwork's own layers: ``l2o/gmn.py``, ``gmn_conv.py``);
+7. back here: :class:`UpdateApplier` applies each run's update.
 """
 from __future__ import annotations
 
