@@ -38,6 +38,20 @@ def _gpt2():
         n_embd=16, n_layer=2, n_head=2, vocab_size=50, n_positions=16)), None
 
 
+def _mixtral():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    return transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=8,
+        vocab_size=30, max_position_embeddings=16, num_local_experts=3, num_experts_per_tok=2)), None
+
+
+def _experts(**layout):
+    """A hand-made 3-D experts module (tests/test_graph_moe_tied.py) in one of HF's layouts."""
+    from test_graph_moe_tied import MoENet
+    return MoENet(**layout), (torch.randn(2, 5),)
+
+
 MODELS = {
     "mlp": lambda: (nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), None),
     "grouped_conv_flatten": lambda: (nn.Sequential(nn.Conv1d(4, 8, 3, groups=2), nn.ReLU(),
@@ -53,6 +67,10 @@ MODELS = {
     "lstm_proj": lambda: (nn.LSTM(5, 7, num_layers=2, proj_size=3, bidirectional=True), (torch.randn(4, 2, 5),)),
     "tied_gru_lm": lambda: (TiedLM(), (torch.randint(0, 13, (2, 6)),)),
     "hf_gpt2": _gpt2,
+    # MoE experts [E, 2I, H] / [E, H, I]: dense blocks of E*2I rows / E groups of H rows
+    "hf_mixtral": _mixtral,
+    "experts_interleaved_transposed": lambda: _experts(transposed=True, concatenated=False, bias=True),
+    "experts_no_gate": lambda: _experts(gated=False),
 }
 
 

@@ -289,3 +289,36 @@ def test_hf_gpt2_tied_head_has_output_nodes():
     assert g.node_io_index[tokens].tolist() == list(range(50))
     # the positions stay INPUT nodes (wpe's sources)
     assert bool((g.node_type[part(g, "transformer.wpe.weight")[0][:, 0]] == NodeType.INPUT).all())
+
+
+def test_moe_experts_are_dense_blocks_and_the_chunked_step_follows_the_forward():
+    """Expert weights are dense blocks (gate_up [E, 2I, H]: E*2I rows with one
+    expert unit each; down [E, H, I]: E groups of H rows sharing the expert's
+    units), so the chunked step aggregates them without a scatter; its
+    trajectory is the forward's."""
+    import copy
+
+    from l2o.graph.blocks import EdgeBlock, edge_blocks
+
+    base = mixtral()
+    g = build_graph(base, use_cache=False)
+    kinds = {g.param_names[g.flat_order[k]]: b for k, b in enumerate(edge_blocks(g))}
+    up, down = kinds["model.layers.0.mlp.experts.gate_up_proj"], kinds["model.layers.0.mlp.experts.down_proj"]
+    E, I, H = 4, D["intermediate_size"], D["hidden_size"]
+    assert isinstance(up, EdgeBlock) and (up.groups, up.rows, up.cols) == (1, E * 2 * I, H)
+    assert isinstance(down, EdgeBlock) and (down.groups, down.rows, down.cols) == (E, E * H, I)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, D["vocab_size"], (2, 8), generator=gen)
+    y = torch.randint(0, D["vocab_size"], (2, 8), generator=gen)
+    after = {}
+    for impl in ("forward", "chunked"):
+        m = copy.deepcopy(base)
+        opt = l2o.GMNOptimizer(m, impl=impl)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x).logits.reshape(-1, D["vocab_size"]), y.reshape(-1)).backward()
+            opt.step()
+        after[impl] = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    moved = float((after["forward"] - torch.cat([p.detach().reshape(-1) for p in base.parameters()])).abs().max())
+    assert moved > 1e-3
+    torch.testing.assert_close(after["chunked"], after["forward"], atol=1e-6, rtol=1e-5)   # float rounding

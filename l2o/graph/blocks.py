@@ -2,8 +2,9 @@
 
 The edges of one weight tensor are a dense bipartite block: entry
 ``W[r, c]`` (rows = first dim, columns = the rest flattened, kernel taps
-included) connects a node fixed by its row to a node fixed by its column
-(within its group, for grouped convolutions). Summing edge messages onto
+included; failing that, rows = the first two dims, ...: :func:`row_counts`)
+connects a node fixed by its row to a node fixed by its column (within its
+group, for grouped convolutions or MoE experts). Summing edge messages onto
 nodes is then a reshape and a ``sum`` over the block -- a streaming reduction
 -- followed by an ``index_add`` of only ``rows`` or ``columns`` vectors,
 instead of a scatter over every edge (measured 4-5x faster on CPU for
@@ -64,6 +65,17 @@ def detect_block(src: Tensor, dst: Tensor, rows: int) -> EdgeBlock | None:
     return None
 
 
+def row_counts(shape) -> list[int]:
+    """The row counts a weight's block is tried with, in order: its first dim,
+    then the product of its first two, ... (a 3-D MoE expert weight
+    ``[E, 2I, H]`` is a block of ``E * 2I`` rows, each fixed to one expert unit)."""
+    counts, p = [], 1
+    for d in shape[:-1] if len(shape) > 1 else shape:
+        p *= int(d)
+        counts.append(p)
+    return counts
+
+
 def edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     """One entry per edge-held tensor, in flat order (cached on the graph)."""
     return graph.derived("edge_blocks", lambda: _find_edge_blocks(graph))
@@ -80,7 +92,11 @@ def _find_edge_blocks(graph: ParamGraph) -> list[EdgeBlock | ScatterBlock]:
     for k in range(graph.num_edge_params):
         shape = graph.param_shapes[graph.flat_order[k]]
         stop = start + shape.numel()
-        found = detect_block(src_all[start:stop], dst_all[start:stop], shape[0] if len(shape) else 0)
+        found = None
+        for rows in row_counts(shape):
+            found = detect_block(src_all[start:stop], dst_all[start:stop], rows)
+            if found is not None:
+                break
         if found is None:
             blocks.append(ScatterBlock(start, stop))
         else:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from .blocks import EdgeBlock, ScatterBlock, detect_block, edge_blocks
+from .blocks import EdgeBlock, ScatterBlock, detect_block, edge_blocks, row_counts
 from .edge_factors import HEAVY, EdgeChunk
 from .param_graph import count_components
 
@@ -69,25 +69,28 @@ def factored_edge_blocks(graph) -> list | None:
         return None
     blocks = []
     for k, c in enumerate(f.chunks):
-        shape = graph.param_shapes[graph.flat_order[k]]
-        rows = shape[0] if len(shape) else 0
-        n = c.stop - c.start
-        d = row_split(c.shape, rows) if n > 0 and rows > 0 and n % rows == 0 else None
-        if d is None:
-            # the general case, on this chunk's written edges
-            src = c.src.expand(c.shape).reshape(-1)
-            dst = c.dst.expand(c.shape).reshape(-1)
-            found = detect_block(src, dst, rows)
-        else:
-            found = detect_factored(c, rows, d)
+        found = None
+        for rows in row_counts(graph.param_shapes[graph.flat_order[k]]):
+            found = _chunk_block(c, rows)
             if found is not None:
-                found = EdgeBlock(0, n, *found)
+                break
         if found is None:
             blocks.append(ScatterBlock(c.start, c.stop))
         else:
             found.start, found.stop = c.start, c.stop
             blocks.append(found)
     return blocks
+
+
+def _chunk_block(c: EdgeChunk, rows: int) -> EdgeBlock | None:
+    """The dense block of chunk ``c`` seen as ``[rows, cols]``, or None."""
+    n = c.stop - c.start
+    d = row_split(c.shape, rows) if n > 0 and rows > 0 and n % rows == 0 else None
+    if d is None:
+        # the general case, on this chunk's written edges
+        return detect_block(c.src.expand(c.shape).reshape(-1), c.dst.expand(c.shape).reshape(-1), rows)
+    found = detect_factored(c, rows, d)
+    return EdgeBlock(0, n, *found) if found is not None else None
 
 
 def factored_degree(graph, end: str) -> Tensor | None:
