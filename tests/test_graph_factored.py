@@ -185,7 +185,7 @@ def test_assigning_an_index_tensor_drops_the_factors():
     e = g.edge_index.clone()
     e[1] = e[1].flip(0)
     g.edge_index = e
-    assert g._factors is None and torch.equal(g.edge_index, e)
+    assert g.edge_factors is None and torch.equal(g.edge_index, e)
     assert g.num_edges == e.shape[1] and g.tensor_id.shape[0] == g.num_params
     assert isinstance(blocks_mod.edge_blocks(g)[0], blocks_mod.ScatterBlock)
 
@@ -193,7 +193,7 @@ def test_assigning_an_index_tensor_drops_the_factors():
 def test_to_keeps_the_factors_and_copies_carry_them():
     _, g = _build("conv_bn_flatten")
     for h in (g.to("cpu"), copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
-        assert isinstance(h, FactoredGraph) and h._factors is not None
+        assert isinstance(h, FactoredGraph) and h.edge_factors is not None
         for field in HEAVY:
             assert torch.equal(getattr(h, field), getattr(g, field))
 

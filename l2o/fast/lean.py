@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..graph.blocks import EdgeBlock, edge_blocks, edge_degree, entry_count
-from ..graph.factored import FactoredGraph
+from ..graph.factored import FACTORS_ATTR, FactoredGraph
 from ..graph.param_graph import ParamGraph
 
 _COMPACT = ("edge_kind", "edge_pos", "tensor_id", "entry_node", "entry_kind")
@@ -155,13 +155,13 @@ def lean_graph(graph: ParamGraph) -> ParamGraph:
     entry_count(graph)
     graph.tensor_slices, graph.has_edge_pos  # noqa: B018  (cached on first use)
     out = object.__new__(LeanGraph)
-    heavy = {"edge_index", *_COMPACT, "_edge_factors"}
+    heavy = {"edge_index", *_COMPACT, FACTORS_ATTR}
     out.__dict__.update({k: v for k, v in graph.__dict__.items() if k not in heavy})
     out._num_edges, out._num_entries = graph.num_edges, graph.num_entries
     out._scatter_edges = {b.start: entry_slice(graph, "edge_index", b.start, b.stop).clone()
                           for b in blocks if not isinstance(b, EdgeBlock)}
     out._lean = {}
-    factored = isinstance(graph, FactoredGraph) and graph._factors is not None
+    factored = isinstance(graph, FactoredGraph) and graph.edge_factors is not None
     for name in _COMPACT:
         runs = graph.run_lengths(name) if factored else False
         if runs is not False:   # from the factors: the per-entry tensor is never written
@@ -170,7 +170,7 @@ def lean_graph(graph: ParamGraph) -> ParamGraph:
                 continue
             shape = torch.Size([graph.num_params if name == "tensor_id" else graph.num_edges]
                                + ([2] if name == "edge_pos" else []))
-            dtype = graph._factors.pos_dtype if name == "edge_pos" else torch.long
+            dtype = graph.edge_factors.pos_dtype if name == "edge_pos" else torch.long
             rl = _RunLength.from_runs(runs[0], runs[1], dtype, shape)
             if rl is not None:
                 out._lean[name] = rl

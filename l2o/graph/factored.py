@@ -40,7 +40,10 @@ from . import factored_derive
 from .edge_factors import HEAVY, EdgeChunk, EdgeFactors, compact
 from .param_graph import ParamGraph
 
-__all__ = ["HEAVY", "EdgeChunk", "EdgeFactors", "FactoredGraph", "compact"]
+# where a FactoredGraph keeps its factors (a copy of the graph without them drops this key)
+FACTORS_ATTR = "_edge_factors"
+
+__all__ = ["FACTORS_ATTR", "HEAVY", "EdgeChunk", "EdgeFactors", "FactoredGraph", "compact"]
 
 
 def _expand(t: Tensor | int, shape: tuple[int, ...], device) -> Tensor:
@@ -60,17 +63,14 @@ class FactoredGraph(ParamGraph):
         """A graph with ``values`` for every ParamGraph field but the
         per-edge ones (:data:`HEAVY`), which ``factors`` stand for."""
         graph = object.__new__(cls)
-        graph.__dict__.update(values, _edge_factors=factors, _has_edge_pos=has_edge_pos)
+        graph.__dict__.update(values, _has_edge_pos=has_edge_pos)
+        graph.__dict__[FACTORS_ATTR] = factors
         return graph
 
     @property
     def edge_factors(self) -> EdgeFactors | None:
         """The factors, or None once the per-edge tensors are written."""
-        return self.__dict__.get("_edge_factors")
-
-    @property
-    def _factors(self) -> EdgeFactors | None:     # the name l2o.fast.lean reads
-        return self.edge_factors
+        return self.__dict__.get(FACTORS_ATTR)
 
     def is_written(self, name: str) -> bool:
         """Whether per-edge tensor ``name`` (one of :data:`HEAVY`) is written."""
@@ -78,14 +78,14 @@ class FactoredGraph(ParamGraph):
 
     @property
     def num_edges(self) -> int:
-        f = self._factors
+        f = self.edge_factors
         return f.num_edges if f is not None else int(self.__dict__["edge_index"].shape[1])
 
     @property
     def device(self) -> torch.device:
         return self.node_type.device
     def _materialize(self, name: str) -> Tensor:
-        f = self._factors
+        f = self.edge_factors
         E, dev = f.num_edges, self.node_type.device
         if name == "tensor_id":
             numels = self.numels
@@ -124,17 +124,17 @@ class FactoredGraph(ParamGraph):
 
     def _written(self) -> None:
         """Write every per-entry tensor and forget the factors."""
-        if self._factors is None:
+        if self.edge_factors is None:
             return
         for name in HEAVY:
             if name not in self.__dict__:
                 self.__dict__[name] = self._materialize(name)
-        del self.__dict__["_edge_factors"]
+        del self.__dict__[FACTORS_ATTR]
 
     def entry_slice(self, name: str, s: int, e: int) -> Tensor:
         """``getattr(self, name)[s:e]`` (``[:, s:e]`` for ``edge_index``),
         writing only the chunks that overlap the range."""
-        f = self._factors
+        f = self.edge_factors
         if f is None or name not in HEAVY or name in self.__dict__ or name == "tensor_id" \
                 or (name == "edge_kind" and f.one_kind is not None) or (name == "edge_pos" and not f.any_pos):
             t = getattr(self, name)
@@ -186,7 +186,7 @@ class FactoredGraph(ParamGraph):
 
     # ------------------------------------------------------------ utilities
     def to(self, device) -> ParamGraph:
-        f = self._factors
+        f = self.edge_factors
         if f is None:
             return ParamGraph.to(self, device)
         device = torch.device(device)
