@@ -28,14 +28,19 @@ def _perm(n, g):
     return p
 
 
-def head_perms(seed=0, within_qk=True, within_v=True, heads=H, d=D):
-    g = torch.Generator().manual_seed(seed)
+def draw_head_perms(g, within_qk=True, within_v=True, heads=H, d=D):
+    """(head permutation, q/k unit permutation, v unit permutation) drawn from ``g``:
+    whole heads move, and units move within each head."""
     hp = _perm(heads, g)
     dqk = _perm(d, g) if within_qk else torch.arange(d)
     dv = _perm(d, g) if within_v else torch.arange(d)
     p_qk = torch.cat([h * d + dqk for h in hp.tolist()])
     p_v = torch.cat([h * d + dv for h in hp.tolist()])
-    return p_qk, p_v
+    return hp, p_qk, p_v
+
+
+def head_perms(seed=0, within_qk=True, within_v=True, heads=H, d=D):
+    return draw_head_perms(torch.Generator().manual_seed(seed), within_qk, within_v, heads, d)[1:]
 
 
 def permuted(named: dict, spec: list) -> dict:
@@ -330,9 +335,7 @@ def test_hf_swin_attention_with_relative_position_tables(impl):
     def spec(_):
         out = []
         for j in range(2):
-            hp, dqk, dv = _perm(H, g), _perm(D, g), _perm(D, g)
-            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
-            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            hp, p_qk, p_v = draw_head_perms(g)
             pre = f"encoder.layers.0.blocks.{j}.attention"
             out += _attn_spec(f"{pre}.q_proj", f"{pre}.k_proj", f"{pre}.v_proj", f"{pre}.o_proj.weight",
                               p_qk, p_v)
@@ -367,9 +370,7 @@ def test_hf_swinv2_attention_with_logit_scales_and_position_mlp():
     def spec(_):
         out = []
         for j in range(2):
-            hp, dqk, dv = _perm(H, g), _perm(D, g), _perm(D, g)
-            p_qk = torch.cat([h * D + dqk for h in hp.tolist()])
-            p_v = torch.cat([h * D + dv for h in hp.tolist()])
+            hp, p_qk, p_v = draw_head_perms(g)
             pre = f"encoder.layers.0.blocks.{j}.attention"
             out += [(f"{pre}.self.query.weight", 0, p_qk), (f"{pre}.self.query.bias", 0, p_qk),
                     (f"{pre}.self.key.weight", 0, p_qk), (f"{pre}.self.value.weight", 0, p_v),
