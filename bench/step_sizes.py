@@ -3,9 +3,10 @@
     python bench/step_sizes.py --weights a.safetensors,b.safetensors mlp~valid~1 cnn~valid~0
 
 For each task and weights file: the training loss and the norm of the whole
-update (all parameters) every ``--every`` steps, and the mean per-tensor log
-step multiplier of the controller at the end. Used to see what meta-training
-changed in the step schedule (docs/experiments.md, v7).
+update (all parameters) every ``--every`` steps, and the median over tensors of
+the controller's log step multiplier at those steps. Used to see what
+meta-training changed in the step schedule (docs/experiments.md, v7) and how the
+controller anneals over long runs (README, "Results").
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import l2o  # noqa: E402
 import tasks  # noqa: E402
 
 
-def profile(task, weights: str, steps: int, every: int) -> tuple[list[float], list[float], float | None]:
+def profile(task, weights: str, steps: int, every: int) -> tuple[list[float], list[float], list[float]]:
     model = task.init(0)
     opt = l2o.GMNOptimizer(model, weights=weights)
     batches = task.batches("train", seed=0)
-    losses, norms = [], []
+    losses, norms, log_lrs = [], [], []
     for step in range(steps):
         opt.zero_grad()
         loss = task.loss(model, next(batches))
@@ -35,8 +36,10 @@ def profile(task, weights: str, steps: int, every: int) -> tuple[list[float], li
         if step % every == 0:
             losses.append(loss.item())
             norms.append(sum(float((p.detach() - b).norm()) ** 2 for p, b in zip(model.parameters(), before)) ** 0.5)
-    log_lr = [float(s["log_lr"]) for s in opt.state.values() if "log_lr" in s]
-    return losses, norms, (sum(log_lr) / len(log_lr) if log_lr else None)
+            log_lr = [float(s["log_lr"]) for s in opt.state.values() if "log_lr" in s]
+            if log_lr:
+                log_lrs.append(float(torch.tensor(log_lr).median()))
+    return losses, norms, log_lrs
 
 
 def main() -> None:
@@ -53,7 +56,7 @@ def main() -> None:
             losses, norms, log_lr = profile(task, weights, args.steps, args.every)
             print(f"{name} {Path(weights).name}: loss {' '.join(f'{x:.4g}' for x in losses)}; "
                   f"|update| {' '.join(f'{x:.2e}' for x in norms)}"
-                  + (f"; mean log step multiplier {log_lr:.2f}" if log_lr is not None else ""))
+                  + (f"; median log step multiplier {' '.join(f'{x:.2f}' for x in log_lr)}" if log_lr else ""))
 
 
 if __name__ == "__main__":
