@@ -12,7 +12,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "l2o"
-# The parts kept small here (the rest of l2o is tracked by issue 15 item 1-2).
 # Issue 15: no module of l2o/ over ~400 lines, no function over ~80, no private name
 # crossing modules -- every module of the package, and the meta-training script.
 SMALL = sorted(PACKAGE.rglob("*.py")) + [ROOT / "meta_train.py"]
