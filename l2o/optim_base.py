@@ -58,18 +58,6 @@ def tensors_of(group: dict) -> list[Tensor]:
     return [p[1] if isinstance(p, tuple) else p for p in params]
 
 
-def _check_hyperparameters(group: dict) -> None:
-    lr, wd, betas = group["lr"], group["weight_decay"], group["betas"]
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
-    if not lr >= 0.0:
-        raise ValueError(f"invalid learning-rate multiplier: {lr}")
-    if not wd >= 0.0:
-        raise ValueError(f"invalid weight_decay value: {wd}")
-    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
-        raise ValueError(f"invalid betas: {betas} (two values in [0, 1); recorded only, see the module docstring)")
-
-
 def check_hyperparameters(group: dict) -> None:
     lr, wd, betas = group["lr"], group["weight_decay"], group["betas"]
     if isinstance(lr, Tensor) and lr.numel() != 1:

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import l2o
 from l2o.graph import build_graph
+from graph_helpers import random_gmn_update
 
 E, H = 16, 4
 D = E // H
@@ -52,27 +52,7 @@ def permuted(named: dict, spec: list) -> dict:
 
 
 def gmn_update(model, x, loss_fn):
-    g = build_graph(model, use_cache=False)
-    model.zero_grad()
-    loss_fn(model, x).backward()
-    named = dict(model.named_parameters())
-    ps = [named[n].detach() for n in g.param_names]
-    # The key bias's gradient is exactly zero (a shift of every score of a query
-    # leaves the softmax unchanged); in floats it is rounding noise, which the
-    # Adam-normalised features blow up to +-1 in an order that depends on the
-    # summation order. Make mathematically zero gradients exactly zero.
-    grads = [named[n].grad.detach().clone() for n in g.param_names]
-    tiny = 1e-6 * max(float(gr.abs().max()) for gr in grads)
-    for gr in grads:
-        gr[gr.abs() < tiny] = 0.0
-    flat, grad = g.gather(ps), g.gather(grads)
-    lopt = l2o.GMNLOpt()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        upd, _ = lopt(g, flat, grad, lopt.init_state(flat))
-    return dict(zip(g.param_names, g.scatter(upd)))
+    return random_gmn_update(model, lambda m: loss_fn(m, x))
 
 
 def check_commutes(make, spec_fn, x, loss_fn=None):

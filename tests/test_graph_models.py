@@ -14,19 +14,9 @@ from torch import nn
 
 import l2o
 from l2o.graph import EdgeKind, EntryKind, NodeType, build_graph, register_module, unregister_module
+from graph_helpers import part
 
 torch.manual_seed(0)
-
-
-def part(g, name):
-    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
-    i = g.param_names.index(name)
-    k = g.flat_order.index(i)
-    s = g.tensor_slices[k]
-    shape = g.param_shapes[i]
-    if k < g.num_edge_params:
-        return g.edge_index[0, s].view(shape), g.edge_index[1, s].view(shape)
-    return g.entry_node[s.start - g.num_edges:s.stop - g.num_edges].view(shape)
 
 
 def kinds(g, name):

@@ -16,22 +16,12 @@ from torch import nn
 
 import l2o
 from l2o.graph import EntryKind, NodeType, build_graph
+from graph_helpers import part, random_gmn_update
 
 tr = pytest.importorskip("transformers")
 tr.logging.set_verbosity_error()
 
 D = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48, vocab_size=50)
-
-
-def part(g, name):
-    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
-    i = g.param_names.index(name)
-    k = g.flat_order.index(i)
-    s = g.tensor_slices[k]
-    shape = g.param_shapes[i]
-    if k < g.num_edge_params:
-        return g.edge_index[0, s].view(shape), g.edge_index[1, s].view(shape)
-    return g.entry_node[s.start - g.num_edges:s.stop - g.num_edges].view(shape)
 
 
 def quiet_build(model, *a, **kw):
@@ -177,25 +167,7 @@ def _perm(n, gen):
 
 
 def gmn_update(model, x):
-    g = build_graph(model, use_cache=False)
-    model.zero_grad()
-    model(x).logits.pow(2).mean().backward()
-    named = dict(model.named_parameters())
-    flat = g.gather([named[n].detach() for n in g.param_names])
-    # a key bias's gradient is zero in exact arithmetic, rounding noise in floats (which the
-    # Adam-normalised features scale up, in a summation order that permutes): make it zero
-    grads = [named[n].grad.detach().clone() for n in g.param_names]
-    tiny = 1e-6 * max(float(gr.abs().max()) for gr in grads)
-    for gr in grads:
-        gr[gr.abs() < tiny] = 0.0
-    grad = g.gather(grads)
-    lopt = l2o.GMNLOpt()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        upd, _ = lopt(g, flat, grad, lopt.init_state(flat))
-    return dict(zip(g.param_names, g.scatter(upd)))
+    return random_gmn_update(model, lambda m: m(x).logits.pow(2).mean())
 
 
 @pytest.mark.parametrize("make,I", [(mixtral, D["intermediate_size"]), (qwen2_moe, 16)], ids=["mixtral", "qwen2_moe"])

@@ -1,0 +1,45 @@
+"""Helpers shared by the graph tests: where a tensor sits in a ParamGraph, and a
+randomly initialised GMN's update (for permutation-equivariance checks)."""
+from __future__ import annotations
+
+import torch
+
+import l2o
+from l2o.graph import build_graph
+
+
+def part(g, name):
+    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
+    i = g.param_names.index(name)
+    k = g.flat_order.index(i)
+    s = g.tensor_slices[k]
+    shape = g.param_shapes[i]
+    if k < g.num_edge_params:
+        return g.edge_index[0, s].view(shape), g.edge_index[1, s].view(shape)
+    return g.entry_node[s.start - g.num_edges:s.stop - g.num_edges].view(shape)
+
+
+def random_gmn_update(model, loss) -> dict:
+    """Parameter name -> the update of a GMN with random weights (scale 0.3, seed 0)
+    for ``loss(model)``, the model's graph built afresh.
+
+    Gradients that are zero in exact arithmetic (a key bias: shifting every score
+    of a query leaves the softmax unchanged) are rounding noise in floats, which
+    the Adam-normalised features blow up to +-1 in an order that depends on the
+    summation order: they are made exactly zero."""
+    g = build_graph(model, use_cache=False)
+    model.zero_grad()
+    loss(model).backward()
+    named = dict(model.named_parameters())
+    grads = [named[n].grad.detach().clone() for n in g.param_names]
+    tiny = 1e-6 * max(float(gr.abs().max()) for gr in grads)
+    for gr in grads:
+        gr[gr.abs() < tiny] = 0.0
+    flat, grad = g.gather([named[n].detach() for n in g.param_names]), g.gather(grads)
+    lopt = l2o.GMNLOpt()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lopt.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        upd, _ = lopt(g, flat, grad, lopt.init_state(flat))
+    return dict(zip(g.param_names, g.scatter(upd)))
