@@ -129,3 +129,16 @@ def test_the_kernel_boundary_checks_its_arguments(kernels):
         kernels.finish(x["p"], x["g"], x["v"], 0.0, 3.0, torch.empty(10, dtype=torch.float64))
     with pytest.raises(ValueError, match="l2o_apply: u"):
         kernels.apply(x["p"].clone(), x["g"].double(), 1.0, 1.0)
+
+
+def test_features_of_a_tensor_with_vanishing_gradients_keep_their_sign_and_stay_small():
+    # RMS normalisation divides by (rms + eps): a tensor whose gradients are far
+    # below eps gets features near 0 with the gradient's sign, never a blow-up or a flip
+    grad = torch.tensor([0.5, -1.0, 2.0, 3e-14, -1e-13, 2e-13])
+    tensor_id = torch.tensor([0, 0, 0, 1, 1, 1])
+    params = torch.ones(6)
+    state = F_.update_state(F_.init_state(params), grad)
+    feats = F_.entry_features(params, grad, state, F_.adam_direction(state), tensor_id, 2)
+    g = feats[:, F_.ROW_G]
+    assert torch.equal(g.sign(), grad.sign())
+    assert bool((g[3:].abs() < 0.5).all()) and bool(torch.isfinite(feats).all())
