@@ -4,6 +4,7 @@ scaling, the C kernels -- is checked here against that definition, on random
 inputs, term by term. A change to a constant or to the feature layout on one
 side only fails here before it fails a trajectory (tests/test_backends.py)."""
 import ctypes
+import math
 
 import pytest
 import torch
@@ -142,3 +143,12 @@ def test_features_of_a_tensor_with_vanishing_gradients_keep_their_sign_and_stay_
     g = feats[:, F_.ROW_G]
     assert torch.equal(g.sign(), grad.sign())
     assert bool((g[3:].abs() < 0.5).all()) and bool(torch.isfinite(feats).all())
+
+
+def test_time_features_are_tanh_of_step_over_each_time_scale_minus_one():
+    for t in (0, 1, 7, 250, 10_000):
+        want = [math.tanh(t / tau - 1.0) for tau in F_.TIME_SCALES]
+        torch.testing.assert_close(F_.time_features(torch.tensor(t)), torch.tensor(want), rtol=1e-6, atol=1e-6)
+    runs = F_.time_features(torch.tensor([3, 300]))      # one row per run
+    assert runs.shape == (2, F_.NUM_TIME_FEATURES)
+    torch.testing.assert_close(runs[1], F_.time_features(torch.tensor(300)))
