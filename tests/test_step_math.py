@@ -152,3 +152,15 @@ def test_time_features_are_tanh_of_step_over_each_time_scale_minus_one():
     runs = F_.time_features(torch.tensor([3, 300]))      # one row per run
     assert runs.shape == (2, F_.NUM_TIME_FEATURES)
     torch.testing.assert_close(runs[1], F_.time_features(torch.tensor(300)))
+
+
+def test_statistics_are_float32_whatever_the_default_dtype():
+    # the flat statistics are float32 for float64 / bfloat16 models alike (lean state);
+    # under a float64 default dtype a dropped dtype argument would make them float64
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        state = F_.init_state(torch.zeros(5, dtype=torch.float64))
+    finally:
+        torch.set_default_dtype(old)
+    assert {k: t.dtype for k, t in state.items()} == dict.fromkeys(state, torch.float32)
