@@ -164,3 +164,10 @@ def test_statistics_are_float32_whatever_the_default_dtype():
     finally:
         torch.set_default_dtype(old)
     assert {k: t.dtype for k, t in state.items()} == dict.fromkeys(state, torch.float32)
+
+
+def test_per_tensor_rms_of_a_single_entry_tensor_is_its_magnitude():
+    # a scalar parameter (a learned temperature, a gate) is a tensor of one entry
+    x = torch.tensor([[3.0], [-4.0], [-2.0]])
+    rms = F_.per_tensor_rms(x, torch.tensor([0, 0, 1]), 2)
+    torch.testing.assert_close(rms, torch.tensor([[12.5 ** 0.5], [12.5 ** 0.5], [2.0]]))
