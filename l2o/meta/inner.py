@@ -182,8 +182,8 @@ def meta_term(loss: Tensor, init_loss: float, objective: str, log_floor: float =
     a 10% reduction weighs alike at every stage until the loss is ~f times its
     initial value, after which further progress earns nothing. Without the floor
     the objective keeps rewarding ever-larger relative progress on a task that is
-    already solved, which is where meta-trained optimizers learned late-run
-    loss spikes (docs/experiments.md, v8).
+    already solved (the suspected source of late-run loss spikes; the floor
+    delayed them but did not remove them: docs/experiments.md, v8 and v9).
     """
     if objective == "norm":
         return loss / max(init_loss, 1e-8)
