@@ -40,7 +40,7 @@ With ``adapt=True`` each tensor ``k`` also carries a log step multiplier
 ``\ell_k`` (state ``log_lr``) that a step-size controller moves every step:
 
 .. math::
-    \ell_k \leftarrow \mathrm{clip}\big(\ell_k + \beta\,\cos(g_t, m_{t-1})_k,\ \pm b\big),
+    \ell_k \leftarrow \mathrm{clip}\big((1-\lambda)\,\ell_k + \beta\,\cos(g_t, m_{t-1})_k,\ \pm b\big),
     \qquad \Delta_k \leftarrow e^{\ell_k}\,\Delta_k
 
 where ``cos`` is the cosine between the tensor's new gradient and its
@@ -54,6 +54,15 @@ truncated unrolls it grew 10x within 1,000 outer steps -- a larger rate always
 pays over a 10-step truncation -- and the optimizer diverged on longer runs).
 It is how the optimizer finds each task's
 step size on its own, which is what per-task tuning buys Adam.
+
+The hypergradient is greedy: it picks the step that lowers the *next* loss,
+which in the noise-dominated late phase of a run is ever smaller (Wu et al.
+2018, short-horizon bias). With ``lambda = 0`` a small negative mean cosine
+walks ``ell`` to ``-b`` over a few thousand steps, and 10,000-step runs stall
+there (docs/experiments.md, v10). ``lambda`` (``adapt_decay``) leaks the
+multiplier back toward the nominal step, so it settles at
+``beta E[cos] / lambda`` instead: it moves as far as the evidence is strong,
+not as far as the run is long.
 """
 from __future__ import annotations
 
@@ -78,17 +87,23 @@ class LearnedOptimizer(nn.Module):
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
                  max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2,
                  adapt: bool = False, adapt_rate: float = 0.1, adapt_bound: float = 3.0,
-                 adapt_learned: bool = False):
+                 adapt_learned: bool = False, adapt_decay: float = 0.0, adapt_beta: float = 0.9):
         super().__init__()
         if not scale_floor > 0:
             raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
         if adapt and not (adapt_rate > 0 and adapt_bound > 0):
             raise ValueError(f"adapt_rate and adapt_bound must be > 0, got {adapt_rate}, {adapt_bound}")
+        if not 0.0 <= adapt_decay < 1.0:
+            raise ValueError(f"adapt_decay must be in [0, 1), got {adapt_decay}")
+        if adapt_beta not in F_.MOMENTUM_BETAS:
+            raise ValueError(f"adapt_beta must be one of the kept momenta {F_.MOMENTUM_BETAS}, got {adapt_beta}")
         self.relative = bool(relative)
         self.scale_floor = float(scale_floor)
         self.adapt = bool(adapt)
         self.adapt_rate, self.adapt_bound = float(adapt_rate), float(adapt_bound)
         self.adapt_learned = bool(adapt_learned)
+        self.adapt_decay = float(adapt_decay)
+        self.adapt_beta = float(adapt_beta)
         if self.adapt:  # registered only when used: weights saved without it keep loading
             self.log_adapt_rate = nn.Parameter(torch.tensor(math.log(adapt_rate)), requires_grad=self.adapt_learned)
         self.out_scale = float(out_scale)
@@ -109,6 +124,9 @@ class LearnedOptimizer(nn.Module):
             **({"relative": True, "scale_floor": self.scale_floor} if self.relative else {}),
             **({"adapt": True, "adapt_rate": self.adapt_rate, "adapt_bound": self.adapt_bound,
                 "adapt_learned": self.adapt_learned} if self.adapt else {}),
+            # absent from configs saved before the leak existed: 0 rebuilds them
+            **({"adapt_decay": self.adapt_decay} if self.adapt and self.adapt_decay else {}),
+            **({"adapt_beta": self.adapt_beta} if self.adapt and self.adapt_beta != 0.9 else {}),
         }
 
     def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
@@ -155,19 +173,25 @@ class LearnedOptimizer(nn.Module):
         step. A tensor with a zero gradient (skipped) keeps its multiplier."""
         if not self.adapt:
             return None
-        g, m = grad.float(), state["m"][F_.ADAM_BETA1_INDEX]
+        g, m = grad.float(), state["m"][self.adapt_momentum_index]
         sums = g.new_zeros(3, graph.num_tensors)
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
         return self.advance_log_lr(state, sums)
 
+    @property
+    def adapt_momentum_index(self) -> int:
+        """Which kept momentum (``features.MOMENTUM_BETAS``) the controller's cosine reads."""
+        return F_.MOMENTUM_BETAS.index(self.adapt_beta)
+
     def advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
         """The controller's update from each tensor's ``<g, m>``, ``<g, g>``, ``<m, m>`` (``sums`` [3, T])."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
         prev = sums.new_zeros(sums.shape[1]) if prev is None else prev
-        return (prev + self.log_adapt_rate.exp() * cos).clamp(-self.adapt_bound, self.adapt_bound)
+        return ((1.0 - self.adapt_decay) * prev + self.log_adapt_rate.exp() * cos).clamp(
+            -self.adapt_bound, self.adapt_bound)
 
     def nominal_weight(self) -> float:
         """The learned weight of the nominal Adam term (0 without one), for

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import l2o
+from l2o import features as F_
 from l2o.graph import build_graph
 from l2o.meta import inner
 from l2o.meta.config import MetaConfig
@@ -220,12 +221,13 @@ def test_warm_start_copies_matching_weights_and_keeps_new_ones(tmp_path, capsys)
     assert "log_adapt_rate" in capsys.readouterr().err
 
 
-def test_controller_gives_the_same_steps_on_both_paths(use_step_path):
+@pytest.mark.parametrize("options", [{}, {"adapt_beta": 0.999, "adapt_decay": 0.05}])
+def test_controller_gives_the_same_steps_on_both_paths(use_step_path, options):
     """The chunked step computes the controller tensor by tensor (no flat
     gradient copy); the differentiable forward over the flat vector."""
     x, y = torch.randn(32, 6, generator=torch.Generator().manual_seed(1)), torch.randn(32, 2)
     torch.manual_seed(0)
-    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.3)   # heads near zero: Adam-like steps (scrambled weights
+    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.3, **options)   # heads near zero: Adam-like steps (scrambled weights
     finals = []                                       # make 4-step trajectories chaotic on either path)
     for path in ("reference", "chunked"):
         use_step_path(path)
@@ -241,3 +243,41 @@ def test_controller_gives_the_same_steps_on_both_paths(use_step_path):
     for a, b in zip(finals[0][0], finals[1][0]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert finals[0][1] == pytest.approx(finals[1][1], abs=1e-5) and any(v != 0 for v in finals[0][1])
+
+
+def test_controller_leaks_toward_the_nominal_step_and_reads_the_chosen_momentum():
+    """l <- (1 - decay) l + rate cos(g, m_beta): with a gradient orthogonal to
+    every kept momentum the multiplier only decays; the cosine is taken with
+    the momentum of ``adapt_beta``, not Adam's."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    graph = build_graph(model)
+    n = graph.num_params
+    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.1, adapt_decay=0.25, adapt_beta=0.999).requires_grad_(False)
+    flat = torch.zeros(n)
+    state = lopt.init_state(flat)
+    state["log_lr"] = torch.full((graph.num_tensors,), 2.0)
+    m = state["m"].clone()
+    m[:, :] = 0.0
+    m[F_.MOMENTUM_BETAS.index(0.999)] = 1.0        # only the slow momentum points along +1
+    m[F_.ADAM_BETA1_INDEX] = -1.0                  # Adam's points the other way
+    state["m"] = m
+    g = torch.ones(n)
+    assert torch.allclose(lopt.adapted_log_lr(graph, g, state), torch.full((graph.num_tensors,), 0.75 * 2.0 + 0.1))
+    orthogonal = torch.zeros(n)
+    orthogonal[graph.tensor_id == 0] = torch.tensor([1.0, -1.0] * (int((graph.tensor_id == 0).sum()) // 2))
+    orthogonal[graph.tensor_id == 1] = torch.tensor([1.0, -1.0, 0.0])
+    assert torch.allclose(lopt.adapted_log_lr(graph, orthogonal, state), torch.full((graph.num_tensors,), 1.5))
+    adam_read = l2o.GMNLOpt(adapt=True, adapt_rate=0.1).requires_grad_(False)
+    assert torch.allclose(adam_read.adapted_log_lr(graph, g, state), torch.full((graph.num_tensors,), 2.0 - 0.1))
+
+
+def test_controller_options_round_trip_and_reject_bad_values(tmp_path):
+    lopt = l2o.GMNLOpt(adapt=True, adapt_decay=0.01, adapt_beta=0.999)
+    l2o.save_lopt(lopt, tmp_path / "w.safetensors")
+    back = l2o.load_lopt(tmp_path / "w.safetensors")
+    assert (back.adapt_decay, back.adapt_beta) == (0.01, 0.999)
+    assert "adapt_decay" not in l2o.GMNLOpt(adapt=True).config()   # older files keep their exact config
+    with pytest.raises(ValueError, match="adapt_decay"):
+        l2o.GMNLOpt(adapt=True, adapt_decay=1.0)
+    with pytest.raises(ValueError, match="adapt_beta"):
+        l2o.GMNLOpt(adapt=True, adapt_beta=0.95)

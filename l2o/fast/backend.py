@@ -180,7 +180,7 @@ def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tenso
     Tensors ``write`` leaves alone keep their multiplier. With a ``shard``
     ``state["m"]`` covers the owned entries only: each rank sums its part and
     the sums are all-reduced, so every rank holds the same multipliers."""
-    m = state["m"][F_.ADAM_BETA1_INDEX]
+    m = state["m"][lopt.adapt_momentum_index]
     lo = shard.lo if shard is not None else 0
     sums = m.new_zeros(3, graph.num_tensors)
     for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
