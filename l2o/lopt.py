@@ -63,6 +63,13 @@ there (docs/experiments.md, v10). ``lambda`` (``adapt_decay``) leaks the
 multiplier back toward the nominal step, so it settles at
 ``beta E[cos] / lambda`` instead: it moves as far as the evidence is strong,
 not as far as the run is long.
+
+Near zero loss the opposite happens: a cross-entropy gradient keeps its
+direction, the cosine stays positive and the multipliers climb to ``+b`` until
+the loss spikes. ``gamma`` (``adapt_spike``) subtracts
+``gamma relu(log(|g_t|^2 / sum(v_hat)) - log 4)`` from ``ell_k``: a tensor whose
+squared gradient norm jumps above four times its running average (Adam's
+second moment) shrinks its step at once, in proportion to the jump.
 """
 from __future__ import annotations
 
@@ -77,6 +84,10 @@ from .graph.param_graph import ParamGraph
 from .update_rule import learned_update
 
 
+# A tensor's squared gradient norm this many times its running average counts as a spike.
+SPIKE_RATIO = 4.0
+
+
 class LearnedOptimizer(nn.Module):
     """The metanetwork contract (module docstring). This module and its
     subclasses define the math once, as a differentiable forward; the no-grad
@@ -87,7 +98,8 @@ class LearnedOptimizer(nn.Module):
     def __init__(self, out_scale: float = 1e-3, nominal: bool = True, nominal_lr: float = 1e-3,
                  max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2,
                  adapt: bool = False, adapt_rate: float = 0.1, adapt_bound: float = 3.0,
-                 adapt_learned: bool = False, adapt_decay: float = 0.0, adapt_beta: float = 0.9):
+                 adapt_learned: bool = False, adapt_decay: float = 0.0, adapt_beta: float = 0.9,
+                 adapt_spike: float = 0.0):
         super().__init__()
         if not scale_floor > 0:
             raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
@@ -95,6 +107,8 @@ class LearnedOptimizer(nn.Module):
             raise ValueError(f"adapt_rate and adapt_bound must be > 0, got {adapt_rate}, {adapt_bound}")
         if not 0.0 <= adapt_decay < 1.0:
             raise ValueError(f"adapt_decay must be in [0, 1), got {adapt_decay}")
+        if not adapt_spike >= 0.0:
+            raise ValueError(f"adapt_spike must be >= 0, got {adapt_spike}")
         if adapt_beta not in F_.MOMENTUM_BETAS:
             raise ValueError(f"adapt_beta must be one of the kept momenta {F_.MOMENTUM_BETAS}, got {adapt_beta}")
         self.relative = bool(relative)
@@ -104,6 +118,7 @@ class LearnedOptimizer(nn.Module):
         self.adapt_learned = bool(adapt_learned)
         self.adapt_decay = float(adapt_decay)
         self.adapt_beta = float(adapt_beta)
+        self.adapt_spike = float(adapt_spike)
         if self.adapt:  # registered only when used: weights saved without it keep loading
             self.log_adapt_rate = nn.Parameter(torch.tensor(math.log(adapt_rate)), requires_grad=self.adapt_learned)
         self.out_scale = float(out_scale)
@@ -127,6 +142,7 @@ class LearnedOptimizer(nn.Module):
             # absent from configs saved before the leak existed: 0 rebuilds them
             **({"adapt_decay": self.adapt_decay} if self.adapt and self.adapt_decay else {}),
             **({"adapt_beta": self.adapt_beta} if self.adapt and self.adapt_beta != 0.9 else {}),
+            **({"adapt_spike": self.adapt_spike} if self.adapt and self.adapt_spike else {}),
         }
 
     def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
@@ -174,10 +190,11 @@ class LearnedOptimizer(nn.Module):
         if not self.adapt:
             return None
         g, m = grad.float(), state["m"][self.adapt_momentum_index]
-        sums = g.new_zeros(3, graph.num_tensors)
+        sums = g.new_zeros(4, graph.num_tensors)
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
+        sums[3].index_add_(0, graph.tensor_id, state["v"])
         return self.advance_log_lr(state, sums)
 
     @property
@@ -186,12 +203,25 @@ class LearnedOptimizer(nn.Module):
         return F_.MOMENTUM_BETAS.index(self.adapt_beta)
 
     def advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
-        """The controller's update from each tensor's ``<g, m>``, ``<g, g>``, ``<m, m>`` (``sums`` [3, T])."""
+        """The controller's update from each tensor's ``<g, m>``, ``<g, g>``,
+        ``<m, m>`` and ``sum(v)`` (``sums`` [4, T]; ``v`` before this step)."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
         prev = sums.new_zeros(sums.shape[1]) if prev is None else prev
-        return ((1.0 - self.adapt_decay) * prev + self.log_adapt_rate.exp() * cos).clamp(
-            -self.adapt_bound, self.adapt_bound)
+        log_lr = (1.0 - self.adapt_decay) * prev + self.log_adapt_rate.exp() * cos
+        if self.adapt_spike:
+            log_lr = log_lr - self.adapt_spike * self.gradient_spike(state, sums)
+        return log_lr.clamp(-self.adapt_bound, self.adapt_bound)
+
+    @staticmethod
+    def gradient_spike(state: dict[str, Tensor], sums: Tensor) -> Tensor:
+        """[T] ``relu(log(|g|^2 / sum(v_hat)) - log SPIKE_RATIO)``: how far each
+        tensor's squared gradient norm jumped above its running average
+        (0 before the first step, when there is none)."""
+        seen = 1.0 - F_.SECOND_MOMENT_BETA ** state["step"].float()
+        average = sums[3] / seen.clamp(min=1e-12)
+        jump = (sums[1] + 1e-30).log() - (average + 1e-30).log() - math.log(SPIKE_RATIO)
+        return torch.where(sums[3] > 0, jump.clamp(min=0.0), torch.zeros_like(jump))
 
     def nominal_weight(self) -> float:
         """The learned weight of the nominal Adam term (0 without one), for

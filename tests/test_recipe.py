@@ -221,7 +221,7 @@ def test_warm_start_copies_matching_weights_and_keeps_new_ones(tmp_path, capsys)
     assert "log_adapt_rate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [{}, {"adapt_beta": 0.999, "adapt_decay": 0.05}])
+@pytest.mark.parametrize("options", [{}, {"adapt_beta": 0.999, "adapt_decay": 0.05}, {"adapt_spike": 2.0}])
 def test_controller_gives_the_same_steps_on_both_paths(use_step_path, options):
     """The chunked step computes the controller tensor by tensor (no flat
     gradient copy); the differentiable forward over the flat vector."""
@@ -281,3 +281,27 @@ def test_controller_options_round_trip_and_reject_bad_values(tmp_path):
         l2o.GMNLOpt(adapt=True, adapt_decay=1.0)
     with pytest.raises(ValueError, match="adapt_beta"):
         l2o.GMNLOpt(adapt=True, adapt_beta=0.95)
+
+
+def test_controller_shrinks_a_tensor_whose_gradient_norm_spikes():
+    """ell -= gamma relu(log(|g|^2 / sum(v_hat)) - log 4): a tensor whose squared
+    gradient norm is 100x its running average shrinks by gamma log 25, one at
+    its average does not move, and the first step (no average yet) is exempt."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    graph = build_graph(model)
+    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.1, adapt_spike=0.5).requires_grad_(False)
+    state = lopt.init_state(torch.zeros(graph.num_params))
+    g = torch.ones(graph.num_params)
+    first = lopt.adapted_log_lr(graph, g, state)                  # step 0: v = 0, m = 0
+    assert torch.equal(first, torch.zeros(graph.num_tensors))
+    state["step"] = torch.tensor(10.0)
+    seen = 1.0 - F_.SECOND_MOMENT_BETA ** 10
+    state["v"] = torch.full((graph.num_params,), seen)           # v_hat = 1 everywhere
+    spiking = g.clone()
+    spiking[graph.tensor_id == 0] = 10.0                          # |g|^2 = 100 x its average
+    got = lopt.adapted_log_lr(graph, spiking, state)
+    assert float(got[0]) == pytest.approx(-0.5 * math.log(25.0), rel=1e-4)
+    assert float(got[1]) == pytest.approx(0.0, abs=1e-6)
+    assert "adapt_spike" not in l2o.GMNLOpt(adapt=True).config()
+    with pytest.raises(ValueError, match="adapt_spike"):
+        l2o.GMNLOpt(adapt=True, adapt_spike=-1.0)
