@@ -182,8 +182,9 @@ def _skipped_tensors(opt, grads: list[Tensor | None], flat_g: Tensor) -> tuple[l
     # A square that overflows float32 poisons the second moment and the
     # tensor's feature RMS as surely as a NaN does (and message passing would
     # spread it to every tensor), so a tensor whose sum of squares is not
-    # finite is skipped; one norm settles the common case where none is.
-    if not bool(torch.isfinite(torch.linalg.vector_norm(flat_g))):
+    # finite is skipped; one sum of squares settles the common case where none
+    # is (not a norm: the norm of one entry is its magnitude, never squared).
+    if not bool(torch.isfinite(torch.dot(flat_g, flat_g))):
         sq_sums = torch.zeros(opt.graph.num_tensors, device=flat_g.device).index_add_(
             0, opt.graph.tensor_id, flat_g * flat_g)
         for k in (~torch.isfinite(sq_sums)).nonzero().flatten().tolist():

@@ -78,12 +78,9 @@ def test_copies_carry_no_step_workspace():
     assert set(copy.deepcopy(opt).__dict__) == never_stepped   # ... and is not copied
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the forward path's quick check (l2o/optim_step.py, "
-                   "_skipped_tensors: vector_norm of the flat gradient) misses an overflowing square "
-                   "when the flat gradient has a single entry (the norm of one entry is its magnitude)")
 def test_a_one_entry_gradient_whose_square_overflows_is_skipped_on_the_forward_path():
-    """The chunked path skips it (tests/test_optim.py's overflow test, one
-    entry); the forward path steps it. Strict: passes, i.e. fails here, once fixed."""
+    """As the chunked path does (tests/test_optim.py's overflow test): the
+    quick check sums squares, where a norm of one entry would never square it."""
     w = nn.Parameter(torch.tensor([1.0]))
     opt = l2o.MLPOptimizer([w], weights=None, impl="forward")
     w.grad = torch.tensor([3e19])      # finite; its square, 9e38, overflows float32
