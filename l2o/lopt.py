@@ -186,7 +186,9 @@ class LearnedOptimizer(nn.Module):
     def adapted_log_lr(self, graph: ParamGraph, grad: Tensor, state: dict[str, Tensor]) -> Tensor | None:
         """[T] the per-tensor log step multipliers after this step's controller
         update (None without ``adapt``); ``state`` is the state *before* the
-        step. A tensor with a zero gradient (skipped) keeps its multiplier."""
+        step. A tensor with an all-zero gradient gets no cosine (its multiplier
+        only leaks, with ``adapt_decay``); the optimizers keep the multiplier of
+        a tensor they skip."""
         if not self.adapt:
             return None
         g, m = grad.float(), state["m"][self.adapt_momentum_index]
