@@ -70,6 +70,9 @@ the loss spikes. ``gamma`` (``adapt_spike``) subtracts
 ``gamma relu(log(|g_t|^2 / sum(v_hat)) - log 4)`` from ``ell_k``: a tensor whose
 squared gradient norm jumps above four times its running average (Adam's
 second moment) shrinks its step at once, in proportion to the jump.
+``adapt_beta`` picks which kept momentum the cosine reads. All three are off
+in the shipped weights: each lost to the plain controller on the validation
+split at 400 and 2,000 steps (docs/experiments.md, v10).
 """
 from __future__ import annotations
 
