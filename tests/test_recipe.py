@@ -283,7 +283,7 @@ def test_controller_options_round_trip_and_reject_bad_values(tmp_path):
         l2o.GMNLOpt(adapt=True, adapt_beta=0.95)
 
 
-def test_controller_shrinks_a_tensor_whose_gradient_norm_spikes():
+def test_controller_shrinks_a_tensor_whose_gradient_norm_spikes(tmp_path):
     """ell -= gamma relu(log(|g|^2 / sum(v_hat)) - log 4): a tensor whose squared
     gradient norm is 100x its running average shrinks by gamma log 25, one at
     its average does not move, and the first step (no average yet) is exempt."""
@@ -303,5 +303,11 @@ def test_controller_shrinks_a_tensor_whose_gradient_norm_spikes():
     assert float(got[0]) == pytest.approx(-0.5 * math.log(25.0), rel=1e-4)
     assert float(got[1]) == pytest.approx(0.0, abs=1e-6)
     assert "adapt_spike" not in l2o.GMNLOpt(adapt=True).config()
+    l2o.save_lopt(lopt, tmp_path / "w.safetensors")
+    assert l2o.load_lopt(tmp_path / "w.safetensors").adapt_spike == 0.5
+    silent = lopt.init_state(torch.zeros(graph.num_params))    # zero gradient, a vanishing average:
+    silent["step"], silent["v"] = torch.tensor(10.0), torch.full((graph.num_params,), 1e-36)
+    silent["log_lr"] = torch.full((graph.num_tensors,), 1.0)    # no spike, nothing non-finite
+    assert torch.equal(lopt.adapted_log_lr(graph, torch.zeros(graph.num_params), silent), silent["log_lr"])
     with pytest.raises(ValueError, match="adapt_spike"):
         l2o.GMNLOpt(adapt=True, adapt_spike=-1.0)
