@@ -199,7 +199,8 @@ class LearnedOptimizer(nn.Module):
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
-        sums[3].index_add_(0, graph.tensor_id, state["v"])
+        if self.adapt_spike:   # only the spike brake reads sum(v): no pass over v without it
+            sums[3].index_add_(0, graph.tensor_id, state["v"])
         return self.advance_log_lr(state, sums)
 
     @property
@@ -209,7 +210,8 @@ class LearnedOptimizer(nn.Module):
 
     def advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
         """The controller's update from each tensor's ``<g, m>``, ``<g, g>``,
-        ``<m, m>`` and ``sum(v)`` (``sums`` [4, T]; ``v`` before this step)."""
+        ``<m, m>`` and ``sum(v)`` (``sums`` [4, T]; ``v`` before this step,
+        summed only when ``adapt_spike`` reads it)."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
         prev = sums.new_zeros(sums.shape[1]) if prev is None else prev

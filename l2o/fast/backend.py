@@ -182,13 +182,15 @@ def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tenso
     the sums are all-reduced, so every rank holds the same multipliers."""
     m = state["m"][lopt.adapt_momentum_index]
     lo = shard.lo if shard is not None else 0
-    v = state["v"]
+    v = state["v"] if lopt.adapt_spike else None   # sum(v) feeds the spike brake only
     sums = m.new_zeros(4, graph.num_tensors)
     for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
         s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
         if g is not None and e > s:
             gk, mk = g[s - sl.start:e - sl.start].float(), m[s - lo:e - lo]
-            sums[:, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk), v[s - lo:e - lo].sum()])
+            sums[:3, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
+            if v is not None:
+                sums[3, k] = v[s - lo:e - lo].sum()
     if shard is not None:
         shard.all_reduce(sums)
     log_lr = lopt.advance_log_lr(state, sums)
