@@ -70,9 +70,15 @@ the loss spikes. ``gamma`` (``adapt_spike``) subtracts
 ``gamma relu(log(|g_t|^2 / sum(v_hat)) - log 4)`` from ``ell_k``: a tensor whose
 squared gradient norm jumps above four times its running average (Adam's
 second moment) shrinks its step at once, in proportion to the jump.
-``adapt_beta`` picks which kept momentum the cosine reads. All three are off
+``alpha`` (``adapt_fade``) tells "steps too short" from "loss already ~0"
+by the gradient-norm trend: the cosine's move is multiplied by
+``min(1, |g_t|^2 / sum(v_hat))^alpha``, so a tensor whose gradient has faded
+far below its running average (a loss converging toward zero) holds its
+multiplier instead of climbing, while one whose gradient keeps its size moves
+at the full rate.
+``adapt_beta`` picks which kept momentum the cosine reads. All four are off
 in the shipped weights: each lost to the plain controller on the validation
-split at 400 and 2,000 steps (docs/experiments.md, v10).
+split at 400 and 2,000 steps (docs/experiments.md, v10 and v11).
 """
 from __future__ import annotations
 
@@ -102,7 +108,7 @@ class LearnedOptimizer(nn.Module):
                  max_log_step: float = 3.0, relative: bool = False, scale_floor: float = 1e-2,
                  adapt: bool = False, adapt_rate: float = 0.1, adapt_bound: float = 3.0,
                  adapt_learned: bool = False, adapt_decay: float = 0.0, adapt_beta: float = 0.9,
-                 adapt_spike: float = 0.0):
+                 adapt_spike: float = 0.0, adapt_fade: float = 0.0):
         super().__init__()
         if not scale_floor > 0:
             raise ValueError(f"scale_floor must be > 0, got {scale_floor}")
@@ -112,6 +118,8 @@ class LearnedOptimizer(nn.Module):
             raise ValueError(f"adapt_decay must be in [0, 1), got {adapt_decay}")
         if not adapt_spike >= 0.0:
             raise ValueError(f"adapt_spike must be >= 0, got {adapt_spike}")
+        if not adapt_fade >= 0.0:
+            raise ValueError(f"adapt_fade must be >= 0, got {adapt_fade}")
         if adapt_beta not in F_.MOMENTUM_BETAS:
             raise ValueError(f"adapt_beta must be one of the kept momenta {F_.MOMENTUM_BETAS}, got {adapt_beta}")
         self.relative = bool(relative)
@@ -122,6 +130,7 @@ class LearnedOptimizer(nn.Module):
         self.adapt_decay = float(adapt_decay)
         self.adapt_beta = float(adapt_beta)
         self.adapt_spike = float(adapt_spike)
+        self.adapt_fade = float(adapt_fade)
         if self.adapt:  # registered only when used: weights saved without it keep loading
             self.log_adapt_rate = nn.Parameter(torch.tensor(math.log(adapt_rate)), requires_grad=self.adapt_learned)
         self.out_scale = float(out_scale)
@@ -146,6 +155,7 @@ class LearnedOptimizer(nn.Module):
             **({"adapt_decay": self.adapt_decay} if self.adapt and self.adapt_decay else {}),
             **({"adapt_beta": self.adapt_beta} if self.adapt and self.adapt_beta != 0.9 else {}),
             **({"adapt_spike": self.adapt_spike} if self.adapt and self.adapt_spike else {}),
+            **({"adapt_fade": self.adapt_fade} if self.adapt and self.adapt_fade else {}),
         }
 
     def init_state(self, flat_params: Tensor) -> dict[str, Tensor]:
@@ -199,7 +209,7 @@ class LearnedOptimizer(nn.Module):
         sums[0].index_add_(0, graph.tensor_id, g * m)
         sums[1].index_add_(0, graph.tensor_id, g * g)
         sums[2].index_add_(0, graph.tensor_id, m * m)
-        if self.adapt_spike:   # only the spike brake reads sum(v): no pass over v without it
+        if self.reads_second_moment:   # no pass over v without a reader
             sums[3].index_add_(0, graph.tensor_id, state["v"])
         return self.advance_log_lr(state, sums)
 
@@ -208,27 +218,37 @@ class LearnedOptimizer(nn.Module):
         """Which kept momentum (``features.MOMENTUM_BETAS``) the controller's cosine reads."""
         return F_.MOMENTUM_BETAS.index(self.adapt_beta)
 
+    @property
+    def reads_second_moment(self) -> bool:
+        """Whether the controller reads each tensor's ``sum(v)`` (row 3 of its sums)."""
+        return bool(self.adapt_spike or self.adapt_fade)
+
     def advance_log_lr(self, state: dict[str, Tensor], sums: Tensor) -> Tensor:
         """The controller's update from each tensor's ``<g, m>``, ``<g, g>``,
         ``<m, m>`` and ``sum(v)`` (``sums`` [4, T]; ``v`` before this step,
-        summed only when ``adapt_spike`` reads it)."""
+        summed only when :attr:`reads_second_moment`)."""
         cos = sums[0] / (sums[1] * sums[2] + 1e-30).sqrt()
         prev = state.get("log_lr")
         prev = sums.new_zeros(sums.shape[1]) if prev is None else prev
-        log_lr = (1.0 - self.adapt_decay) * prev + self.log_adapt_rate.exp() * cos
+        move = self.log_adapt_rate.exp() * cos
+        if self.reads_second_moment:
+            log_ratio = self.gradient_log_ratio(state, sums)
+        if self.adapt_fade:
+            move = move * (self.adapt_fade * log_ratio.clamp(max=0.0)).exp()
+        log_lr = (1.0 - self.adapt_decay) * prev + move
         if self.adapt_spike:
-            log_lr = log_lr - self.adapt_spike * self.gradient_spike(state, sums)
+            log_lr = log_lr - self.adapt_spike * (log_ratio - math.log(SPIKE_RATIO)).clamp(min=0.0)
         return log_lr.clamp(-self.adapt_bound, self.adapt_bound)
 
     @staticmethod
-    def gradient_spike(state: dict[str, Tensor], sums: Tensor) -> Tensor:
-        """[T] ``relu(log(|g|^2 / sum(v_hat)) - log SPIKE_RATIO)``: how far each
-        tensor's squared gradient norm jumped above its running average
-        (0 before the first step, when there is none)."""
+    def gradient_log_ratio(state: dict[str, Tensor], sums: Tensor) -> Tensor:
+        """[T] ``log(|g|^2 / sum(v_hat))``: each tensor's squared gradient norm
+        against its running average (Adam's bias-corrected second moment);
+        0 where there is no average yet (before the first step)."""
         seen = 1.0 - F_.SECOND_MOMENT_BETA ** state["step"].float()
         average = sums[3] / seen.clamp(min=1e-12)
-        jump = (sums[1] + 1e-30).log() - (average + 1e-30).log() - math.log(SPIKE_RATIO)
-        return torch.where(sums[3] > 0, jump.clamp(min=0.0), torch.zeros_like(jump))
+        log_ratio = (sums[1] + 1e-30).log() - (average + 1e-30).log()
+        return torch.where(sums[3] > 0, log_ratio, torch.zeros_like(log_ratio))
 
     def nominal_weight(self) -> float:
         """The learned weight of the nominal Adam term (0 without one), for

@@ -221,7 +221,8 @@ def test_warm_start_copies_matching_weights_and_keeps_new_ones(tmp_path, capsys)
     assert "log_adapt_rate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("options", [{}, {"adapt_beta": 0.999, "adapt_decay": 0.05}, {"adapt_spike": 2.0}])
+@pytest.mark.parametrize("options", [{}, {"adapt_beta": 0.999, "adapt_decay": 0.05}, {"adapt_spike": 2.0},
+                                     {"adapt_fade": 1.0}])
 def test_controller_gives_the_same_steps_on_both_paths(use_step_path, options):
     """The chunked step computes the controller tensor by tensor (no flat
     gradient copy); the differentiable forward over the flat vector."""
@@ -311,3 +312,34 @@ def test_controller_shrinks_a_tensor_whose_gradient_norm_spikes(tmp_path):
     assert torch.equal(lopt.adapted_log_lr(graph, torch.zeros(graph.num_params), silent), silent["log_lr"])
     with pytest.raises(ValueError, match="adapt_spike"):
         l2o.GMNLOpt(adapt=True, adapt_spike=-1.0)
+
+
+def test_controller_fade_holds_a_tensor_whose_gradient_faded_below_its_average(tmp_path):
+    """ell += rate cos(g, m) min(1, |g|^2 / sum(v_hat))^alpha: a tensor whose
+    squared gradient norm fell to 1/100 of its running average moves by
+    rate / 100^alpha, one at or above its average by the full rate, in both
+    directions; the first step (no average yet) moves by the full rate."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    graph = build_graph(model)
+    lopt = l2o.GMNLOpt(adapt=True, adapt_rate=0.1, adapt_fade=0.5).requires_grad_(False)
+    state = lopt.init_state(torch.zeros(graph.num_params))
+    state["m"][F_.ADAM_BETA1_INDEX] = 1.0
+    g = torch.ones(graph.num_params)
+    assert torch.allclose(lopt.adapted_log_lr(graph, g, state), torch.full((graph.num_tensors,), 0.1))
+    state["step"] = torch.tensor(10.0)
+    state["v"] = torch.full((graph.num_params,), 1.0 - F_.SECOND_MOMENT_BETA ** 10)   # v_hat = 1
+    faded = g.clone()
+    faded[graph.tensor_id == 0] = 0.1                           # |g|^2 = 1/100 of its average
+    faded[graph.tensor_id == 1] = 3.0                           # above it: not sped up
+    got = lopt.adapted_log_lr(graph, faded, state)
+    assert float(got[0]) == pytest.approx(0.1 / 10.0, rel=1e-4)
+    assert float(got[1]) == pytest.approx(0.1, rel=1e-4)
+    got = lopt.adapted_log_lr(graph, -faded, state)             # an overshoot shrinks as gently
+    assert float(got[0]) == pytest.approx(-0.1 / 10.0, rel=1e-4)
+    plain = l2o.GMNLOpt(adapt=True, adapt_rate=0.1).requires_grad_(False)
+    assert torch.allclose(plain.adapted_log_lr(graph, faded, state), torch.full((graph.num_tensors,), 0.1))
+    assert "adapt_fade" not in plain.config()
+    l2o.save_lopt(lopt, tmp_path / "w.safetensors")
+    assert l2o.load_lopt(tmp_path / "w.safetensors").adapt_fade == 0.5
+    with pytest.raises(ValueError, match="adapt_fade"):
+        l2o.GMNLOpt(adapt=True, adapt_fade=-0.5)

@@ -182,7 +182,7 @@ def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tenso
     the sums are all-reduced, so every rank holds the same multipliers."""
     m = state["m"][lopt.adapt_momentum_index]
     lo = shard.lo if shard is not None else 0
-    v = state["v"] if lopt.adapt_spike else None   # sum(v) feeds the spike brake only
+    v = state["v"] if lopt.reads_second_moment else None   # no pass over v without a reader
     sums = m.new_zeros(4, graph.num_tensors)
     for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
         s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
