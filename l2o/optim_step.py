@@ -81,8 +81,9 @@ def bad_gradients(grads: list[Tensor | None]) -> list[int]:
 def step_state(opt, active: list[int], per_entry: bool) -> dict[str, Tensor]:
     """The metanetwork's state for this step: the flat statistics, the clock
     ``step`` (the largest counter among the ``active`` tensors), the
-    controller's ``log_lr`` and, when those tensors' counters differ, each
-    tensor's own count for its bias correction (:mod:`l2o.features`):
+    controller's ``log_lr`` and, when those tensors' counters differ (or a
+    skipped tensor that stepped before is behind the clock), each tensor's
+    own count for its bias correction (:mod:`l2o.features`):
     ``entry_step`` [n] (``per_entry``, the forward's form) or ``tensor_step`` [T]."""
     counts = opt._steps[active]
     clock = float(counts.max())
@@ -90,7 +91,10 @@ def step_state(opt, active: list[int], per_entry: bool) -> dict[str, Tensor]:
     state = dict(opt._flat_state, step=torch.tensor(clock, device=device))
     if opt._log_lr is not None:
         state["log_lr"] = opt._log_lr
-    if bool((counts != clock).any()):
+    # a skipped tensor's statistics still feed the others' updates (message
+    # passing): bias-corrected with its own count too, unless it never stepped
+    # (zero statistics: any count gives the same features)
+    if bool((counts != clock).any()) or bool(((opt._steps != clock) & (opt._steps > 0)).any()):
         if per_entry:
             numels = torch.tensor(opt.graph.numels)
             state["entry_step"] = opt._steps.repeat_interleave(numels, output_size=opt.graph.num_params).to(device)

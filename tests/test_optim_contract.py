@@ -204,3 +204,151 @@ def test_weight_decay_of_one_is_decoupled_like_any_other(impl):
     opt_twin.step()
     for p, t, p0 in zip(model.parameters(), twin.parameters(), before):
         torch.testing.assert_close(p, p0 * 0.5 + (t - p0), rtol=0, atol=1e-6)
+
+
+# --- the rest of l2o/optim_step.py's mutants (docs/mutation.md): every step path, not only the one
+# "auto" picks for a small model
+
+def _zero_heads_mlp():
+    """A fresh MLP metanetwork with zero output layer: its update is exactly the nominal Adam term."""
+    lopt = l2o.MLPLOpt()
+    with torch.no_grad():
+        lopt.out.weight.zero_()
+        lopt.out.bias.zero_()
+    return lopt
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_finite_update_whose_sum_overflows_is_applied_without_warning(impl):
+    """"Non-finite updates" means non-finite entries: sixteen updates of -6e37
+    (nominal weight exp(87), same-sign gradients) are finite though their sum
+    overflows float32; they are applied, with no warning."""
+    w = nn.Parameter(torch.zeros(16))
+    lopt = _zero_heads_mlp()
+    with torch.no_grad():
+        lopt.log_nominal.fill_(87.0)
+    opt = l2o.MLPOptimizer([w], weights=lopt, impl=impl)
+    w.grad = torch.ones(16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+    assert bool(torch.isfinite(w).all()) and bool((w < -1e37).all())
+    assert not bool(torch.isfinite(w.detach().sum()))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_each_groups_lr_and_weight_decay_apply_on_every_path(impl):
+    """p <- p (1 - lr wd) + lr u on each path (a fused kernel, torch ops, the
+    flat step): with u from a twin at lr = 1 and no decay, a group at
+    lr = 0.25, wd = 0.1 and one at lr = 0.5, wd = 0 move by exactly that."""
+    lopt = _scrambled(l2o.GMNLOpt())
+    model, twin = _model(), _model()
+    opt = l2o.GMNOptimizer([{"params": model[0].parameters(), "lr": 0.25, "weight_decay": 0.1},
+                            {"params": model[2].parameters(), "lr": 0.5}], model=model, weights=lopt, impl=impl)
+    opt_twin = l2o.GMNOptimizer(twin, weights=lopt, impl=impl)
+    before = [p.detach().clone() for p in model.parameters()]
+    _backward(model)
+    _backward(twin)
+    opt.step()
+    opt_twin.step()
+    for k, (p, t, p0) in enumerate(zip(model.parameters(), twin.parameters(), before)):
+        lr, wd = (0.25, 0.1) if k < 2 else (0.5, 0.0)
+        assert not torch.equal(t, p0)
+        torch.testing.assert_close(p, p0 * (1 - lr * wd) + lr * (t - p0), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_tensor_first_stepped_beside_older_ones_takes_a_first_adam_step(impl):
+    """Per-tensor counters (l2o.optim): stepped together with a tensor at its
+    fourth step, a tensor at its first takes Adam's first step, lr sign(g) per
+    entry (the nominal term alone), not one bias-corrected as a fourth."""
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(4))
+    opt = l2o.MLPOptimizer([a, b], weights=_zero_heads_mlp(), impl=impl)
+    for _ in range(3):
+        a.grad, b.grad = torch.randn(3), None
+        opt.step()
+    a.grad, b.grad = torch.randn(3), torch.tensor([0.5, -2.0, 1.0, -0.1])
+    before = b.detach().clone()
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in (a, b)] == [4.0, 1.0]
+    torch.testing.assert_close(b - before, -1e-3 * b.grad.sign(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_parameters_step_like_contiguous_ones_on_every_path(impl):
+    """A transposed (non-contiguous) parameter is updated in place, with the
+    same values as a contiguous copy of it (the chunked step updates a copy
+    and writes it back)."""
+    lopt = _scrambled(l2o.MLPLOpt())
+    torch.manual_seed(0)
+    base, g = torch.randn(5, 4), torch.randn(4, 5)
+    start = base.t().clone()
+    w = nn.Parameter(base.t())                       # non-contiguous: a view of base
+    c = nn.Parameter(start.clone())
+    assert not w.is_contiguous()
+    opt_w = l2o.MLPOptimizer([w], weights=lopt, impl=impl)
+    opt_c = l2o.MLPOptimizer([c], weights=lopt, impl=impl)
+    for _ in range(2):
+        w.grad, c.grad = g.clone(), g.clone()
+        opt_w.step()
+        opt_c.step()
+    assert not torch.equal(c, start)
+    assert torch.equal(w, c) and torch.equal(base.t(), w)   # in place: base sees it
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_controllers_multiplier_accumulates_from_step_to_step(impl):
+    """The step-size controller's log multiplier is state: each step adds
+    rate * cos(g, m) to the last one. A constant gradient (cos = 1 once there
+    is momentum, 0 at the first step) with rate 0.1 gives 0, 0.1, 0.2, 0.3."""
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(4))
+    opt = l2o.MLPOptimizer([a, b], weights=l2o.MLPLOpt(adapt=True, adapt_rate=0.1), impl=impl)
+    for expected in (0.0, 0.1, 0.2, 0.3):
+        a.grad, b.grad = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.3, 0.1, -1.0, 2.0])
+        opt.step()
+        assert [float(opt.state[p]["log_lr"]) for p in (a, b)] == pytest.approx([expected] * 2, abs=1e-5)
+
+
+def _stale_tensor_run(impl, stale_count=None):
+    """The GMN steps all four tensors three times, then the other three twice
+    more (0.weight's gradient None); the state is saved, 0.weight's counter
+    optionally overwritten, loaded into a fresh optimizer on a copy, and that
+    takes one more step without 0.weight: the other tensors' displacements."""
+    model = _model()
+    opt = l2o.GMNOptimizer(model, weights=_scrambled(l2o.GMNLOpt()), impl=impl)
+    for i in range(5):
+        opt.zero_grad()
+        _backward(model)
+        if i >= 3:
+            model[0].weight.grad = None
+        opt.step()
+    sd = copy.deepcopy(opt.state_dict())
+    assert [float(s["step"]) for s in sd["state"].values()] == [3.0, 5.0, 5.0, 5.0]
+    if stale_count is not None:
+        sd["state"][0]["step"] = torch.tensor(stale_count)
+    twin = copy.deepcopy(model)
+    opt2 = l2o.GMNOptimizer(twin, weights=l2o.GMNLOpt(), impl=impl)
+    opt2.load_state_dict(sd)
+    before = [p.detach().clone() for p in twin.parameters()]
+    opt2.zero_grad()
+    _backward(twin)
+    twin[0].weight.grad = None
+    opt2.step()
+    return [p.detach() - b for p, b in zip(twin.parameters(), before)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_skipped_tensors_statistics_reach_the_others_bias_corrected_by_its_own_count(impl):
+    """l2o.optim: a tensor's own count sets its Adam bias correction. A skipped
+    tensor (gradient None) is not updated, but the GMN's message passing still
+    reads its statistics: bias-corrected by its own count (3), not the clock (5),
+    even when the tensors stepped all agree on the clock. (Before the fix, its
+    count was used only when the stepped tensors' counters differed.)"""
+    own = _stale_tensor_run(impl)
+    as_clock = _stale_tensor_run(impl, stale_count=5.0)
+    assert torch.count_nonzero(own[0]) == 0 and torch.count_nonzero(as_clock[0]) == 0
+    assert not torch.equal(torch.cat([d.flatten() for d in own[1:]]), torch.cat([d.flatten() for d in as_clock[1:]]))
+    if impl != "forward":   # both step paths read it the same way
+        for a, b in zip(own, _stale_tensor_run("forward")):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
