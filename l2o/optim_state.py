@@ -96,13 +96,15 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step) -> tuple[Tenso
     graph = opt.graph
     num_momenta = opt._flat_state["m"].shape[0]
     m_parts, v_parts = [], []
-    steps, log_lr = torch.zeros(graph.num_tensors, dtype=torch.float32), torch.zeros(graph.num_tensors)
+    # float32 whatever the caller's default dtype (the step runs in float32)
+    steps = torch.zeros(graph.num_tensors, dtype=torch.float32)
+    log_lr = torch.zeros(graph.num_tensors, dtype=torch.float32)
     missing = []
     for k, p in enumerate(opt._flat_params):
         shape = graph.param_shapes[graph.flat_order[k]]
         if id(p) not in saved_of:  # in no group: fresh
-            m_parts.append(torch.zeros(num_momenta, shape.numel()))
-            v_parts.append(torch.zeros(shape.numel()))
+            m_parts.append(torch.zeros(num_momenta, shape.numel(), dtype=torch.float32))
+            v_parts.append(torch.zeros(shape.numel(), dtype=torch.float32))
             continue
         entry = raw.get(saved_of[id(p)], {})
         if "m" not in entry or "v" not in entry:
