@@ -1,5 +1,6 @@
 """Fixtures shared by the test modules."""
 import pytest
+import torch
 
 from l2o.fast import native
 
@@ -49,3 +50,24 @@ def step_path(request, use_step_path):
     """Runs a test once on each no-grad step path."""
     use_step_path(request.param)
     return request.param
+
+
+@pytest.fixture
+def step_on_meta_device():
+    """``step_on_meta_device(model, opt)``: moves ``model`` to the "meta"
+    device (parameters swapped, as ``nn.Module.to`` does for a real device
+    change) and calls ``opt.step()`` once with all-ones gradients, so a test
+    can check that the optimizer followed its model without a GPU."""
+    def step(model, opt) -> None:
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            model.to("meta")
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        try:
+            opt.step()
+        except (RuntimeError, NotImplementedError):
+            pass     # a value was read from a meta tensor
+    return step
