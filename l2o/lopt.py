@@ -76,11 +76,11 @@ by the gradient-norm trend: the cosine's move is multiplied by
 far below its running average (a loss converging toward zero) holds its
 multiplier instead of climbing, while one whose gradient keeps its size moves
 at the full rate.
-``adapt_beta`` picks which kept momentum the cosine reads. All four are off
-in the shipped weights. ``adapt_beta``, ``adapt_decay`` and ``adapt_spike``
-lost to the plain controller on the validation split at 400 and 2,000 steps
-(docs/experiments.md, v10); ``adapt_fade = 1`` tied it on wins and was
-selected on loss ratio (v11), and is not shipped until its test-split runs.
+``adapt_beta`` picks which kept momentum the cosine reads. ``adapt_beta``,
+``adapt_decay`` and ``adapt_spike`` lost to the plain controller on the
+validation split at 400 and 2,000 steps (docs/experiments.md, v10) and are off
+in the shipped weights; ``adapt_fade = 1`` tied it on wins, was selected on
+loss ratio (v11) and is on in the shipped GMN (off by default here).
 """
 from __future__ import annotations
 
