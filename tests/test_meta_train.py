@@ -389,3 +389,22 @@ def test_meta_train_runs_any_object_of_the_protocol(tmp_path, monkeypatch):
     trained = load_lopt(tmp_path / "lopt.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(trained.parameters(), init.parameters()))
     assert [r["step"] for r in json.loads(state_file(tmp_path).read_text())["runs"]] == [6, 6]
+
+
+def test_outer_optimizer_state_with_non_tensor_entries_survives_the_train_state_split():
+    """The outer optimizer's state is stored as tensors (safetensors) plus the
+    rest (JSON); an optimizer that keeps a plain number in its state (LBFGS's
+    ``n_iter``, a user's counter) must get it back, not lose or blank it."""
+    def fresh():
+        p = torch.nn.Parameter(torch.ones(3))
+        return p, torch.optim.Adam([p], lr=0.1)
+    p, opt = fresh()
+    p.grad = torch.tensor([1.0, -2.0, 3.0])
+    opt.step()
+    opt.state[p]["n_iter"] = 7
+    tensors, scalars = S._optimizer_split(opt)
+    q, restored = fresh()
+    restored.load_state_dict(S._optimizer_join(tensors, json.loads(json.dumps(scalars))))
+    assert restored.state[q]["n_iter"] == 7
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(restored.state[q][key], opt.state[p][key]), key
