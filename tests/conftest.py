@@ -59,11 +59,12 @@ def step_on_meta_device():
     change) and calls ``opt.step()`` once with all-ones gradients, so a test
     can check that the optimizer followed its model without a GPU."""
     def step(model, opt) -> None:
+        swapping = torch.__future__.get_swap_module_params_on_conversion()
         torch.__future__.set_swap_module_params_on_conversion(True)
         try:
             model.to("meta")
         finally:
-            torch.__future__.set_swap_module_params_on_conversion(False)
+            torch.__future__.set_swap_module_params_on_conversion(swapping)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         try:
