@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -408,3 +409,19 @@ def test_outer_optimizer_state_with_non_tensor_entries_survives_the_train_state_
     assert restored.state[q]["n_iter"] == 7
     for key in ("exp_avg", "exp_avg_sq", "step"):
         assert torch.equal(restored.state[q][key], opt.state[p][key]), key
+
+
+def test_resuming_on_another_number_of_processes_warns_that_it_is_not_exact(tmp_path):
+    run(tmp_path, "--lopt", "mlp", "--outer-steps", "3", "--checkpoint-every", "1", "--stop-after", "1")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta_train.main(["--out", str(tmp_path), "--resume", "--no-progress", "--stop-after", "1"])
+    assert not [w for w in caught if "process(es)" in str(w.message)]
+    path = state_file(tmp_path)
+    meta = json.loads(path.read_text())
+    assert meta["world_size"] == 1 and meta["counters"]["outer_step"] == 2
+    meta["world_size"] = 2
+    path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"written by 2 process\(es\) on 1: the runs continue, but not bit-exactly"):
+        summary = meta_train.main(["--out", str(tmp_path), "--resume", "--no-progress"])
+    assert summary["outer_steps"] == 3
