@@ -47,7 +47,6 @@ import hashlib
 import math
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,13 +178,7 @@ def setup(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> Training:
     if ckpt:
         runs = [InnerRun.restore(ckpt["run_scalars"][s], ckpt["run_tensors"][s], info.device)
                 for s in D.my_slots(info, cfg.meta_batch)]
-        if info.rank in ckpt["rng"]:
-            torch.set_rng_state(ckpt["rng"][info.rank])
-        if ckpt["world_size"] != info.world_size and info.is_main:
-            # Each rank's random stream is saved; on another number of processes the
-            # slots draw from other streams, so the run continues but not bit-exactly.
-            warnings.warn(f"resuming a checkpoint written by {ckpt['world_size']} process(es) on "
-                          f"{info.world_size}: the runs continue, but not bit-exactly as they would have")
+        D.restore_rng(info, ckpt["rng"], ckpt["world_size"])
         counters, history = ckpt["counters"], ckpt["history"]
     else:
         runs = first_runs(cfg, info, pool, specs, lopt)

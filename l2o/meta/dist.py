@@ -9,6 +9,7 @@ broadcasting weights each step. Rank 0 alone writes checkpoints and logs.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,16 @@ def my_slots(info: DistInfo, meta_batch: int) -> list[int]:
     if meta_batch < info.world_size:
         raise ValueError(f"meta_batch ({meta_batch}) must be >= the number of processes ({info.world_size})")
     return list(range(info.rank, meta_batch, info.world_size))
+
+
+def restore_rng(info: DistInfo, saved: dict[int, torch.Tensor], saved_world_size: int) -> None:
+    """This rank's checkpointed random stream. Resumed on another number of
+    processes, slots draw from other streams: the run goes on, not bit-exactly."""
+    if info.rank in saved:
+        torch.set_rng_state(saved[info.rank])
+    if saved_world_size != info.world_size and info.is_main:
+        warnings.warn(f"resuming a checkpoint written by {saved_world_size} process(es) on "
+                      f"{info.world_size}: the runs continue, but not bit-exactly as they would have")
 
 
 def all_reduce_grads(info: DistInfo, params: list[torch.nn.Parameter], extras: list[float]) -> list[float]:
