@@ -126,3 +126,147 @@ def test_linear_edges_are_input_to_output_in_row_major_order():
     hidden = d0[:, 0]
     assert torch.equal(s2[0], hidden), "layer 2 reads layer 1's output neurons in order"
     assert d2[:, 0].unique().numel() == 2 and not set(d2.flatten().tolist()) & set(hidden.tolist())
+
+
+# ------------------------------------------------ activation ops: both captures
+class _Pieces(nn.Module):
+    """``fc`` (3 -> 8) cut into two 4-unit pieces by ``cut``, each read by its own layer."""
+    def __init__(self, cut):
+        super().__init__()
+        self.cut, self.fc, self.a, self.b = cut, nn.Linear(3, 8), nn.Linear(4, 2), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = self.cut(self.fc(x))
+        return self.a(a) + self.b(b)
+
+
+CUTS = {
+    "chunk": lambda h: h.chunk(2, -1),
+    "chunk_kwargs": lambda h: h.chunk(chunks=2, dim=-1),
+    "torch_chunk_dim1": lambda h: torch.chunk(h, 2, dim=1),
+    "split": lambda h: h.split(4, -1),
+    "split_kwargs": lambda h: h.split(split_size=4, dim=-1),
+    "split_sections": lambda h: torch.split(h, [4, 4], dim=-1),
+    "tensor_split": lambda h: h.tensor_split(2, dim=-1),
+}
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_pieces_cut_along_the_features_read_their_own_units(cut, capture):
+    # Catches: a split/chunk along the feature dim not splitting the unit list
+    # (every piece read as all 8 units, or the pieces swapped).
+    g = l2o.build_graph(_Pieces(CUTS[cut]), (torch.randn(2, 3),), strict=True, capture=capture, use_cache=False)
+    units = edges_of(g, "fc.weight")[1].view(8, 3)[:, 0]
+    assert units.unique().numel() == 8
+    assert torch.equal(edges_of(g, "a.weight")[0].view(2, 4)[0], units[:4])
+    assert torch.equal(edges_of(g, "b.weight")[0].view(2, 4)[0], units[4:])
+
+
+class _FlatHead(nn.Module):
+    def __init__(self, flat):
+        super().__init__()
+        self.flat, self.conv, self.fc = flat, nn.Conv1d(2, 3, 3), nn.Linear(3 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(self.flat(torch.relu(self.conv(x))))
+
+
+FLATS = {
+    "view_shape0": lambda h: h.view(h.shape[0], -1),
+    "view_size0": lambda h: h.view(h.size(0), -1),
+    "reshape": lambda h: h.reshape(h.shape[0], -1),
+    "flatten": lambda h: h.flatten(1),
+    "torch_flatten": lambda h: torch.flatten(h, 1),
+}
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+@pytest.mark.parametrize("flat", list(FLATS))
+def test_a_flattened_conv_map_is_read_by_channel(flat, capture):
+    # Catches: ``h.view(h.size(0), -1)`` (the usual CNN head) not followed by the
+    # eager capture -- the broadcast shadow of a conv map is not viewable -- so the
+    # head read 18 fresh nodes cut off from the conv's channels.
+    g = l2o.build_graph(_FlatHead(FLATS[flat]), (torch.randn(2, 2, 8),), strict=True, capture=capture,
+                        use_cache=False)
+    channels = edges_of(g, "conv.weight")[1].view(3, 2, 3)[:, 0, 0]
+    assert channels.unique().numel() == 3
+    # column j of the head reads channel j // 6 (6 positions per channel)
+    assert torch.equal(edges_of(g, "fc.weight")[0].view(2, 18)[0], channels.repeat_interleave(6))
+
+
+class _BatchCat(nn.Module):
+    """Two branches concatenated along the batch and read by one head (as in a
+    contrastive or multi-view loss): the head's column j multiplies unit j of both."""
+    def __init__(self, join):
+        super().__init__()
+        self.join, self.a, self.b, self.out = join, nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(self.join(torch.relu(self.a(x)), torch.tanh(self.b(x))))
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+@pytest.mark.parametrize("join", ["cat", "cat_sequence"])
+def test_branches_concatenated_along_the_batch_share_their_units(join, capture):
+    # Catches: the head wired to the last branch's units only (the eager capture
+    # took one node per column), the first branch's units left without a reader.
+    joins = {"cat": lambda a, b: torch.cat([a, b], dim=0), "cat_sequence": lambda a, b: torch.cat([a, b], dim=1)}
+    x = torch.randn(2, 3) if join == "cat" else torch.randn(2, 5, 3)
+    g = l2o.build_graph(_BatchCat(joins[join]), (x,), strict=True, capture=capture, use_cache=False)
+    a_units = edges_of(g, "a.weight")[1].view(4, 3)[:, 0]
+    b_units = edges_of(g, "b.weight")[1].view(4, 3)[:, 0]
+    assert a_units.unique().numel() == 4 and torch.equal(a_units, b_units)
+    assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4)[0], a_units)
+
+
+def _canonical(g):
+    """Per parameter: its entries' nodes relabelled by first appearance, and kinds."""
+    ids: dict[int, int] = {}
+
+    def label(t):
+        return [ids.setdefault(int(v), len(ids)) for v in t.tolist()]
+    out = []
+    for i, name in enumerate(g.param_names):
+        k = g.flat_order.index(i)
+        s = g.tensor_slices[k]
+        if k < g.num_edge_params:
+            out.append((name, label(g.edge_index[0, s]), label(g.edge_index[1, s]), g.edge_kind[s].tolist()))
+        else:
+            e = slice(s.start - g.num_edges, s.stop - g.num_edges)
+            out.append((name, label(g.entry_node[e]), g.entry_kind[e].tolist()))
+    return out
+
+
+class _Scores(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.o(torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), -1) @ self.v(x)) + x
+
+
+class _Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln, self.gn, self.out = nn.Linear(3, 8), nn.LayerNorm(4), nn.GroupNorm(2, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, dim=-1)
+        return self.out(self.gn(self.ln(a * torch.sigmoid(b))))
+
+
+@pytest.mark.parametrize("make, shape", [
+    (_Scores, (2, 5, 6)), (_Gated, (2, 3)), (lambda: _Pieces(CUTS["split_sections"]), (2, 3)),
+    (lambda: _FlatHead(FLATS["view_size0"]), (2, 2, 8)), (lambda: _BatchCat(lambda a, b: torch.cat([a, b])), (2, 3)),
+], ids=["attention_scores", "gated_norms", "split", "flat_head", "batch_cat"])
+def test_eager_and_fx_captures_give_the_same_graph(make, shape):
+    # The two captures are written independently (shadows of a recorded run vs
+    # node lists on an fx trace); on models both follow, they must agree entry by entry.
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(*shape)
+    eager = l2o.build_graph(model, (x,), strict=True, capture="eager", use_cache=False)
+    fx = l2o.build_graph(model, (x,), strict=True, capture="fx", use_cache=False)
+    assert eager.num_nodes == fx.num_nodes
+    assert _canonical(eager) == _canonical(fx)

@@ -11,7 +11,7 @@
 * ``flatten`` / ``view`` / ``reshape`` of a ``[B, C, *S]`` conv map into
   ``[B, C*prod(S)]`` keeps the C channel nodes and records ``S`` so the
   next Linear can give each column its spatial position;
-* ``chunk`` / ``split`` / ``unbind`` along the feature dim split the node
+* ``chunk`` / ``split`` / ``tensor_split`` / ``unbind`` along the feature dim split the node
   list (a fused qkv projection becomes q, k, v node sets);
 * ``transpose`` / ``mT`` / ``t`` moving the last dim mark the value as
   transposed; ``a @ b`` with ``b`` transposed contracts the two feature
@@ -40,6 +40,8 @@ _ELEMENTWISE = {
     "hstack", "vstack", "addcmul", "lerp",
 }
 _NOT_TENSOR = {"size", "dim", "numel", "getattr", "len", "ndimension", "type", "nelement"}
+_SPLIT_HOW = ("chunks", "split_size", "split_size_or_sections", "split_sizes", "sections", "indices",
+              "tensor_indices_or_sections")
 _FLATTEN = {"flatten", "view", "reshape", "Flatten", "unflatten"}
 
 
@@ -121,20 +123,19 @@ def _split(state, node: fx.Node, name: str, args, kwargs) -> Any:
     if not isinstance(x, Val) or x.nodes is None:
         return TupleVal([], fill=x)
     if name == "unbind":
-        dim, how = (args[1] if len(args) > 1 else kwargs.get("dim", 0)), 1
+        dim, how, name = (args[1] if len(args) > 1 else kwargs.get("dim", 0)), 1, "split"
     else:
         dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-        how = args[1] if len(args) > 1 else kwargs.get("chunks", kwargs.get("split_size_or_sections"))
+        how = args[1] if len(args) > 1 else next(
+            (kwargs[k] for k in _SPLIT_HOW if k in kwargs), None)
     if not isinstance(dim, int) or not _is_feature_dim(x, dim, _shape(node.args[0])):
         return TupleVal([], fill=x)  # batch/sequence split: every piece keeps the neurons
-    if name == "chunk" and isinstance(how, int):
-        pieces = x.nodes.chunk(how)
-    elif isinstance(how, int):
-        pieces = x.nodes.split(how)
-    elif isinstance(how, (list, tuple)) and all(isinstance(h, int) for h in how):
-        pieces = x.nodes.split(list(how))
-    else:
+    if isinstance(how, (list, tuple)) and all(isinstance(h, int) for h in how):
+        how = list(how)
+    elif not isinstance(how, int):
         return TupleVal([], fill=x)
+    # the node list is cut exactly as the tensor's feature dim is
+    pieces = getattr(x.nodes, "split" if name == "split_with_sizes" else name)(how)
     return TupleVal([x.passthrough(own_nodes=p, lazy=None, spatial=None) for p in pieces])
 
 
@@ -185,7 +186,7 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         b = state.params[b.index] if isinstance(b, ParamRef) else None
         return linear_core(state, w, b, args[0])
-    if name in ("chunk", "split", "unbind"):
+    if name in ("chunk", "split", "unbind", "split_with_sizes", "tensor_split"):
         return _split(state, node, name, args, kwargs)
     if name == "scaled_dot_product_attention":
         # q and k units pair up in the scores; the result carries v's units

@@ -126,6 +126,10 @@ def apply_to_shadows(func, name, args, kwargs, subs: dict, fill: int, spread: bo
         return func(*args, **kwargs)
     first = args[0] if args else None
     rest = list(args[1:])
+    if name in ("view", "view_as") and not kwargs.get("dtype") and not (rest and isinstance(rest[0], torch.dtype)):
+        # Shadows are broadcast (stride 0), so one may not be viewable where the real
+        # tensor is; reshape puts every element where the view does.
+        func = Tensor.reshape if name == "view" else Tensor.reshape_as
     if name in CASTS:
         return sub(first)
     if name == "pad":
