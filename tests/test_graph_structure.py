@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import l2o
+import tasks
 from l2o.graph.param_graph import EdgeKind, EntryKind
 
 
@@ -268,5 +269,15 @@ def test_eager_and_fx_captures_give_the_same_graph(make, shape):
     model, x = make(), torch.randn(*shape)
     eager = l2o.build_graph(model, (x,), strict=True, capture="eager", use_cache=False)
     fx = l2o.build_graph(model, (x,), strict=True, capture="fx", use_cache=False)
+    assert eager.num_nodes == fx.num_nodes
+    assert _canonical(eager) == _canonical(fx)
+
+
+@pytest.mark.parametrize("family", list(tasks.FAMILIES))
+def test_eager_and_fx_captures_agree_on_every_task_family(family):
+    task = tasks.sample_task(family, 1, "train")
+    model = task.init(0)
+    eager = l2o.build_graph(model, task.example_inputs(), capture="eager", use_cache=False)
+    fx = l2o.build_graph(model, task.example_inputs(), capture="fx", use_cache=False)
     assert eager.num_nodes == fx.num_nodes
     assert _canonical(eager) == _canonical(fx)
