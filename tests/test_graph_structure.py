@@ -208,12 +208,15 @@ class _BatchCat(nn.Module):
 
 
 @pytest.mark.parametrize("capture", ["eager", "fx"])
-@pytest.mark.parametrize("join", ["cat", "cat_sequence"])
+@pytest.mark.parametrize("join", ["cat", "cat_sequence", "stack_mean", "stack_sum_keepdim"])
 def test_branches_concatenated_along_the_batch_share_their_units(join, capture):
     # Catches: the head wired to the last branch's units only (the eager capture
-    # took one node per column), the first branch's units left without a reader.
-    joins = {"cat": lambda a, b: torch.cat([a, b], dim=0), "cat_sequence": lambda a, b: torch.cat([a, b], dim=1)}
-    x = torch.randn(2, 3) if join == "cat" else torch.randn(2, 5, 3)
+    # took one node per column), the first branch's units left without a reader;
+    # an ensemble's mean over stacked branches read as fresh nodes.
+    joins = {"cat": lambda a, b: torch.cat([a, b], dim=0), "cat_sequence": lambda a, b: torch.cat([a, b], dim=1),
+             "stack_mean": lambda a, b: torch.stack([a, b]).mean(0),
+             "stack_sum_keepdim": lambda a, b: torch.stack([a, b], dim=1).sum(1, keepdim=True)}
+    x = torch.randn(2, 5, 3) if join in ("cat_sequence", "stack_sum_keepdim") else torch.randn(2, 3)
     g = l2o.build_graph(_BatchCat(joins[join]), (x,), strict=True, capture=capture, use_cache=False)
     a_units = edges_of(g, "a.weight")[1].view(4, 3)[:, 0]
     b_units = edges_of(g, "b.weight")[1].view(4, 3)[:, 0]

@@ -122,8 +122,32 @@ def reduce(rec, args, kwargs, out) -> None:
     if dim is None:
         return
     keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
-    dims = [dim] if isinstance(dim, int) else list(dim)
+    dims = [d % i.sh.dim() for d in ([dim] if isinstance(dim, int) else dim)]
     hi, lo = i.sh.amax(dims, keepdim=keep), i.sh.amin(dims, keepdim=keep)
     r = torch.where(hi == lo, hi, torch.full_like(hi, -1))
+    if not bool((hi == lo).all()):
+        summed = _sum_of_unit_slices(rec, i.sh, dims)
+        if summed is not None:
+            r = summed if not keep else summed.reshape(hi.shape)
     if tuple(r.shape) == tuple(o.shape):
         rec.set(o, TensorInfo(sh=r, depth=i.depth))
+
+
+def _sum_of_unit_slices(rec, sh: torch.Tensor, dims: list[int]):
+    """A reduction over stacked copies of one layout (``torch.stack([a(x), b(x)]).mean(0)``,
+    an ensemble): each slice along the reduced dims holds distinct units, position by
+    position in one-to-one correspondence, so the units summed together are one (as
+    for ``a(x) + b(x)``). The merged slice's shadow, or None where the slices are not
+    such (a sum over the feature dim itself: each slice one unit)."""
+    kept = [d for d in range(sh.dim()) if d not in dims]
+    slices = sh.permute(*dims, *kept).reshape(-1, *[sh.shape[d] for d in kept])
+    first = slices[0]
+    if slices.shape[0] < 2 or not bool((slices >= 0).all()) or first.unique().numel() < 2:
+        return None
+    n = first.unique().numel()
+    for other in slices[1:]:
+        pairs = torch.unique(first.flatten() * (rec.state.num_raw_nodes + 1) + other.flatten())
+        if not (pairs.numel() == n == other.unique().numel()):
+            return None
+    rec.merge_pairs(first.expand_as(slices), slices)
+    return first.clone()
