@@ -284,3 +284,21 @@ def test_eager_and_fx_captures_agree_on_every_task_family(family):
     fx = l2o.build_graph(model, task.example_inputs(), capture="fx", use_cache=False)
     assert eager.num_nodes == fx.num_nodes
     assert _canonical(eager) == _canonical(fx)
+
+
+class _FunctionalGlu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(3, 8), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.nn.functional.glu(self.fc(x), dim=-1))
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+def test_glu_makes_its_two_halves_one_unit_each(capture):
+    # Catches: the fx capture passing glu's input through (8 units read by a 4-column head)
+    g = l2o.build_graph(_FunctionalGlu(), (torch.randn(2, 3),), strict=True, capture=capture, use_cache=False)
+    units = edges_of(g, "fc.weight")[1].view(8, 3)[:, 0]
+    assert torch.equal(units[:4], units[4:]) and units.unique().numel() == 4
+    assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4)[0], units[:4])

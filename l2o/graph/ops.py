@@ -12,7 +12,8 @@
   ``[B, C*prod(S)]`` keeps the C channel nodes and records ``S`` so the
   next Linear can give each column its spatial position;
 * ``chunk`` / ``split`` / ``tensor_split`` / ``unbind`` along the feature dim split the node
-  list (a fused qkv projection becomes q, k, v node sets);
+  list (a fused qkv projection becomes q, k, v node sets); ``glu`` merges its
+  two halves' units (``a * sigmoid(b)``);
 * ``transpose`` / ``mT`` / ``t`` moving the last dim mark the value as
   transposed; ``a @ b`` with ``b`` transposed contracts the two feature
   dims (attention scores ``q @ k^T``): q and k neurons are merged, since they
@@ -188,6 +189,15 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         return linear_core(state, w, b, args[0])
     if name in ("chunk", "split", "unbind", "split_with_sizes", "tensor_split"):
         return _split(state, node, name, args, kwargs)
+    if name == "glu":
+        # F.glu: a * sigmoid(b) of the two halves, whose units are one (as in the eager capture)
+        x = args[0] if args else kwargs.get("input")
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+        if isinstance(x, Val) and x.nodes is not None and isinstance(dim, int) \
+                and _is_feature_dim(x, dim, _shape(node.args[0])) and int(x.nodes.shape[0]) % 2 == 0:
+            a, b = x.nodes.chunk(2)
+            state.merge(a, b)
+            return x.passthrough(own_nodes=a, lazy=None, spatial=None)
     if name == "scaled_dot_product_attention":
         # q and k units pair up in the scores; the result carries v's units
         q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
