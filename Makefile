@@ -19,12 +19,13 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# One pytest-xdist worker per core (-n auto); plain `pytest tests` runs the same tests serially.
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest -n auto tests
 
 # The quick subset: everything not marked slow (markers in pyproject.toml).
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest -n auto tests -m "not slow"
 
 # Mutation testing of the core (config: [tool.mutmut] in pyproject.toml); not part of
 # make test: ~10k mutants, hours on a small CPU. Works in mutants/; report: docs/mutation.md.

@@ -1,8 +1,16 @@
 """Fixtures shared by the test modules."""
+import os
+
 import pytest
 import torch
 
 from l2o.fast import native
+
+# Under pytest-xdist (make test runs one worker per core) each worker gets its
+# share of the cores: torch's default of one thread per core in every worker
+# would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
 @pytest.fixture(autouse=True, scope="session")
