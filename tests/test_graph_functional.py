@@ -1,0 +1,128 @@
+"""Parameters used through functional calls (``F.linear``, ``x @ W.T + b``,
+``torch.addmm``, ``F.layer_norm``, ...), as Hugging Face and hand-written models
+use them, give the graph their ``nn`` modules give: same nodes, edges and entry
+kinds, entry by entry (issue 17: the eager capture's parameter-use handlers)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import l2o
+from test_graph_structure import _canonical
+
+NORMS = {
+    "layer": lambda: nn.LayerNorm(6), "rms": lambda: nn.RMSNorm(6), "group": lambda: nn.GroupNorm(2, 6),
+    "batch": lambda: nn.BatchNorm1d(6), "instance": lambda: nn.InstanceNorm1d(6, affine=True),
+    "prelu": lambda: nn.PReLU(6), "none": lambda: nn.Identity(),
+}
+
+
+class Modules(nn.Module):
+    """Linear -> norm -> relu -> Linear, as modules."""
+    def __init__(self, norm):
+        super().__init__()
+        self.fc, self.norm, self.out = nn.Linear(3, 6), NORMS[norm](), nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if isinstance(self.norm, nn.InstanceNorm1d):    # over two positions: [B, C, 2]
+            h = self.norm(h.unsqueeze(-1).repeat(1, 1, 2)).mean(-1)
+        else:
+            h = self.norm(h)
+        return self.out(torch.relu(h))
+
+
+def _params_of(module: nn.Module) -> nn.Module:
+    """A bare module holding ``module``'s parameters and buffers under the same names."""
+    bare = nn.Module()
+    for n, p in module.named_parameters(recurse=False):
+        setattr(bare, n, nn.Parameter(p.detach().clone()))
+    for n, b in module.named_buffers(recurse=False):
+        bare.register_buffer(n, b.clone())
+    return bare
+
+
+def _linear(form, x, w, b):
+    if form == "F.linear":
+        return F.linear(x, w, b)
+    if form == "F.linear_kwargs":
+        return F.linear(input=x, weight=w, bias=b)
+    if form == "matmul_t":
+        return x @ w.T + b
+    if form == "addmm_t":
+        return torch.addmm(b, x, w.t())
+    raise ValueError(form)
+
+
+def _norm(kind, h, n, kwargs):
+    if kind == "layer":
+        return F.layer_norm(input=h, normalized_shape=(6,), weight=n.weight, bias=n.bias) if kwargs \
+            else F.layer_norm(h, (6,), n.weight, n.bias)
+    if kind == "rms":
+        return F.rms_norm(input=h, normalized_shape=(6,), weight=n.weight) if kwargs else F.rms_norm(h, (6,), n.weight)
+    if kind == "group":
+        return F.group_norm(input=h, num_groups=2, weight=n.weight, bias=n.bias) if kwargs \
+            else F.group_norm(h, 2, n.weight, n.bias)
+    if kind == "batch":
+        return F.batch_norm(h, n.running_mean, n.running_var, weight=n.weight, bias=n.bias, training=True) \
+            if kwargs else F.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, True)
+    if kind == "instance":
+        h = h.unsqueeze(-1).repeat(1, 1, 2)
+        return (F.instance_norm(h, weight=n.weight, bias=n.bias) if kwargs
+                else F.instance_norm(h, None, None, n.weight, n.bias)).mean(-1)
+    if kind == "prelu":
+        return F.prelu(h, weight=n.weight) if kwargs else F.prelu(h, n.weight)
+    return h
+
+
+class Functional(nn.Module):
+    """The same parameters (names, shapes, values) used through functional calls."""
+    def __init__(self, norm, linear, kwargs):
+        super().__init__()
+        ref = Modules(norm)
+        self.kind, self.form, self.kwargs = norm, linear, kwargs
+        self.fc, self.norm, self.out = _params_of(ref.fc), _params_of(ref.norm), _params_of(ref.out)
+
+    def forward(self, x):
+        h = _norm(self.kind, _linear(self.form, x, self.fc.weight, self.fc.bias), self.norm, self.kwargs)
+        return _linear(self.form, torch.relu(h), self.out.weight, self.out.bias)
+
+
+@pytest.mark.parametrize("kwargs", [False, True], ids=["positional", "keywords"])
+@pytest.mark.parametrize("linear", ["F.linear", "F.linear_kwargs", "matmul_t", "addmm_t"])
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_functional_calls_map_like_their_modules(norm, linear, kwargs):
+    x = torch.randn(4, 3)
+    torch.manual_seed(0)
+    modules = Modules(norm)
+    torch.manual_seed(0)
+    functional = Functional(norm, linear, kwargs)
+    assert [n for n, _ in modules.named_parameters()] == [n for n, _ in functional.named_parameters()]
+    want = l2o.build_graph(modules, (x,), strict=True, use_cache=False)
+    got = l2o.build_graph(functional, (x,), strict=True, use_cache=False)
+    assert got.num_nodes == want.num_nodes
+    assert _canonical(got) == _canonical(want)
+
+
+def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d():
+    # HF's Conv1D keeps W as [in, out] and computes addmm(b, x, W): entry W[i, o]
+    # is the edge input i -> unit o, the transpose of a Linear's layout.
+    class Conv1D(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(3, 6)), nn.Parameter(torch.zeros(6))
+
+        def forward(self, x):
+            return torch.addmm(self.bias, x, self.weight)
+
+    model = nn.Sequential(Conv1D(), nn.ReLU(), nn.Linear(6, 2))
+    g = l2o.build_graph(model, (torch.randn(4, 3),), strict=True, use_cache=False)
+    i = g.flat_order.index(g.param_names.index("0.weight"))
+    s = g.tensor_slices[i]
+    src, dst = g.edge_index[0, s].view(3, 6), g.edge_index[1, s].view(3, 6)
+    assert (src == src[:, :1]).all() and src[:, 0].unique().numel() == 3
+    assert (dst == dst[:1]).all() and dst[0].unique().numel() == 6
+    k = g.flat_order.index(g.param_names.index("2.weight"))
+    assert torch.equal(g.edge_index[0, g.tensor_slices[k]].view(2, 6)[0], dst[0])
