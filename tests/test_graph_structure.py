@@ -152,12 +152,16 @@ CUTS = {
 }
 
 
-@pytest.mark.parametrize("capture", ["eager", "fx"])
-@pytest.mark.parametrize("cut", list(CUTS))
+# (without shapes, dim 1 of a Linear's output may be a sequence dim: fx cannot tell)
+@pytest.mark.parametrize("cut, capture", [(c, k) for c in CUTS for k in ("eager", "fx", "fx_without_inputs")
+                                          if not (c == "torch_chunk_dim1" and k == "fx_without_inputs")])
 def test_pieces_cut_along_the_features_read_their_own_units(cut, capture):
     # Catches: a split/chunk along the feature dim not splitting the unit list
-    # (every piece read as all 8 units, or the pieces swapped).
-    g = l2o.build_graph(_Pieces(CUTS[cut]), (torch.randn(2, 3),), strict=True, capture=capture, use_cache=False)
+    # (every piece read as all 8 units, or the pieces swapped). Without example
+    # inputs, fx has no shapes and decides the feature dim from the layers alone.
+    x = None if capture == "fx_without_inputs" else (torch.randn(2, 3),)
+    g = l2o.build_graph(_Pieces(CUTS[cut]), x, strict=True, capture=capture.removesuffix("_without_inputs"),
+                        use_cache=False)
     units = edges_of(g, "fc.weight")[1].view(8, 3)[:, 0]
     assert units.unique().numel() == 8
     assert torch.equal(edges_of(g, "a.weight")[0].view(2, 4)[0], units[:4])
@@ -302,3 +306,82 @@ def test_glu_makes_its_two_halves_one_unit_each(capture):
     units = edges_of(g, "fc.weight")[1].view(8, 3)[:, 0]
     assert torch.equal(units[:4], units[4:]) and units.unique().numel() == 4
     assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4)[0], units[:4])
+
+
+def _entry_kinds(g, name):
+    k = g.flat_order.index(g.param_names.index(name))
+    s = g.tensor_slices[k]
+    assert k >= g.num_edge_params, f"{name} is edge-held"
+    return g.entry_kind[s.start - g.num_edges:s.stop - g.num_edges]
+
+
+def test_a_per_channel_prelu_on_a_conv_map_sits_on_the_channels():
+    # Catches: the slope read along another dim than the channels (shadow dim 1)
+    g = l2o.build_graph(nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.Conv2d(4, 2, 1)),
+                        (torch.randn(2, 2, 6, 6),), strict=True, use_cache=False)
+    channels = edges_of(g, "0.weight")[1].view(4, 18)[:, 0]
+    i = g.param_names.index("1.weight")
+    slots = g.tensor_slices[g.flat_order.index(i)]
+    assert torch.equal(g.entry_node[slots.start - g.num_edges:slots.stop - g.num_edges], channels)
+    assert (_entry_kinds(g, "1.weight") == EntryKind.NORM_WEIGHT).all()
+
+
+def test_a_shared_prelu_slope_is_one_entry_on_its_own_node_without_a_warning():
+    # nn.PReLU() (one slope for every unit, the default): nothing to structure, so no
+    # "no graph structure" warning, and strict builds accept it
+    import warnings
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = l2o.build_graph(model, (torch.randn(2, 3),), strict=True, use_cache=False)
+        l2o.build_graph(model, use_cache=False)
+    assert (_entry_kinds(g, "1.weight") == EntryKind.FALLBACK).all()
+
+
+@pytest.mark.parametrize("call", ["positional", "keyword", "channels"])
+def test_glu_halves_along_the_dim_it_is_given(call):
+    # Catches: glu's dim argument ignored (positional or keyword) or taken as the last dim
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            conv = call == "channels"
+            self.fc = nn.Conv1d(3, 8, 1) if conv else nn.Linear(3, 8)
+            self.out = nn.Conv1d(4, 2, 1) if conv else nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            h = {"positional": lambda: torch.nn.functional.glu(h, -1),
+                 "keyword": lambda: torch.nn.functional.glu(h, dim=-1),
+                 "channels": lambda: torch.nn.functional.glu(h, 1)}[call]()
+            return self.out(h)
+
+    x = torch.randn(2, 3, 4) if call == "channels" else torch.randn(2, 3)
+    g = l2o.build_graph(Model(), (x,), strict=True, use_cache=False)
+    units = edges_of(g, "fc.weight")[1].view(8, -1)[:, 0]
+    assert torch.equal(units[:4], units[4:]) and units.unique().numel() == 4
+    assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4, -1)[0, :, 0], units[:4])
+
+
+class _ConvCat(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.dim, self.a, self.b = dim, nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(2, 3 if dim != 1 else 4, 3, padding=1)
+        self.out = nn.Conv2d(7 if dim == 1 else 3, 2, 1)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.a(x)), self.b(x)], dim=self.dim))
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx", "fx_without_inputs"])
+@pytest.mark.parametrize("dim", [1, 2, -1])
+def test_conv_maps_concatenated_along_channels_stack_units_and_along_space_share_them(dim, capture):
+    model, x = _ConvCat(dim), torch.randn(2, 2, 5, 5)
+    g = l2o.build_graph(model, None if capture == "fx_without_inputs" else (x,), strict=True,
+                        capture=capture.removesuffix("_without_inputs"), use_cache=False)
+    a = edges_of(g, "a.weight")[1].view(3, 18)[:, 0]
+    b = edges_of(g, "b.weight")[1].view(-1, 18)[:, 0]
+    reads = edges_of(g, "out.weight")[0].view(2, -1)[0]
+    if dim == 1:
+        assert torch.equal(reads, torch.cat([a, b])) and len(set(a.tolist()) | set(b.tolist())) == 7
+    else:
+        assert torch.equal(a, b) and torch.equal(reads, a)

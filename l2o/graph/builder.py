@@ -177,8 +177,9 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
             other.notes.append(f"eager run on guessed inputs {_describe(inputs)} structured less; fx used")
             state = other
     left = state.unclaimed()
-    # zero-size tensors have nothing to structure: fallback bookkeeping only, no warning
-    report = [i for i in left if state.param_shapes[i].numel() > 0]
+    # zero-size and one-entry tensors (nn.PReLU()'s shared slope, a temperature) have no
+    # structure to find: their per-tensor node is all there is, no warning
+    report = [i for i in left if state.param_shapes[i].numel() > 1]
     unstructured = report_unstructured(model, state, report, strict) if report or state.opaque else []
     graph = state.finish(left, unstructured)
     graph.capture = state.capture

@@ -105,7 +105,9 @@ def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
         d = dim % len(shape)
         feature = d == (1 if fdim == "chan" else len(shape) - 1)
     else:
-        feature = dim == -1 or (dim == 1 and fdim in ("chan", "last", None)) or (dim >= 2 and fdim == "last")
+        # no shapes (fx without example inputs): a conv map's last dim is spatial
+        feature = (dim == -1 and fdim != "chan") or (dim == 1 and fdim in ("chan", "last", None)) \
+            or (dim >= 2 and fdim == "last")
     if feature:
         import torch
         return Val(own_nodes=torch.cat([v.nodes for v in vals]), depth=depth_of(*vals), fdim=fdim)
@@ -116,7 +118,7 @@ def _is_feature_dim(x: Val, dim: int, shape) -> bool:
     if shape is not None:
         d = dim % len(shape)
         return d == (1 if x.fdim == "chan" else len(shape) - 1)
-    return dim == -1 or (dim == 1 and x.fdim == "chan")
+    return (dim == -1 and x.fdim != "chan") or (dim == 1 and x.fdim == "chan")
 
 
 def _split(state, node: fx.Node, name: str, args, kwargs) -> Any:
