@@ -51,8 +51,8 @@ def _linear(form, x, w, b):
         return F.linear(input=x, weight=w, bias=b)
     if form == "matmul_t":
         return x @ w.T + b
-    if form == "addmm_t":
-        return torch.addmm(b, x, w.t())
+    if form == "addmm_t":   # as HF's Conv1D: flattened to 2-D around the addmm
+        return torch.addmm(b, x.reshape(-1, x.shape[-1]), w.t()).view(*x.shape[:-1], -1)
     raise ValueError(form)
 
 
@@ -94,7 +94,9 @@ class Functional(nn.Module):
 @pytest.mark.parametrize("linear", ["F.linear", "F.linear_kwargs", "matmul_t", "addmm_t"])
 @pytest.mark.parametrize("norm", list(NORMS))
 def test_functional_calls_map_like_their_modules(norm, linear, kwargs):
-    x = torch.randn(4, 3)
+    # [batch, sequence, features] where the norm is over the last dim (a norm read
+    # along dim 1 would be wrong there), [batch, channels] for the channel norms
+    x = torch.randn(4, 5, 3) if norm in ("layer", "rms", "none") else torch.randn(4, 3)
     torch.manual_seed(0)
     modules = Modules(norm)
     torch.manual_seed(0)
@@ -106,18 +108,19 @@ def test_functional_calls_map_like_their_modules(norm, linear, kwargs):
     assert _canonical(got) == _canonical(want)
 
 
-def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d():
+@pytest.mark.parametrize("call", ["addmm", "matmul"])
+def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d(call):
     # HF's Conv1D keeps W as [in, out] and computes addmm(b, x, W): entry W[i, o]
     # is the edge input i -> unit o, the transpose of a Linear's layout.
-    class Conv1D(nn.Module):
+    class InOutLinear(nn.Module):   # not named Conv1D: that name has a module mapper (layers/hf.py)
         def __init__(self):
             super().__init__()
             self.weight, self.bias = nn.Parameter(torch.randn(3, 6)), nn.Parameter(torch.zeros(6))
 
         def forward(self, x):
-            return torch.addmm(self.bias, x, self.weight)
+            return torch.addmm(self.bias, x, self.weight) if call == "addmm" else x @ self.weight + self.bias
 
-    model = nn.Sequential(Conv1D(), nn.ReLU(), nn.Linear(6, 2))
+    model = nn.Sequential(InOutLinear(), nn.ReLU(), nn.Linear(6, 2))
     g = l2o.build_graph(model, (torch.randn(4, 3),), strict=True, use_cache=False)
     i = g.flat_order.index(g.param_names.index("0.weight"))
     s = g.tensor_slices[i]
