@@ -129,3 +129,15 @@ def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d(call)
     assert (dst == dst[:1]).all() and dst[0].unique().numel() == 6
     k = g.flat_order.index(g.param_names.index("2.weight"))
     assert torch.equal(g.edge_index[0, g.tensor_slices[k]].view(2, 6)[0], dst[0])
+
+
+@pytest.mark.parametrize("linear", ["F.linear", "F.linear_kwargs"])
+def test_the_fx_capture_maps_f_linear_like_nn_linear(linear):
+    # The fx capture (the fallback when a forward cannot be run) knows F.linear on
+    # parameters fetched by get_attr, not the norms or matrix products.
+    x = torch.randn(4, 5, 3)
+    torch.manual_seed(0)
+    want = l2o.build_graph(Modules("none"), (x,), strict=True, capture="fx", use_cache=False)
+    torch.manual_seed(0)
+    got = l2o.build_graph(Functional("none", linear, False), (x,), strict=True, capture="fx", use_cache=False)
+    assert _canonical(got) == _canonical(want)

@@ -184,11 +184,11 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         tensors = args[0] if args else kwargs.get("tensors", ())
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return _cat(state, node, tensors, dim if isinstance(dim, int) else 0)
-    if name == "linear" and len(args) >= 2 and isinstance(args[1], ParamRef):
-        w = state.params[args[1].index]
+    weight = args[1] if len(args) > 1 else kwargs.get("weight")
+    if name == "linear" and isinstance(weight, ParamRef):
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         b = state.params[b.index] if isinstance(b, ParamRef) else None
-        return linear_core(state, w, b, args[0])
+        return linear_core(state, state.params[weight.index], b, args[0] if args else kwargs.get("input"))
     if name in ("chunk", "split", "unbind", "split_with_sizes", "tensor_split"):
         return _split(state, node, name, args, kwargs)
     if name == "glu":
