@@ -57,23 +57,30 @@ def _linear(form, x, w, b):
 
 
 def _norm(kind, h, n, kwargs):
+    """The norm through ``F`` with positional arguments, or (``kwargs``) through the
+    ``torch.*`` builtin with every argument by keyword (``F`` passes its own
+    arguments on positionally, so only the builtins reach the capture with keywords)."""
     if kind == "layer":
-        return F.layer_norm(input=h, normalized_shape=(6,), weight=n.weight, bias=n.bias) if kwargs \
+        return torch.layer_norm(input=h, normalized_shape=(6,), weight=n.weight, bias=n.bias) if kwargs \
             else F.layer_norm(h, (6,), n.weight, n.bias)
     if kind == "rms":
-        return F.rms_norm(input=h, normalized_shape=(6,), weight=n.weight) if kwargs else F.rms_norm(h, (6,), n.weight)
+        return torch.rms_norm(input=h, normalized_shape=(6,), weight=n.weight) if kwargs \
+            else F.rms_norm(h, (6,), n.weight)
     if kind == "group":
-        return F.group_norm(input=h, num_groups=2, weight=n.weight, bias=n.bias) if kwargs \
+        return torch.group_norm(input=h, num_groups=2, weight=n.weight, bias=n.bias) if kwargs \
             else F.group_norm(h, 2, n.weight, n.bias)
     if kind == "batch":
-        return F.batch_norm(h, n.running_mean, n.running_var, weight=n.weight, bias=n.bias, training=True) \
-            if kwargs else F.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, True)
+        return torch.batch_norm(input=h, weight=n.weight, bias=n.bias, running_mean=n.running_mean,
+                                running_var=n.running_var, training=True, momentum=0.1, eps=1e-5,
+                                cudnn_enabled=False) if kwargs \
+            else F.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, True)
     if kind == "instance":
         h = h.unsqueeze(-1).repeat(1, 1, 2)
-        return (F.instance_norm(h, weight=n.weight, bias=n.bias) if kwargs
+        return (torch.instance_norm(input=h, weight=n.weight, bias=n.bias, running_mean=None, running_var=None,
+                                    use_input_stats=True, momentum=0.1, eps=1e-5, cudnn_enabled=False) if kwargs
                 else F.instance_norm(h, None, None, n.weight, n.bias)).mean(-1)
     if kind == "prelu":
-        return F.prelu(h, weight=n.weight) if kwargs else F.prelu(h, n.weight)
+        return torch.prelu(input=h, weight=n.weight) if kwargs else F.prelu(h, n.weight)
     return h
 
 

@@ -46,8 +46,8 @@ def record_param_use(rec, name, func, args, kwargs, out, tracked) -> bool:
     if name == "embedding" and rec.is_param(arg(1, "weight")):
         rec.assign(out, embedding_core(rec.state, arg(1, "weight"), rec.val(arg(0, "input"))))
         return True
-    if name == "prelu" and rec.is_param(arg(1, "weight")) and isinstance(arg(0), Tensor):
-        return _prelu(rec, arg(0), arg(1, "weight"), out, rec.depth(tracked))
+    if name == "prelu" and rec.is_param(arg(1, "weight")) and isinstance(arg(0, "input"), Tensor):
+        return _prelu(rec, arg(0, "input"), arg(1, "weight"), out, rec.depth(tracked))
     if name in NORMS:
         return _norm(rec, name, arg, out, rec.depth(tracked))
     if isinstance(out, Tensor) and (name in MUL or name in ADD):
