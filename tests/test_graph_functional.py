@@ -56,58 +56,64 @@ def _linear(form, x, w, b):
     raise ValueError(form)
 
 
-def _norm(kind, h, n, kwargs):
-    """The norm through ``F`` with positional arguments, or (``kwargs``) through the
-    ``torch.*`` builtin with every argument by keyword (``F`` passes its own
-    arguments on positionally, so only the builtins reach the capture with keywords)."""
+def _norm(kind, h, n, call):
+    """The norm through ``F`` (positional arguments), or through the ``torch.*``
+    builtin with positional arguments or every argument by keyword (``F`` passes
+    weight and bias on by keyword: only the builtins reach the capture otherwise)."""
+    w, b = getattr(n, "weight", None), getattr(n, "bias", None)
     if kind == "layer":
-        return torch.layer_norm(input=h, normalized_shape=(6,), weight=n.weight, bias=n.bias) if kwargs \
-            else F.layer_norm(h, (6,), n.weight, n.bias)
+        return {"F": lambda: F.layer_norm(h, (6,), w, b), "torch": lambda: torch.layer_norm(h, (6,), w, b),
+                "keywords": lambda: torch.layer_norm(input=h, normalized_shape=(6,), weight=w, bias=b)}[call]()
     if kind == "rms":
-        return torch.rms_norm(input=h, normalized_shape=(6,), weight=n.weight) if kwargs \
-            else F.rms_norm(h, (6,), n.weight)
+        return {"F": lambda: F.rms_norm(h, (6,), w), "torch": lambda: torch.rms_norm(h, (6,), w),
+                "keywords": lambda: torch.rms_norm(input=h, normalized_shape=(6,), weight=w)}[call]()
     if kind == "group":
-        return torch.group_norm(input=h, num_groups=2, weight=n.weight, bias=n.bias) if kwargs \
-            else F.group_norm(h, 2, n.weight, n.bias)
+        return {"F": lambda: F.group_norm(h, 2, w, b), "torch": lambda: torch.group_norm(h, 2, w, b),
+                "keywords": lambda: torch.group_norm(input=h, num_groups=2, weight=w, bias=b)}[call]()
     if kind == "batch":
-        return torch.batch_norm(input=h, weight=n.weight, bias=n.bias, running_mean=n.running_mean,
-                                running_var=n.running_var, training=True, momentum=0.1, eps=1e-5,
-                                cudnn_enabled=False) if kwargs \
-            else F.batch_norm(h, n.running_mean, n.running_var, n.weight, n.bias, True)
+        rm, rv = n.running_mean, n.running_var
+        return {"F": lambda: F.batch_norm(h, rm, rv, w, b, True),
+                "torch": lambda: torch.batch_norm(h, w, b, rm, rv, True, 0.1, 1e-5, False),
+                "keywords": lambda: torch.batch_norm(input=h, weight=w, bias=b, running_mean=rm, running_var=rv,
+                                                     training=True, momentum=0.1, eps=1e-5,
+                                                     cudnn_enabled=False)}[call]()
     if kind == "instance":
         h = h.unsqueeze(-1).repeat(1, 1, 2)
-        return (torch.instance_norm(input=h, weight=n.weight, bias=n.bias, running_mean=None, running_var=None,
-                                    use_input_stats=True, momentum=0.1, eps=1e-5, cudnn_enabled=False) if kwargs
-                else F.instance_norm(h, None, None, n.weight, n.bias)).mean(-1)
+        return {"F": lambda: F.instance_norm(h, None, None, w, b),
+                "torch": lambda: torch.instance_norm(h, w, b, None, None, True, 0.1, 1e-5, False),
+                "keywords": lambda: torch.instance_norm(input=h, weight=w, bias=b, running_mean=None,
+                                                        running_var=None, use_input_stats=True, momentum=0.1,
+                                                        eps=1e-5, cudnn_enabled=False)}[call]().mean(-1)
     if kind == "prelu":
-        return torch.prelu(input=h, weight=n.weight) if kwargs else F.prelu(h, n.weight)
+        return {"F": lambda: F.prelu(h, w), "torch": lambda: torch.prelu(h, w),
+                "keywords": lambda: torch.prelu(input=h, weight=w)}[call]()
     return h
 
 
 class Functional(nn.Module):
     """The same parameters (names, shapes, values) used through functional calls."""
-    def __init__(self, norm, linear, kwargs):
+    def __init__(self, norm, linear, call):
         super().__init__()
         ref = Modules(norm)
-        self.kind, self.form, self.kwargs = norm, linear, kwargs
+        self.kind, self.form, self.call = norm, linear, call
         self.fc, self.norm, self.out = _params_of(ref.fc), _params_of(ref.norm), _params_of(ref.out)
 
     def forward(self, x):
-        h = _norm(self.kind, _linear(self.form, x, self.fc.weight, self.fc.bias), self.norm, self.kwargs)
+        h = _norm(self.kind, _linear(self.form, x, self.fc.weight, self.fc.bias), self.norm, self.call)
         return _linear(self.form, torch.relu(h), self.out.weight, self.out.bias)
 
 
-@pytest.mark.parametrize("kwargs", [False, True], ids=["positional", "keywords"])
+@pytest.mark.parametrize("call", ["F", "torch", "keywords"])
 @pytest.mark.parametrize("linear", ["F.linear", "F.linear_kwargs", "matmul_t", "addmm_t"])
 @pytest.mark.parametrize("norm", list(NORMS))
-def test_functional_calls_map_like_their_modules(norm, linear, kwargs):
+def test_functional_calls_map_like_their_modules(norm, linear, call):
     # [batch, sequence, features] where the norm is over the last dim (a norm read
     # along dim 1 would be wrong there), [batch, channels] for the channel norms
     x = torch.randn(4, 5, 3) if norm in ("layer", "rms", "none") else torch.randn(4, 3)
     torch.manual_seed(0)
     modules = Modules(norm)
     torch.manual_seed(0)
-    functional = Functional(norm, linear, kwargs)
+    functional = Functional(norm, linear, call)
     assert [n for n, _ in modules.named_parameters()] == [n for n, _ in functional.named_parameters()]
     want = l2o.build_graph(modules, (x,), strict=True, use_cache=False)
     got = l2o.build_graph(functional, (x,), strict=True, use_cache=False)
@@ -146,5 +152,21 @@ def test_the_fx_capture_maps_f_linear_like_nn_linear(linear):
     torch.manual_seed(0)
     want = l2o.build_graph(Modules("none"), (x,), strict=True, capture="fx", use_cache=False)
     torch.manual_seed(0)
-    got = l2o.build_graph(Functional("none", linear, False), (x,), strict=True, capture="fx", use_cache=False)
+    got = l2o.build_graph(Functional("none", linear, "F"), (x,), strict=True, capture="fx", use_cache=False)
     assert _canonical(got) == _canonical(want)
+
+
+@pytest.mark.parametrize("first", ["layer", "rms", "prelu", "batch"])
+def test_a_norm_as_the_first_layer_sits_on_the_input_nodes(first):
+    # The model's input has no units until a layer reads it: the norm's scale and
+    # shift go on the input nodes, which the next Linear then reads.
+    from l2o.graph.param_graph import NodeType
+    norm = {"layer": lambda: nn.LayerNorm(3), "rms": lambda: nn.RMSNorm(3), "prelu": lambda: nn.PReLU(3),
+            "batch": lambda: nn.BatchNorm1d(3)}[first]()
+    g = l2o.build_graph(nn.Sequential(norm, nn.Linear(3, 2)), (torch.randn(4, 3),), strict=True, use_cache=False)
+    i = g.param_names.index("0.weight")
+    s = g.tensor_slices[g.flat_order.index(i)]
+    on = g.entry_node[s.start - g.num_edges:s.stop - g.num_edges]
+    k = g.flat_order.index(g.param_names.index("1.weight"))
+    reads = g.edge_index[0, g.tensor_slices[k]].view(2, 3)[0]
+    assert torch.equal(on, reads) and (g.node_type[on] == NodeType.INPUT).all()

@@ -229,7 +229,8 @@ def test_branches_concatenated_along_the_batch_share_their_units(join, capture):
 
 
 def _canonical(g):
-    """Per parameter: its entries' nodes relabelled by first appearance, and kinds."""
+    """Per parameter: its entries' nodes relabelled by first appearance, and kinds;
+    then each node's type and depth, in that order."""
     ids: dict[int, int] = {}
 
     def label(t):
@@ -243,7 +244,8 @@ def _canonical(g):
         else:
             e = slice(s.start - g.num_edges, s.stop - g.num_edges)
             out.append((name, label(g.entry_node[e]), g.entry_kind[e].tolist()))
-    return out
+    nodes = sorted(ids, key=ids.get)
+    return out, g.node_type[nodes].tolist(), [round(float(d), 5) for d in g.node_depth[nodes]]
 
 
 class _Scores(nn.Module):

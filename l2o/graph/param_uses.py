@@ -112,7 +112,9 @@ def _norm(rec, name: str, arg, out, depth: int) -> bool:
         ref = sh.reshape(-1, *shape).max(0).values
     else:
         sh = rec.shadow_of(x, xi, 1)
-        k = 2 if name == "group_norm" else 3
+        # F.batch_norm / F.instance_norm put the running stats first (weight at 3);
+        # the torch.* builtins put weight and bias first (at 1)
+        k = 2 if name == "group_norm" else 1 if rec.is_param(arg(1)) else 3
         ws = [(arg(k, "weight"), EntryKind.NORM_WEIGHT), (arg(k + 1, "bias"), EntryKind.NORM_BIAS)]
         ref = rec.columns(sh, 1)
     for w, kind in ws:
