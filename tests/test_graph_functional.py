@@ -133,14 +133,15 @@ def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d(call)
         def forward(self, x):
             return torch.addmm(self.bias, x, self.weight) if call == "addmm" else x @ self.weight + self.bias
 
-    model = nn.Sequential(InOutLinear(), nn.ReLU(), nn.Linear(6, 2))
+    model = nn.Sequential(nn.Linear(3, 3), InOutLinear(), nn.ReLU(), nn.Linear(6, 2))
     g = l2o.build_graph(model, (torch.randn(4, 3),), strict=True, use_cache=False)
-    i = g.flat_order.index(g.param_names.index("0.weight"))
+    first = g.edge_index[1, g.tensor_slices[g.flat_order.index(g.param_names.index("0.weight"))]].view(3, 3)[:, 0]
+    i = g.flat_order.index(g.param_names.index("1.weight"))
     s = g.tensor_slices[i]
     src, dst = g.edge_index[0, s].view(3, 6), g.edge_index[1, s].view(3, 6)
-    assert (src == src[:, :1]).all() and src[:, 0].unique().numel() == 3
+    assert torch.equal(src, first.view(3, 1).expand(3, 6)), "row i reads the previous layer's unit i"
     assert (dst == dst[:1]).all() and dst[0].unique().numel() == 6
-    k = g.flat_order.index(g.param_names.index("2.weight"))
+    k = g.flat_order.index(g.param_names.index("3.weight"))
     assert torch.equal(g.edge_index[0, g.tensor_slices[k]].view(2, 6)[0], dst[0])
 
 

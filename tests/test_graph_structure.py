@@ -338,6 +338,8 @@ def test_a_shared_prelu_slope_is_one_entry_on_its_own_node_without_a_warning():
         g = l2o.build_graph(model, (torch.randn(2, 3),), strict=True, use_cache=False)
         l2o.build_graph(model, use_cache=False)
     assert (_entry_kinds(g, "1.weight") == EntryKind.FALLBACK).all()
+    # the slope is shared, so the units pass through: the head reads the first layer's units
+    assert torch.equal(edges_of(g, "2.weight")[0].view(2, 4)[0], edges_of(g, "0.weight")[1].view(4, 3)[:, 0])
 
 
 @pytest.mark.parametrize("call", ["positional", "keyword", "channels"])
