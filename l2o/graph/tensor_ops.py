@@ -122,7 +122,7 @@ def reduce(rec, args, kwargs, out) -> None:
     if dim is None:
         return
     keep = kwargs.get("keepdim", args[2] if len(args) > 2 and isinstance(args[2], bool) else False)
-    dims = [d % i.sh.dim() for d in ([dim] if isinstance(dim, int) else dim)]
+    dims = [d % max(i.sh.dim(), 1) for d in ([dim] if isinstance(dim, int) else dim)]
     hi, lo = i.sh.amax(dims, keepdim=keep), i.sh.amin(dims, keepdim=keep)
     r = torch.where(hi == lo, hi, torch.full_like(hi, -1))
     if not bool((hi == lo).all()):
