@@ -389,3 +389,38 @@ def test_conv_maps_concatenated_along_channels_stack_units_and_along_space_share
         assert torch.equal(reads, torch.cat([a, b])) and len(set(a.tolist()) | set(b.tolist())) == 7
     else:
         assert torch.equal(a, b) and torch.equal(reads, a)
+
+
+@pytest.mark.parametrize("pieces", ["three_branches", "one_to_one", "not_one_to_one", "a_sum_over_features"])
+def test_a_stack_reduced_merges_units_only_in_one_to_one_correspondence(pieces):
+    # Slices that pair each unit with exactly one other are one neuron each (an
+    # ensemble's mean); a slice pairing one unit with two (a gather) or a sum over
+    # the feature dim itself must not collapse the units into fewer nodes.
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(3, 4)
+            self.c = nn.Linear(3, 4) if pieces in ("three_branches", "a_sum_over_features") else None
+            self.out = nn.Linear(4 if pieces != "a_sum_over_features" else 1, 2)
+
+        def forward(self, x):
+            a = self.a(x)
+            if pieces == "three_branches":
+                return self.out(torch.stack([a, self.b(x), self.c(x)]).mean(0))
+            if pieces == "one_to_one":
+                return self.out(torch.stack([a, self.b(x)[:, [1, 0, 3, 2]]]).sum(0))
+            if pieces == "not_one_to_one":
+                return self.out(torch.stack([a, self.b(x)[:, [0, 0, 1, 1]]]).sum(0))
+            return self.out(a.sum(-1, keepdim=True) + self.b(x).sum(-1, keepdim=True) + self.c(x).sum(-1, keepdim=True))
+
+    g = l2o.build_graph(Model(), (torch.randn(2, 3),), strict=True, use_cache=False)
+    units = {k: edges_of(g, f"{k}.weight")[1].view(4, 3)[:, 0] for k in "abc" if f"{k}.weight" in g.param_names}
+    for k in units:
+        assert units[k].unique().numel() == 4, f"{k}'s units collapsed"
+    if pieces == "three_branches":
+        assert torch.equal(units["a"], units["b"]) and torch.equal(units["a"], units["c"])
+        assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4)[0], units["a"])
+    elif pieces == "one_to_one":
+        assert torch.equal(units["a"], units["b"][[1, 0, 3, 2]])
+    else:
+        assert not set(units["a"].tolist()) & set(units["b"].tolist())
