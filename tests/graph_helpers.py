@@ -1,5 +1,6 @@
-"""Helpers shared by the graph tests: where a tensor sits in a ParamGraph, and a
-randomly initialised GMN's update (for permutation-equivariance checks)."""
+"""Helpers shared by the graph tests: where a tensor sits in a ParamGraph, a
+randomly initialised GMN's update (for permutation-equivariance checks), and a
+graph's structure up to node numbering (to compare two ways to one graph)."""
 from __future__ import annotations
 
 import torch
@@ -43,3 +44,23 @@ def random_gmn_update(model, loss) -> dict:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         upd, _ = lopt(g, flat, grad, lopt.init_state(flat))
     return dict(zip(g.param_names, g.scatter(upd)))
+
+
+def canonical(g):
+    """Per parameter: its entries' nodes relabelled by first appearance, and kinds;
+    then each node's type and depth, in that order."""
+    ids: dict[int, int] = {}
+
+    def label(t):
+        return [ids.setdefault(int(v), len(ids)) for v in t.tolist()]
+    out = []
+    for i, name in enumerate(g.param_names):
+        k = g.flat_order.index(i)
+        s = g.tensor_slices[k]
+        if k < g.num_edge_params:
+            out.append((name, label(g.edge_index[0, s]), label(g.edge_index[1, s]), g.edge_kind[s].tolist()))
+        else:
+            e = slice(s.start - g.num_edges, s.stop - g.num_edges)
+            out.append((name, label(g.entry_node[e]), g.entry_kind[e].tolist()))
+    nodes = sorted(ids, key=ids.get)
+    return out, g.node_type[nodes].tolist(), [round(float(d), 5) for d in g.node_depth[nodes]]

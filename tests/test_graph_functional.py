@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import l2o
-from test_graph_structure import _canonical
+from graph_helpers import canonical
 
 NORMS = {
     "layer": lambda: nn.LayerNorm(6), "rms": lambda: nn.RMSNorm(6), "group": lambda: nn.GroupNorm(2, 6),
@@ -118,7 +118,7 @@ def test_functional_calls_map_like_their_modules(norm, linear, call):
     want = l2o.build_graph(modules, (x,), strict=True, use_cache=False)
     got = l2o.build_graph(functional, (x,), strict=True, use_cache=False)
     assert got.num_nodes == want.num_nodes
-    assert _canonical(got) == _canonical(want)
+    assert canonical(got) == canonical(want)
 
 
 @pytest.mark.parametrize("call", ["addmm", "matmul"])
@@ -154,7 +154,7 @@ def test_the_fx_capture_maps_f_linear_like_nn_linear(linear):
     want = l2o.build_graph(Modules("none"), (x,), strict=True, capture="fx", use_cache=False)
     torch.manual_seed(0)
     got = l2o.build_graph(Functional("none", linear, "F"), (x,), strict=True, capture="fx", use_cache=False)
-    assert _canonical(got) == _canonical(want)
+    assert canonical(got) == canonical(want)
 
 
 @pytest.mark.parametrize("first", ["layer", "rms", "prelu", "batch"])

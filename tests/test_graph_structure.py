@@ -9,6 +9,7 @@ from torch import nn
 
 import l2o
 import tasks
+from graph_helpers import canonical
 from l2o.graph.param_graph import EdgeKind, EntryKind
 
 
@@ -228,26 +229,6 @@ def test_branches_concatenated_along_the_batch_share_their_units(join, capture):
     assert torch.equal(edges_of(g, "out.weight")[0].view(2, 4)[0], a_units)
 
 
-def _canonical(g):
-    """Per parameter: its entries' nodes relabelled by first appearance, and kinds;
-    then each node's type and depth, in that order."""
-    ids: dict[int, int] = {}
-
-    def label(t):
-        return [ids.setdefault(int(v), len(ids)) for v in t.tolist()]
-    out = []
-    for i, name in enumerate(g.param_names):
-        k = g.flat_order.index(i)
-        s = g.tensor_slices[k]
-        if k < g.num_edge_params:
-            out.append((name, label(g.edge_index[0, s]), label(g.edge_index[1, s]), g.edge_kind[s].tolist()))
-        else:
-            e = slice(s.start - g.num_edges, s.stop - g.num_edges)
-            out.append((name, label(g.entry_node[e]), g.entry_kind[e].tolist()))
-    nodes = sorted(ids, key=ids.get)
-    return out, g.node_type[nodes].tolist(), [round(float(d), 5) for d in g.node_depth[nodes]]
-
-
 class _Scores(nn.Module):
     def __init__(self):
         super().__init__()
@@ -279,7 +260,7 @@ def test_eager_and_fx_captures_give_the_same_graph(make, shape):
     eager = l2o.build_graph(model, (x,), strict=True, capture="eager", use_cache=False)
     fx = l2o.build_graph(model, (x,), strict=True, capture="fx", use_cache=False)
     assert eager.num_nodes == fx.num_nodes
-    assert _canonical(eager) == _canonical(fx)
+    assert canonical(eager) == canonical(fx)
 
 
 @pytest.mark.parametrize("family", list(tasks.FAMILIES))
@@ -289,7 +270,7 @@ def test_eager_and_fx_captures_agree_on_every_task_family(family):
     eager = l2o.build_graph(model, task.example_inputs(), capture="eager", use_cache=False)
     fx = l2o.build_graph(model, task.example_inputs(), capture="fx", use_cache=False)
     assert eager.num_nodes == fx.num_nodes
-    assert _canonical(eager) == _canonical(fx)
+    assert canonical(eager) == canonical(fx)
 
 
 class _FunctionalGlu(nn.Module):
