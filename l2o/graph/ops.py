@@ -184,8 +184,7 @@ def apply(state, node: fx.Node, args: tuple, kwargs: dict, name: str | None = No
         tensors = args[0] if args else kwargs.get("tensors", ())
         dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
         return _cat(state, node, tensors, dim if isinstance(dim, int) else 0)
-    weight = args[1] if len(args) > 1 else kwargs.get("weight")
-    if name == "linear" and isinstance(weight, ParamRef):
+    if name == "linear" and isinstance(weight := args[1] if len(args) > 1 else kwargs.get("weight"), ParamRef):
         b = args[2] if len(args) > 2 else kwargs.get("bias")
         b = state.params[b.index] if isinstance(b, ParamRef) else None
         return linear_core(state, state.params[weight.index], b, args[0] if args else kwargs.get("input"))

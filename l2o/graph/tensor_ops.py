@@ -128,7 +128,7 @@ def reduce(rec, args, kwargs, out) -> None:
     if not bool((hi == lo).all()):
         summed = _sum_of_unit_slices(rec, i.sh, dims)
         if summed is not None:
-            r = summed if not keep else summed.reshape(hi.shape)
+            r = summed.reshape(hi.shape)     # the kept dims, with the reduced ones as 1 under keepdim
     if tuple(r.shape) == tuple(o.shape):
         rec.set(o, TensorInfo(sh=r, depth=i.depth))
 
@@ -142,9 +142,9 @@ def _sum_of_unit_slices(rec, sh: torch.Tensor, dims: list[int]):
     kept = [d for d in range(sh.dim()) if d not in dims]
     slices = sh.permute(*dims, *kept).reshape(-1, *[sh.shape[d] for d in kept])
     first = slices[0]
-    if slices.shape[0] < 2 or not bool((slices >= 0).all()) or first.unique().numel() < 2:
-        return None
     n = first.unique().numel()
+    if slices.shape[0] < 2 or not bool((slices >= 0).all()) or n < 2:
+        return None
     for other in slices[1:]:
         pairs = torch.unique(first.flatten() * (rec.state.num_raw_nodes + 1) + other.flatten())
         if not (pairs.numel() == n == other.unique().numel()):
