@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import l2o
-from graph_helpers import canonical
+from graph_helpers import canonical, part
 
 NORMS = {
     "layer": lambda: nn.LayerNorm(6), "rms": lambda: nn.RMSNorm(6), "group": lambda: nn.GroupNorm(2, 6),
@@ -135,14 +135,11 @@ def test_a_parameter_used_through_matmul_without_transpose_is_an_hf_conv1d(call)
 
     model = nn.Sequential(nn.Linear(3, 3), InOutLinear(), nn.ReLU(), nn.Linear(6, 2))
     g = l2o.build_graph(model, (torch.randn(4, 3),), strict=True, use_cache=False)
-    first = g.edge_index[1, g.tensor_slices[g.flat_order.index(g.param_names.index("0.weight"))]].view(3, 3)[:, 0]
-    i = g.flat_order.index(g.param_names.index("1.weight"))
-    s = g.tensor_slices[i]
-    src, dst = g.edge_index[0, s].view(3, 6), g.edge_index[1, s].view(3, 6)
+    first = part(g, "0.weight")[1][:, 0]
+    src, dst = part(g, "1.weight")
     assert torch.equal(src, first.view(3, 1).expand(3, 6)), "row i reads the previous layer's unit i"
     assert (dst == dst[:1]).all() and dst[0].unique().numel() == 6
-    k = g.flat_order.index(g.param_names.index("3.weight"))
-    assert torch.equal(g.edge_index[0, g.tensor_slices[k]].view(2, 6)[0], dst[0])
+    assert torch.equal(part(g, "3.weight")[0][0], dst[0])
 
 
 @pytest.mark.parametrize("linear", ["F.linear", "F.linear_kwargs"])
@@ -165,9 +162,5 @@ def test_a_norm_as_the_first_layer_sits_on_the_input_nodes(first):
     norm = {"layer": lambda: nn.LayerNorm(3), "rms": lambda: nn.RMSNorm(3), "prelu": lambda: nn.PReLU(3),
             "batch": lambda: nn.BatchNorm1d(3)}[first]()
     g = l2o.build_graph(nn.Sequential(norm, nn.Linear(3, 2)), (torch.randn(4, 3),), strict=True, use_cache=False)
-    i = g.param_names.index("0.weight")
-    s = g.tensor_slices[g.flat_order.index(i)]
-    on = g.entry_node[s.start - g.num_edges:s.stop - g.num_edges]
-    k = g.flat_order.index(g.param_names.index("1.weight"))
-    reads = g.edge_index[0, g.tensor_slices[k]].view(2, 3)[0]
+    on, reads = part(g, "0.weight"), part(g, "1.weight")[0][0]
     assert torch.equal(on, reads) and (g.node_type[on] == NodeType.INPUT).all()

@@ -9,7 +9,7 @@ from torch import nn
 
 import l2o
 import tasks
-from graph_helpers import canonical
+from graph_helpers import canonical, part
 from l2o.graph.param_graph import EdgeKind, EntryKind
 
 
@@ -303,9 +303,7 @@ def test_a_per_channel_prelu_on_a_conv_map_sits_on_the_channels():
     g = l2o.build_graph(nn.Sequential(nn.Conv2d(2, 4, 3), nn.PReLU(4), nn.Conv2d(4, 2, 1)),
                         (torch.randn(2, 2, 6, 6),), strict=True, use_cache=False)
     channels = edges_of(g, "0.weight")[1].view(4, 18)[:, 0]
-    i = g.param_names.index("1.weight")
-    slots = g.tensor_slices[g.flat_order.index(i)]
-    assert torch.equal(g.entry_node[slots.start - g.num_edges:slots.stop - g.num_edges], channels)
+    assert torch.equal(part(g, "1.weight"), channels)
     assert (_entry_kinds(g, "1.weight") == EntryKind.NORM_WEIGHT).all()
 
 
