@@ -142,7 +142,7 @@ class Recorder:
         n = int(sh.shape[fd])
         rows = sh.movedim(fd, -1).reshape(-1, n)
         cols = rows.max(0).values if rows.shape[0] else torch.full((n,), -1)
-        if n > 1 and rows.shape[0] > 1 and bool((rows != rows[:1]).any()):
+        if n > 1 and rows.shape[0] > 1 and bool((rows.amin(0) != cols).any()):
             # One parameter column multiplies every row. Where each row holds n distinct
             # units (pieces concatenated or stacked along the batch), the units that meet
             # in a column are one; rows of one repeated unit (a transposed map) are not units.
