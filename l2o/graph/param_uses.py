@@ -40,12 +40,18 @@ def record_param_use(rec, name, func, args, kwargs, out, tracked) -> bool:
         rec.assign(out, linear_core(rec.state, arg(1, "weight"), b if rec.is_param(b) else None,
                                     rec.val(arg(0, "input"))))
         return True
-    if name in ("addmm", "mm", "matmul", "__matmul__"):
+    # torch.mm reaches the mode under the name "spmm" (torch.overrides.resolve_name)
+    if name in ("addmm", "mm", "spmm", "matmul", "__matmul__"):
         x, w, b = (arg(1), arg(2), arg(0)) if name == "addmm" else (arg(0), arg(1), None)
         return _matrix_product(rec, x, w, b, out)
-    if name == "embedding" and rec.is_param(arg(1, "weight")):
-        rec.assign(out, embedding_core(rec.state, arg(1, "weight"), rec.val(arg(0, "input"))))
-        return True
+    if name == "embedding":
+        # F.embedding passes (input, weight) on positionally; the builtin
+        # torch.embedding takes (weight, indices)
+        w, ids = (args[1], args[0]) if len(args) > 1 and rec.is_param(args[1]) else \
+            (arg(0, "weight"), arg(1, "indices"))
+        if rec.is_param(w):
+            rec.assign(out, embedding_core(rec.state, w, rec.val(ids)))
+            return True
     if name == "prelu" and rec.is_param(arg(1, "weight")) and isinstance(arg(0, "input"), Tensor):
         return _prelu(rec, arg(0, "input"), arg(1, "weight"), out, rec.depth(tracked))
     if name in NORMS:
@@ -93,7 +99,7 @@ def _prelu(rec, x, w, out, depth: int) -> bool:
     cols = rec.columns(sh, 1)
     if cols.numel() == w.numel():
         rec.state.add_entries(w, cols, EntryKind.NORM_WEIGHT)
-    rec.set(out, TensorInfo(sh=sh, depth=depth))
+    rec.set(out, TensorInfo(sh=sh, depth=depth, spatial=xi.spatial))
     return True
 
 
@@ -113,8 +119,8 @@ def _norm(rec, name: str, arg, out, depth: int) -> bool:
     else:
         sh = rec.shadow_of(x, xi, 1)
         # F.batch_norm / F.instance_norm put the running stats first (weight at 3);
-        # the torch.* builtins put weight and bias first (at 1)
-        k = 2 if name == "group_norm" else 1 if rec.is_param(arg(1)) else 3
+        # the torch.* builtins put weight and bias first (at 1; either may be None)
+        k = 2 if name == "group_norm" else 1 if rec.is_param(arg(1)) or rec.is_param(arg(2)) else 3
         ws = [(arg(k, "weight"), EntryKind.NORM_WEIGHT), (arg(k + 1, "bias"), EntryKind.NORM_BIAS)]
         ref = rec.columns(sh, 1)
     for w, kind in ws:
@@ -123,7 +129,7 @@ def _norm(rec, name: str, arg, out, depth: int) -> bool:
             place_param(rec, wi.pidx[0], wi.pidx[1], ref.reshape(w.shape) if ref.numel() == w.numel() else ref,
                         kind)
     if isinstance(out, Tensor) and out.shape == x.shape:
-        rec.set(out, TensorInfo(sh=sh, depth=depth))
+        rec.set(out, TensorInfo(sh=sh, depth=depth, spatial=xi.spatial))
     return True
 
 

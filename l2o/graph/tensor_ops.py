@@ -111,7 +111,11 @@ def glu(rec, args, kwargs, out) -> None:
 
 def reduce(rec, args, kwargs, out) -> None:
     """A reduction keeps the nodes of the dims it does not reduce."""
-    x = args[0] if args else None
+    if len(args) > 1 and isinstance(args[1], torch.Tensor):
+        # torch.max(a, b) / torch.min(a, b): elementwise, not a reduction
+        elementwise(rec, out, [(t, i) for t, i in ((t, rec.get(t)) for t in args[:2]) if i is not None])
+        return
+    x = args[0] if args else kwargs.get("input")
     i = rec.get(x)
     o = out[0] if isinstance(out, tuple) else out
     if i is None or i.sh is None or not isinstance(o, torch.Tensor) or not o.is_floating_point():
