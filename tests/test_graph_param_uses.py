@@ -54,11 +54,15 @@ class _Product(nn.Module):
              "tensor.mm": lambda: x.mm(w.t()) + b,
              "tensor.matmul": lambda: x.matmul(w.T) + b,
              "dunder_matmul": lambda: x.__matmul__(w.T) + b,
-             "addmm": lambda: torch.addmm(b, x, w.t())}[self.form]()
+             "addmm": lambda: torch.addmm(b, x, w.t()),
+             "torch.mm_keywords": lambda: torch.mm(input=x, mat2=w.t()) + b,
+             "torch.matmul_keywords": lambda: torch.matmul(input=x, other=w.T) + b,
+             "torch.addmm_keywords": lambda: torch.addmm(input=b, mat1=x, mat2=w.t())}[self.form]()
         return self.out(torch.relu(h))
 
 
-@pytest.mark.parametrize("form", ["torch.mm", "tensor.mm", "tensor.matmul", "dunder_matmul", "addmm"])
+@pytest.mark.parametrize("form", ["torch.mm", "tensor.mm", "tensor.matmul", "dunder_matmul", "addmm",
+                                  "torch.mm_keywords", "torch.matmul_keywords", "torch.addmm_keywords"])
 def test_a_linear_written_as_a_matrix_product_maps_like_nn_linear(form):
     # Catches: "mm" dropped from the product names (x.mm(W.t()) then merged
     # elementwise, W left to the fallback). torch.mm itself reaches the

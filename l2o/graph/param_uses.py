@@ -42,7 +42,8 @@ def record_param_use(rec, name, func, args, kwargs, out, tracked) -> bool:
         return True
     # torch.mm reaches the mode under the name "spmm" (torch.overrides.resolve_name)
     if name in ("addmm", "mm", "spmm", "matmul", "__matmul__"):
-        x, w, b = (arg(1), arg(2), arg(0)) if name == "addmm" else (arg(0), arg(1), None)
+        x, w, b = (arg(1, "mat1"), arg(2, "mat2"), arg(0, "input")) if name == "addmm" else \
+            (arg(0, "input"), arg(1, "other" if "matmul" in name else "mat2"), None)
         return _matrix_product(rec, x, w, b, out)
     if name == "embedding":
         # F.embedding passes (input, weight) on positionally; the builtin
