@@ -29,6 +29,7 @@ import math
 import operator
 from typing import Any
 
+import torch
 from torch import fx
 
 from .layers.linear import linear_core
@@ -96,11 +97,9 @@ def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
     vals = _vals(tensors)
     if not vals:
         return None
-    if any(v.nodes is None for v in vals):
-        # widths unknown: cannot tell a feature concat from a batch concat
-        return merge_all(state, vals) if any(v.nodes is not None for v in vals) else vals[0]
     shape = _shape(node)
-    fdim = vals[0].fdim
+    # which dim the nodes index, from any input that knows (a network input does not)
+    fdim = next((v.fdim for v in vals if v.fdim is not None), None)
     if shape is not None:
         d = dim % len(shape)
         feature = d == (1 if fdim == "chan" else len(shape) - 1)
@@ -108,8 +107,17 @@ def _cat(state, node: fx.Node, tensors, dim: int) -> Any:
         # no shapes (fx without example inputs): a conv map's last dim is spatial
         feature = (dim == -1 and fdim != "chan") or (dim == 1 and fdim in ("chan", "last", None)) \
             or (dim >= 2 and fdim == "last")
+    if any(v.nodes is None for v in vals):
+        if feature and shape is not None:
+            # a network input met first here: its width is its own size along dim
+            srcs = node.args[0] if node.args else node.kwargs.get("tensors", ())
+            widths = [s[d] if (s := _shape(n)) is not None else None for n in srcs]
+            if len(widths) == len(tensors) and None not in widths:
+                nodes = [resolve(state, v, w) for v, w in zip(tensors, widths) if isinstance(v, Val)]
+                return Val(own_nodes=torch.cat(nodes), depth=depth_of(*vals), fdim=fdim)
+        # widths unknown: cannot tell a feature concat from a batch concat
+        return merge_all(state, vals) if any(v.nodes is not None for v in vals) else vals[0]
     if feature:
-        import torch
         return Val(own_nodes=torch.cat([v.nodes for v in vals]), depth=depth_of(*vals), fdim=fdim)
     return merge_all(state, vals)
 
