@@ -272,33 +272,35 @@ def test_f_linear_with_a_slice_of_a_parameter_is_not_mapped_as_the_whole_paramet
     assert (g.entry_kind[g.entry_node == part(g, "w")[0, 0]] == EntryKind.FALLBACK).all()
 
 
+@pytest.mark.parametrize("capture", ["fx", "eager"])
 @pytest.mark.parametrize("call", ["keywords", "value_by_keyword"])
-def test_sdpa_with_keyword_arguments_pairs_q_with_k_and_carries_v(call):
+def test_sdpa_with_keyword_arguments_pairs_q_with_k_and_carries_v(call, capture):
     # scaled_dot_product_attention(query=, key=, value=) as positionally: q and k
-    # units merged, the output reading v's units. (The eager capture does not follow
-    # the keyword form: its notes say "op not followed".)
+    # units merged, the output reading v's units. (The eager capture once read only
+    # positional q, k, v: "op not followed".)
     sdpa = {"keywords": lambda q, k, v: F.scaled_dot_product_attention(query=q, key=k, value=v),
             "value_by_keyword": lambda q, k, v: F.scaled_dot_product_attention(q, k, value=v)}[call]
     model = Net(lambda s, x: s.o(sdpa(s.q(x), s.k(x), s.v(x))), **{n: L(*io) for n, io in _QKV.items()})
     ref = Net(lambda s, x: s.o(F.scaled_dot_product_attention(s.q(x), s.k(x), s.v(x))),
               **{n: L(*io) for n, io in _QKV.items()})
     x = (torch.randn(2, 5, 6),)
-    g = l2o.build_graph(model, x, strict=True, capture="fx", use_cache=False)
-    assert full(g) == full(l2o.build_graph(ref, x, strict=True, capture="fx", use_cache=False))
+    g = l2o.build_graph(model, x, strict=True, capture=capture, use_cache=False)
+    assert full(g) == full(l2o.build_graph(ref, x, strict=True, capture=capture, use_cache=False))
     q, k, v = (part(g, f"{n}.weight")[1][:, 0] for n in "qkv")
     assert torch.equal(q, k) and not set(q.tolist()) & set(v.tolist())
     assert torch.equal(part(g, "o.weight")[0][0], v)
 
 
-@pytest.mark.parametrize("capture", ["fx", "fx_without_inputs"])
+@pytest.mark.parametrize("capture", ["fx", "fx_without_inputs", "eager"])
 def test_torch_flatten_by_keywords_is_read_by_channel(capture):
     # torch.flatten(input=h, start_dim=1) as torch.flatten(h, 1). (The eager capture
-    # does not follow the keyword form: "op not followed: flatten".)
+    # once missed the keyword form: "op not followed: flatten".)
     def build(flat):
         torch.manual_seed(0)
         model = Net(lambda s, x: s.o(flat(torch.relu(s.c(x)))), c=nn.Conv2d(2, 3, 3), o=L(3 * 16, 2))
-        x = (torch.randn(2, 2, 6, 6),) if capture == "fx" else None
-        return l2o.build_graph(model, x, strict=True, capture="fx", use_cache=False)
+        x = None if capture == "fx_without_inputs" else (torch.randn(2, 2, 6, 6),)
+        return l2o.build_graph(model, x, strict=True, capture=capture.replace("_without_inputs", ""),
+                               use_cache=False)
     g = build(lambda h: torch.flatten(input=h, start_dim=1))
     assert full(g) == full(build(lambda h: torch.flatten(h, 1)))
     channels = part(g, "c.weight")[1][:, 0, 0, 0]

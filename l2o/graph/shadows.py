@@ -124,6 +124,8 @@ def apply_to_shadows(func, name, args, kwargs, subs: dict, fill: int, spread: bo
         if not args:
             kwargs = {**kwargs, "tensors": new}
         return func(*args, **kwargs)
+    if not args and "input" in kwargs:   # torch.flatten(input=h, ...)
+        args, kwargs = (kwargs["input"],), {k: v for k, v in kwargs.items() if k != "input"}
     first = args[0] if args else None
     rest = list(args[1:])
     if name in ("view", "view_as") and not kwargs.get("dtype") and not (rest and isinstance(rest[0], torch.dtype)):
