@@ -305,9 +305,10 @@ class ShardedGMNOptimizer(GMNOptimizer):
             s, e = self._owned(k)
             e = max(s, e)
             start = self.graph.tensor_slices[k].start
+            # a rank owning none of p gets an empty range at p's start or end, within p
+            shard = torch.tensor([s - start, e - start]).clamp_(0, p.numel())
             self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, s - lo:e - lo],
-                             "v": self._flat_state["v"][s - lo:e - lo],
-                             "shard": torch.tensor([s - start, e - start])}
+                             "v": self._flat_state["v"][s - lo:e - lo], "shard": shard}
             if self._log_lr is not None:
                 self.state[p]["log_lr"] = self._log_lr[k]
 
