@@ -59,7 +59,7 @@ def matmul(rec, args, out) -> None:
 
 
 def sdpa(rec, args, kwargs, out) -> None:
-    q, k, v = (tuple(args[:3]) + tuple(kwargs.get(n) for n in ("query", "key", "value")[len(args):]))[:3]
+    q, k, v = (args[j] if len(args) > j else kwargs.get(n) for j, n in enumerate(("query", "key", "value")))
     iq, ik, iv = rec.get(q), rec.get(k), rec.get(v)
     sq = rec.shadow_of(q, iq, -1) if iq is not None else None
     sk = rec.shadow_of(k, ik, -1) if ik is not None else None
