@@ -1,12 +1,28 @@
 """Helpers shared by the graph tests: where a tensor sits in a ParamGraph, a
 randomly initialised GMN's update (for permutation-equivariance checks), and a
-graph's structure up to node numbering (to compare two ways to one graph)."""
+graph's structure up to node numbering (to compare two ways to one graph),
+and an uncached build with the ops it did not follow."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 
 import l2o
 from l2o.graph import build_graph
+
+
+def build(model, *inputs, strict=True):
+    """The eager graph, uncached; a non-strict build's "no graph structure" warning is expected."""
+    with warnings.catch_warnings():
+        if not strict:
+            warnings.simplefilter("ignore")
+        return build_graph(model, inputs, strict=strict, use_cache=False)
+
+
+def not_followed(g):
+    """The build's notes of ops the capture could not follow."""
+    return [n for n in g.notes if n.startswith("op not followed")]
 
 
 def part(g, name):

@@ -6,28 +6,14 @@ run over the two modules (docs/mutation.md); each test was checked to fail
 with the mutation it names put in by hand."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import l2o
-from graph_helpers import canonical, part
+from graph_helpers import build, canonical, not_followed, part
 from l2o.graph.param_graph import EntryKind, NodeType
-
-
-def build(model, *inputs, strict=True):
-    """The eager graph; a non-strict build's "no graph structure" warning is expected here."""
-    with warnings.catch_warnings():
-        if not strict:
-            warnings.simplefilter("ignore")
-        return l2o.build_graph(model, inputs, strict=strict, use_cache=False)
-
-
-def not_followed(g):
-    return [n for n in g.notes if n.startswith("op not followed")]
 
 
 def units_of(g, name):

@@ -5,28 +5,15 @@ over the module (docs/mutation.md); each test was checked to fail with the
 mutation it names put in by hand."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 import l2o
-from graph_helpers import canonical, part
+from graph_helpers import build, canonical, not_followed, part
 from l2o.graph.param_graph import NodeType
 from l2o.graph.recorder import Recorder
 from l2o.graph.shadows import TensorInfo
 from l2o.graph.state import GraphState
-
-
-def build(model, *inputs, strict=True):
-    with warnings.catch_warnings():
-        if not strict:
-            warnings.simplefilter("ignore")
-        return l2o.build_graph(model, inputs, strict=strict, use_cache=False)
-
-
-def not_followed(g):
-    return [n for n in g.notes if n.startswith("op not followed")]
 
 
 def _recorder(model):

@@ -275,12 +275,16 @@ def test_a_non_finite_loss_ends_the_unroll_and_its_term_is_dropped():
 
 
 # ------------------------------------------------------------------ meta-gradient
-def test_the_meta_loss_is_differentiable_only_in_meta_mode():
+def _mlp_run(init_seed):
+    """A fresh MLP metanetwork (seed 0) and a 50-step run of SPEC in slot 0, with its task entry."""
     pool = TaskPool("mlp", "cpu")
     torch.manual_seed(0)
     lopt = make_lopt("mlp")
-    run = new_run(pool, SPEC, 3, lopt, 0, 0, 50)
-    entry = pool.get(SPEC)
+    return lopt, new_run(pool, SPEC, init_seed, lopt, 0, 0, 50), pool.get(SPEC)
+
+
+def test_the_meta_loss_is_differentiable_only_in_meta_mode():
+    lopt, run, entry = _mlp_run(init_seed=3)
     result = unroll(lopt, run, entry, 2, cfg(), "cpu", meta=True)
     assert result.meta_loss.requires_grad
     assert not any(t.requires_grad for t in (result.final["params"], result.final["grad"],
@@ -306,11 +310,7 @@ def test_loss_and_grad_detaches_the_gradient_unless_second_order():
 
 
 def test_perturbed_weights_are_used_instead_of_the_metanetworks_own():
-    pool = TaskPool("mlp", "cpu")
-    torch.manual_seed(0)
-    lopt = make_lopt("mlp")
-    run = new_run(pool, SPEC, 3, lopt, 0, 0, 50)
-    entry = pool.get(SPEC)
+    lopt, run, entry = _mlp_run(init_seed=3)
     override = {n: p.detach() + 0.05 * torch.randn_like(p) for n, p in lopt.named_parameters()}
     other = make_lopt("mlp")
     other.load_state_dict({**lopt.state_dict(), **override})
@@ -324,11 +324,7 @@ def test_perturbed_weights_are_used_instead_of_the_metanetworks_own():
 
 # ------------------------------------------------------------------ hand-unrolled reference
 def test_an_unroll_of_the_metanetwork_equals_the_steps_written_out_by_hand():
-    pool = TaskPool("mlp", "cpu")
-    torch.manual_seed(0)
-    lopt = make_lopt("mlp")
-    run = new_run(pool, SPEC, 6, lopt, 0, 0, 50)
-    entry = pool.get(SPEC)
+    lopt, run, entry = _mlp_run(init_seed=6)
     first = unroll(lopt, run, entry, 2, cfg(), "cpu", meta=False)
     run2 = advance(run, first)
     result = unroll(lopt, run2, entry, 3, cfg(), "cpu", meta=False)
