@@ -60,21 +60,32 @@ def step_path(request, use_step_path):
     return request.param
 
 
+def _to_meta_device(model) -> None:
+    """``model`` moved to the "meta" device, its parameters swapped (as
+    ``nn.Module.to`` does for a real device change), with all-ones gradients."""
+    swapping = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swapping)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+
+
+@pytest.fixture
+def to_meta_device():
+    """``to_meta_device(model)``: a device change a test can make without a GPU."""
+    return _to_meta_device
+
+
 @pytest.fixture
 def step_on_meta_device():
     """``step_on_meta_device(model, opt)``: moves ``model`` to the "meta"
-    device (parameters swapped, as ``nn.Module.to`` does for a real device
-    change) and calls ``opt.step()`` once with all-ones gradients, so a test
+    device (see ``to_meta_device``) and calls ``opt.step()`` once, so a test
     can check that the optimizer followed its model without a GPU."""
     def step(model, opt) -> None:
-        swapping = torch.__future__.get_swap_module_params_on_conversion()
-        torch.__future__.set_swap_module_params_on_conversion(True)
-        try:
-            model.to("meta")
-        finally:
-            torch.__future__.set_swap_module_params_on_conversion(swapping)
-        for p in model.parameters():
-            p.grad = torch.ones_like(p)
+        _to_meta_device(model)
         try:
             opt.step()
         except (RuntimeError, NotImplementedError):

@@ -481,7 +481,7 @@ def test_sharded_optimizer_groups_form_needs_the_model_like_gmn_optimizer(thread
     assert set(opt.state) == set(model[0].parameters())
 
 
-def test_sharded_optimizer_refuses_what_it_does_not_support_by_name(thread_ranks):
+def test_sharded_optimizer_refuses_what_it_does_not_support_by_name(thread_ranks, to_meta_device):
     """A later add_param_group, a state dict to restore, a model moved after
     construction, sparse gradients, non-contiguous parameters: each a clear
     error naming the optimizer, before anything changes."""
@@ -515,14 +515,7 @@ def test_sharded_optimizer_refuses_what_it_does_not_support_by_name(thread_ranks
     model = _model()
     opt = ShardedGMNOptimizer(model, weights=None, process_group=ranks.group)
     _step(model, opt)
-    swapping = torch.__future__.get_swap_module_params_on_conversion()
-    torch.__future__.set_swap_module_params_on_conversion(True)
-    try:
-        model.to("meta")
-    finally:
-        torch.__future__.set_swap_module_params_on_conversion(swapping)
-    for p in model.parameters():
-        p.grad = torch.ones_like(p)
+    to_meta_device(model)
     with pytest.raises(NotImplementedError) as err:
         opt.step()
     assert str(err.value) == "ShardedGMNOptimizer: the model moved after the optimizer was built"
