@@ -10,6 +10,7 @@ import torch
 
 import l2o
 from l2o.graph import build_graph
+from lopt_helpers import seeded_weights
 
 
 def build(model, *inputs, strict=True):
@@ -53,11 +54,8 @@ def random_gmn_update(model, loss) -> dict:
     for gr in grads:
         gr[gr.abs() < tiny] = 0.0
     flat, grad = g.gather([named[n].detach() for n in g.param_names]), g.gather(grads)
-    lopt = l2o.GMNLOpt()
-    gen = torch.Generator().manual_seed(0)
+    lopt = seeded_weights(l2o.GMNLOpt())
     with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
         upd, _ = lopt(g, flat, grad, lopt.init_state(flat))
     return dict(zip(g.param_names, g.scatter(upd)))
 

@@ -14,6 +14,7 @@ from l2o.fast import plan as plan_mod
 from l2o.fast.backend import ChunkedBackend, fused_kernels, select_impl
 from l2o.graph.blocks import ScatterBlock, edge_blocks
 from l2o.layout import tensor_layout
+from lopt_helpers import seeded_weights
 
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), None),
@@ -50,12 +51,7 @@ gmn_step = mlp_step = chunked_step
 
 
 def _scrambled(lopt, seed: int = 0):
-    """Weights away from the near-zero output init, so every path matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return lopt.requires_grad_(False)
+    return seeded_weights(lopt, seed).requires_grad_(False)
 
 
 def _random_state(lopt, flat, seed=1):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import l2o
+from lopt_helpers import seeded_weights
 
 
 def _model():
@@ -25,21 +26,12 @@ def _step(model, opt):
     opt.step()
 
 
-def _mlp_lopt():
-    lopt = l2o.MLPLOpt()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return lopt
-
-
 @pytest.mark.parametrize("form", ["named", "group of one tensor", "named groups"])
 def test_every_params_form_of_torch_optim_steps_like_a_list_of_tensors(form):
     """torch.optim takes tensors, (name, tensor) pairs, or group dicts whose
     "params" is one tensor or such a list: without model=, each gives the
     MLPOptimizer the same layout and the same step as the plain list."""
-    lopt = _mlp_lopt()
+    lopt = seeded_weights(l2o.MLPLOpt())
     model, twin = _model(), _model()
     ref = l2o.MLPOptimizer(list(model.parameters()), weights=copy.deepcopy(lopt))
     if form == "named":

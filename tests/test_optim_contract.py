@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import l2o
+from lopt_helpers import seeded_weights
 
 
 def _model():
@@ -92,14 +93,6 @@ def test_a_one_entry_gradient_whose_square_overflows_is_skipped_on_the_forward_p
 IMPLS = ["forward", "chunked", "fused"]   # the flat step, the chunked one with torch ops, with the C kernels
 
 
-def _scrambled(lopt, seed=0, scale=0.3):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return lopt
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("poison", ["nan", "inf"])
 def test_non_finite_updates_leave_their_entries_unchanged(impl, poison):
@@ -164,7 +157,7 @@ def test_the_clock_is_the_largest_counter_among_the_tensors_stepped(impl):
     def pair():
         torch.manual_seed(0)
         a, b = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(2))
-        return a, b, l2o.MLPOptimizer([a, b], weights=_scrambled(l2o.MLPLOpt()), impl=impl)
+        return a, b, l2o.MLPOptimizer([a, b], weights=seeded_weights(l2o.MLPLOpt()), impl=impl)
     a, b, opt = pair()
     for _ in range(5):
         a.grad, b.grad = torch.randn(3), None
@@ -241,7 +234,7 @@ def test_each_groups_lr_and_weight_decay_apply_on_every_path(impl):
     """p <- p (1 - lr wd) + lr u on each path (a fused kernel, torch ops, the
     flat step): with u from a twin at lr = 1 and no decay, a group at
     lr = 0.25, wd = 0.1 and one at lr = 0.5, wd = 0 move by exactly that."""
-    lopt = _scrambled(l2o.GMNLOpt())
+    lopt = seeded_weights(l2o.GMNLOpt())
     model, twin = _model(), _model()
     opt = l2o.GMNOptimizer([{"params": model[0].parameters(), "lr": 0.25, "weight_decay": 0.1},
                             {"params": model[2].parameters(), "lr": 0.5}], model=model, weights=lopt, impl=impl)
@@ -280,7 +273,7 @@ def test_non_contiguous_parameters_step_like_contiguous_ones_on_every_path(impl)
     """A transposed (non-contiguous) parameter is updated in place, with the
     same values as a contiguous copy of it (the chunked step updates a copy
     and writes it back)."""
-    lopt = _scrambled(l2o.MLPLOpt())
+    lopt = seeded_weights(l2o.MLPLOpt())
     torch.manual_seed(0)
     base, g = torch.randn(5, 4), torch.randn(4, 5)
     start = base.t().clone()
@@ -316,7 +309,7 @@ def _stale_tensor_run(impl, stale_count=None):
     optionally overwritten, loaded into a fresh optimizer on a copy, and that
     takes one more step without 0.weight: the other tensors' displacements."""
     model = _model()
-    opt = l2o.GMNOptimizer(model, weights=_scrambled(l2o.GMNLOpt()), impl=impl)
+    opt = l2o.GMNOptimizer(model, weights=seeded_weights(l2o.GMNLOpt()), impl=impl)
     for i in range(5):
         opt.zero_grad()
         _backward(model)

@@ -39,12 +39,8 @@ def _metanetwork(weights: str):
     import l2o
     if weights == "pretrained":
         return "pretrained"
-    g = torch.Generator().manual_seed(3)
-    lopt = l2o.GMNLOpt(adapt=weights == "adapt")
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return lopt
+    from lopt_helpers import seeded_weights
+    return seeded_weights(l2o.GMNLOpt(adapt=weights == "adapt"), seed=3, scale=0.05)
 
 
 def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):

@@ -20,6 +20,7 @@ from l2o.fast import native
 from l2o.fast import plan as plan_mod
 from l2o.graph import UnsupportedModuleError
 from l2o.optim import ShardedGMNOptimizer, unwrap_model
+from lopt_helpers import seeded_weights
 
 
 def _model():
@@ -36,14 +37,6 @@ def _step(model, opt, seed=1):
     opt.zero_grad()
     _backward(model, seed)
     opt.step()
-
-
-def _randomised(lopt, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return lopt
 
 
 def _same_weights(a, b):
@@ -75,7 +68,7 @@ def test_weights_none_is_a_fresh_metanetwork_of_the_optimizers_kind(cls, kind):
 def test_a_metanetwork_module_is_copied_and_the_callers_left_as_it_was(cls, lopt_cls):
     """The optimizer freezes, casts and moves its own copy: the module passed
     (e.g. one being meta-trained) keeps training mode and gradients."""
-    lopt = _randomised(lopt_cls(), seed=1)
+    lopt = seeded_weights(lopt_cls(), seed=1, scale=0.05)
     before = copy.deepcopy(lopt)
     model = _model()
     opt = cls(model, weights=lopt)
@@ -90,7 +83,7 @@ def test_a_metanetwork_module_is_copied_and_the_callers_left_as_it_was(cls, lopt
 @pytest.mark.parametrize("cls,kind,other", [(l2o.GMNOptimizer, "gmn", "mlp"), (l2o.MLPOptimizer, "mlp", "gmn")])
 def test_a_weights_path_loads_that_file_and_refuses_the_other_kind(tmp_path, form, cls, kind, other):
     mine, theirs = tmp_path / f"{kind}.safetensors", tmp_path / f"{other}.safetensors"
-    saved = _randomised(checkpoint.make_lopt(kind), seed=2)
+    saved = seeded_weights(checkpoint.make_lopt(kind), seed=2, scale=0.05)
     checkpoint.save_lopt(saved, mine)
     checkpoint.save_lopt(checkpoint.make_lopt(other), theirs)
     as_form = str if form == "str" else (lambda path: path)
@@ -153,7 +146,7 @@ def test_the_same_model_given_twice_wrapped_or_not_is_one_model(cls):
 def test_graph_model_is_model_under_another_name(cls):
     """HF Trainer's form: the layout covers the whole model whatever the
     groups, so the parameters left out can be added later."""
-    lopt = _randomised(l2o.GMNLOpt() if cls is l2o.GMNOptimizer else l2o.MLPLOpt(), seed=5)
+    lopt = seeded_weights(l2o.GMNLOpt() if cls is l2o.GMNOptimizer else l2o.MLPLOpt(), seed=5, scale=0.05)
     model, twin = _model(), _model()
     opt = cls(model[0].parameters(), weights=lopt, graph_model=model)
     ref = cls(twin[0].parameters(), weights=lopt, model=twin)
@@ -187,7 +180,7 @@ def test_an_mlp_optimizer_over_nothing_is_refused():
 def test_a_tensor_listed_twice_is_one_tensor_of_the_mlp_layout():
     """Tied weights listed once per module that uses them (an embedding tied
     to the output layer): one tensor of the layout, stepped once."""
-    lopt = _randomised(l2o.MLPLOpt(), seed=6)
+    lopt = seeded_weights(l2o.MLPLOpt(), seed=6, scale=0.05)
     model, twin = _model(), _model()
     a, b = model[0].weight, model[0].bias
     with pytest.warns(UserWarning, match="duplicate"):        # torch.optim's own warning
@@ -313,7 +306,7 @@ def test_sharded_step_equals_the_unsharded_one_with_threads_as_ranks(thread_rank
         pytest.skip(native.status())
     monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", 16)   # several runs per tensor and per shard
     ranks = thread_ranks(world)
-    lopt = _randomised(l2o.GMNLOpt(adapt=True), seed=3)
+    lopt = seeded_weights(l2o.GMNLOpt(adapt=True), seed=3, scale=0.05)
 
     def groups(model):
         return [{"params": [model[0].weight, model[2].weight], "weight_decay": 1e-2},
@@ -379,7 +372,7 @@ def test_sharded_optimizer_on_one_rank_is_the_unsharded_one(thread_ranks):
     """World 1 (the test's own thread): impl "auto" takes the chunked step
     (fused where the kernels build), and the step is the unsharded one."""
     ranks = thread_ranks(1)
-    lopt = _randomised(l2o.GMNLOpt(), seed=4)
+    lopt = seeded_weights(l2o.GMNLOpt(), seed=4, scale=0.05)
     model, twin = _model(), _model()
     opt = ShardedGMNOptimizer(model, weights=lopt, weight_decay=1e-2, process_group=ranks.group)
     expected = "fused" if "fused" in _sharded_impls() else "chunked"
@@ -442,7 +435,7 @@ def test_sharded_optimizer_auto_takes_the_chunked_step_fused_where_the_kernels_b
     from l2o.fast.lean import LeanGraph
     ranks = thread_ranks(1)
     expected = "fused" if kernels == "native" else "chunked"
-    lopt = _randomised(l2o.GMNLOpt(), seed=4)
+    lopt = seeded_weights(l2o.GMNLOpt(), seed=4, scale=0.05)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3, bias=False))
     twin = copy.deepcopy(model)
@@ -526,7 +519,7 @@ def test_sharded_optimizer_leaves_a_frozen_tensor_with_a_stale_gradient_alone(th
     values and state whatever its (stale) ``.grad`` holds."""
     ranks = thread_ranks(1)
     model = _model()
-    opt = ShardedGMNOptimizer(model, weights=_randomised(l2o.GMNLOpt(), seed=7), process_group=ranks.group)
+    opt = ShardedGMNOptimizer(model, weights=seeded_weights(l2o.GMNLOpt(), seed=7, scale=0.05), process_group=ranks.group)
     _step(model, opt)
     frozen = model[0].bias
     frozen.requires_grad_(False)

@@ -11,21 +11,14 @@ from l2o.graph import build_graph
 from l2o.meta import inner
 from l2o.meta.config import MetaConfig
 from l2o.meta.tasks_pool import TaskPool, draw_length
-
-
-def _scrambled(lopt, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in lopt.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return lopt.requires_grad_(False)
+from lopt_helpers import seeded_weights
 
 
 def _setup(relative=True):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 3))
     graph = build_graph(model)
-    lopt = _scrambled(l2o.GMNLOpt(relative=relative, scale_floor=1e-3))
+    lopt = seeded_weights(l2o.GMNLOpt(relative=relative, scale_floor=1e-3)).requires_grad_(False)
     flat = graph.gather([p.detach() for p in model.parameters()])
     grad = torch.randn(flat.shape, generator=torch.Generator().manual_seed(1))
     return model, graph, lopt, flat, grad
