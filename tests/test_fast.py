@@ -185,6 +185,48 @@ def test_fused_kernels_build_where_there_is_a_compiler(monkeypatch):
     assert native.load(8, 8, 16) is None and "disabled" in native.status()
 
 
+@pytest.mark.parametrize("cpu", ["avx512", "avx2"])
+def test_only_the_gmns_library_takes_16_lanes_and_only_on_avx512(cpu, monkeypatch):
+    monkeypatch.setattr(native.platform, "machine", lambda: "x86_64")
+    flags = "flags\t\t: fpu sse2 avx avx2 fma" + (" avx512f avx512bw" if cpu == "avx512" else "") + "\n"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: flags)
+    gmn, mlp = native._variants((8, 8, 16, 0)), native._variants((8, 0, 0, 32))
+    assert gmn[0] == (["-march=native", "-DVB=16", "-DT=1"] if cpu == "avx512" else ["-march=native"])
+    assert mlp == [["-march=native"], ["-DVB=4"]] and gmn[-2:] == mlp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", native._variants((8, 8, 16, 0)), ids=" ".join)
+def test_each_vector_width_the_kernels_build_with_computes_the_forwards_step(flags, monkeypatch, tmp_path):
+    """native.py builds with the first of its flag sets that compiles (for the
+    GMN's library: 16 lanes on AVX-512, then -march=native's 8, then a portable
+    4): every set this machine offers gives the forward's step, for both
+    metanetworks, partial tiles included."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    monkeypatch.setenv("L2O_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_variants", lambda sizes: [flags])
+    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", 37)   # runs that end mid-tile
+    native.forget()
+    try:
+        for name in ("grouped_conv1d", "embedding_transformer"):
+            torch.manual_seed(0)
+            make, example = MODELS[name]
+            model = make()
+            graph = l2o.build_graph(model, example)
+            flat = graph.gather([p.detach() for p in model.parameters()])
+            lopt = _scrambled(l2o.GMNLOpt())
+            assert fused_kernels(lopt, "cpu") is not None, native.status()
+            _compare(lopt, gmn_step, graph, flat)
+            layout = tensor_layout(graph.param_shapes)
+            lopt = _scrambled(l2o.MLPLOpt())
+            assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)
+            _compare(lopt, mlp_step, layout, layout.gather(graph.scatter(flat)))
+    finally:
+        native.forget()
+
+
 def test_without_a_compiler_the_step_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.delenv("L2O_NATIVE", raising=False)
     monkeypatch.setenv("L2O_CACHE", str(tmp_path))

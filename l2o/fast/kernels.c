@@ -29,8 +29,10 @@
 
 /* ------------------------------------------------------------ vectors */
 
-/* VB lanes (GCC/clang vector extension: one AVX register for VB = 8;
- * narrower targets split it), T vectors per tile: TC entries. */
+/* VB lanes (GCC/clang vector extension: one AVX register for VB = 8, one
+ * AVX-512 register for VB = 16; narrower targets split it), T vectors per
+ * tile: TC entries (native.py builds the GMN's library with VB = 16, T = 1
+ * on AVX-512 CPUs). */
 #ifndef VB
 #define VB 8
 #endif

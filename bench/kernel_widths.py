@@ -1,0 +1,100 @@
+"""The fused step kernels built with each vector width this CPU offers
+(the flag sets of ``l2o.fast.native._variants`` for the GMN's library: 16
+lanes on AVX-512, ``-march=native``'s 8, a portable 4), for both learned
+optimizers, timed interleaved on the same models in one run; the ratio column
+is each build's step time over the ``-march=native`` (8-lane) one's.
+
+    python bench/kernel_widths.py [--repeats 5] [--threads 1]
+
+``native.load`` uses the first flag set that compiles for a library's widths;
+this shows what that choice is worth here (it is why the MLP's library keeps
+8 lanes). Medians of the no-grad step (``backend.step_flat``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import l2o
+from l2o import features as F_
+from l2o.fast import native
+from l2o.fast.backend import ChunkedBackend, fused_kernels
+from l2o.layout import tensor_layout
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fast_step import transformer, wide_cnn  # noqa: E402
+
+
+def wide_mlp():
+    w = 2048
+    return nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10)), None
+
+
+GMN_SIZES = (F_.NUM_ENTRY_FEATURES, 8, 16, 0)   # a GMN library's widths: every flag set is tried
+MODELS = {"MLP width 2048 (8.4M)": wide_mlp, "wide CNN": wide_cnn, "transformer d256 x3 + vocab 1000": transformer}
+
+
+def backends_per_flags(lopt, graph) -> dict[str, ChunkedBackend]:
+    """One backend per flag set, each on its own library (built into a fresh cache)."""
+    variants, out = native._variants, {}
+    try:
+        for flags in variants(GMN_SIZES):
+            native._variants = lambda sizes, flags=flags: [flags]
+            native.forget()
+            kernels = fused_kernels(lopt, "cpu")
+            if kernels is None:
+                print(f"  {' '.join(flags)}: {native.status()}")
+                continue
+            out[" ".join(flags)] = ChunkedBackend(lopt, graph, kernels)
+    finally:
+        native._variants = variants
+        native.forget()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["L2O_CACHE"] = tempfile.mkdtemp(prefix="l2o_widths_")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved steps; "
+          f"flag sets in native.load's order: {[' '.join(f) for f in native._variants(GMN_SIZES)]}\n")
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        model, example = make()
+        graph = l2o.build_graph(model, example)
+        layout = tensor_layout([p.shape for p in model.parameters()])
+        for lopt, g in ((l2o.GMNLOpt(), graph), (l2o.MLPLOpt(), layout)):
+            lopt.requires_grad_(False)
+            flat = g.gather([p.detach() for p in model.parameters()])
+            grad = torch.randn_like(flat)
+            backends = backends_per_flags(lopt, g)
+            states = {k: lopt.init_state(flat) for k in backends}
+            times: dict[str, list[float]] = {k: [] for k in backends}
+            keys = list(backends)
+            for r in range(args.repeats + 1):
+                for k in keys[r % len(keys):] + keys[:r % len(keys)]:   # rotate the order
+                    t0 = time.perf_counter()
+                    backends[k].step_flat(flat, grad, states[k])
+                    if r:   # the first round allocates the workspaces
+                        times[k].append(time.perf_counter() - t0)
+            base = statistics.median(times["-march=native"]) if "-march=native" in times else None
+            for k, ts in times.items():
+                ms = statistics.median(ts) * 1e3
+                ratio = f"{ms / (base * 1e3):.2f}x" if base else "-"
+                print(f"{name:<34} {graph.num_params:>9} {lopt.kind:>4}  {k:<32} {ms:>9.1f} ms  {ratio}")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    main()
