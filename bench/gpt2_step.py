@@ -70,7 +70,7 @@ def main() -> None:
             t1 = time.perf_counter()
             opt.step()
             t2 = time.perf_counter()
-            losses[name].append(float(loss))
+            losses[name].append(loss.item())
             if r:
                 times[name]["train"].append(t2 - t0)
                 times[name]["opt"].append(t2 - t1)
