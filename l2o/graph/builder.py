@@ -136,9 +136,8 @@ def _fx(model, example_inputs) -> GraphState:
 
 def _eager(model, inputs) -> GraphState:
     state = GraphState(model)
-    state.notes = record(state, model, inputs, mapper_for, feature_dim_for, keep_whole)
-    if isinstance(inputs, dict) or inputs is not None:
-        state.notes = [f"op not followed: {n}" for n in state.notes]
+    state.notes = [f"op not followed: {n}"
+                   for n in record(state, model, inputs, mapper_for, feature_dim_for, keep_whole)]
     state.capture = "eager"
     state.opaque = {}
     return state
@@ -158,7 +157,6 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
         if inputs is None:
             raise ValueError("build_graph(capture='eager') needs example_inputs for this model")
         state = _eager(model, inputs)
-        inputs = None
     if state is None and capture != "fx" and inputs is not None:
         try:
             state = _eager(model, inputs)
@@ -166,8 +164,6 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
             failure = f"eager capture failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
     if state is None:
         state = _fx(model, example_inputs)
-        if capture == "fx":
-            inputs = None
         if failure:
             state.notes.append(failure)
     elif made_up and capture == "auto" and (state.unclaimed() or state.errors_noted()):
