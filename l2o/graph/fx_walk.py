@@ -87,7 +87,7 @@ def walk_module(state: GraphState, module: nn.Module, prefix: str, inputs: list 
                 f"build_graph: shape propagation with the given example_inputs failed for "
                 f"{prefix or 'the model'} ({failure}); spatial positions after a flatten are inferred "
                 "from layer sizes instead (square maps assumed). Check that example_inputs is a valid "
-                "input of the model's forward.", UserWarning, stacklevel=4)
+                "input of the model's forward.", UserWarning, stacklevel=5)
 
     env: dict[fx.Node, Any] = {}
     placeholders = 0

@@ -172,7 +172,8 @@ class GraphState:
             e = ends.reshape((1,) * (2 - ends.dim()) + tuple(ends.shape)) if ends.dim() <= 2 else None
             if e is None:
                 return None
-            if tuple(e.shape) == (R, 1) or (R == 1 and tuple(e.shape) == (1, 1) and rows is None):
+            # a 1 x 1 weight: both ends are (1, 1); the first is the rows, the second the columns
+            if (tuple(e.shape) == (R, 1) and R != 1) or (R == 1 and tuple(e.shape) == (1, 1) and rows is None):
                 rows = e.reshape(R)
             elif tuple(e.shape) == (1, C):
                 cols = e.reshape(C)
