@@ -85,7 +85,6 @@ class ModuleContext:
 
     def same_units(self, a, b) -> Val:
         """``a`` and ``b`` are the same units (a residual add, a gate product)."""
-        n = int(self.units(a, 0).shape[0]) if isinstance(a, Val) and a.nodes is not None else None
         na = a.nodes if isinstance(a, Val) and a.nodes is not None else None
         if na is None:
             return b
