@@ -1,6 +1,6 @@
 """GMNOptimizer vs AdamW on Hugging Face GPT-2 small (124M parameters) on CPU.
 
-    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128]
+    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128] [--adamw-lr 1e-4]
 
 Random init from ``transformers.GPT2Config()`` (no download). Prints:
 
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--weights", default="pretrained", help="GMN weights: 'pretrained' or 'none'")
+    ap.add_argument("--adamw-lr", type=float, default=1e-4)
     ap.add_argument("--build-repeats", type=int, default=3)
     args = ap.parse_args()
     import torch
@@ -51,7 +52,7 @@ def main() -> None:
 
     from graph_build_gpt2 import fmt, time_build_and_construct
     builds, constructs = time_build_and_construct(models["gmn"], args.build_repeats)
-    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=1e-4),
+    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=args.adamw_lr),
             "gmn": l2o.GMNOptimizer(models["gmn"], weights=None if args.weights == "none" else args.weights)}
     print(f"GPT-2 small: {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} tokens, "
           f"{args.threads} threads\n  build_graph {fmt(builds)}\n  GMNOptimizer(model) {fmt(constructs)}",
