@@ -26,15 +26,28 @@ def not_followed(g):
     return [n for n in g.notes if n.startswith("op not followed")]
 
 
-def part(g, name):
-    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
+def _where(g, name):
+    """(parameter index, flat tensor index, its flat slice) of parameter ``name``."""
     i = g.param_names.index(name)
     k = g.flat_order.index(i)
-    s = g.tensor_slices[k]
+    return i, k, g.tensor_slices[k]
+
+
+def part(g, name):
+    """(src, dst) of an edge-held tensor shaped like it, or entry nodes of a node-held one."""
+    i, k, s = _where(g, name)
     shape = g.param_shapes[i]
     if k < g.num_edge_params:
         return g.edge_index[0, s].view(shape), g.edge_index[1, s].view(shape)
     return g.entry_node[s.start - g.num_edges:s.stop - g.num_edges].view(shape)
+
+
+def kinds(g, name):
+    """The edge kinds of an edge-held tensor's entries, or the entry kinds of a node-held one."""
+    _, k, s = _where(g, name)
+    if k < g.num_edge_params:
+        return g.edge_kind[s]
+    return g.entry_kind[s.start - g.num_edges:s.stop - g.num_edges]
 
 
 def random_gmn_update(model, loss) -> dict:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from graph_helpers import build, not_followed, part
+from graph_helpers import build, kinds, not_followed, part
 from l2o.fast.lean import materialized
 from l2o.fast import plan as plan_mod
 from l2o.graph import blocks as blocks_mod
@@ -25,15 +25,6 @@ from test_graph_factored import _build, _hand_built
 
 E, H = 8, 2
 D = E // H
-
-
-def kinds_of(g, name):
-    i = g.param_names.index(name)
-    k = g.flat_order.index(i)
-    s = g.tensor_slices[k]
-    if k < g.num_edge_params:
-        return g.edge_kind[s]
-    return g.entry_kind[s.start - g.num_edges:s.stop - g.num_edges]
 
 
 # ------------------------------------------------------------------ attention: q/k pairs, v units
@@ -282,7 +273,7 @@ def test_a_parameter_table_added_to_the_scores_maps_positions_to_heads(mode, bat
     assert pos.unique().numel() == R and heads.unique().numel() == H
     assert bool((g.node_type[pos] == NodeType.INPUT).all()) and bool((g.node_type[heads] == NodeType.HIDDEN).all())
     assert bool((g.node_depth[pos] == 0).all())         # inputs, like the network's
-    assert bool((kinds_of(g, "table") == EdgeKind.EMBEDDING).all())
+    assert bool((kinds(g, "table") == EdgeKind.EMBEDDING).all())
     q = _units(g, "q").view(H, D)
     assert torch.equal(q, heads.view(H, 1).expand(H, D)) and torch.equal(_units(g, "k").view(H, D), q)
 
@@ -314,12 +305,12 @@ def test_a_per_head_logit_scale_sits_on_the_head_nodes():
     _, g = _attn_graph(mode="matmul", term="logit_scale")
     heads = part(g, "rel.weight")[1][0]
     assert torch.equal(part(g, "logit_scale").flatten(), heads)
-    assert bool((kinds_of(g, "logit_scale") == EntryKind.NORM_WEIGHT).all())
+    assert bool((kinds(g, "logit_scale") == EntryKind.NORM_WEIGHT).all())
 
 
 def test_a_logit_scale_on_heads_whose_units_stay_apart_is_left_alone():
     _, g = _attn_graph(strict=False, mode="matmul", term="logit_scale_alone")
-    assert bool((kinds_of(g, "logit_scale") == EntryKind.FALLBACK).all())
+    assert bool((kinds(g, "logit_scale") == EntryKind.FALLBACK).all())
     assert _units(g, "q").unique().numel() == E
 
 
@@ -482,7 +473,7 @@ def test_a_table_with_rows_the_scores_never_read_is_still_a_table():
     src, dst = part(g, "table")
     R = 2 * m.L + 3
     assert src[:, 0].unique().numel() == R and torch.equal(dst, dst[0].expand(R, H))
-    assert bool((kinds_of(g, "table") == EdgeKind.EMBEDDING).all())
+    assert bool((kinds(g, "table") == EdgeKind.EMBEDDING).all())
     assert torch.equal(_units(g, "q").view(H, D), dst[0].view(H, 1).expand(H, D))
 
 
@@ -499,7 +490,7 @@ def test_score_terms_that_are_not_per_head_leave_the_heads_units_apart(term, bat
     assert torch.equal(q, k) and q.unique().numel() == E
     for name in ("bias", "table"):
         if name in g.param_names:
-            assert not bool((kinds_of(g, name) == EdgeKind.EMBEDDING).any())
+            assert not bool((kinds(g, name) == EdgeKind.EMBEDDING).any())
 
 
 class OddSizes(nn.Module):

@@ -14,18 +14,9 @@ from torch import nn
 
 import l2o
 from l2o.graph import EdgeKind, EntryKind, NodeType, build_graph, register_module, unregister_module
-from graph_helpers import part
+from graph_helpers import kinds, part
 
 torch.manual_seed(0)
-
-
-def kinds(g, name):
-    i = g.param_names.index(name)
-    k = g.flat_order.index(i)
-    s = g.tensor_slices[k]
-    if k < g.num_edge_params:
-        return g.edge_kind[s]
-    return g.entry_kind[s.start - g.num_edges:s.stop - g.num_edges]
 
 
 def quiet_build(model, *a, **kw):
