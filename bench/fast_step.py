@@ -63,17 +63,23 @@ MODELS = {
 PATHS = ("forward", "chunked", "fused")
 
 
-def time_paths(lopt, graph, flat, grad, repeats: int) -> dict[str, float]:
-    backends = {path: make_backend(lopt, graph, "cpu", path) for path in PATHS}
-    times: dict[str, list[float]] = {path: [] for path in PATHS}
-    states = {path: lopt.init_state(flat) for path in PATHS}
+def time_backends(backends: dict, lopt, flat, grad, repeats: int) -> dict[str, float]:
+    """Median ms of each backend's ``step_flat``, the backends interleaved in
+    an order rotated every round (each on its own state)."""
+    keys = list(backends)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    states = {k: lopt.init_state(flat) for k in keys}
     for r in range(repeats + 1):
-        for path in PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]:  # rotate the order
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
             t0 = time.perf_counter()
-            backends[path].step_flat(flat, grad, states[path])
+            backends[k].step_flat(flat, grad, states[k])
             if r:  # the first round allocates the workspaces
-                times[path].append(time.perf_counter() - t0)
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def time_paths(lopt, graph, flat, grad, repeats: int) -> dict[str, float]:
+    return time_backends({path: make_backend(lopt, graph, "cpu", path) for path in PATHS}, lopt, flat, grad, repeats)
 
 
 def main() -> None:

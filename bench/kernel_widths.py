@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +28,7 @@ from l2o.fast.backend import ChunkedBackend, fused_kernels
 from l2o.layout import tensor_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fast_step import transformer, wide_cnn  # noqa: E402
+from fast_step import time_backends, transformer, wide_cnn  # noqa: E402
 
 
 def wide_mlp():
@@ -78,20 +76,10 @@ def main() -> None:
             lopt.requires_grad_(False)
             flat = g.gather([p.detach() for p in model.parameters()])
             grad = torch.randn_like(flat)
-            backends = backends_per_flags(lopt, g)
-            states = {k: lopt.init_state(flat) for k in backends}
-            times: dict[str, list[float]] = {k: [] for k in backends}
-            keys = list(backends)
-            for r in range(args.repeats + 1):
-                for k in keys[r % len(keys):] + keys[:r % len(keys)]:   # rotate the order
-                    t0 = time.perf_counter()
-                    backends[k].step_flat(flat, grad, states[k])
-                    if r:   # the first round allocates the workspaces
-                        times[k].append(time.perf_counter() - t0)
-            base = statistics.median(times["-march=native"]) if "-march=native" in times else None
-            for k, ts in times.items():
-                ms = statistics.median(ts) * 1e3
-                ratio = f"{ms / (base * 1e3):.2f}x" if base else "-"
+            times = time_backends(backends_per_flags(lopt, g), lopt, flat, grad, args.repeats)
+            base = times.get("-march=native")
+            for k, ms in times.items():
+                ratio = f"{ms / base:.2f}x" if base else "-"
                 print(f"{name:<34} {graph.num_params:>9} {lopt.kind:>4}  {k:<32} {ms:>9.1f} ms  {ratio}")
         print(flush=True)
 
