@@ -52,7 +52,11 @@ def map_layer_norm(state, mod, qualname: str, args, kwargs):
     elif n == shape[-1]:
         per_entry = nodes.repeat(total // n)              # (..., F) over feature nodes
     else:
-        nodes = state.new_nodes(shape[-1], NodeType.HIDDEN, depth_of(x))
-        per_entry = nodes.repeat(total // shape[-1])
+        # entries on units of their own (e.g. (H, W) of a [B, C, H, W] map); the input's units pass
+        # on, but for a flattened map's (fewer than its width), the output gets the new units
+        fresh = state.new_nodes(shape[-1], NodeType.HIDDEN, depth_of(x))
+        per_entry = fresh.repeat(total // shape[-1])
+        if isinstance(x, Val) and x.spatial:
+            nodes = fresh
     _place(state, mod, per_entry)
     return _result(x, nodes)
