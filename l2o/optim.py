@@ -72,6 +72,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from . import features as F_
+from .fast import plan as plan_module
 from .fast.backend import fused_kernels, make_backend
 from .fast.shard import Shard, shard_bounds
 from .layout import tensor_layout
@@ -285,7 +286,9 @@ class ShardedGMNOptimizer(GMNOptimizer):
             impl = "fused" if fused_kernels(self.lopt, self.graph.device) is not None else "chunked"
         if self.backend is None:
             with float32_default():
-                self.backend = make_backend(self.lopt, self.graph, self.graph.device, impl, lean=True)
+                # the torch ops' run length with the kernels too: shards are cut on run bounds
+                self.backend = make_backend(self.lopt, self.graph, self.graph.device, impl, lean=True,
+                                            chunk=plan_module.DEFAULT_CHUNK)
             self.graph = self.backend.graph
         if views:
             self._point_state_views()

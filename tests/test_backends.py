@@ -117,7 +117,7 @@ class _Route:
         if backend == "chunked":
             assert not self.kernel_calls, f"chunked: the C kernels ran ({dict(self.kernel_calls)})"
             return
-        network = ("l2o_gmn_round", "l2o_gmn_readout") if opt.lopt.kind == "gmn" else ("l2o_mlp_step",)
+        network = ("l2o_gmn_pass",) if opt.lopt.kind == "gmn" else ("l2o_mlp_step",)
         for name in ("l2o_stats", "l2o_apply", *network):
             assert self.kernel_calls[name] > 0, f"fused: kernel {name} never ran ({dict(self.kernel_calls)})"
 

@@ -72,8 +72,10 @@ def test_optimizer_state_grows_by_the_statistics_alone(cls, use_step_path, monke
     bytes per parameter, plus what does not grow with the model (plan,
     run-sized workspaces, node tables): measured as the slope over two sizes."""
     import l2o.fast.gmn as fast_gmn
+    import l2o.fast.plan as fast_plan
     use_step_path("chunked")
     monkeypatch.setattr(fast_gmn, "STORE_EDGE_STATES_MAX_PARAMS", 0)   # as on large models
+    monkeypatch.setattr(fast_plan, "DEFAULT_CHUNK", 2048)   # and runs shorter than the tensors, as there
     torch.manual_seed(0)
     sizes, kept = [], []
     for width in (300, 600):

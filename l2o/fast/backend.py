@@ -39,10 +39,14 @@ from .shard import Shard
 
 IMPLS = ("forward", "chunked", "fused")
 # The chunked implementation of each metanetwork class (exact classes: a
-# subclass may change the math, so it gets the forward) and the run length
-# of its plan (the MLP's hidden activations are entry-major: half the runs
-# keep them in cache).
-CHUNKED = {GMNLOpt: (gmn_chunked, 1), MLPLOpt: (mlp_chunked, 2)}
+# subclass may change the math, so it gets the forward) and the run lengths
+# of its plan, with torch ops and with the fused kernels. Runs are sized to
+# keep a run's intermediates in cache: the MLP's hidden activations are
+# entry-major (half the GMN's runs); the GMN's fused passes keep no
+# run-sized intermediate but the update, so their runs are long, to cut the
+# per-call overhead (a 124M-parameter GPT-2 takes ~130 calls per pass).
+# Run lengths in multiples of :data:`.plan.DEFAULT_CHUNK`.
+CHUNKED = {GMNLOpt: (gmn_chunked, 1, 16), MLPLOpt: (mlp_chunked, 1 / 2, 1 / 2)}
 
 # When "auto" takes the chunked step, on CPU. The chunked step loops in
 # Python over runs (at least one per tensor), the forward runs a fixed number
@@ -66,7 +70,7 @@ def fused_kernels(lopt: LearnedOptimizer, device: torch.device | str) -> FusedKe
         return None
     if any(p.dtype != torch.float32 for p in lopt.parameters()):
         return None
-    module, _ = CHUNKED[type(lopt)]
+    module = CHUNKED[type(lopt)][0]
     return load(F_.NUM_ENTRY_FEATURES, **module.kernel_widths(lopt))
 
 
@@ -130,14 +134,15 @@ class ChunkedBackend:
 
     ``lean``: after the plan is built, keep the graph without its per-entry
     index tensors (:func:`.lean.lean_graph`; the optimizers do) as ``self.graph``.
-    ``chunk``: the plan's run length (default :data:`.plan.DEFAULT_CHUNK`).
+    ``chunk``: the plan's run length (default: :data:`CHUNKED`'s).
     ``store_edge_states``: the GMN's choice (default: by size, :mod:`.gmn`)."""
     per_tensor = True
 
     def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph, kernels: FusedKernels | None = None,
                  chunk: int | None = None, lean: bool = False, store_edge_states: bool | None = None):
-        _, divisor = CHUNKED[type(lopt)]
-        chunk = plan_module.DEFAULT_CHUNK // divisor if chunk is None else chunk
+        _, torch_runs, fused_runs = CHUNKED[type(lopt)]
+        if chunk is None:
+            chunk = int(plan_module.DEFAULT_CHUNK * (torch_runs if kernels is None else fused_runs))
         self.lopt, self.kernels, self.store_edge_states = lopt, kernels, store_edge_states
         self.name = "fused" if kernels is not None else "chunked"
         self.plan = plan_module.ChunkPlan(graph, max(1, chunk))
@@ -159,7 +164,7 @@ class ChunkedBackend:
         if self.lopt.adapt:
             sink = controlled_sink(self.lopt, self.graph, grads, state, sink, write, shard)
         kwargs = {} if self.store_edge_states is None else {"store_edge_states": self.store_edge_states}
-        steps, _ = CHUNKED[type(self.lopt)]
+        steps = CHUNKED[type(self.lopt)][0]
         return steps.run_step(self.lopt, self.plan, self.graph, params, grads, state, sink, write,
                                    self.kernels, shard, **kwargs)
 

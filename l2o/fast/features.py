@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import features as F_
-from .kernel_calls import FusedKernels
+from .kernel_calls import FusedKernels, RunState
 from .plan import ChunkPlan
 from .shard import Shard
 
@@ -111,27 +111,34 @@ def run_frame(plan: ChunkPlan, lead_rows: int, length: int, device: torch.device
     return plan.scratch(f"frame{lead_rows}", lead_rows + NUM_FEATURES, length, device)
 
 
+def run_state(entries: Entries, state: dict[str, Tensor], consts: list[StepConstants], k: int, s: int, e: int,
+              device: torch.device, write_back: bool = False) -> RunState:
+    """The statistics before the step of entries ``[s, e)`` (within tensor
+    ``k``); ``write_back`` (where ``entries.write[k]``): their advanced values
+    are to be stored into ``state``."""
+    off, c = entries.state_offset, consts[k]
+    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device), state["m"][:, s - off:e - off],
+                    state["v"][s - off:e - off], F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale,
+                    c.adam_eps, write_back and entries.write[k])
+
+
 def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
-                    k: int, s: int, e: int, x: Tensor, kernels: FusedKernels | None = None, write_back: bool = False,
-                    sums: Tensor | None = None) -> Tensor:
+                    k: int, s: int, e: int, x: Tensor | None, kernels: FusedKernels | None = None,
+                    write_back: bool = False, sums: Tensor | None = None) -> Tensor | None:
     """The raw features of entries ``[s, e)`` (within tensor ``k``) into ``x``
     ``[F, e - s]`` (contiguous, rows in :mod:`l2o.features`' ``ROW_*``
     layout), from the statistics before the step; with ``write_back`` (and
     ``entries.write[k]``) the advanced statistics are stored into ``state``.
     ``sums``: where to put each feature row's sum of squares over the run
-    (float64 ``[F]``)."""
-    write_back = write_back and entries.write[k]
-    device = x.device
-    p, g = entries.param(k, s, e), entries.grad(k, s, e, device)
-    off = entries.state_offset
-    m, v = state["m"][:, s - off:e - off], state["v"][s - off:e - off]
-    c = consts[k]
+    (float64 ``[F]``); with the kernels ``x`` may then be None (sums only)."""
+    device = state["m"].device
+    st = run_state(entries, state, consts, k, s, e, device, write_back)
     if kernels is not None:
         out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
-        kernels.stats(p, g, m, v, x, F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale, c.adam_eps,
-                      write_back, out)
+        kernels.stats(*st[:4], x, *st[4:], out)
         return x
-    betas = F_.constant("betas", F_.MOMENTUM_BETAS, device).unsqueeze(1)
+    p, g, m, v = st.p, st.g, st.m, st.v
+    betas = st.betas.unsqueeze(1)
     b2 = F_.SECOND_MOMENT_BETA
     xm = x[F_.ROW_M0:F_.ROW_M0 + len(F_.MOMENTUM_BETAS)]
     # the forward's ops in its order (l2o.features.update_state), out of place
@@ -140,8 +147,8 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
     x[F_.ROW_P].copy_(p)
     x[F_.ROW_G].copy_(g)
     torch.add(v_new, F_.SQRT_EPS, out=x[F_.ROW_SQRT_V]).sqrt_()
-    _adam_(x[F_.ROW_ADAM], xm, x[F_.ROW_SQRT_V], c)
-    if write_back:
+    _adam_(x[F_.ROW_ADAM], xm, x[F_.ROW_SQRT_V], consts[k])
+    if st.write_back:
         m.copy_(xm)
         v.copy_(v_new)
     if sums is not None:
@@ -160,8 +167,8 @@ def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], con
     shard = entries.shard
     for i, run in enumerate(runs):
         s, e = (run.start, run.stop) if shard is None else shard.clip(run.start, run.stop)
-        if e > s:
-            x = run_frame(plan, 0, e - s, device)
+        if e > s:   # the kernels need no feature block for the sums alone
+            x = None if kernels is not None else run_frame(plan, 0, e - s, device)
             entry_features_(plan, entries, state, consts, run.tensor, s, e, x, kernels, sums=run_sums[i])
     sums = torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64, device=device).index_add_(
         0, plan.stat_run_tensor, run_sums)

@@ -20,9 +20,13 @@ Every pass recomputes a run's features ``x`` from the parameters, gradient and
 statistics before the step (:func:`~l2o.fast.features.entry_features_`), and
 its edge states of the earlier rounds either from ``x`` (graphs above
 ``STORE_EDGE_STATES_MAX_PARAMS``) or from a kept ``[edge_dim, E]`` buffer, so
-the step's working set is run-sized. With the fused kernels each round and
-the read-out of a dense run is one C call (:mod:`.kernel_calls`), fed the
-same row and column tables (:mod:`.gmn_terms`); scatter runs keep torch ops.
+the step's working set is run-sized. With the fused kernels each pass over a
+dense run is one C call (:meth:`GMNChunkedStep.fused_pass`, ``l2o_gmn_pass``
+in ``kernels.c``) that keeps every intermediate of a tile of edges --
+features, edge states, messages, read-out -- in registers and small buffers,
+reading the statistics and writing only the node sums or the update; it is
+fed the same row and column tables (:mod:`.gmn_terms`). Scatter runs keep
+torch ops and ``[e; x]`` blocks.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from ..graph.blocks import edge_degree, entry_count
 from ..graph.param_graph import ParamGraph
 from ..update_rule import finish_folded_, fold_head
 from .features import (Entries, Sink, adam_row, entry_features_, fold_input_scale, inverse_rms, relative_scale,
-                       run_frame, step_constants, tensor_sums)
+                       run_frame, run_state, step_constants, tensor_sums)
 from .gmn_terms import NodeTerms, StaticEdgeTerms, sum_to_ends_
 from .kernel_calls import FusedKernels
 from .lean import entry_slice
@@ -107,27 +111,37 @@ class GMNChunkedStep:
             self.entries.shard.all_reduce(held)
         return h + held / entry_count(graph).clamp(min=1).unsqueeze(1).to(h.dtype)
 
+    # ------------------------------------------------------- fused runs
+    def kept(self, run) -> Tensor | None:
+        """The run's kept edge states ``[De, L]`` (a view), or None when recomputed."""
+        return None if self.edge_states is None else self.edge_states[:, run.start:run.stop]
+
+    def fused_pass(self, run: DenseRun, rounds: int, write_back: bool = False, **out) -> None:
+        """``rounds`` rounds over a dense run in one kernel call
+        (:meth:`FusedKernels.gmn_pass`), features and edge states kept in
+        registers; ``out``: its ``sums`` or ``readout``."""
+        kept = self.kept(run)
+        # kept states: read after every round but a round pass's own
+        first = 0 if kept is None else rounds if "readout" in out else rounds - 1
+        layers = [(self.w_msg[layer], *self.node_terms[layer].tables(run)) for layer in range(rounds)]
+        self.kernels.gmn_pass(
+            run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back),
+            run.groups * run.rows, run.cols, run.rows, (self.w_enc[run.tensor], *self.static.table(run)), layers,
+            first, kept, **out)
+
+    def fused_round(self, run: DenseRun, layer: int, acc: tuple[Tensor, Tensor]) -> None:
+        row_sum = acc[0].new_zeros(self.de, run.groups * run.rows)
+        col_sum = acc[0].new_zeros(self.de, run.groups * run.cols)
+        self.fused_pass(run, layer + 1, sums=(row_sum, col_sum))
+        acc_row, acc_col = (acc[1], acc[0]) if run.row_end == "dst" else acc
+        run.add_to_rows_(acc_row, row_sum)
+        acc_col.index_add_(1, run.col_nodes, col_sum)
+
     # ------------------------------------------------------------- rounds
-    def round_(self, run, fr: Tensor, layer: int, fused: bool, acc: tuple[Tensor, Tensor] | None) -> None:
-        """Round ``layer`` over one run whose ``[e; x]`` block is ``fr``; the
-        messages are summed onto ``acc`` (src, dst) unless it is None."""
+    def round_(self, run, fr: Tensor, layer: int, acc: tuple[Tensor, Tensor] | None) -> None:
+        """Round ``layer`` over one run (torch ops) whose ``[e; x]`` block is
+        ``fr``; the messages are summed onto ``acc`` (src, dst) unless it is None."""
         de, terms, encode = self.de, self.node_terms[layer], layer == 0
-        if fused:
-            rows, n_cols = run.groups * run.rows, run.groups * run.cols
-            row_t, col_t = terms.tables(run)
-            make = fr.new_empty if acc is None else fr.new_zeros
-            row_sum, col_sum = make(de, rows), make(de, n_cols)
-            enc = None
-            if encode:
-                stat, stat_ld, stat_rs = self.static.table(run)
-                enc = (self.w_enc[run.tensor].contiguous(), stat, stat_ld, stat_rs)
-            self.kernels.gmn_round(fr, enc, self.w_msg[layer], row_t, col_t, row_sum, col_sum, rows, run.cols,
-                                   run.rows)
-            if acc is not None:
-                acc_row, acc_col = (acc[1], acc[0]) if run.row_end == "dst" else acc
-                run.add_to_rows_(acc_row, row_sum)
-                acc_col.index_add_(1, run.col_nodes, col_sum)
-            return
         length, state_e = fr.shape[1], fr[:de]
         scratch = self.plan.scratch
         enc = (self.static.linear(scratch("e", de, length, self.dev), self.w_enc[run.tensor], fr[de:], run).relu_()
@@ -140,7 +154,7 @@ class GMNChunkedStep:
         else:
             state_e += m
 
-    def edge_states_of(self, run, fr: Tensor, upto: int, fused: bool) -> None:
+    def edge_states_of(self, run, fr: Tensor, upto: int) -> None:
         """``fr[:de]`` = the run's edge states after ``upto`` rounds (recomputed
         or read), ``fr[de:]`` its features, for rounds ``upto``, ... to follow."""
         entry_features_(self.plan, self.entries, self.state, self.consts, run.tensor, run.start, run.stop,
@@ -151,7 +165,7 @@ class GMNChunkedStep:
             fr[:self.de].copy_(self.edge_states[:, run.start:run.stop])
             return
         for layer in range(upto):
-            self.round_(run, fr, layer, fused, None)
+            self.round_(run, fr, layer, None)
 
     def message_passing(self, h: Tensor) -> Tensor:
         """Every round of ``GMNConv`` over the edge runs; returns the final node states."""
@@ -162,9 +176,12 @@ class GMNChunkedStep:
             self.node_terms.append(NodeTerms(conv.src_lin(h), conv.dst_lin(h), conv.edge_lin.bias))
             acc = (h.new_zeros(de, graph.num_nodes), h.new_zeros(de, graph.num_nodes))
             for run, fused in zip(self.edge_runs, self.fused):
+                if fused:
+                    self.fused_round(run, layer, acc)
+                    continue
                 fr = run_frame(self.plan, de, run.stop - run.start, self.dev)
-                self.edge_states_of(run, fr, layer, fused)
-                self.round_(run, fr, layer, fused, acc)
+                self.edge_states_of(run, fr, layer)
+                self.round_(run, fr, layer, acc)
                 if self.edge_states is not None:
                     self.edge_states[:, run.start:run.stop].copy_(fr[:de])
             if shard is not None:
@@ -187,14 +204,13 @@ class GMNChunkedStep:
             s, e = run.start, run.stop
             if not self.entries.write[run.tensor]:
                 continue
-            fr = run_frame(plan, de, e - s, dev)
-            self.edge_states_of(run, fr, len(lopt.convs), fused)
             update = plan.scratch("update", 1, e - s, dev)[0]
             if fused:
-                row_t, col_t = terms.tables(run)
-                self.kernels.gmn_readout(fr, w_out[run.tensor].contiguous(), row_t, col_t, head_w, head_b, nominal,
-                                         float(lopt.max_log_step), update, run.groups * run.rows, run.cols, run.rows)
+                self.fused_pass(run, len(lopt.convs), write_back=True, readout=(
+                    w_out[run.tensor], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update))
             else:
+                fr = run_frame(plan, de, e - s, dev)
+                self.edge_states_of(run, fr, len(lopt.convs))
                 z = terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], fr, run).relu_()
                 out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
                 finish_folded_(update, out[0], out[1], adam_row(fr[de:]), nominal, lopt.max_log_step)

@@ -9,7 +9,7 @@ widths before the call, and raise ``ValueError`` naming the argument.
 from __future__ import annotations
 
 import ctypes
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,9 +41,26 @@ def _dense(kernel: str, name: str, t: Tensor, shape: tuple[int, ...], dtype: tor
 
 
 def _done(status: int) -> None:
-    """The kernels return nonzero only when their scratch allocation failed."""
-    if status != 0:
+    """The kernels return -1 when their scratch allocation failed (-2: arguments the checks here let through)."""
+    if status == -1:
         raise MemoryError("l2o fused kernel: out of memory for its scratch buffers")
+    if status != 0:
+        raise RuntimeError(f"l2o fused kernel: refused its arguments (status {status})")
+
+
+class RunState(NamedTuple):
+    """The statistics of a run of ``n`` entries before the step: ``p``,
+    ``g`` (None: zero) ``[n]``, momenta ``m`` ``[NM, n]``, ``v`` ``[n]``,
+    the momentum ``betas`` and the step's bias corrections; ``write_back``:
+    the kernel stores the advanced ``m``, ``v``."""
+    p: Tensor
+    g: Tensor | None
+    m: Tensor
+    v: Tensor
+    betas: Tensor
+    adam_scale: float
+    adam_eps: float
+    write_back: bool
 
 
 class FusedKernels:
@@ -57,70 +74,88 @@ class FusedKernels:
     def __reduce__(self):  # pickles / deep-copies as a reference to the (cached) library of these widths
         return (_reload, ((self.nf, self.de, self.hid, self.mh),))
 
-    def stats(self, p: Tensor, g: Tensor, m: Tensor, v: Tensor, x: Tensor, betas: Tensor, adam_scale: float,
-              adam_eps: float, write_back: bool, sums: Tensor) -> None:
-        """The statistics pass over ``n`` entries: ``m`` ``[NM, n]`` and ``v``
-        ``[n]`` read (and advanced in place with ``write_back``), the features
-        into ``x`` ``[NF, >= n]``, each row's sum of squares into ``sums``
-        (float64 ``[NF]``)."""
-        k, n = "l2o_stats", p.numel()
+    def _state_args(self, k: str, st: RunState) -> tuple:
+        """The checked statistics arguments of a kernel over ``n = p.numel()``
+        entries: ``m`` ``[NM, n]`` and ``v`` ``[n]`` read (and advanced in
+        place with ``write_back``); ``g`` None reads as a zero gradient."""
+        p, g, m, v, n = st.p, st.g, st.m, st.v, st.p.numel()
         _dense(k, "p", p, (n,))
-        _dense(k, "g", g, (n,))
+        if g is not None:
+            _dense(k, "g", g, (n,))
         _rows(k, "m", m, self.nm, n)
         if m.shape[1] != n:
             _require(False, k, f"m covers {m.shape[1]} entries, p {n}")
         _dense(k, "v", v, (n,))
-        _rows(k, "x", x, self.nf, n)
-        _dense(k, "betas", betas, (self.nm,))
-        _dense(k, "sums", sums, (self.nf,), torch.float64)
-        _done(self.lib.l2o_stats(n, p.data_ptr(), g.data_ptr(), m.data_ptr(), m.stride(0), v.data_ptr(),
-                                 x.data_ptr(), x.stride(0), betas.data_ptr(), F_.SECOND_MOMENT_BETA,
-                                 1.0 - F_.SECOND_MOMENT_BETA, F_.SQRT_EPS, adam_scale, adam_eps,
-                                 F_.ADAM_BETA1_INDEX, int(write_back), sums.data_ptr(), torch.get_num_threads()))
+        _dense(k, "betas", st.betas, (self.nm,))
+        return (p.data_ptr(), None if g is None else g.data_ptr(), m.data_ptr(), m.stride(0), v.data_ptr(),
+                st.betas.data_ptr(), F_.SECOND_MOMENT_BETA, 1.0 - F_.SECOND_MOMENT_BETA, F_.SQRT_EPS, st.adam_scale,
+                st.adam_eps, F_.ADAM_BETA1_INDEX, int(st.write_back))
 
-    def gmn_round(self, frame: Tensor, encode: tuple[Tensor, Tensor, int, int] | None, w_msg: Tensor,
-                  row_t: Tensor, col_t: Tensor, row_sum: Tensor, col_sum: Tensor, rows: int, cols: int,
-                  per_group: int) -> None:
-        """One message-passing round over a dense run of ``rows x cols``
-        edges whose ``[e; x]`` block is ``frame`` ``[DE + NF, rows * cols]``;
-        ``encode``: ``(w_enc [DE, NF], static table, its feature stride, its
-        row stride)`` in the first round, else None."""
-        k, de, length = "l2o_gmn_round", self.de, rows * cols
+    def stats(self, p: Tensor, g: Tensor | None, m: Tensor, v: Tensor, x: Tensor | None, betas: Tensor,
+              adam_scale: float, adam_eps: float, write_back: bool, sums: Tensor) -> None:
+        """The statistics pass over ``n`` entries (:meth:`_state_args`): the
+        features into ``x`` ``[NF, >= n]`` (None: not stored), each row's sum
+        of squares into ``sums`` (float64 ``[NF]``)."""
+        k, n = "l2o_stats", p.numel()
+        args = self._state_args(k, RunState(p, g, m, v, betas, adam_scale, adam_eps, write_back))
+        if x is not None:
+            _rows(k, "x", x, self.nf, n)
+        _dense(k, "sums", sums, (self.nf,), torch.float64)
+        _done(self.lib.l2o_stats(n, *args, None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
+                                 sums.data_ptr(), torch.get_num_threads()))
+
+    def gmn_pass(self, st: RunState, rows: int, cols: int, per_group: int, encode: tuple[Tensor, Tensor, int, int],
+                 layers: list[tuple[Tensor, Tensor, Tensor]], first: int, kept: Tensor | None,
+                 sums: tuple[Tensor, Tensor] | None = None, readout: tuple | None = None) -> None:
+        """One pass of the GMN's step over a dense block of ``rows x cols``
+        edges whose statistics are ``st`` (``kernels.c``: ``l2o_gmn_pass``):
+        ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
+        rounds to run, from ``first`` (the states after ``first`` rounds read
+        from ``kept`` ``[DE, >= n]``; 0: ``encode`` = ``(w_enc [DE, NF],
+        static table, its feature stride, its row stride)``). Then either
+        ``sums`` = ``(row_sum, col_sum)``: the last round's messages added
+        onto them (and the states written to ``kept``), or ``readout`` =
+        ``(w_z [HID, DE + NF], row table, column table, head_w [2, HID],
+        head_b, nominal, max_log_step, update [n])``."""
+        k, de, n, stop = "l2o_gmn_pass", self.de, rows * cols, len(layers)
         if not (de > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0):
             _require(False, k, f"bad sizes rows={rows} cols={cols} per_group={per_group} (edge width {de})")
-        _rows(k, "frame", frame, de + self.nf, length)
-        groups_cols = (rows // per_group) * cols
-        for name, t, shape in (("w_msg", w_msg, (de, de)), ("row_t", row_t, (de, rows)),
-                               ("col_t", col_t, (de, groups_cols)), ("row_sum", row_sum, (de, rows)),
-                               ("col_sum", col_sum, (de, groups_cols))):
-            _dense(k, name, t, shape)
-        x = w = stat = None
-        stat_ld = stat_rs = 0
-        if encode is not None:
-            w_enc, table, stat_ld, stat_rs = encode
-            _dense(k, "w_enc", w_enc, (de, self.nf))
-            _require(table.dtype == _F32 and table.is_contiguous() and
-                     table.numel() >= (de - 1) * stat_ld + (rows - 1) * stat_rs + cols, k, "static table too small")
-            x, w, stat = frame[de:].data_ptr(), w_enc.data_ptr(), table.data_ptr()
-        _done(self.lib.l2o_gmn_round(x, w, stat, stat_ld, stat_rs, w_msg.data_ptr(), row_t.data_ptr(),
-                                     col_t.data_ptr(), frame.data_ptr(), frame.stride(0), row_sum.data_ptr(),
-                                     col_sum.data_ptr(), rows, cols, per_group, torch.get_num_threads()))
-
-    def gmn_readout(self, frame: Tensor, w_z: Tensor, row_t: Tensor, col_t: Tensor, head_w: Tensor,
-                    head_b: Tensor, nominal: float, max_log_step: float, update: Tensor, rows: int, cols: int,
-                    per_group: int) -> None:
-        """The read-out and update formula over a dense run (folded head, :mod:`l2o.update_rule`)."""
-        k, hid, length = "l2o_gmn_readout", self.hid, rows * cols
-        _require(hid > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0, k, "bad sizes")
-        _rows(k, "frame", frame, self.de + self.nf, length)
-        for name, t, shape in (("w_z", w_z, (hid, self.de + self.nf)), ("row_t", row_t, (hid, rows)),
-                               ("col_t", col_t, (hid, (rows // per_group) * cols)), ("head_w", head_w, (2, hid)),
-                               ("update", update, (length,))):
-            _dense(k, name, t, shape)
-        _done(self.lib.l2o_gmn_readout(frame.data_ptr(), frame.stride(0), w_z.data_ptr(), row_t.data_ptr(),
-                                       col_t.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
-                                       float(head_b[1, 0]), nominal, max_log_step, update.data_ptr(), rows, cols,
-                                       per_group, torch.get_num_threads()))
+        _require((sums is None) != (readout is None), k, "exactly one of sums and readout")
+        _require(0 <= first <= stop <= 16 and (first == 0 or kept is not None) and (readout is not None or stop > first),
+                 k, f"bad rounds [{first}, {stop}) (kept states: {kept is not None})")
+        if st.p.numel() != n:
+            _require(False, k, f"p has {st.p.numel()} entries, the block {n}")
+        args = self._state_args(k, st)
+        n_cols = (rows // per_group) * cols
+        for l, (w_msg, row_t, col_t) in enumerate(layers):
+            for name, t, shape in (("w_msg", w_msg, (de, de)), ("row_t", row_t, (de, rows)),
+                                   ("col_t", col_t, (de, n_cols))):
+                _dense(k, f"{name}[{l}]", t, shape)
+        if kept is not None:
+            _rows(k, "kept", kept, de, n)
+        w_enc, table, stat_ld, stat_rs = encode
+        _dense(k, "w_enc", w_enc, (de, self.nf))
+        _require(table.dtype == _F32 and table.is_contiguous() and
+                 table.numel() >= (de - 1) * stat_ld + (rows - 1) * stat_rs + cols, k, "static table too small")
+        ptrs = [(ctypes.c_void_p * max(stop, 1))(*(t.data_ptr() for t in ts)) for ts in zip(*layers)] if layers \
+            else [None] * 3
+        acc = (None, None)
+        out: tuple = (None, None, None, None, 0.0, 0.0, 0.0, 0.0, None)
+        if sums is not None:
+            for name, t, shape in (("row_sum", sums[0], (de, rows)), ("col_sum", sums[1], (de, n_cols))):
+                _dense(k, name, t, shape)
+            acc = (sums[0].data_ptr(), sums[1].data_ptr())
+        else:
+            w_z, z_row, z_col, head_w, head_b, nominal, max_log_step, update = readout
+            for name, t, shape in (("w_z", w_z, (self.hid, de + self.nf)), ("z_row", z_row, (self.hid, rows)),
+                                   ("z_col", z_col, (self.hid, n_cols)), ("head_w", head_w, (2, self.hid)),
+                                   ("update", update, (n,))):
+                _dense(k, name, t, shape)
+            out = (w_z.data_ptr(), z_row.data_ptr(), z_col.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
+                   float(head_b[1, 0]), float(nominal), float(max_log_step), update.data_ptr())
+        _done(self.lib.l2o_gmn_pass(rows, cols, per_group, *args, w_enc.data_ptr(), table.data_ptr(), stat_ld, stat_rs,
+                                    first, stop, *ptrs, None if kept is None else kept.data_ptr(),
+                                    0 if kept is None else kept.stride(0), *acc, *out, torch.get_num_threads()))
 
     def mlp_network(self, w_in: Tensor, b_in: Tensor, w_mid: Tensor, b_mid: Tensor, head_w: Tensor,
                     head_b: Tensor, nominal: float, max_log_step: float) -> Callable[[Tensor, int, Tensor], None]:

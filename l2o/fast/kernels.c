@@ -52,11 +52,9 @@ INLINE vf load(const float *p, int nv) {
     return r;
 }
 INLINE void store(float *p, vf v, int nv) { memcpy(p, &v, (size_t)nv * sizeof(float)); }
-INLINE vf splat(float x) {
-    vf r;
-    for (int v = 0; v < VB; v++) r[v] = x;
-    return r;
-}
+/* scalar - vector broadcasts the scalar (a lane-by-lane fill compiles to
+ * stores and a reload: a store-forwarding stall per call); x - 0 == x exactly */
+INLINE vf splat(float x) { return x - (vf){0}; }
 /* max(x, 0) that keeps NaN, as torch.relu does: a diverging metanetwork must show */
 INLINE vf relu(vf x) { return (vf)((vi)x & ~(x < 0)); }
 INLINE vf blend(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
@@ -200,30 +198,66 @@ static void parallel_for(range_fn fn, const void *args, long n, int threads) {
 
 /* ------------------------------------------------------------ statistics */
 
-/* One step of the momenta and second moment of the entries of one tensor,
- * and their features (l2o/fast/features.py: update_statistics_):
+/* One step of the momenta and second moment of a tensor's entries, and their
+ * features (l2o/fast/features.py: update_statistics_):
  *   m_k = beta_k m_k + (1 - beta_k) g,  v = b2 v + (1 - b2) g^2,
- *   rows p, g, m_k, adam = adam_scale m_adam / (sqrt(v) + adam_eps), sqrt(v),
- * plus each feature row's sum of squares over the entries. p, g and m may
- * already be rows of x: then nothing is copied. With write_back == 0 the
- * state m, v is only read (the chunked step recomputes an entry's features in
- * every pass from the state before the step and writes the new state back
- * once, in its last pass). */
+ *   rows p, g, m_k, adam = adam_scale m_adam / (sqrt(v) + adam_eps), sqrt(v).
+ * With write_back == 0 the state m, v is only read (the chunked step
+ * recomputes an entry's features in every pass from the state before the
+ * step and writes the new state back once, in its last pass). */
 typedef struct {
-    const float *p, *g;
-    float *m, *v, *x;
-    long m_ld, x_ld;
+    const float *p, *g; /* g NULL: a zero gradient */
+    float *m, *v;
+    long m_ld;
     const float *betas;
     float b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps;
     int adam_m, write_back;
+} stat_in;
+
+/* The features of the nv entries at i into row[NF] (padded lanes: p = g = m =
+ * adam = 0, sqrt(v) = sqrt(eps)). */
+INLINE void features_vec(const stat_in *s, long i, int nv, vf row[NF]) {
+    const vf g = s->g ? load(s->g + i, nv) : splat(0.f);
+    row[ROW_P] = load(s->p + i, nv);
+    row[ROW_G] = g;
+#pragma GCC unroll 16
+    for (int k = 0; k < NM; k++) {
+        float *mk = s->m + k * s->m_ld + i;
+        const float beta = s->betas[k];
+        row[ROW_M0 + k] = load(mk, nv) * beta + g * (1.f - beta);
+        if (s->write_back) store(mk, row[ROW_M0 + k], nv);
+    }
+    const vf v = load(s->v + i, nv) * s->b2 + g * g * s->one_minus_b2;
+    if (s->write_back) store(s->v + i, v, nv);
+    row[ROW_SQRT_V] = vsqrt(v + s->sqrt_eps);
+    row[ROW_ADAM] = row[ROW_M0 + s->adam_m] / (row[ROW_SQRT_V] + s->adam_eps) * s->adam_scale;
+}
+
+/* The state streams of the entries PREFETCH floats on from i. */
+INLINE void prefetch_state(const stat_in *s, long i) {
+    if (s->g) __builtin_prefetch(s->g + i + PREFETCH, 0, 0);
+    __builtin_prefetch(s->p + i + PREFETCH, 0, 0);
+    __builtin_prefetch(s->v + i + PREFETCH, 1, 0);
+    for (int k = 0; k < NM; k++) __builtin_prefetch(s->m + k * s->m_ld + i + PREFETCH, 1, 0);
+}
+
+/* The statistics pass over n entries: the features into x (NF rows at stride
+ * x_ld; NULL: not stored) and each row's sum of squares. p, g and m may
+ * already be rows of x: then they are not copied. */
+typedef struct {
+    stat_in s;
+    float *x;
+    long x_ld;
     double sums[MAX_THREADS][NF];
 } stats_args;
 
 static void stats_range(const void *args, long i0, long i1, int thread) {
     const stats_args *a = args;
+    const stat_in *s = &a->s;
     float *const x = a->x;
     const long ld = a->x_ld;
-    const int copy_p = a->p != x + ROW_P * ld, copy_g = a->g != x + ROW_G * ld, copy_m = a->m != x + ROW_M0 * ld;
+    const int copy_p = x && s->p != x + ROW_P * ld, copy_g = x && s->g != x + ROW_G * ld,
+              copy_m = x && s->m != x + ROW_M0 * ld;
     double *sums = ((stats_args *)a)->sums[thread];
     for (int f = 0; f < NF; f++) sums[f] = 0.0;
     /* float partial sums per block of entries, flushed to double: accurate
@@ -235,34 +269,22 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
         for (long i = b0; i < b1; i += VB) {
             const int nv = b1 - i < VB ? (int)(b1 - i) : VB;
             if (((i - b0) & (TC - 1)) == 0) { /* once per cache line of each stream */
-                __builtin_prefetch(a->g + i + PREFETCH, 0, 0);
-                __builtin_prefetch(a->p + i + PREFETCH, 0, 0);
-                __builtin_prefetch(a->v + i + PREFETCH, 1, 0);
-                for (int k = 0; k < NM; k++) __builtin_prefetch(a->m + k * a->m_ld + i + PREFETCH, 1, 0);
-                __builtin_prefetch(x + ROW_ADAM * ld + i + PREFETCH, 1, 0);
-                __builtin_prefetch(x + ROW_SQRT_V * ld + i + PREFETCH, 1, 0);
+                prefetch_state(s, i);
+                if (x) {
+                    __builtin_prefetch(x + ROW_ADAM * ld + i + PREFETCH, 1, 0);
+                    __builtin_prefetch(x + ROW_SQRT_V * ld + i + PREFETCH, 1, 0);
+                }
             }
             vf row[NF];
-            const vf g = load(a->g + i, nv);
-            row[ROW_P] = load(a->p + i, nv);
-            row[ROW_G] = g;
-#pragma GCC unroll 16
-            for (int k = 0; k < NM; k++) {
-                float *mk = a->m + k * a->m_ld + i;
-                const float beta = a->betas[k];
-                row[ROW_M0 + k] = load(mk, nv) * beta + g * (1.f - beta);
-                if (a->write_back) store(mk, row[ROW_M0 + k], nv);
+            features_vec(s, i, nv, row);
+            if (x) {
+                if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
+                if (copy_g) store(x + ROW_G * ld + i, row[ROW_G], nv);
+                if (copy_m)
+                    for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
+                store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
+                store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
             }
-            const vf v = load(a->v + i, nv) * a->b2 + g * g * a->one_minus_b2;
-            if (a->write_back) store(a->v + i, v, nv);
-            row[ROW_SQRT_V] = vsqrt(v + a->sqrt_eps);
-            row[ROW_ADAM] = row[ROW_M0 + a->adam_m] / (row[ROW_SQRT_V] + a->adam_eps) * a->adam_scale;
-            if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
-            if (copy_g) store(x + ROW_G * ld + i, g, nv);
-            if (copy_m)
-                for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
-            store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
-            store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
             if (nv < VB) row[ROW_SQRT_V] = first_lanes(row[ROW_SQRT_V], nv); /* padded: sqrt(0 + eps), not 0 */
             for (int f = 0; f < NF; f++) sq[f] += row[f] * row[f];
         }
@@ -271,13 +293,13 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
     }
 }
 
-int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, float *x, long x_ld,
-              const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
-              int adam_m, int write_back, double *sums, int threads) {
+int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, const float *betas, float b2,
+              float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps, int adam_m, int write_back,
+              float *x, long x_ld, double *sums, int threads) {
     stats_args *a = malloc(sizeof *a);
     if (!a) return -1;
-    *a = (stats_args){p, g, m, v, x, m_ld, x_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m,
-                      write_back, {{0}}};
+    *a = (stats_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
+                      x, x_ld, {{0}}};
     threads = thread_count(n, n, threads);
     parallel_for(stats_range, a, n, threads);
     for (int f = 0; f < NF; f++) {
@@ -291,189 +313,170 @@ int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float
 /* ------------------------------------------------------------ GMN */
 #ifdef DE
 
-/* One message-passing round over one dense block, rows [r0, r1):
- *   enc = x given ? relu(W_enc x + static) : e
- *   m   = relu(W_msg enc + row_t[:, i] + col_t[:, g(i) * C + j])
- *   e   = enc + m;  row_acc[:, i] += m;  col_acc[:, g(i) * C + j] += m
- * where g(i) = i / per_group is the row's group (grouped convolutions).
- */
+#define MAX_LAYERS 16
+
+/* One pass of the GMN's chunked step over one dense block of rows x cols
+ * edges (edge (i, j) at flat index i * cols + j of the block's state), every
+ * intermediate of an edge kept in a tile buffer, nothing edge-sized written
+ * but the outputs. Per edge:
+ *   x          = its features (statistics section)
+ *   e          = relu(W_enc x + static)                      if first == 0,
+ *                the kept edge states after `first` rounds    else
+ *   for l in [first, stop):
+ *     m_l = relu(W_msg[l] e + row_t[l][:, i] + col_t[l][:, g(i) * C + j]),  e = e + m_l
+ * then either (a round pass, update == NULL) m_{stop-1} summed onto
+ *   row_acc[:, i] and col_acc[:, g(i) * C + j], and e written to the kept
+ *   states (if any), or (the read-out, update != NULL)
+ *   z = relu(W_z [e; x] + z_row[:, i] + z_col[:, g(i) * C + j]),
+ *   (d, s) = head_w z + head_b,  update = finish(d, s, x[adam]),
+ * where g(i) = i / per_group is the row's group (grouped convolutions). */
 typedef struct {
-    const float *x;             /* NF feature rows (stride ld), or NULL after the first round */
-    const float *w_enc;         /* [DE][NF] */
-    const float *stat;          /* static encoder term of edge (i, j) at stat[d * stat_ld + i * stat_rs + j] */
+    stat_in s;
+    const float *w_enc;       /* [DE][NF] */
+    const float *stat;        /* static encoder term of edge (i, j) at stat[d * stat_ld + i * stat_rs + j] */
     long stat_ld, stat_rs;
-    const float *w_msg;         /* [DE][DE] */
-    const float *row_t, *col_t; /* [DE][R], [DE][G * C] */
-    float *e;                   /* DE edge-state rows (stride ld) */
-    long ld;
-    float *row_acc;             /* [DE][R], added to */
+    int first, stop;
+    const float *const *w_msg; /* per layer [DE][DE] */
+    const float *const *row_t; /* per layer [DE][R] */
+    const float *const *col_t; /* per layer [DE][G * C], bias folded in */
+    float *kept;               /* DE edge-state rows (stride kept_ld), or NULL */
+    long kept_ld;
+    float *row_acc;              /* [DE][R], added to */
     float *col_acc[MAX_THREADS]; /* [DE][G * C] per thread; [0] is the caller's, added to */
+    const float *w_z;            /* [HID][DE + NF] */
+    const float *z_row, *z_col;  /* [HID][R], [HID][G * C], bias folded in */
+    const float *head_w;         /* [2][HID] */
+    float head_b0, head_b1, nominal, c;
+    float *update;
     long rows, cols, per_group;
-} round_args;
+} pass_args;
 
 #define EGROUP GROUP_OF(DE)
+#define RGROUP GROUP_OF(HID)
 
-/* One tile: `in` is its NF feature rows (first round) or DE edge-state rows
- * at stride in_ld (the frame, or a zero-padded copy for a row's last tile);
- * `rsum` [DE][TC] collects the row's messages. */
-INLINE void round_tile(const round_args *a, long i, long j0, int nv, const float *in, long in_ld,
-                       float *col_acc, float rsum[DE][TC]) {
+/* acc[g][t] = table[(d0 + g) * a->rows + i] + table2[(d0 + g) * ld2 + c0 + t * VB]: a row plus a column term */
+INLINE void node_terms(const int G, const float *row, long rows, long i, const float *col, long col_ld, long c0,
+                       int d0, int nv, vf acc[][T]) {
+    for (int g = 0; g < G; g++)
+        for (int t = 0; t < T; t++)
+            acc[g][t] = row[(d0 + g) * rows + i] + load(col + (d0 + g) * col_ld + c0 + t * VB, lanes(nv, t));
+}
+
+/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
+ * col_acc collect a round pass's messages. */
+INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_acc, float rsum[DE][TC]) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
-    float enc_buf[DE][TC], m[DE][TC];
-    const float *enc = in;
-    long enc_ld = in_ld;
-    if (a->x) { /* enc = relu(W_enc x + static) */
+    const long at = i * a->cols + j0;
+    float ex[DE + NF][TC]; /* e rows, then x rows: the read-out's input [e; x] */
+    float(*x)[TC] = ex + DE;
+    for (int t = 0; t < T; t++) {
+        vf row[NF];
+        features_vec(&a->s, at + t * VB, lanes(nv, t), row);
+        for (int f = 0; f < NF; f++) store(&x[f][t * VB], row[f], VB);
+    }
+    if (a->first == 0) { /* e = relu(W_enc x + static) */
 #pragma GCC unroll 1
         for (int d0 = 0; d0 < DE; d0 += EGROUP) {
             vf acc[EGROUP][T];
             for (int g = 0; g < EGROUP; g++)
                 for (int t = 0; t < T; t++)
                     acc[g][t] = load(a->stat + (d0 + g) * a->stat_ld + i * a->stat_rs + j0 + t * VB, lanes(nv, t));
-            dot_block(EGROUP, NF, a->w_enc, d0, in, in_ld, acc);
+            dot_block(EGROUP, NF, a->w_enc, d0, &x[0][0], TC, acc);
             for (int g = 0; g < EGROUP; g++)
-                for (int t = 0; t < T; t++) store(&enc_buf[d0 + g][t * VB], relu(acc[g][t]), VB);
+                for (int t = 0; t < T; t++) store(&ex[d0 + g][t * VB], relu(acc[g][t]), VB);
         }
-        enc = &enc_buf[0][0];
-        enc_ld = TC;
+    } else {
+        for (int d = 0; d < DE; d++)
+            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(a->kept + d * a->kept_ld + at + t * VB, lanes(nv, t)), VB);
     }
+    float m[DE][TC];
+    for (int l = a->first; l < a->stop; l++) {
 #pragma GCC unroll 1
-    for (int d0 = 0; d0 < DE; d0 += EGROUP) { /* m = relu(W_msg enc + node terms) */
-        vf acc[EGROUP][T];
-        for (int g = 0; g < EGROUP; g++)
-            for (int t = 0; t < T; t++)
-                acc[g][t] = a->row_t[(d0 + g) * a->rows + i] +
-                            load(a->col_t + (d0 + g) * col_ld + gc + t * VB, lanes(nv, t));
-        dot_block(EGROUP, DE, a->w_msg, d0, enc, enc_ld, acc);
-        for (int g = 0; g < EGROUP; g++)
-            for (int t = 0; t < T; t++) {
-                vf mv = relu(acc[g][t]);
-                if (lanes(nv, t) < VB) mv = first_lanes(mv, lanes(nv, t)); /* padded lanes stay out of the sums */
-                store(&m[d0 + g][t * VB], mv, VB);
-            }
-    }
-    /* only now: in a later round `enc` is the edge state being updated */
-    for (int d = 0; d < DE; d++) {
-        float *ca = col_acc + d * col_ld + gc, *eo = a->e + d * a->ld + i * a->cols + j0;
-        __builtin_prefetch(eo + PREFETCH, 1, 0);
-        for (int t = 0; t < T; t++) {
-            const int n = lanes(nv, t);
-            const vf mv = load(&m[d][t * VB], VB);
-            store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
-            store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-            store(eo + t * VB, load(enc + d * enc_ld + t * VB, VB) + mv, n);
+        for (int d0 = 0; d0 < DE; d0 += EGROUP) { /* m = relu(W_msg e + node terms) */
+            vf acc[EGROUP][T];
+            node_terms(EGROUP, a->row_t[l], a->rows, i, a->col_t[l], col_ld, gc, d0, nv, acc);
+            dot_block(EGROUP, DE, a->w_msg[l], d0, &ex[0][0], TC, acc);
+            for (int g = 0; g < EGROUP; g++)
+                for (int t = 0; t < T; t++) store(&m[d0 + g][t * VB], relu(acc[g][t]), VB);
         }
+        for (int d = 0; d < DE; d++) /* only now: every message read the old e */
+            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(&ex[d][t * VB], VB) + load(&m[d][t * VB], VB), VB);
     }
-}
-
-static void round_range(const void *args, long r0, long r1, int thread) {
-    const round_args *a = args;
-    float *col_acc = a->col_acc[thread];
-    const int rows_in = a->x ? NF : DE;
-    float pad[NF > DE ? NF : DE][TC], rsum[DE][TC];
-    for (long i = r0; i < r1; i++) {
-        const float *row = (a->x ? a->x : a->e) + i * a->cols;
-        memset(rsum, 0, sizeof rsum);
-        long j = 0;
-        for (; j + TC <= a->cols; j += TC) {
-            for (int k = 0; k < rows_in; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
-            round_tile(a, i, j, TC, row + j, a->ld, col_acc, rsum);
-        }
-        if (j < a->cols)
-            round_tile(a, i, j, (int)(a->cols - j), stage_tail(rows_in, row + j, a->ld, a->cols - j, pad), TC,
-                       col_acc, rsum);
+    if (!a->update) { /* a round pass: the last round's messages to both ends, e kept */
         for (int d = 0; d < DE; d++) {
-            float s = 0.f;
-            for (int v = 0; v < TC; v++) s += rsum[d][v];
-            a->row_acc[d * a->rows + i] += s;
+            float *ca = col_acc + d * col_ld + gc;
+            for (int t = 0; t < T; t++) {
+                const int n = lanes(nv, t);
+                vf mv = load(&m[d][t * VB], VB);
+                if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
+                store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
+                store(ca + t * VB, load(ca + t * VB, n) + mv, n);
+                if (a->kept) store(a->kept + d * a->kept_ld + at + t * VB, load(&ex[d][t * VB], VB), n);
+            }
         }
+        return;
     }
-}
-
-int l2o_gmn_round(const float *x, const float *w_enc, const float *stat, long stat_ld, long stat_rs,
-                  const float *w_msg, const float *row_t, const float *col_t, float *e, long ld, float *row_acc,
-                  float *col_acc, long rows, long cols, long per_group, int threads) {
-    round_args *a = malloc(sizeof *a);
-    if (!a) return -1;
-    *a = (round_args){x, w_enc, stat, stat_ld, stat_rs, w_msg, row_t, col_t, e, ld, row_acc, {col_acc},
-                      rows, cols, per_group};
-    threads = thread_count(rows, rows * cols, threads);
-    /* the other threads sum their columns privately, added in after the join */
-    const long col_len = DE * (rows / per_group) * cols;
-    float *priv = threads > 1 ? calloc((size_t)(threads - 1) * col_len, sizeof(float)) : NULL;
-    if (!priv) threads = 1;
-    for (int t = 1; t < threads; t++) a->col_acc[t] = priv + (size_t)(t - 1) * col_len;
-    parallel_for(round_range, a, rows, threads);
-    for (int t = 1; t < threads; t++)
-        for (long k = 0; k < col_len; k++) col_acc[k] += a->col_acc[t][k];
-    free(priv);
-    free(a);
-    return 0;
-}
-
-/* Read-out over one dense block:
- *   z = relu(W_z [e; x] + row_t[:, i] + col_t[:, g(i) * C + j])
- *   (d, s) = head_w z + head_b,  update = finish(d, s, x[adam])
- */
-typedef struct {
-    const float *ex; /* DE edge-state rows, then NF feature rows (stride ld): the frame */
-    long ld;
-    const float *w_z;           /* [HID][DE + NF] */
-    const float *row_t, *col_t; /* [HID][R], [HID][G * C], bias folded in */
-    const float *head_w;        /* [2][HID] */
-    float head_b0, head_b1, nominal, c;
-    float *update;
-    long rows, cols, per_group;
-} readout_args;
-
-#define RGROUP GROUP_OF(HID)
-
-/* One tile; `in` holds its DE + NF input rows [e; x] at stride in_ld (the
- * frame itself for a full tile, a zero-padded copy for a row's last one).
- * The hidden units are produced RGROUP at a time and folded into the head at
- * once, so no [HID] intermediate is ever stored. */
-INLINE void readout_tile(const readout_args *a, long i, long j0, int nv, const float *in, long in_ld) {
-    const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
+    /* the read-out: hidden units RGROUP at a time, folded into the head at once */
     vf dir[T], ls[T];
     head_start(a->head_b0, a->head_b1, dir, ls);
 #pragma GCC unroll 1
     for (int h0 = 0; h0 < HID; h0 += RGROUP) {
         vf acc[RGROUP][T];
-#pragma GCC unroll 16
-        for (int dd = 0; dd < RGROUP; dd++)
-            for (int t = 0; t < T; t++)
-                acc[dd][t] = a->row_t[(h0 + dd) * a->rows + i] +
-                             load(a->col_t + (h0 + dd) * col_ld + gc + t * VB, lanes(nv, t));
-        dot_block(RGROUP, DE + NF, a->w_z, h0, in, in_ld, acc);
+        node_terms(RGROUP, a->z_row, a->rows, i, a->z_col, col_ld, gc, h0, nv, acc);
+        dot_block(RGROUP, DE + NF, a->w_z, h0, &ex[0][0], TC, acc);
         head_add(RGROUP, HID, a->head_w, h0, acc, dir, ls);
     }
     for (int t = 0; t < T; t++)
-        store(a->update + i * a->cols + j0 + t * VB,
-              finish(dir[t], ls[t], load(in + (DE + ROW_ADAM) * in_ld + t * VB, VB), a->nominal, a->c),
+        store(a->update + at + t * VB, finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c),
               lanes(nv, t));
 }
 
-static void readout_range(const void *args, long r0, long r1, int thread) {
-    (void)thread;
-    const readout_args *a = args;
-    float pad[DE + NF][TC];
+static void pass_range(const void *args, long r0, long r1, int thread) {
+    const pass_args *a = args;
+    float *col_acc = a->col_acc[thread];
+    float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
-        const float *row = a->ex + i * a->cols;
+        memset(rsum, 0, sizeof rsum);
         long j = 0;
-        for (; j + TC <= a->cols; j += TC) {
-            for (int k = 0; k < DE + NF; k++) __builtin_prefetch(row + k * a->ld + j + PREFETCH, 0, 0);
-            readout_tile(a, i, j, TC, row + j, a->ld);
+        for (; j + TC <= a->cols; j += TC) { /* nv a constant: whole-vector loads and stores */
+            prefetch_state(&a->s, i * a->cols + j);
+            pass_tile(a, i, j, TC, col_acc, rsum);
         }
-        if (j < a->cols)
-            readout_tile(a, i, j, (int)(a->cols - j), stage_tail(DE + NF, row + j, a->ld, a->cols - j, pad), TC);
+        if (j < a->cols) pass_tile(a, i, j, (int)(a->cols - j), col_acc, rsum);
+        if (!a->update)
+            for (int d = 0; d < DE; d++) {
+                float s = 0.f;
+                for (int v = 0; v < TC; v++) s += rsum[d][v];
+                a->row_acc[d * a->rows + i] += s;
+            }
     }
 }
 
-int l2o_gmn_readout(const float *ex, long ld, const float *w_z, const float *row_t,
-                    const float *col_t, const float *head_w, float head_b0, float head_b1, float nominal, float c,
-                    float *update, long rows, long cols, long per_group, int threads) {
-    const readout_args a = {ex, ld, w_z, row_t, col_t, head_w, head_b0, head_b1, nominal, c, update,
-                            rows, cols, per_group};
-    parallel_for(readout_range, &a, rows, thread_count(rows, rows * cols, threads));
+int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const float *g, float *m, long m_ld, float *v,
+                 const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
+                 int adam_m, int write_back, const float *w_enc, const float *stat, long stat_ld, long stat_rs,
+                 int first, int stop, const float *const *w_msg, const float *const *row_t,
+                 const float *const *col_t, float *kept, long kept_ld, float *row_acc, float *col_acc,
+                 const float *w_z, const float *z_row, const float *z_col, const float *head_w, float head_b0,
+                 float head_b1, float nominal, float c, float *update, int threads) {
+    if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept)) return -2;
+    pass_args *a = malloc(sizeof *a);
+    if (!a) return -1;
+    *a = (pass_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
+                     w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, row_acc,
+                     {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update,
+                     rows, cols, per_group};
+    threads = thread_count(rows, rows * cols, threads);
+    /* the other threads sum their columns privately, added in after the join */
+    const long col_len = update ? 0 : DE * (rows / per_group) * cols;
+    float *priv = threads > 1 && col_len ? calloc((size_t)(threads - 1) * col_len, sizeof(float)) : NULL;
+    if (col_len && !priv) threads = 1;
+    for (int t = 1; t < threads; t++) a->col_acc[t] = priv + (size_t)(t - 1) * col_len;
+    parallel_for(pass_range, a, rows, threads);
+    for (int t = 1; t < threads && col_len; t++)
+        for (long k = 0; k < col_len; k++) col_acc[k] += a->col_acc[t][k];
+    free(priv);
+    free(a);
     return 0;
 }
 #endif /* DE */
@@ -498,7 +501,8 @@ typedef struct {
 
 #define MGROUP GROUP_OF(MH)
 
-/* One tile of TC entries at i; `in` its NF feature rows (see readout_tile). */
+/* One tile of TC entries at i; `in` its NF feature rows at stride in_ld (the
+ * feature block itself, or a zero-padded copy for the last, partial tile). */
 INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld) {
     float z1[MH][TC];
 #pragma GCC unroll 1

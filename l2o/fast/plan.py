@@ -10,6 +10,8 @@ is sliced once here, so the per-step loops do no index arithmetic.
 Cache sizes, not FLOPs, set the chunk: on CPU the metanetwork's edge-sized
 intermediates are memory-bound, and a run of ~64k entries keeps every
 intermediate of one run in cache (bench/fast_step.py measures the result).
+The fused GMN keeps no run-sized intermediate, and takes longer runs
+(:data:`l2o.fast.backend.CHUNKED`).
 """
 from __future__ import annotations
 
@@ -174,10 +176,10 @@ class ChunkPlan:
 
     def scratch(self, name: str, rows: int, length: int, device: torch.device) -> Tensor:
         """A contiguous ``[rows, length]`` float32 view of a workspace that is
-        allocated once and reused (fresh large allocations cost page faults
-        on every step)."""
+        reused (fresh large allocations cost page faults on every step), grown
+        to the longest run that asks for it: a step's first pass sizes it."""
         key = (name, device)
-        need = rows * max(length, self.max_run)
+        need = rows * length
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < need:
             buf = self._buffers[key] = torch.empty(need, device=device)
