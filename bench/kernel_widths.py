@@ -1,14 +1,16 @@
 """The fused step kernels built with each vector width this CPU offers
-(the flag sets of ``l2o.fast.native._variants`` for the GMN's library: 16
-lanes on AVX-512, ``-march=native``'s 8, a portable 4), for both learned
-optimizers, timed interleaved on the same models in one run; the ratio column
-is each build's step time over the ``-march=native`` (8-lane) one's.
+(the flag sets of ``l2o.fast.native._variants`` for either library: 16
+lanes on AVX-512 with one or two vectors per tile, ``-march=native``'s 8, a
+portable 4), for both learned optimizers, timed interleaved on the same
+models in one run; the ratio column is each build's step time over the
+``-march=native`` (8-lane) one's.
 
     python bench/kernel_widths.py [--repeats 5] [--threads 1]
 
 ``native.load`` uses the first flag set that compiles for a library's widths;
-this shows what that choice is worth here (it is why the MLP's library keeps
-8 lanes). Medians of the no-grad step (``backend.step_flat``).
+this shows what that choice is worth here (it is why the GMN's library takes
+one vector per tile and the MLP's two). Medians of the no-grad step
+(``backend.step_flat``).
 """
 from __future__ import annotations
 
@@ -36,7 +38,10 @@ def wide_mlp():
     return nn.Sequential(nn.Linear(w, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(), nn.Linear(w, 10)), None
 
 
-GMN_SIZES = (F_.NUM_ENTRY_FEATURES, 8, 16, 0)   # a GMN library's widths: every flag set is tried
+# every flag set of either library's (a GMN's widths, an MLP's), each tried on both
+FLAG_SETS = [list(f) for f in dict.fromkeys(tuple(f) for sizes in ((F_.NUM_ENTRY_FEATURES, 8, 16, 0),
+                                                                  (F_.NUM_ENTRY_FEATURES, 0, 0, 32))
+                                             for f in native._variants(sizes))]
 MODELS = {"MLP width 2048 (8.4M)": wide_mlp, "wide CNN": wide_cnn, "transformer d256 x3 + vocab 1000": transformer}
 
 
@@ -44,7 +49,7 @@ def backends_per_flags(lopt, graph) -> dict[str, ChunkedBackend]:
     """One backend per flag set, each on its own library (built into a fresh cache)."""
     variants, out = native._variants, {}
     try:
-        for flags in variants(GMN_SIZES):
+        for flags in FLAG_SETS:
             native._variants = lambda sizes, flags=flags: [flags]
             native.forget()
             kernels = fused_kernels(lopt, "cpu")
@@ -66,7 +71,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ["L2O_CACHE"] = tempfile.mkdtemp(prefix="l2o_widths_")
     print(f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats} interleaved steps; "
-          f"flag sets in native.load's order: {[' '.join(f) for f in native._variants(GMN_SIZES)]}\n")
+          f"flag sets native.load tries, in order: GMN {[' '.join(f) for f in native._variants((8, 8, 16, 0))]}, "
+          f"MLP {[' '.join(f) for f in native._variants((8, 0, 0, 32))]}\n")
     for name, make in MODELS.items():
         torch.manual_seed(0)
         model, example = make()

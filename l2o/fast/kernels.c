@@ -31,8 +31,8 @@
 
 /* VB lanes (GCC/clang vector extension: one AVX register for VB = 8, one
  * AVX-512 register for VB = 16; narrower targets split it), T vectors per
- * tile: TC entries (native.py builds the GMN's library with VB = 16, T = 1
- * on AVX-512 CPUs). */
+ * tile: TC entries (on AVX-512 CPUs native.py builds with VB = 16, T = 1
+ * for the GMN's library, T = 2 for the MLP's). */
 #ifndef VB
 #define VB 8
 #endif

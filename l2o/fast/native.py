@@ -125,16 +125,16 @@ def _cpu_flags() -> str:
 
 def _variants(sizes: Sizes) -> list[list[str]]:
     """Flag sets to try for a library of these widths, best first. On AVX-512
-    CPUs the GMN's kernels take 16-lane vectors, one per tile (the same
-    16-entry tiles as two 8-lane AVX2 vectors, in one register): its step is
-    1.1-1.6x faster on this project's Xeon, while the per-parameter MLP's
-    kernel is not (bench/kernel_widths.py), so it keeps 8 lanes. The portable
+    CPUs the kernels take 16-lane vectors: one per tile for the GMN's passes,
+    two for the per-parameter MLP's (its step 0.6-0.75x the 8-lane build's
+    time on this project's Xeon; one vector per tile is slower for the MLP
+    and two slower for the GMN: bench/kernel_widths.py). The portable
     fallback uses 4-lane vectors: 8-lane ones split into SSE pairs make the
     unrolled code (and its build time) several times larger."""
     if platform.machine().lower() in ("arm64", "aarch64"):
         return [["-mcpu=native"], ["-DVB=4"]]
-    gmn = sizes[1] > 0
-    wide = [["-march=native", "-DVB=16", "-DT=1"]] if gmn and "avx512f" in _cpu_flags().split() else []
+    tile = "-DT=1" if sizes[1] > 0 else "-DT=2"
+    wide = [["-march=native", "-DVB=16", tile]] if "avx512f" in _cpu_flags().split() else []
     return [*wide, ["-march=native"], ["-DVB=4"]]
 
 
