@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import l2o
 from graph_helpers import build, kinds, not_followed, part
 from l2o.graph import build_graph
 from l2o.graph import blocks
@@ -415,3 +416,22 @@ def test_experts_whose_input_has_other_units_read_fresh_units_at_its_depth():
     assert torch.allclose(g.node_depth[conv_units], torch.full((4,), 0.25))
     assert torch.allclose(g.node_depth[dst[:, :, 0]], torch.full((2, 6), 0.5))
     assert g.num_nodes == 2 + 4 + 5 + 2 * 3 + 5 + 2
+
+
+@pytest.mark.parametrize("width", [0, 3])
+def test_a_weight_with_rows_but_no_columns_takes_a_step(width):
+    """``nn.Linear(0, 3)`` has a ``[3, 0]`` weight: no column to read a block
+    from (``detect_block`` read column 0 of it and the first step raised
+    IndexError); it steps like any other weight, here beside a real one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(width, 3), nn.ReLU(), nn.Linear(3, 2))
+    x = torch.randn(4, width)
+    opt = l2o.GMNOptimizer(model, example_inputs=(x,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(x).pow(2).sum().backward()
+    opt.step()
+    after = list(model.parameters())
+    assert after[0].shape == (3, width)
+    assert all(torch.isfinite(p).all() for p in after)
+    assert not torch.equal(after[2], before[2])      # the real weight moved

@@ -44,7 +44,7 @@ class ScatterBlock:
 
 def detect_block(src: Tensor, dst: Tensor, rows: int) -> EdgeBlock | None:
     n = src.numel()
-    if rows <= 0 or n % rows:
+    if rows <= 0 or n == 0 or n % rows:   # an empty weight ([3, 0]) has no column to read: a scatter block
         return None
     cols = n // rows
     for row_end, r_idx, c_idx in (("dst", dst, src), ("src", src, dst)):
