@@ -123,7 +123,8 @@ class GMNChunkedStep:
         kept = self.kept(run)
         # kept states: read after every round but a round pass's own
         first = 0 if kept is None else rounds if "readout" in out else rounds - 1
-        layers = [(self.w_msg[layer], *self.node_terms[layer].tables(run)) for layer in range(rounds)]
+        layers = [(self.w_msg[layer], *self.node_terms[layer].tables(run)) if layer >= first else None
+                  for layer in range(rounds)]
         self.kernels.gmn_pass(
             run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back),
             run.groups * run.rows, run.cols, run.rows, (self.w_enc[run.tensor], *self.static.table(run)), layers,

@@ -26,6 +26,7 @@ class NodeTerms:
         self.src_t, self.dst_t = src_term.t().contiguous(), dst_term.t().contiguous()
         self.bias = bias.unsqueeze(1)
         self._cols: dict[int, Tensor] = {}
+        self._rows: dict[int, Tensor] = {}   # per run: a pass of each later round reads them again
 
     def _col_table(self, run: DenseRun, col_t: Tensor) -> Tensor:
         col = self._cols.get(id(run.col_nodes))
@@ -37,7 +38,10 @@ class NodeTerms:
         """Contiguous row ``[D, groups * rows]`` and column (with the bias)
         ``[D, groups * cols]`` terms of a dense run, for the fused kernels."""
         row_t, col_t = (self.dst_t, self.src_t) if run.row_end == "dst" else (self.src_t, self.dst_t)
-        return run.rows_of(row_t).contiguous(), self._col_table(run, col_t)
+        rows = self._rows.get(id(run))
+        if rows is None:
+            rows = self._rows[id(run)] = run.rows_of(row_t).contiguous()
+        return rows, self._col_table(run, col_t)
 
     def linear(self, out: Tensor, weight: Tensor, inp: Tensor, run: DenseRun | ScatterRun) -> Tensor:
         """``out = weight @ inp + node terms`` (``out`` ``[D, L]``)."""

@@ -105,13 +105,14 @@ class FusedKernels:
                                  sums.data_ptr(), torch.get_num_threads()))
 
     def gmn_pass(self, st: RunState, rows: int, cols: int, per_group: int, encode: tuple[Tensor, Tensor, int, int],
-                 layers: list[tuple[Tensor, Tensor, Tensor]], first: int, kept: Tensor | None,
+                 layers: list[tuple[Tensor, Tensor, Tensor] | None], first: int, kept: Tensor | None,
                  sums: tuple[Tensor, Tensor] | None = None, readout: tuple | None = None) -> None:
         """One pass of the GMN's step over a dense block of ``rows x cols``
         edges whose statistics are ``st`` (``kernels.c``: ``l2o_gmn_pass``):
         ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
-        rounds to run, from ``first`` (the states after ``first`` rounds read
-        from ``kept`` ``[DE, >= n]``; 0: ``encode`` = ``(w_enc [DE, NF],
+        rounds to run (None before ``first``), from ``first`` (the states
+        after ``first`` rounds read from ``kept`` ``[DE, >= n]``; 0:
+        ``encode`` = ``(w_enc [DE, NF],
         static table, its feature stride, its row stride)``). Then either
         ``sums`` = ``(row_sum, col_sum)``: the last round's messages added
         onto them (and the states written to ``kept``), or ``readout`` =
@@ -127,9 +128,10 @@ class FusedKernels:
             _require(False, k, f"p has {st.p.numel()} entries, the block {n}")
         args = self._state_args(k, st)
         n_cols = (rows // per_group) * cols
-        for l, (w_msg, row_t, col_t) in enumerate(layers):
-            for name, t, shape in (("w_msg", w_msg, (de, de)), ("row_t", row_t, (de, rows)),
-                                   ("col_t", col_t, (de, n_cols))):
+        for l, tables in enumerate(layers):
+            if l < first:   # read from kept states: None
+                continue
+            for name, t, shape in zip(("w_msg", "row_t", "col_t"), tables, ((de, de), (de, rows), (de, n_cols))):
                 _dense(k, f"{name}[{l}]", t, shape)
         if kept is not None:
             _rows(k, "kept", kept, de, n)
@@ -137,8 +139,8 @@ class FusedKernels:
         _dense(k, "w_enc", w_enc, (de, self.nf))
         _require(table.dtype == _F32 and table.is_contiguous() and
                  table.numel() >= (de - 1) * stat_ld + (rows - 1) * stat_rs + cols, k, "static table too small")
-        ptrs = [(ctypes.c_void_p * max(stop, 1))(*(t.data_ptr() for t in ts)) for ts in zip(*layers)] if layers \
-            else [None] * 3
+        ptrs = [(ctypes.c_void_p * max(stop, 1))(*(None if tables is None else tables[i].data_ptr()
+                                                   for tables in layers)) for i in range(3)]
         acc = (None, None)
         out: tuple = (None, None, None, None, 0.0, 0.0, 0.0, 0.0, None)
         if sums is not None:
