@@ -464,3 +464,16 @@ def test_the_temporary_kernel_cache_must_be_private(monkeypatch, tmp_path):
     private.chmod(0o777)
     with pytest.raises(RuntimeError, match="not a private directory"):
         native._private_temp_dir()
+
+
+def test_a_gmn_with_more_rounds_than_the_fused_pass_takes_steps_with_torch_ops(kernels):
+    """The fused pass runs at most ``MAX_ROUNDS`` message-passing rounds; a
+    deeper GMN's dense runs take the torch ops, with the same result."""
+    from l2o.fast.kernel_calls import MAX_ROUNDS
+    torch.manual_seed(0)
+    make, example = MODELS["mlp"]
+    model = make()
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    _compare(_scrambled(l2o.GMNLOpt(node_dim=8, edge_dim=4, hidden=4, num_layers=MAX_ROUNDS + 1)), gmn_step,
+             graph, flat)

@@ -41,7 +41,7 @@ from ..update_rule import finish_folded_, fold_head
 from .features import (Entries, Sink, adam_row, entry_features_, fold_input_scale, inverse_rms, relative_scale,
                        run_frame, run_state, step_constants, tensor_sums)
 from .gmn_terms import NodeTerms, StaticEdgeTerms, sum_to_ends_
-from .kernel_calls import FusedKernels
+from .kernel_calls import MAX_ROUNDS, FusedKernels
 from .lean import entry_slice
 from .plan import ChunkPlan, DenseRun
 from .shard import Shard, owned_runs
@@ -75,7 +75,8 @@ class GMNChunkedStep:
                 for r in plan.stat_runs if r.start >= plan.num_edges]
         self.node_runs = [(k, s, e) for k, s, e in runs if e > s]   # (tensor, start, stop), this rank's
         self.edge_runs = plan.edge_runs if shard is None else owned_runs(plan, shard)
-        self.fused = [kernels is not None and isinstance(run, DenseRun) for run in self.edge_runs]
+        fusable = kernels is not None and len(lopt.convs) <= MAX_ROUNDS
+        self.fused = [fusable and isinstance(run, DenseRun) for run in self.edge_runs]
         if store_edge_states is None:
             store_edge_states = plan.num_params <= STORE_EDGE_STATES_MAX_PARAMS
         self.edge_states = (plan.fixed("edge_states", (self.de, plan.num_edges), self.dev)

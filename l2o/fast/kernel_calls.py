@@ -18,6 +18,7 @@ from .. import features as F_
 from . import native
 
 _F32 = torch.float32
+MAX_ROUNDS = 16   # kernels.c's MAX_LAYERS: a GMN with more rounds takes the torch ops
 
 
 def _require(ok: bool, kernel: str, what: str) -> None:
@@ -122,7 +123,7 @@ class FusedKernels:
         if not (de > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0):
             _require(False, k, f"bad sizes rows={rows} cols={cols} per_group={per_group} (edge width {de})")
         _require((sums is None) != (readout is None), k, "exactly one of sums and readout")
-        _require(0 <= first <= stop <= 16 and (first == 0 or kept is not None) and (readout is not None or stop > first),
+        _require(0 <= first <= stop <= MAX_ROUNDS and (first == 0 or kept is not None) and (readout is not None or stop > first),
                  k, f"bad rounds [{first}, {stop}) (kept states: {kept is not None})")
         if st.p.numel() != n:
             _require(False, k, f"p has {st.p.numel()} entries, the block {n}")
