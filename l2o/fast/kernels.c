@@ -354,7 +354,7 @@ typedef struct {
 #define EGROUP GROUP_OF(DE)
 #define RGROUP GROUP_OF(HID)
 
-/* acc[g][t] = table[(d0 + g) * a->rows + i] + table2[(d0 + g) * ld2 + c0 + t * VB]: a row plus a column term */
+/* acc[g][t] = row[(d0 + g) * rows + i] + col[(d0 + g) * col_ld + c0 + t * VB]: a row plus a column term */
 INLINE void node_terms(const int G, const float *row, long rows, long i, const float *col, long col_ld, long c0,
                        int d0, int nv, vf acc[][T]) {
     for (int g = 0; g < G; g++)
