@@ -19,6 +19,7 @@ from torch import nn
 
 from ..param_graph import EdgeKind, EntryKind, NodeType
 from ..values import Val, depth_of, input_columns, resolve
+from .moe import own_param
 
 NORM_NAMES = {"T5LayerNorm", "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "GemmaRMSNorm",
               "MixtralRMSNorm", "PhiRMSNorm", "Phi3RMSNorm", "OlmoLayerNorm", "MT5LayerNorm",
@@ -37,14 +38,8 @@ def conv1d_core(state, weight, bias, x) -> Val:
     return Val(own_nodes=out, depth=depth, fdim="last")
 
 
-def _own_param(m: nn.Module, name: str) -> nn.Parameter | None:
-    # (not getattr: while fx traces, a module's attributes are proxies, and the
-    # tracer asks whether a module is a leaf while it traces)
-    return dict(m.named_parameters(recurse=False)).get(name)
-
-
 def is_conv1d(m: nn.Module) -> bool:
-    w = _own_param(m, "weight")
+    w = own_param(m, "weight")
     return type(m).__name__ == "Conv1D" and isinstance(w, nn.Parameter) and w.dim() == 2
 
 
@@ -57,7 +52,7 @@ def is_rms_norm(m: nn.Module) -> bool:
     name = type(m).__name__
     if not (name.endswith("RMSNorm") or name in NORM_NAMES):
         return False
-    w = _own_param(m, "weight")
+    w = own_param(m, "weight")
     own = [n for n, _ in m.named_parameters(recurse=False)]
     return isinstance(w, nn.Parameter) and w.dim() == 1 and set(own) <= {"weight", "bias"} \
         and not any(True for _ in m.children())

@@ -36,8 +36,10 @@ from ..values import Val, depth_of, resolve
 _OWN = {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
 
 
-def _param(m: nn.Module, name: str) -> nn.Parameter | None:
-    # (not getattr: while fx traces, a module's attributes are proxies)
+def own_param(m: nn.Module, name: str) -> nn.Parameter | None:
+    """``m``'s own parameter ``name``, or None (not getattr: while fx traces, a
+    module's attributes are proxies, and the tracer asks whether a module is a
+    leaf while it traces)."""
     return dict(m.named_parameters(recurse=False)).get(name)
 
 
@@ -47,11 +49,11 @@ def expert_layout(m: nn.Module) -> tuple[int, int, int] | None:
             next(c.parameters(), None) is not None for c in m.children()):
         return None
     own = {n for n, _ in m.named_parameters(recurse=False)}
-    up = _param(m, "gate_up_proj") if _param(m, "gate_up_proj") is not None else _param(m, "up_proj")
-    down = _param(m, "down_proj")
+    up = own_param(m, "gate_up_proj") if own_param(m, "gate_up_proj") is not None else own_param(m, "up_proj")
+    down = own_param(m, "down_proj")
     if not own or not own <= _OWN or up is None or down is None or up.dim() != 3 or down.dim() != 3:
         return None
-    gated = _param(m, "gate_up_proj") is not None
+    gated = own_param(m, "gate_up_proj") is not None
     transposed = bool(getattr(m, "is_transposed", False))
     E = int(up.shape[0])
     if transposed:
@@ -67,7 +69,7 @@ def expert_layout(m: nn.Module) -> tuple[int, int, int] | None:
         return None
     for name, shape in (("gate_up_proj_bias", (E, rows)), ("up_proj_bias", (E, rows)),
                         ("down_proj_bias", (E, H))):
-        b = _param(m, name)
+        b = own_param(m, name)
         if b is not None and tuple(b.shape) != shape:
             return None
     return E, I, H
@@ -91,8 +93,8 @@ def _row_units(units: Tensor, gated: bool, concatenated: bool) -> tuple[tuple[in
 def map_moe_experts(state, mod: nn.Module, qualname: str, args, kwargs):
     E, I, H = expert_layout(mod)
     x = args[0] if args else kwargs.get("hidden_states")
-    gated = _param(mod, "gate_up_proj") is not None
-    up = _param(mod, "gate_up_proj" if gated else "up_proj")
+    gated = own_param(mod, "gate_up_proj") is not None
+    up = own_param(mod, "gate_up_proj" if gated else "up_proj")
     transposed = bool(getattr(mod, "is_transposed", False))
     concatenated = bool(getattr(mod, "is_concatenated", True))
     src = resolve(state, x, H)
@@ -106,14 +108,14 @@ def map_moe_experts(state, mod: nn.Module, qualname: str, args, kwargs):
     k = len(rows)
     if transposed:      # [E, H, *rows]: x_h -> unit
         state.add_edges(up, (E, H, *rows), src.view(1, H, *([1] * k)), dst.unsqueeze(1), EdgeKind.LINEAR)
-        state.add_edges(_param(mod, "down_proj"), (E, I, H), units.view(E, I, 1), out.view(1, 1, H), EdgeKind.LINEAR)
+        state.add_edges(own_param(mod, "down_proj"), (E, I, H), units.view(E, I, 1), out.view(1, 1, H), EdgeKind.LINEAR)
     else:               # [E, *rows, H]
         state.add_edges(up, (E, *rows, H), src.view(1, *([1] * k), H), dst.unsqueeze(-1), EdgeKind.LINEAR)
-        state.add_edges(_param(mod, "down_proj"), (E, H, I), units.view(E, 1, I), out.view(1, H, 1), EdgeKind.LINEAR)
-    up_bias = _param(mod, "gate_up_proj_bias" if gated else "up_proj_bias")
+        state.add_edges(own_param(mod, "down_proj"), (E, H, I), units.view(E, 1, I), out.view(1, H, 1), EdgeKind.LINEAR)
+    up_bias = own_param(mod, "gate_up_proj_bias" if gated else "up_proj_bias")
     if up_bias is not None:
         state.add_entries(up_bias, dst.expand(E, *rows).reshape(-1), EntryKind.BIAS)
-    down_bias = _param(mod, "down_proj_bias")
+    down_bias = own_param(mod, "down_proj_bias")
     if down_bias is not None:
         state.add_entries(down_bias, out.repeat(E), EntryKind.BIAS)
     return Val(own_nodes=out, depth=depth + 1, fdim="last")
