@@ -147,23 +147,16 @@ class ChunkPlan:
         self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
         self.tensor_counts = torch.tensor([t.stop - t.start for t in self.tensor_slices], device=graph.device,
                                           dtype=torch.float32).clamp(min=1)
-        # per edge-held tensor: (the whole block as one run when it is dense, its runs);
-        # the fused kernels (native.py) take a dense block whole
-        self.blocks: list[tuple[DenseRun | None, list[DenseRun | ScatterRun]]] = []
+        self.edge_runs: list[DenseRun | ScatterRun] = []
         for k, b in enumerate(edge_blocks(graph)):
-            whole = None
             if isinstance(b, EdgeBlock):
-                runs = _dense_runs(graph, b, k, chunk)
-                whole = DenseRun(b.start, b.stop, k, b.groups, b.rows // b.groups, b.cols, b.row_end,
-                                 b.row_nodes, b.col_nodes, runs[0].static_cols)
+                self.edge_runs += _dense_runs(graph, b, k, chunk)
             else:
                 # copies: a run must not keep the graph's whole index tensors alive (lean.py)
-                runs = [ScatterRun(s, e, k, *entry_slice(graph, "edge_index", s, e).clone(),
-                                   entry_slice(graph, "edge_kind", s, e).clone(),
-                                   entry_slice(graph, "edge_pos", s, e).clone())
-                        for s, e in _ranges(b.start, b.stop, chunk)]
-            self.blocks.append((whole, runs))
-        self.edge_runs: list[DenseRun | ScatterRun] = [r for _, runs in self.blocks for r in runs]
+                self.edge_runs += [ScatterRun(s, e, k, *entry_slice(graph, "edge_index", s, e).clone(),
+                                              entry_slice(graph, "edge_kind", s, e).clone(),
+                                              entry_slice(graph, "edge_pos", s, e).clone())
+                                   for s, e in _ranges(b.start, b.stop, chunk)]
         self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
         self._buffers: dict[tuple, Tensor] = {}
 
