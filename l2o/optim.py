@@ -245,8 +245,9 @@ class ShardedGMNOptimizer(GMNOptimizer):
     and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
     its (start, stop) within ``p``, and the replicated ``log_lr`` of the
     step-size controller, whose per-tensor sums are all-reduced like the
-    features'); restoring one is not supported yet, nor ``add_param_group``
-    after construction.
+    features'). ``load_state_dict`` takes this rank's own (same world size)
+    or a whole one, which :meth:`full_state_dict` gathers on one rank.
+    ``add_param_group`` after construction is not supported.
 
     With FSDP2 (``fully_shard``) each rank holds a row shard of every
     parameter (DTensor, dim 0) and its gradient: the owned entries are then
@@ -321,7 +322,39 @@ class ShardedGMNOptimizer(GMNOptimizer):
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        raise NotImplementedError("ShardedGMNOptimizer: restoring a sharded state is not supported yet")
+        """Restores this rank's part from either this rank's ``state_dict()``
+        (a checkpoint per rank, same world size) or a whole one
+        (:meth:`full_state_dict`, or an unsharded ``GMNOptimizer``'s), of
+        which each rank keeps its own entries (:meth:`_owned`)."""
+        super().load_state_dict(state_dict)
+
+    def full_state_dict(self, to: int = 0) -> dict | None:
+        """The unsharded optimizer's state dict, gathered on rank ``to`` of the
+        group (``None`` on the other ranks; a collective: every rank calls it).
+        It restores into a ``GMNOptimizer`` or a ``ShardedGMNOptimizer`` of any
+        world size. Every rank holds the whole statistics (20 bytes per
+        parameter) while they are summed."""
+        import torch.distributed as dist
+        sd = self.state_dict()
+        n, lo, hi = self._bounds[-1], self._shard.lo, self._shard.hi
+        num_momenta = self._flat_state["m"].shape[0]
+        whole = torch.zeros(num_momenta + 1, n, device=self.graph.device)
+        whole[:num_momenta, lo:hi] = self._flat_state["m"]
+        whole[num_momenta, lo:hi] = self._flat_state["v"]
+        dst = to if self._pg is None else dist.get_global_rank(self._pg, to)
+        dist.reduce(whole, dst=dst, group=self._pg)   # the ranks' parts are disjoint: the sum is their union
+        if self._rank != to:
+            return None
+        whole = whole.cpu()
+        index_of = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        for k, p in enumerate(self._flat_params):
+            if id(p) in index_of:
+                sl = self.graph.tensor_slices[k]
+                entry = sd["state"][index_of[id(p)]]
+                del entry["shard"]
+                entry["m"] = whole[:num_momenta, sl].reshape(num_momenta, *p.shape).clone()
+                entry["v"] = whole[num_momenta, sl].reshape(p.shape).clone()
+        return sd
 
     def _sync_device(self) -> None:
         if self._flat_params[0].device != self.graph.device:

@@ -216,7 +216,12 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         return optim_state.state_dict(self, super().state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        optim_state.load_state_dict(self, state_dict, super().load_state_dict)
+        optim_state.load_state_dict(self, state_dict, super().load_state_dict, self._owned)
+
+    def _owned(self, k: int) -> tuple[int, int]:
+        """The flat entries of tensor ``k`` whose statistics this optimizer keeps: all of them."""
+        sl = self.graph.tensor_slices[k]
+        return sl.start, sl.stop
 
     # ----------------------------------------------------------------- step
     def _sync_device(self) -> None:

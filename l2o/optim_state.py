@@ -40,8 +40,10 @@ def state_dict(opt, torch_state_dict) -> dict:
     return sd
 
 
-def load_state_dict(opt, state_dict: dict, torch_load_state_dict) -> None:
-    """Restores ``state_dict`` into ``opt`` (``torch_load_state_dict``: torch.optim's, bound to it)."""
+def load_state_dict(opt, state_dict: dict, torch_load_state_dict, owned) -> None:
+    """Restores ``state_dict`` into ``opt`` (``torch_load_state_dict``: torch.optim's, bound to it).
+    ``owned(k)``: the flat entries ``[s, e)`` of tensor ``k`` whose statistics
+    ``opt`` keeps (all of them, or a sharded optimizer's part)."""
     state_dict = dict(state_dict)
     for hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = hook(opt, state_dict)
@@ -65,7 +67,7 @@ def load_state_dict(opt, state_dict: dict, torch_load_state_dict) -> None:
     for g in opt.param_groups:
         for key, default in opt.defaults.items():
             g.setdefault(key, default)
-    m, v, steps, log_lr = _flat_statistics(opt, raw, saved_of, legacy_step)
+    m, v, steps, log_lr = _flat_statistics(opt, raw, saved_of, legacy_step, owned)
     if lopt_record is not None:
         opt.lopt.load_state_dict(lopt_record["weights"])
     device = opt.graph.device
@@ -90,9 +92,12 @@ def _load_groups(opt, state_dict: dict, raw: dict, torch_load_state_dict) -> Non
         opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = pre, post
 
 
-def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Flat ``m``, ``v`` (CPU) and per-tensor ``steps``, ``log_lr`` from the
-    saved per-tensor entries (fresh for tensors in no group)."""
+def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step, owned) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Flat ``m``, ``v`` (CPU) over the kept entries and per-tensor ``steps``,
+    ``log_lr`` from the saved per-tensor entries (fresh for tensors in no
+    group). A saved entry is either a whole tensor's or, with ``shard``, one
+    rank's part of it (``ShardedGMNOptimizer``), which must be exactly the
+    part kept here."""
     graph = opt.graph
     num_momenta = opt._flat_state["m"].shape[0]
     m_parts, v_parts = [], []
@@ -101,23 +106,38 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step) -> tuple[Tenso
     log_lr = torch.zeros(graph.num_tensors, dtype=torch.float32)
     missing = []
     for k, p in enumerate(opt._flat_params):
-        shape = graph.param_shapes[graph.flat_order[k]]
+        name, shape = graph.param_names[graph.flat_order[k]], graph.param_shapes[graph.flat_order[k]]
+        start = graph.tensor_slices[k].start
+        s, e = owned(k)
+        # within the tensor, clamped to it (a rank keeping none of it: an empty range at one end)
+        s, e = (min(max(i - start, 0), shape.numel()) for i in (s, max(s, e)))
         if id(p) not in saved_of:  # in no group: fresh
-            m_parts.append(torch.zeros(num_momenta, shape.numel(), dtype=torch.float32))
-            v_parts.append(torch.zeros(shape.numel(), dtype=torch.float32))
+            m_parts.append(torch.zeros(num_momenta, e - s, dtype=torch.float32))
+            v_parts.append(torch.zeros(e - s, dtype=torch.float32))
             continue
         entry = raw.get(saved_of[id(p)], {})
         if "m" not in entry or "v" not in entry:
             missing.append(k)
             continue
-        want_m, want_v = (num_momenta, *shape), tuple(shape)
-        if tuple(entry["m"].shape) != want_m or tuple(entry["v"].shape) != want_v:
-            raise ValueError(
-                f"optimizer state for {graph.param_names[graph.flat_order[k]]!r} has m "
-                f"{tuple(entry['m'].shape)} / v {tuple(entry['v'].shape)}, expected {want_m} / {want_v} "
-                "(a state_dict of another model, or from l2o before momenta were stored feature-major)")
-        m_parts.append(entry["m"].reshape(num_momenta, -1).to("cpu", torch.float32))
-        v_parts.append(entry["v"].reshape(-1).to("cpu", torch.float32))
+        m, v = entry["m"], entry["v"]
+        if "shard" in entry:   # one rank's part, flat
+            saved = [int(i) for i in entry["shard"]]
+            if saved != [s, e] or tuple(m.shape) != (num_momenta, e - s) or tuple(v.shape) != (e - s,):
+                raise ValueError(
+                    f"optimizer state for {name!r} is one rank's shard (entries [{saved[0]}, {saved[1]}) of the "
+                    f"tensor), this optimizer keeps [{s}, {e}): restore a shard on the same rank of the same world size, or save with "
+                    "ShardedGMNOptimizer.full_state_dict() to restore anywhere")
+            m_parts.append(m.to("cpu", torch.float32))
+            v_parts.append(v.to("cpu", torch.float32))
+        else:
+            want_m, want_v = (num_momenta, *shape), tuple(shape)
+            if tuple(m.shape) != want_m or tuple(v.shape) != want_v:
+                raise ValueError(
+                    f"optimizer state for {name!r} has m {tuple(m.shape)} / v {tuple(v.shape)}, expected "
+                    f"{want_m} / {want_v} (a state_dict of another model, or from l2o before momenta were "
+                    "stored feature-major)")
+            m_parts.append(m.reshape(num_momenta, -1)[:, s:e].to("cpu", torch.float32))
+            v_parts.append(v.reshape(-1)[s:e].to("cpu", torch.float32))
         steps[k] = float(entry.get("step", legacy_step if legacy_step is not None else 0))
         log_lr[k] = float(entry.get("log_lr", 0.0))
     if missing:

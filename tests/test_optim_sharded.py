@@ -1,5 +1,6 @@
 """ShardedGMNOptimizer: two gloo processes give the unsharded optimizer's updates,
-each holding about half of the statistics."""
+each holding about half of the statistics; the state gathered on one rank is the
+unsharded optimizer's."""
 import os
 import sys
 
@@ -84,6 +85,14 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
         if sharded.lopt.adapt:   # the controller's multipliers are replicated and equal the unsharded ones
             torch.testing.assert_close(sharded.state[p]["log_lr"], ref.state[q]["log_lr"], rtol=1e-5, atol=1e-6)
             assert float(ref.state[q]["log_lr"]) != 0.0
+    # the whole state, gathered on rank 1 by gloo's reduce, is the unsharded optimizer's
+    whole = sharded.full_state_dict(to=1)
+    assert (whole is None) == (dist.get_rank() != 1)
+    if whole is not None:
+        ref_state = ref.state_dict()["state"]
+        for i, p in enumerate(sh_model.parameters()):
+            for name in ("m", "v"):
+                torch.testing.assert_close(whole["state"][i][name], ref_state[i][name], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -243,6 +243,14 @@ class ThreadRanks:
         self.barrier.wait()
         t.copy_(total)
 
+    def reduce(self, t, dst=None, op=None, group=None, async_op=False):
+        """The sum on ``dst`` (the other ranks' tensors: left as all_reduce leaves them)."""
+        self.all_reduce(t, op=op, group=group)
+
+    def get_global_rank(self, group, group_rank):
+        self._check(group)
+        return group_rank
+
     def broadcast(self, t, src, group=None, async_op=False):
         self._check(group)
         if self.local.rank == src:
@@ -279,7 +287,7 @@ def thread_ranks(monkeypatch):
     """``thread_ranks(world)``: a ThreadRanks installed as torch.distributed."""
     def install(world: int) -> ThreadRanks:
         ranks = ThreadRanks(world, group=object())
-        for name in ("get_rank", "get_world_size", "all_reduce", "broadcast"):
+        for name in ("get_rank", "get_world_size", "all_reduce", "reduce", "get_global_rank", "broadcast"):
             monkeypatch.setattr(dist, name, getattr(ranks, name))
         ranks.local.rank = 0    # the test's own thread: rank 0 (world 1 runs there)
         return ranks
@@ -366,6 +374,85 @@ def test_sharded_step_equals_the_unsharded_one_with_threads_as_ranks(thread_rank
             torch.testing.assert_close(opt.state[mine]["m"], ref.state[q]["m"].reshape(4, -1)[:, s:e],
                                        rtol=1e-5, atol=1e-12)
         assert torch.equal(covered, torch.ones_like(covered))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "fused"])
+def test_sharded_state_restores_per_rank_and_whole_at_any_world_size(thread_ranks, monkeypatch, tmp_path, impl):
+    """Three steps on 2 ranks, then each rank's own state_dict() (through
+    torch.save / torch.load) and the whole one full_state_dict() gathers on rank
+    0 (the unsharded optimizer's, to float rounding): every restore -- per rank
+    on 2 ranks, whole on 3 ranks, whole into an unsharded GMNOptimizer --
+    continues for two more steps as the unsharded optimizer does uninterrupted.
+    A shard restored on the wrong rank, or into an unsharded optimizer, is a
+    ValueError that names the tensor."""
+    if impl not in _sharded_impls():
+        pytest.skip(native.status())
+    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", 16)   # several runs per tensor and per shard
+    lopt = seeded_weights(l2o.GMNLOpt(adapt=True), seed=3, scale=0.05)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 8))
+
+    ref_model = make()
+    ref = l2o.GMNOptimizer(ref_model, weights=lopt, impl=impl)
+    for seed in range(3):
+        _step(ref_model, ref, seed)
+    ref_at_3 = ref.state_dict()
+    for seed in range(3, 5):
+        _step(ref_model, ref, seed)
+
+    ranks = thread_ranks(2)
+    models = [make() for _ in range(2)]
+
+    def train_and_save(rank):
+        opt = ShardedGMNOptimizer(models[rank], weights=lopt, impl=impl, process_group=ranks.group)
+        for seed in range(3):
+            _step(models[rank], opt, seed)
+        torch.save(opt.state_dict(), tmp_path / f"rank{rank}.pt")
+        return opt.full_state_dict()
+
+    whole, nothing = ranks.run(train_and_save)
+    assert nothing is None
+    for i, p in enumerate(ref_model.parameters()):
+        assert "shard" not in whole["state"][i]
+        for name in ("m", "v", "log_lr"):
+            torch.testing.assert_close(whole["state"][i][name], ref_at_3["state"][i][name], rtol=1e-4, atol=1e-8)
+        assert float(whole["state"][i]["step"]) == 3.0
+
+    def resume(world, state_of):
+        ranks = thread_ranks(world)
+        copies = [copy.deepcopy(models[0]) for _ in range(world)]
+
+        def run(rank):
+            opt = ShardedGMNOptimizer(copies[rank], weights=lopt, impl=impl, process_group=ranks.group)
+            opt.load_state_dict(state_of(rank))
+            for seed in range(3, 5):
+                _step(copies[rank], opt, seed)
+            return opt
+
+        ranks.run(run)
+        for model in copies:
+            for p, q in zip(model.parameters(), ref_model.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+    resume(2, lambda rank: torch.load(tmp_path / f"rank{rank}.pt", weights_only=True))
+    resume(3, lambda rank: whole)
+    unsharded_model = copy.deepcopy(models[0])
+    unsharded = l2o.GMNOptimizer(unsharded_model, weights=lopt, impl=impl)
+    unsharded.load_state_dict(whole)
+    for seed in range(3, 5):
+        _step(unsharded_model, unsharded, seed)
+    for p, q in zip(unsharded_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    with pytest.raises(ValueError, match=r"optimizer state for '.*' is one rank's shard .*full_state_dict"):
+        l2o.GMNOptimizer(copy.deepcopy(models[0]), weights=lopt, impl=impl).load_state_dict(rank0)
+    ranks = thread_ranks(2)
+    with pytest.raises(ValueError, match=r"one rank's shard .* this optimizer keeps"):
+        ranks.run(lambda rank: ShardedGMNOptimizer(copy.deepcopy(models[0]), weights=lopt, impl=impl,
+                                                   process_group=ranks.group).load_state_dict(rank0))
 
 
 def test_sharded_optimizer_on_one_rank_is_the_unsharded_one(thread_ranks):
@@ -475,8 +562,8 @@ def test_sharded_optimizer_groups_form_needs_the_model_like_gmn_optimizer(thread
 
 
 def test_sharded_optimizer_refuses_what_it_does_not_support_by_name(thread_ranks, to_meta_device):
-    """A later add_param_group, a state dict to restore, a model moved after
-    construction, sparse gradients, non-contiguous parameters: each a clear
+    """A later add_param_group, a model moved after construction, sparse
+    gradients, non-contiguous parameters: each a clear
     error naming the optimizer, before anything changes."""
     ranks = thread_ranks(1)
     model = _model()
@@ -485,9 +572,6 @@ def test_sharded_optimizer_refuses_what_it_does_not_support_by_name(thread_ranks
         opt.add_param_group({"params": model[2].parameters()})
     assert str(err.value) == "ShardedGMNOptimizer: add_param_group after construction is not supported"
     assert len(opt.param_groups) == 1
-    with pytest.raises(NotImplementedError) as err:
-        opt.load_state_dict(opt.state_dict())
-    assert str(err.value) == "ShardedGMNOptimizer: restoring a sharded state is not supported yet"
 
     w = model[0].weight
     before = w.detach().clone()
