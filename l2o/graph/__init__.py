@@ -30,6 +30,7 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | a parameter (view) ``* x`` / ``+ x`` / ``cat``-ed with ``x`` (RMSNorm scales, positions, cls tokens) | none | -- | NORM_WEIGHT (product) / BIAS (sum, concat) on the units it meets |
 | a weight used again (tied head, module called twice) | the later use's endpoints merged with the first's (a tied head's logits are the token nodes, typed OUTPUT) | first use only | -- |
 | MoE experts as 3-D tensors (HF ``gate_up_proj [E, 2I, H]`` / ``down_proj [E, H, I]``, any layout flag) | ``I`` per expert, ``H`` output units shared by the experts | ``x_h -> (e, j)`` (gate and up row ``j`` both), ``(e, j) -> out_o`` (LINEAR) | biases: BIAS |
+| a parametrized weight (``torch.nn.utils.parametrize``: orthogonal, spectral_norm, weight_norm) | as its layer | the one original with the weight's shape, on the weight's edges (one to one) | other originals (weight_norm's gain): FALLBACK |
 | ``register_module(cls, mapper)`` | as the mapper says | | |
 | anything else with parameters (custom module, bare ``nn.Parameter``, untraceable code) | one TENSOR node per tensor | -- | all entries: FALLBACK (+ one warning; ``strict=True`` raises) |
 

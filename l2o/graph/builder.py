@@ -17,6 +17,7 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .capture import record
 from .example_inputs import example_inputs_for
@@ -115,7 +116,9 @@ def build_graph(model: nn.Module, example_inputs=None, strict: bool = False, *,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        graph = _build(model, example_inputs, strict, capture)
+        # parametrized weights: one computed tensor per build (see state._alias_parametrized)
+        with parametrize.cached():
+            graph = _build(model, example_inputs, strict, capture)
     finally:
         torch.set_num_threads(threads)
     if use_cache:

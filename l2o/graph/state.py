@@ -40,6 +40,38 @@ class _EntryChunk:
     kind: int
 
 
+def _alias_parametrized(model: nn.Module, param_index: dict[int, int]) -> list[Tensor]:
+    """``torch.nn.utils.parametrize``: a parametrized module's ``weight`` is
+    computed from its ``original`` parameter(s) (weight_norm, spectral_norm,
+    orthogonal, ...). Where exactly one original has the computed tensor's
+    shape, the computed tensor's entries are that original's, one to one, so
+    mappers that place ``module.weight`` place the original. Only holds while
+    ``parametrize.cached()`` keeps handing out the same computed tensor (the
+    builder builds under it); returns those tensors, kept alive so their ids
+    stay theirs. Computed in eval mode without autograd, as the recorded run
+    is (spectral_norm's power iteration does not step)."""
+    from torch.nn.utils import parametrize
+    derived = []
+    for module in model.modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for name, chain in module.parametrizations.items():
+            same = [p for p in chain.parameters(recurse=False) if id(p) in param_index]
+            modes = {m: m.training for m in chain.modules()}
+            try:
+                chain.eval()
+                with torch.no_grad():
+                    value = getattr(module, name)
+            finally:
+                for m, training in modes.items():
+                    m.training = training
+            same = [p for p in same if p.shape == value.shape]
+            if len(same) == 1:
+                param_index[id(value)] = param_index[id(same[0])]
+                derived.append(value)
+    return derived
+
+
 class GraphState:
     def __init__(self, model: nn.Module):
         self.param_names: list[str] = []
@@ -53,6 +85,7 @@ class GraphState:
             self.param_names.append(name)
             self.param_shapes.append(p.shape)
             self.params.append(p)
+        self._derived = _alias_parametrized(model, self.param_index)
         self.claimed: dict[int, str] = {}
         self.reused: list[str] = []   # tied / shared weights whose later uses were merged
         self.edge_chunks: list[_EdgeChunk] = []
