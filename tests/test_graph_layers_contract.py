@@ -366,6 +366,75 @@ def test_gru_and_plain_rnn_gates_sit_at_their_offsets(kind, gate_x):
     assert torch.equal(hh_src, dst[:3, 0].view(1, 3).expand(3 * G, 3)) and torch.equal(hh_dst, dst[:, :3])
 
 
+class CellLoop(nn.Module):
+    """A GRUCell feeding an LSTMCell, stepped over dim 1 of ``x`` (zero initial states), then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru, self.lstm, self.head = nn.GRUCell(4, 3), nn.LSTMCell(3, 5), nn.Linear(5, 2)
+
+    def forward(self, x):
+        h = hc = None
+        for t in range(x.shape[1]):
+            h = self.gru(x[:, t], h)
+            hc = self.lstm(h, hc)
+        return self.head(hc[0])
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_rnn_cells_in_a_loop_are_one_set_of_units_for_every_step(steps):
+    """Each cell's weights are placed as nn.GRU's / nn.LSTM's one layer:
+    gate rows of unit j end on node j, at the gates' offsets; the recurrent
+    weight runs between the cell's own units; every step's units are the
+    first step's, and the next layer reads them."""
+    torch.manual_seed(0)
+    g = build(CellLoop(), torch.randn(2, steps, 4))
+    gru_src, gru_dst = part(g, "gru.weight_ih")                      # [9, 4]
+    h = gru_dst[:3, 0]
+    assert torch.equal(gru_dst, h.repeat(3).view(9, 1).expand(9, 4))
+    assert (g.node_type[gru_src[0]] == 0).all() and torch.equal(gru_src, gru_src[:1].expand(9, 4))
+    assert torch.equal(part(g, "gru.weight_hh")[0], h.view(1, 3).expand(9, 3))
+    assert torch.equal(part(g, "gru.weight_hh")[1], gru_dst[:, :3])
+    assert torch.equal(part(g, "gru.bias_ih"), h.repeat(3)) and torch.equal(part(g, "gru.bias_hh"), h.repeat(3))
+    assert torch.equal(_edge_pos(g, "gru.weight_ih")[..., 0],
+                       torch.tensor([-1.0, 0.0, 1.0]).repeat_interleave(3).view(9, 1).expand(9, 4))
+    lstm_src, lstm_dst = part(g, "lstm.weight_ih")                   # [20, 3]: reads the GRU's units
+    c = lstm_dst[:5, 0]
+    assert torch.equal(lstm_src, h.view(1, 3).expand(20, 3))
+    assert torch.equal(lstm_dst, c.repeat(4).view(20, 1).expand(20, 3))
+    assert torch.equal(part(g, "lstm.weight_hh")[0], c.view(1, 5).expand(20, 5))
+    assert torch.equal(part(g, "head.weight")[0], c.view(1, 5).expand(2, 5))
+    assert g.num_nodes == 4 + 3 + 5 + 2
+    assert torch.allclose(g.node_depth[h], torch.full((3,), 1 / 3))
+    assert torch.allclose(g.node_depth[c], torch.full((5,), 2 / 3))
+
+
+class CellFromState(nn.Module):
+    """An LSTMCell whose initial (h, c) is a Linear's output (an encoder's final state, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.init, self.cell = nn.Linear(6, 3), nn.LSTMCell(4, 3)
+
+    def forward(self, x, z):
+        s = self.init(z)
+        hc = (s, s)
+        for t in range(x.shape[1]):
+            hc = self.cell(x[:, t], hc)
+        return hc[0]
+
+
+def test_an_rnn_cells_given_state_is_its_units():
+    """The state a cell starts from is what its recurrent weight reads: the
+    units that produced it are the cell's units."""
+    torch.manual_seed(0)
+    g = build(CellFromState(), torch.randn(2, 3, 4), torch.randn(2, 6))
+    units = part(g, "init.weight")[1][:, 0]
+    assert torch.equal(part(g, "cell.weight_hh")[0], units.view(1, 3).expand(12, 3))
+    assert torch.equal(part(g, "cell.weight_ih")[1][:3, 0], units)
+    assert g.num_nodes == 4 + 6 + 3
+
+
 # ------------------------------------------------------------------ mappers: transformer blocks
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_encoder_layers_are_one_layer_deeper_per_projection(norm_first):

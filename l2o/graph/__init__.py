@@ -23,6 +23,7 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | activations, dropout, pooling, ``mean``, softmax, transpose, ... | passed through | -- | -- |
 | HF ``Conv1D``; ``addmm(b, x, W)``, ``x @ W``, ``x @ W.T`` with a parameter ``W`` | new | ``W[i,o]`` (or ``W[o,i]``): in -> out (LINEAR) | bias: BIAS |
 | ``nn.LSTM/GRU/RNN`` | ``hidden`` per layer/direction | ``W_ih``: in -> unit, ``W_hh``: unit -> unit (recurrent), gate as ``edge_pos`` | biases: BIAS |
+| ``nn.LSTMCell/GRUCell/RNNCell`` (called per step) | ``hidden``, one set for every call | as one LSTM/GRU/RNN layer; a given state's units merged with the cell's | biases: BIAS |
 | ``scaled_dot_product_attention``, ``q @ k^T``, ``attn @ v`` | -- | -- | q/k units merged per head (GQA: with their kv head); output carries v's units |
 | a per-head term added to the scores (T5's relative-position table: ``attn_mask`` / ``scores + bias``) | its head nodes: one node with the head's q/k units, in the first attention it meets | -- | -- |
 | a parameter added to the scores, one head per entry (Swin / BEiT ``table[rel_index]``) | one INPUT node per table row; H head nodes, joined as above | ``table[r, h]``: row ``r`` -> head ``h`` (EMBEDDING) | -- |

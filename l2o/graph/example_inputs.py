@@ -9,7 +9,7 @@ def example_inputs_for(model: nn.Module):
     """Inputs to record a forward on when none are given: for a Hugging Face
     model, from its config (token ids, pixel values, decoder ids); otherwise
     from the first layer (Embedding -> token ids, Linear -> features, Conv ->
-    a 32-wide map, RNN -> a sequence; drawn from a fixed seed). None if nothing fits."""
+    a 32-wide map, RNN or RNN cell -> a sequence; drawn from a fixed seed). None if nothing fits."""
     gen = torch.Generator().manual_seed(0)
     cfg = getattr(model, "config", None)
     name = getattr(model, "main_input_name", None)
@@ -39,6 +39,8 @@ def example_inputs_for(model: nn.Module):
         if isinstance(m, nn.RNNBase):
             shape = (2, 8, m.input_size) if m.batch_first else (8, 2, m.input_size)
             return (torch.randn(*shape, generator=gen),)
+        if isinstance(m, nn.RNNCellBase):   # a step of a loop over time: over either dim 0 or 1 of this
+            return (torch.randn(2, 8, m.input_size, generator=gen),)
         if m is not model and next(m.parameters(recurse=False), None) is not None:
             return None
     return None

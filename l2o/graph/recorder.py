@@ -137,6 +137,16 @@ class Recorder:
                                fdim="last")
         return Val(own_nodes=cols, depth=info.depth, fdim="chan" if fd == 1 and t.dim() > 2 else "last")
 
+    def arg_val(self, x, fd: int) -> Any:
+        """A leaf module's argument as its mapper sees it: a tensor, or each
+        tensor of a plain tuple / list (an LSTM cell's ``(h, c)``), as
+        :meth:`val`; anything else as it is."""
+        if isinstance(x, Tensor):
+            return self.val(x, fd)
+        if type(x) in (tuple, list):
+            return type(x)(self.val(y, fd) if isinstance(y, Tensor) else y for y in x)
+        return x
+
     def columns(self, sh: Tensor, fd: int) -> Tensor:
         """Node of each index along dim ``fd`` (fresh nodes where none is known)."""
         n = int(sh.shape[fd])
@@ -215,8 +225,8 @@ class Recorder:
             try:
                 fd = self.feature_dim_for(module)
                 fd = -1 if fd == "tokens" else fd
-                a = [self.val(x, fd) if isinstance(x, Tensor) else x for x in args]
-                kw = {k: self.val(x, fd) if isinstance(x, Tensor) else x for k, x in kwargs.items()}
+                a = [self.arg_val(x, fd) for x in args]
+                kw = {k: self.arg_val(x, fd) for k, x in kwargs.items()}
                 self.assign(out, self.mapper_for(module)(self.state, module, qn, a, kw))
             except Exception as e:
                 self.errors.append(f"{qn} ({type(module).__name__}): {type(e).__name__}: {e}")

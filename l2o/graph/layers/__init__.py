@@ -12,7 +12,7 @@ from .linear import map_linear
 from .moe import is_moe_experts, map_moe_experts
 from .hf import is_conv1d, is_rms_norm, map_hf_conv1d, map_rms_norm
 from .norm import map_channel_norm, map_layer_norm
-from .rnn import map_rnn
+from .rnn import map_rnn, map_rnn_cell
 from .transformer import map_encoder, map_encoder_layer
 
 _norms_per_channel = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d,
@@ -29,6 +29,7 @@ MAPPERS = [
     (nn.TransformerEncoderLayer, map_encoder_layer),
     (nn.TransformerEncoder, map_encoder),
     ((nn.LSTM, nn.GRU, nn.RNN), map_rnn),
+    ((nn.RNNCell, nn.LSTMCell, nn.GRUCell), map_rnn_cell),
 ]
 
 # recognised by a predicate (class names of libraries we do not import)
