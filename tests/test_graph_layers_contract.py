@@ -409,6 +409,35 @@ def test_rnn_cells_in_a_loop_are_one_set_of_units_for_every_step(steps):
     assert torch.allclose(g.node_depth[c], torch.full((5,), 2 / 3))
 
 
+def test_the_gmn_update_of_an_rnn_cell_loop_permutes_with_its_hidden_units():
+    """Permuting the GRU cell's hidden units (the rows of every gate, the
+    recurrent columns, the biases, the LSTM cell's input columns) permutes
+    the update of a random GMN the same way: the graph built from made-up
+    inputs (a sequence) has one set of units for every step."""
+    from graph_helpers import random_gmn_update
+    torch.manual_seed(0)
+    model, x = CellLoop(), torch.randn(2, 4, 4)
+    perm = torch.tensor([2, 0, 1])
+    rows = torch.cat([g * 3 + perm for g in range(3)])
+    permuted = CellLoop()
+    with torch.no_grad():
+        permuted.load_state_dict(model.state_dict())
+        permuted.gru.weight_ih.copy_(model.gru.weight_ih[rows])
+        permuted.gru.weight_hh.copy_(model.gru.weight_hh[rows][:, perm])
+        permuted.gru.bias_ih.copy_(model.gru.bias_ih[rows])
+        permuted.gru.bias_hh.copy_(model.gru.bias_hh[rows])
+        permuted.lstm.weight_ih.copy_(model.lstm.weight_ih[:, perm])
+    torch.testing.assert_close(permuted(x), model(x))
+    loss = lambda m: m(x).pow(2).mean()     # noqa: E731
+    upd, upd_p = random_gmn_update(model, loss), random_gmn_update(permuted, loss)
+    close = dict(rtol=1e-5, atol=1e-4)     # the sums run in another order
+    torch.testing.assert_close(upd_p["gru.weight_ih"], upd["gru.weight_ih"][rows], **close)
+    torch.testing.assert_close(upd_p["gru.weight_hh"], upd["gru.weight_hh"][rows][:, perm], **close)
+    torch.testing.assert_close(upd_p["gru.bias_hh"], upd["gru.bias_hh"][rows], **close)
+    torch.testing.assert_close(upd_p["lstm.weight_ih"], upd["lstm.weight_ih"][:, perm], **close)
+    torch.testing.assert_close(upd_p["head.weight"], upd["head.weight"], **close)
+
+
 class CellFromState(nn.Module):
     """An LSTMCell whose initial (h, c) is a Linear's output (an encoder's final state, say)."""
 
