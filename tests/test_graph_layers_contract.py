@@ -303,6 +303,27 @@ def test_every_mapper_reads_its_inputs_by_keyword_as_by_position(name):
     assert canonical(by_keyword) == canonical(by_position)
 
 
+class Bag(nn.Module):
+    def __init__(self, bag: bool):
+        super().__init__()
+        self.e = nn.EmbeddingBag(20, 8, mode="mean") if bag else nn.Embedding(20, 8)
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x, offsets=None):
+        return self.o(self.e(x, offsets) if isinstance(self.e, nn.EmbeddingBag) else self.e(x).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+def test_an_embedding_bag_is_placed_as_the_embedding_it_averages(capture):
+    """nn.EmbeddingBag over fixed bags ([B, L] ids) or offsets (flat ids) is
+    the graph of nn.Embedding followed by the bag's mean: token -> dim edges."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (4, 6))
+    want = canonical(build_graph(Bag(False), (ids,), strict=True, use_cache=False, capture=capture))
+    for inputs in ((ids,), (ids.flatten(), torch.tensor([0, 5, 11, 17]))):
+        assert canonical(build_graph(Bag(True), inputs, strict=True, use_cache=False, capture=capture)) == want
+
+
 # ------------------------------------------------------------------ mappers: recurrent layers
 def _edge_pos(g, name):
     i = g.param_names.index(name)

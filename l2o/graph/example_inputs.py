@@ -28,7 +28,7 @@ def example_inputs_for(model: nn.Module):
             kw["decoder_input_ids"] = torch.zeros(1, 4, dtype=torch.long)
         return kw
     for m in model.modules():
-        if isinstance(m, nn.Embedding):
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             return (torch.randint(0, m.num_embeddings, (2, 8), generator=gen),)
         if isinstance(m, nn.Linear):
             return (torch.randn(2, m.in_features, generator=gen),)

@@ -22,7 +22,7 @@ _layer_norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else (
 MAPPERS = [
     (nn.Linear, map_linear),
     ((nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d), map_conv),
-    (nn.Embedding, map_embedding),
+    ((nn.Embedding, nn.EmbeddingBag), map_embedding),
     (_norms_per_channel, map_channel_norm),
     (_layer_norms, map_layer_norm),
     (nn.MultiheadAttention, map_mha),
@@ -78,10 +78,10 @@ _CHANNEL = _norms_per_channel + (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.Co
 
 def feature_dim_for(module: nn.Module):
     """Which dim of its input tensors a module's mapper reads as the neurons:
-    1 for convs and per-channel norms, ``"tokens"`` for an embedding, else -1."""
+    1 for convs and per-channel norms, ``"tokens"`` for an embedding (or bag), else -1."""
     if isinstance(module, _CHANNEL):
         return 1
-    if isinstance(module, nn.Embedding):
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
         return "tokens"
     if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) > 1:
         return 1

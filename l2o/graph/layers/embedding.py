@@ -1,5 +1,6 @@
-"""nn.Embedding: one INPUT node per token id, one HIDDEN node per embedding
-dim; ``weight[t, d]`` is the edge ``t -> d`` (EdgeKind.EMBEDDING).
+"""nn.Embedding and nn.EmbeddingBag (a bag's sum / mean / max of the same
+rows): one INPUT node per token id, one HIDDEN node per embedding dim;
+``weight[t, d]`` is the edge ``t -> d`` (EdgeKind.EMBEDDING).
 
 Token nodes come from the index tensor's lazy nodes when it is a network
 input, else (e.g. position ids made with ``arange``) a fresh set of INPUT
@@ -30,6 +31,6 @@ def embedding_core(state, weight, x) -> Val:
     return Val(own_nodes=out, depth=depth, fdim="last")
 
 
-def map_embedding(state, mod: nn.Embedding, qualname: str, args, kwargs):
+def map_embedding(state, mod: nn.Embedding | nn.EmbeddingBag, qualname: str, args, kwargs):
     x = args[0] if args else kwargs.get("input")
     return embedding_core(state, mod.weight, x)
