@@ -29,6 +29,8 @@ MODELS = {
                               (torch.randint(0, 11, (2, 5)),)),
     "conv_transpose": (lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, 3, groups=2), nn.ReLU(), nn.Conv2d(6, 2, 1)),
                        (torch.randn(2, 4, 5, 5),)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(2, 4, 3), nn.ReLU(), nn.ConvTranspose3d(4, 4, 2, groups=2), nn.Flatten(),
+                                     nn.Linear(4 * 3 * 3 * 3, 3)), (torch.randn(2, 2, 4, 4, 4),)),
 }
 
 

@@ -418,6 +418,54 @@ def test_grouped_conv1d_permutation():
     check_permuted(a, b, {"c1.weight": p, "dw.weight": p}, torch.randn(2, 4, 9))
 
 
+# ------------------------------------------------------------ 3-D convs
+class Conv3dNet(nn.Module):
+    """Conv3d -> BatchNorm3d -> ConvTranspose3d (grouped) -> flatten -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv3d(2, 4, 3)
+        self.bn = nn.BatchNorm3d(4)
+        self.up = nn.ConvTranspose3d(4, 6, (1, 2, 2), stride=(1, 2, 2), groups=2)
+        self.fc = nn.Linear(6 * 2 * 4 * 4, 3)
+
+    def forward(self, x):
+        return self.fc(self.up(torch.relu(self.bn(self.c1(x)))).flatten(1))
+
+
+def test_conv3d_and_its_transpose_are_wired_per_channel_with_their_taps():
+    m = Conv3dNet()
+    g = build_graph(m, torch.randn(2, 2, 4, 4, 4), strict=True)
+    # nodes: 2 inputs + 4 + 6 + 3 outputs; edges: 4*2*27 + 4*3*4 + 192*3; slots: 4 + 4 + 4 (bn) + 6 + 3
+    assert counts(g) == (15, 216 + 48 + 576, 21)
+    check_bijection(g, m)
+    in_nodes = torch.nonzero(g.node_type == NodeType.INPUT).flatten()
+    c1 = row_nodes(g, "c1.weight")
+    src = g.edge_index[0, :216].view(4, 2, 27)
+    assert torch.equal(src, in_nodes.view(1, 2, 1).expand(4, 2, 27))
+    # taps: (dy, dx) of the two inner kernel axes, the same at every depth
+    pos = g.edge_pos[:27].view(3, 9, 2)
+    assert torch.equal(pos, pos[:1].expand(3, 9, 2))
+    assert pos[0, :, 0].tolist() == [-1, -1, -1, 0, 0, 0, 1, 1, 1] and pos[0, :, 1].tolist() == [-1, 0, 1] * 3
+    up_src, up_dst = g.edge_index[:, 216:264].view(2, 4, 3, 4)       # [in, out/g, taps]: in c -> out of c's group
+    assert torch.equal(up_src, c1.view(4, 1, 1).expand(4, 3, 4))
+    up = torch.unique(up_dst)
+    assert torch.equal(up_dst[:2], up_dst[:1].expand(2, 3, 4)) and torch.equal(up_dst[2:], up_dst[2:3].expand(2, 3, 4))
+    assert up.numel() == 6 and not set(up_dst[0].flatten().tolist()) & set(up_dst[2].flatten().tolist())
+    assert set(g.edge_index[0, 264:].tolist()) == set(up.tolist())    # the flatten keeps channel nodes
+
+
+def test_conv3d_permutation():
+    a, b = Conv3dNet(), Conv3dNet()
+    p = torch.tensor([1, 0, 3, 2])   # within the transpose's groups of 2 input channels
+    with torch.no_grad():
+        b.load_state_dict(a.state_dict())
+        b.c1.weight.copy_(a.c1.weight[p]); b.c1.bias.copy_(a.c1.bias[p])
+        b.bn.weight.copy_(a.bn.weight[p]); b.bn.bias.copy_(a.bn.bias[p])
+        b.up.weight.copy_(a.up.weight[p])
+    check_permuted(a, b, {"c1.weight": p}, torch.randn(2, 2, 4, 4, 4))
+
+
 # ------------------------------------------------------------ concatenation
 class CatNet(nn.Module):
     def __init__(self):

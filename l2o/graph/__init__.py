@@ -11,9 +11,9 @@ anything unrecognised a per-tensor fallback node. Supported layers:
 | Module / op | Nodes | Edges (kind, edge_pos) | Node-held entries |
 |---|---|---|---|
 | ``Linear`` | ``out_features`` new | ``W[o,i]``: in ``i`` -> out ``o`` (LINEAR; spatial pos after a flatten) | bias: BIAS |
-| ``Conv1d/2d``, ``ConvTranspose1d/2d`` (groups, depthwise, any stride/padding) | ``out_channels`` new | every kernel tap (CONV, kernel offset in [-1,1]) | bias: BIAS |
+| ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` (groups, depthwise, any stride/padding) | ``out_channels`` new | every kernel tap (CONV, kernel offset in [-1,1]; 3-D: of the two inner axes) | bias: BIAS |
 | ``Embedding``, ``EmbeddingBag`` | ``num_embeddings`` INPUT token nodes, ``embedding_dim`` new | ``W[t,d]``: token -> dim (EMBEDDING) | -- |
-| ``BatchNorm1d/2d``, ``InstanceNorm1d/2d``, ``GroupNorm`` | none | -- | weight/bias: NORM_WEIGHT/NORM_BIAS per channel |
+| ``BatchNorm1d/2d/3d``, ``InstanceNorm1d/2d/3d``, ``GroupNorm`` | none | -- | weight/bias: NORM_WEIGHT/NORM_BIAS per channel |
 | ``LayerNorm``, ``RMSNorm`` | none | -- | NORM_WEIGHT/NORM_BIAS on the normalised neurons |
 | ``MultiheadAttention`` | 3E q/k/v + E out | in-proj (ATTN_Q/K/V), out-proj from v units (ATTN_OUT) | in_proj_bias, bias_k/v: ATTN_BIAS; out bias: BIAS |
 | ``TransformerEncoderLayer`` / ``TransformerEncoder`` | as MHA + FF Linear | as above | residual stream merged; norms as LayerNorm |

@@ -34,6 +34,8 @@ def example_inputs_for(model: nn.Module):
             return (torch.randn(2, m.in_features, generator=gen),)
         if isinstance(m, nn.Conv2d):
             return (torch.randn(2, m.in_channels, 32, 32, generator=gen),)
+        if isinstance(m, nn.Conv3d):
+            return (torch.randn(2, m.in_channels, 8, 16, 16, generator=gen),)
         if isinstance(m, nn.Conv1d):
             return (torch.randn(2, m.in_channels, 32, generator=gen),)
         if isinstance(m, nn.RNNBase):

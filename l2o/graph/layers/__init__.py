@@ -15,13 +15,14 @@ from .norm import map_channel_norm, map_layer_norm
 from .rnn import map_rnn, map_rnn_cell
 from .transformer import map_encoder, map_encoder_layer
 
-_norms_per_channel = (nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d,
-                      nn.InstanceNorm2d, nn.GroupNorm)
+_norms_per_channel = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
+                      nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
+_convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _layer_norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 MAPPERS = [
     (nn.Linear, map_linear),
-    ((nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d), map_conv),
+    (_convs, map_conv),
     ((nn.Embedding, nn.EmbeddingBag), map_embedding),
     (_norms_per_channel, map_channel_norm),
     (_layer_norms, map_layer_norm),
@@ -73,7 +74,7 @@ def keep_whole(module: nn.Module) -> bool:
     return True
 
 
-_CHANNEL = _norms_per_channel + (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+_CHANNEL = _norms_per_channel + _convs
 
 
 def feature_dim_for(module: nn.Module):

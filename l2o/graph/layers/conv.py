@@ -1,8 +1,10 @@
-"""Conv1d / Conv2d (and their transposes): every kernel entry is an edge.
+"""Conv1d / 2d / 3d (and their transposes): every kernel entry is an edge.
 
 ``W[o, i, ky, kx]`` connects input channel ``g * in_per_group + i`` (``g`` the
 group of output channel ``o``) to output channel ``o``; its ``edge_pos`` is
-the kernel offset from the centre scaled to [-1, 1] (Conv1d: ``(0, dx)``).
+the kernel offset from the centre scaled to [-1, 1] (Conv1d: ``(0, dx)``;
+Conv3d: ``(dy, dx)``, ``edge_pos`` being 2-D, so taps at different depths
+share a position, as the pixels of a flattened 3-D map do).
 So a depthwise conv has ``k`` parallel edges per channel, one per tap.
 Strides, padding and dilation change no parameter, so they are not encoded.
 """
@@ -20,7 +22,7 @@ from ..values import Val, channel_nodes, depth_of, spatial_positions
 def kernel_offsets(kernel_size: tuple[int, ...]) -> Tensor:
     """[prod(kernel), 2] offsets from the kernel centre, each axis in [-1, 1]:
     the same normalised grid as positions in a flattened feature map."""
-    if len(kernel_size) not in (1, 2):
+    if len(kernel_size) not in (1, 2, 3):
         raise NotImplementedError(f"kernels of {len(kernel_size)} spatial dims")
     return spatial_positions(tuple(kernel_size))
 
