@@ -241,11 +241,13 @@ def test_without_shapes_a_cat_of_embeddings_along_dim_2_is_a_feature_concat():
 
 
 # ------------------------------------------------------------------ conv.py
-def test_kernels_of_more_than_two_spatial_dims_are_refused_by_name():
+def test_kernels_of_more_than_three_spatial_dims_are_refused_by_name():
     from l2o.graph.layers.conv import kernel_offsets
-    with pytest.raises(NotImplementedError, match=r"^kernels of 3 spatial dims$"):
-        kernel_offsets((3, 3, 3))
+    with pytest.raises(NotImplementedError, match=r"^kernels of 4 spatial dims$"):
+        kernel_offsets((3, 3, 3, 3))
     assert torch.equal(kernel_offsets((3,)), torch.tensor([[0.0, -1.0], [0.0, 0.0], [0.0, 1.0]]))
+    three = kernel_offsets((2, 3, 3))           # 3-D: the inner two axes' offsets, at every depth
+    assert torch.equal(three, kernel_offsets((3, 3)).repeat(2, 1))
 
 
 # ------------------------------------------------------------------ layers/__init__.py
