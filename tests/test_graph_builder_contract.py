@@ -504,6 +504,41 @@ def test_a_forward_that_raises_is_noted_and_fx_builds_the_graph():
     assert g.capture == "fx" and g.notes == []
 
 
+class _OwnMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize("capture", ["fx", "eager"])
+def test_a_mapper_that_raises_is_noted_and_named_in_both_captures(capture):
+    """A registered mapper's exception does not escape build_graph in either
+    capture: it is a note, the module's parameters go to fallback nodes, the
+    layers after it are still structured, and the warning / strict error say
+    which mapper raised what."""
+    from l2o.graph import UnsupportedModuleError, register_module, unregister_module
+
+    def wrong(ctx, module, x):
+        raise ValueError("my mapper is wrong")
+
+    register_module(_OwnMatmul, wrong)
+    try:
+        model = nn.Sequential(nn.Linear(3, 4), _OwnMatmul(), nn.Linear(4, 2))
+        with pytest.warns(UserWarning, match=r"Modules: 1 \(_OwnMatmul: w; its mapper raised ValueError: "
+                                             r"my mapper is wrong\)"):
+            g = build_graph(model, torch.randn(2, 3), capture=capture, use_cache=False)
+        assert g.notes == ["op not followed: 1 (_OwnMatmul): ValueError: my mapper is wrong"]
+        assert g.unstructured == ["1.w"] and g.num_edges == 12 + 8
+        with pytest.raises(UnsupportedModuleError, match=r"1 \(_OwnMatmul\): 1.w -- its mapper raised ValueError: "
+                                                         r"my mapper is wrong"):
+            build_graph(model, torch.randn(2, 3), capture=capture, use_cache=False, strict=True)
+    finally:
+        unregister_module(_OwnMatmul)
+
+
 class _Gate(nn.Module):
     """Runs ``inner`` only when its input's mean is positive."""
 

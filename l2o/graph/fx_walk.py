@@ -110,7 +110,11 @@ def walk_module(state: GraphState, module: nn.Module, prefix: str, inputs: list 
             args, kwargs = _map_arg(env, node.args), _map_arg(env, node.kwargs)
             fn = mapper_for(sub)
             if fn is not None:
-                env[node] = fn(state, sub, qn, args, kwargs)
+                try:
+                    env[node] = fn(state, sub, qn, args, kwargs)
+                except Exception as e:  # as the eager capture does: noted, its parameters left to fallback
+                    state.notes.append(f"op not followed: {qn} ({type(sub).__name__}): {type(e).__name__}: {e}")
+                    env[node] = ops.opaque_output(depth_of(*args))
             elif not _has_params(sub):
                 # activation, pooling, Flatten, ...: dispatch on the class name
                 env[node] = ops.apply(state, node, args, kwargs, name=type(sub).__name__)

@@ -55,7 +55,9 @@ def _warning(state: GraphState, left: list[int], names: list[str], by_module) ->
     """The warning: the share unstructured, the modules, how to fix it."""
     total = sum(s.numel() for s in state.param_shapes) or 1
     frac = 100.0 * sum(state.param_shapes[i].numel() for i in left) / total
-    mods = [f"{mod or '<root>'} ({cls}: {_short(ps, mod)})" for (mod, cls), ps in by_module.items()]
+    mods = [f"{mod or '<root>'} ({cls}: {_short(ps, mod)}"
+            + (f"; its mapper raised {failed}" if (failed := _mapper_failure(state, mod)) else "") + ")"
+            for (mod, cls), ps in by_module.items()]
     untraced = list(state.opaque)
     if names:
         msg = (f"build_graph: {frac:.1f}% of the parameters ({len(names)} tensor(s)) have no graph "
@@ -90,7 +92,19 @@ def _owner(model: nn.Module, param_name: str) -> tuple[str, str]:
     return mod_name, cls
 
 
+def _mapper_failure(state: GraphState, mod_name: str) -> str | None:
+    """The error the mapper of module ``mod_name`` raised, if it did (a note of either capture)."""
+    head = f"op not followed: {mod_name or '<root>'} ("
+    for note in state.notes:
+        if note.startswith(head):
+            return note[len(head):].split("): ", 1)[-1]
+    return None
+
+
 def _reason_for(state: GraphState, mod_name: str) -> str:
+    failed = _mapper_failure(state, mod_name)
+    if failed:
+        return f"its mapper raised {failed}"
     probe = mod_name
     while True:
         key = probe or "<root>"
