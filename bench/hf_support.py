@@ -93,6 +93,13 @@ def configs():
         ("Qwen2-MoE (4 experts + shared)", lambda: tr.Qwen2MoeForCausalLM(tr.Qwen2MoeConfig(
             **D, num_key_value_heads=2, max_position_embeddings=32, num_experts=4, num_experts_per_tok=2,
             moe_intermediate_size=32, shared_expert_intermediate_size=64))),
+        ("Wav2Vec2 (weight-norm positional conv)", lambda: tr.Wav2Vec2Model(tr.Wav2Vec2Config(
+            **{k: v for k, v in D.items() if k != "vocab_size"}, conv_dim=(16, 16), conv_stride=(5, 2),
+            conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4))),
+        ("Whisper", lambda: tr.WhisperModel(tr.WhisperConfig(
+            d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+            encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, vocab_size=100, max_source_positions=16,
+            max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))),
     ]
     return out
 

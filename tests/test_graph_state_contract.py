@@ -173,6 +173,14 @@ def test_a_hugging_face_vision_encoder_decoder_also_gets_decoder_ids():
 
 def test_a_hugging_face_model_with_another_main_input_gets_none():
     assert example_inputs_for(_HF("input_features", vocab_size=5)) is None
+    assert example_inputs_for(_HF("input_features", num_mel_bins=4)) is None   # mel frames, length unknown
+
+
+def test_a_hugging_face_speech_model_gets_a_waveform_or_whispers_mel_frames():
+    assert _same(example_inputs_for(_HF("input_values")), {"input_values": torch.randn(1, 4000, generator=_seed0())})
+    got = example_inputs_for(_HF("input_features", num_mel_bins=6, max_source_positions=5, is_encoder_decoder=True))
+    assert _same(got, {"input_features": torch.randn(1, 6, 10, generator=_seed0()),
+                       "decoder_input_ids": torch.zeros(1, 4, dtype=torch.long)})
 
 
 def test_a_model_with_a_config_but_no_main_input_name_is_read_from_its_first_layer():
@@ -190,7 +198,11 @@ def test_a_model_with_a_config_but_no_main_input_name_is_read_from_its_first_lay
     (lambda: nn.LSTM(3, 4, batch_first=True), lambda: (torch.randn(2, 8, 3, generator=_seed0()),)),
     (lambda: nn.GRU(3, 4), lambda: (torch.randn(8, 2, 3, generator=_seed0()),)),
     (lambda: _Block(), lambda: (torch.randn(2, 3, generator=_seed0()),)),
-], ids=["embedding", "linear_after_relu", "conv2d", "conv1d", "lstm_batch_first", "gru", "nested_linear"])
+    (lambda: nn.Sequential(nn.EmbeddingBag(9, 4)), lambda: (torch.randint(0, 9, (2, 8), generator=_seed0()),)),
+    (lambda: nn.Sequential(nn.Conv3d(2, 3, 3)), lambda: (torch.randn(2, 2, 8, 16, 16, generator=_seed0()),)),
+    (lambda: nn.Sequential(nn.LSTMCell(5, 4)), lambda: (torch.randn(2, 8, 5, generator=_seed0()),)),
+], ids=["embedding", "linear_after_relu", "conv2d", "conv1d", "lstm_batch_first", "gru", "nested_linear",
+        "embedding_bag", "conv3d", "rnn_cell"])
 def test_a_plain_model_gets_a_seeded_batch_of_2_shaped_for_its_first_layer(model, want):
     assert _same(example_inputs_for(model()), want())
 

@@ -7,7 +7,8 @@ from torch import nn
 
 def example_inputs_for(model: nn.Module):
     """Inputs to record a forward on when none are given: for a Hugging Face
-    model, from its config (token ids, pixel values, decoder ids); otherwise
+    model, from its config (token ids, pixel values, a waveform, Whisper's
+    mel frames, decoder ids); otherwise
     from the first layer (Embedding -> token ids, Linear -> features, Conv ->
     a 32-wide map, RNN or RNN cell -> a sequence; drawn from a fixed seed). None if nothing fits."""
     gen = torch.Generator().manual_seed(0)
@@ -18,6 +19,11 @@ def example_inputs_for(model: nn.Module):
         if name == "input_ids":
             vocab = getattr(cfg, "vocab_size", None) or 100
             kw["input_ids"] = torch.randint(0, int(vocab), (1, 8), generator=gen)
+        elif name == "input_values":   # a waveform (wav2vec2, HuBERT): a quarter second at 16 kHz
+            kw["input_values"] = torch.randn(1, 4000, generator=gen)
+        elif name == "input_features" and hasattr(cfg, "num_mel_bins") and hasattr(cfg, "max_source_positions"):
+            # Whisper's log-mel frames, [B, mel, 2 x positions] (the length its encoder asserts)
+            kw["input_features"] = torch.randn(1, cfg.num_mel_bins, 2 * cfg.max_source_positions, generator=gen)
         elif name == "pixel_values":
             size = getattr(cfg, "image_size", 32)
             size = size if isinstance(size, int) else size[0]
