@@ -125,8 +125,8 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step, owned) -> tupl
             if saved != [s, e] or tuple(m.shape) != (num_momenta, e - s) or tuple(v.shape) != (e - s,):
                 raise ValueError(
                     f"optimizer state for {name!r} is one rank's shard (entries [{saved[0]}, {saved[1]}) of the "
-                    f"tensor), this optimizer keeps [{s}, {e}): restore a shard on the same rank of the same world size, or save with "
-                    "ShardedGMNOptimizer.full_state_dict() to restore anywhere")
+                    f"tensor), this optimizer keeps [{s}, {e}): restore a shard on the same rank of the same "
+                    "world size, or save with ShardedGMNOptimizer.full_state_dict() to restore anywhere")
             m_parts.append(m.to("cpu", torch.float32))
             v_parts.append(v.to("cpu", torch.float32))
         else:
