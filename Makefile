@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-quick mutation demo bench pretrained clean
+.PHONY: install test test-quick mutation seeded-bugs demo bench pretrained clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,6 +32,10 @@ test-quick: $(STAMP)
 mutation: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/mutmut run
 	$(BIN)/mutmut results
+
+# Each bug class of issue 17 put back by hand in a scratch copy; its tests must fail (minutes).
+seeded-bugs: $(STAMP)
+	$(BIN)/python tools/seeded_bugs.py
 
 demo: $(STAMP)
 	$(BIN)/python -m l2o.demo
