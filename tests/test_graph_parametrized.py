@@ -99,3 +99,27 @@ def test_building_a_spectral_norm_model_in_training_changes_none_of_its_state():
     with torch.no_grad():
         model[3].parametrizations.weight.original.mul_(2)
     assert not torch.equal(model[3].weight, w)      # no cache left behind: the weight follows its original
+
+
+
+def test_a_parametrization_that_cannot_run_outside_training_is_not_aliased():
+    """The build reads each parametrized weight in eval mode; one that raises
+    there is skipped (its original left to the captures, which may still
+    place it: fx traces through the parametrization) instead of failing the
+    build, and the parametrization keeps its training mode."""
+    from l2o.graph.state import _alias_parametrized
+
+    class TrainOnly(nn.Module):
+        def forward(self, w):
+            if not self.training:
+                raise RuntimeError("train mode only")
+            return w
+
+    model = _model()
+    parametrize.register_parametrization(model[5], "weight", TrainOnly())
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    before = dict(index)
+    assert _alias_parametrized(model, index) == [] and index == before
+    assert model[5].parametrizations.weight[0].training
+    g = _build(model, "fx", strict=False)          # and the build goes through
+    assert "5.parametrizations.weight.original" in g.param_names

@@ -62,6 +62,8 @@ def _alias_parametrized(model: nn.Module, param_index: dict[int, int]) -> list[T
                 chain.eval()
                 with torch.no_grad():
                     value = getattr(module, name)
+            except Exception:  # one that cannot run here is left to the captures (fx traces through it)
+                continue
             finally:
                 for m, training in modes.items():
                     m.training = training
