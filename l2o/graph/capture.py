@@ -46,10 +46,10 @@ merged with the first use's (the LM head's logit ``t`` *is* token node
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .attention_ops import place_score_scales
+from .eval_mode import eval_mode
 from .param_graph import NodeType
 from .recorder import Recorder, RecordingMode
 from .shadows import TensorInfo, tensors_in
@@ -68,16 +68,12 @@ def record(state, model: nn.Module, example_inputs, mapper_for, feature_dim_for,
         args, kwargs = tuple(example_inputs), {}
     for pos, t in enumerate(tensors_in((args, kwargs))):
         rec.set(t, TensorInfo(lazy=LazyNodes(NodeType.INPUT, group=pos)))
-    modes = {m: m.training for m in model.modules()}
     rec.install()
     try:
-        model.eval()
-        with torch.no_grad(), RecordingMode(rec):
+        with eval_mode(model), RecordingMode(rec):
             out = model(*args, **kwargs)
     finally:
         rec.remove()
-        for m, training in modes.items():
-            m.training = training
     try:
         place_score_scales(rec)
     except Exception as e:  # never fail the build over it: the scales fall back

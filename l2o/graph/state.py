@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .eval_mode import eval_mode
 from .factored import EdgeChunk, EdgeFactors, FactoredGraph, compact
 from .param_graph import EntryKind, NodeType, ParamGraph
 
@@ -56,18 +57,12 @@ def _alias_parametrized(model: nn.Module, param_index: dict[int, int]) -> list[T
         if not parametrize.is_parametrized(module):
             continue
         for name, chain in module.parametrizations.items():
-            same = [p for p in chain.parameters(recurse=False) if id(p) in param_index]
-            modes = {m: m.training for m in chain.modules()}
             try:
-                chain.eval()
-                with torch.no_grad():
+                with eval_mode(chain):
                     value = getattr(module, name)
             except Exception:  # one that cannot run here is left to the captures (fx traces through it)
                 continue
-            finally:
-                for m, training in modes.items():
-                    m.training = training
-            same = [p for p in same if p.shape == value.shape]
+            same = [p for p in chain.parameters(recurse=False) if id(p) in param_index and p.shape == value.shape]
             if len(same) == 1:
                 param_index[id(value)] = param_index[id(same[0])]
                 derived.append(value)

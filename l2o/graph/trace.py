@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
+from .eval_mode import eval_mode
 from .layers import LEAF_TYPES, mapper_for
 
 
@@ -74,16 +75,11 @@ def propagate_shapes(module: nn.Module, graph: fx.Graph, example_inputs) -> str 
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    modes = {m: m.training for m in module.modules()}
     try:
         gm = fx.GraphModule(module, graph)
-        module.eval()
-        with torch.no_grad():
+        with eval_mode(module):
             ShapeProp(gm).propagate(*example_inputs)
         return None
     except Exception as e:  # any failure of the user's forward on the example
         first = (str(e).strip().splitlines() or [""])[0]
         return f"{type(e).__name__}: {first[:300]}"
-    finally:
-        for m, training in modes.items():
-            m.training = training
