@@ -163,8 +163,9 @@ class GMNChunkedStep:
                         fr[self.de:], self.kernels, write_back=upto == len(self.lopt.convs))
         if upto == 0:
             return
-        if self.edge_states is not None:
-            fr[:self.de].copy_(self.edge_states[:, run.start:run.stop])
+        kept = self.kept(run)
+        if kept is not None:
+            fr[:self.de].copy_(kept)
             return
         for layer in range(upto):
             self.round_(run, fr, layer, None)
@@ -184,8 +185,9 @@ class GMNChunkedStep:
                 fr = run_frame(self.plan, de, run.stop - run.start, self.dev)
                 self.edge_states_of(run, fr, layer)
                 self.round_(run, fr, layer, acc)
-                if self.edge_states is not None:
-                    self.edge_states[:, run.start:run.stop].copy_(fr[:de])
+                kept = self.kept(run)
+                if kept is not None:
+                    kept.copy_(fr[:de])
             if shard is not None:
                 shard.all_reduce(acc[0])
                 shard.all_reduce(acc[1])
