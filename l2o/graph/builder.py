@@ -25,7 +25,7 @@ from .fx_walk import walk_module
 from .layers import feature_dim_for, keep_whole, mapper_for
 from .param_graph import ParamGraph
 from .report import report_unstructured
-from .state import GraphState
+from .state import NOT_FOLLOWED, GraphState
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
@@ -139,7 +139,7 @@ def _fx(model, example_inputs) -> GraphState:
 
 def _eager(model, inputs) -> GraphState:
     state = GraphState(model)
-    state.notes = [f"op not followed: {n}"
+    state.notes = [NOT_FOLLOWED + n
                    for n in record(state, model, inputs, mapper_for, feature_dim_for, keep_whole)]
     state.capture = "eager"
     state.opaque = {}

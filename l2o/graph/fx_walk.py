@@ -19,7 +19,7 @@ from torch import fx, nn
 from . import ops
 from .layers import mapper_for
 from .param_graph import NodeType
-from .state import GraphState
+from .state import NOT_FOLLOWED, GraphState, mapper_failure
 from .trace import propagate_shapes, trace
 from .values import LazyNodes, ParamRef, TupleVal, Val, depth_of
 
@@ -113,7 +113,7 @@ def walk_module(state: GraphState, module: nn.Module, prefix: str, inputs: list 
                 try:
                     env[node] = fn(state, sub, qn, args, kwargs)
                 except Exception as e:  # as the eager capture does: noted, its parameters left to fallback
-                    state.notes.append(f"op not followed: {qn} ({type(sub).__name__}): {type(e).__name__}: {e}")
+                    state.notes.append(NOT_FOLLOWED + mapper_failure(qn, sub, e))
                     env[node] = ops.opaque_output(depth_of(*args))
             elif not _has_params(sub):
                 # activation, pooling, Flatten, ...: dispatch on the class name

@@ -23,6 +23,7 @@ from . import attention_ops, param_uses, tensor_ops
 from .op_names import MATMUL, REDUCE, SKIP, VIEW_LIKE, op_name
 from .param_graph import NodeType
 from .shadows import TensorInfo, along, tensors_in
+from .state import mapper_failure
 from .values import TupleVal, Val
 
 
@@ -229,7 +230,7 @@ class Recorder:
                 kw = {k: self.arg_val(x, fd) for k, x in kwargs.items()}
                 self.assign(out, self.mapper_for(module)(self.state, module, qn, a, kw))
             except Exception as e:
-                self.errors.append(f"{qn} ({type(module).__name__}): {type(e).__name__}: {e}")
+                self.errors.append(mapper_failure(qn, module, e))
             finally:
                 self.busy = False
             return None

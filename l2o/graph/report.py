@@ -9,7 +9,7 @@ from collections import OrderedDict
 from torch import nn
 
 from .errors import UnsupportedModuleError
-from .state import GraphState
+from .state import NOT_FOLLOWED, GraphState
 
 # models already warned about, with what they were warned about
 _WARNED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
@@ -94,7 +94,7 @@ def _owner(model: nn.Module, param_name: str) -> tuple[str, str]:
 
 def _mapper_failure(state: GraphState, mod_name: str) -> str | None:
     """The error the mapper of module ``mod_name`` raised, if it did (a note of either capture)."""
-    head = f"op not followed: {mod_name or '<root>'} ("
+    head = f"{NOT_FOLLOWED}{mod_name or '<root>'} ("
     for note in state.notes:
         if note.startswith(head):
             return note[len(head):].split("): ", 1)[-1]

@@ -41,6 +41,17 @@ class _EntryChunk:
     kind: int
 
 
+# The prefix of the build's notes on what a capture could not follow (ops,
+# mappers that raised); GraphState.errors_noted and the unstructured report read it.
+NOT_FOLLOWED = "op not followed: "
+
+
+def mapper_failure(qualname: str, module: nn.Module, error: Exception) -> str:
+    """How either capture notes a mapper's exception (after ``NOT_FOLLOWED``;
+    :mod:`.report` reads the error back for the module's warning)."""
+    return f"{qualname} ({type(module).__name__}): {type(error).__name__}: {error}"
+
+
 def _alias_parametrized(model: nn.Module, param_index: dict[int, int]) -> list[Tensor]:
     """``torch.nn.utils.parametrize``: a parametrized module's ``weight`` is
     computed from its ``original`` parameter(s) (weight_norm, spectral_norm,
@@ -234,7 +245,7 @@ class GraphState:
         return True
 
     def errors_noted(self) -> bool:
-        return any(n.startswith("op not followed") for n in self.notes)
+        return any(n.startswith(NOT_FOLLOWED) for n in self.notes)
 
     def unclaimed(self) -> list[int]:
         return [i for i in range(len(self.param_names)) if i not in self.claimed]
