@@ -240,6 +240,58 @@ def test_each_vector_width_the_kernels_build_with_computes_the_forwards_step(fla
         native.forget()
 
 
+def test_the_kernels_thread_on_torchs_own_openmp_runtime():
+    """Where torch runs on OpenMP the kernels link the runtime it loaded, so
+    their loops run on its thread pool: loading them maps no second runtime."""
+    if native.compiler() is None or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("no C compiler, or torch without OpenMP")
+    runtime = native.torch_openmp_runtime()
+    assert runtime is not None and runtime.exists()
+    assert native._threading()[0][1][0] == str(runtime)
+
+    def mapped_runtimes():
+        with open("/proc/self/maps") as f:
+            return {line.split()[-1].rsplit("/", 1)[-1] for line in f if "omp" in line.split()[-1].rsplit("/", 1)[-1]}
+    before = mapped_runtimes()
+    assert native.load(8, 8, 16) is not None, native.status()
+    assert mapped_runtimes() == before
+
+
+# each way the kernels may run their loops on this machine: torch's OpenMP pool, threads of their own
+_THREADING = [pytest.param(t, id="openmp" if t[0] else "own-threads") for t in native._threading()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threading", _THREADING)
+def test_each_threading_build_on_two_threads_computes_the_forwards_step(threading, monkeypatch, tmp_path):
+    """Runs long enough to be split over two threads (each thread sums its own
+    copy of a round's column messages, merged after the loop; the statistics
+    sums likewise): the same step as the forward, for both metanetworks."""
+    if native.compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.delenv("L2O_NATIVE", raising=False)
+    monkeypatch.setenv("L2O_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_threading", lambda: [threading])
+    native.forget()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 300))   # 76,800 entries a weight
+        graph = l2o.build_graph(model)
+        flat = graph.gather([p.detach() for p in model.parameters()])
+        lopt = _scrambled(l2o.GMNLOpt())
+        assert fused_kernels(lopt, "cpu") is not None, native.status()
+        _compare(lopt, gmn_step, graph, flat)
+        layout = tensor_layout(graph.param_shapes)
+        lopt = _scrambled(l2o.MLPLOpt())
+        assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)
+        _compare(lopt, mlp_step, layout, layout.gather(graph.scatter(flat)))
+    finally:
+        torch.set_num_threads(threads)
+        native.forget()
+
+
 def test_without_a_compiler_the_step_falls_back_to_torch(monkeypatch, tmp_path):
     monkeypatch.delenv("L2O_NATIVE", raising=False)
     monkeypatch.setenv("L2O_CACHE", str(tmp_path))

@@ -181,7 +181,27 @@ static int thread_count(long n, long work, int threads) {
 }
 
 /* fn over [0, n) in `threads` contiguous slices (the caller passes torch's
- * thread count through thread_count); the calling thread takes the first. */
+ * thread count through thread_count); the calling thread takes the first.
+ *
+ * Built with -DL2O_OPENMP (native.py links torch's own OpenMP runtime, the
+ * one already loaded in the process) the slices run on torch's intra-op
+ * thread pool: after a torch op its workers spin-wait for the next parallel
+ * region, and a thread of our own would share a core with one of them
+ * (the step takes 0.8-0.86x the own-threads build's time on this project's
+ * 2-core machine: bench/kernel_threads.py). */
+#ifdef L2O_OPENMP
+int omp_get_thread_num(void);
+int omp_get_num_threads(void);
+static void parallel_for(range_fn fn, const void *args, long n, int threads) {
+    job jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++) jobs[t] = (job){fn, args, n * t / threads, n * (t + 1) / threads, t};
+#pragma omp parallel num_threads(threads)
+    { /* a runtime that gives fewer threads than asked: each takes every got-th slice */
+        const int got = omp_get_num_threads();
+        for (int t = omp_get_thread_num(); t < threads; t += got) run_job(&jobs[t]);
+    }
+}
+#else
 static void parallel_for(range_fn fn, const void *args, long n, int threads) {
     job jobs[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
@@ -195,6 +215,7 @@ static void parallel_for(range_fn fn, const void *args, long n, int threads) {
     for (int t = 1; t <= started; t++) pthread_join(tid[t], NULL);
     for (int t = started + 1; t < threads; t++) run_job(&jobs[t]); /* threads that failed to start */
 }
+#endif
 
 /* ------------------------------------------------------------ statistics */
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -138,6 +139,32 @@ def _variants(sizes: Sizes) -> list[list[str]]:
     return [*wide, ["-march=native"], ["-DVB=4"]]
 
 
+def torch_openmp_runtime() -> Path | None:
+    """The OpenMP runtime torch's intra-op threads run on, as loaded in this
+    process (GNU ``libgomp``, Intel ``libiomp5`` or LLVM ``libomp``; each
+    implements the ``GOMP_*`` calls gcc emits), or None (not Linux, or
+    torch built without OpenMP). The kernels link this very file, so their
+    parallel loops reuse torch's pool instead of starting threads beside it."""
+    try:
+        with open("/proc/self/maps") as f:
+            mapped = {line.split(maxsplit=5)[-1].strip() for line in f if line.count("/")}
+    except OSError:
+        return None
+    runtimes = sorted(p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp5", "libomp")))
+    torch_own = [p for p in runtimes if "torch" in p]
+    return Path((torch_own or runtimes)[0]) if runtimes else None
+
+
+def _threading() -> list[tuple[list[str], list[str]]]:
+    """(compile flags, link arguments) to try, best first: torch's OpenMP
+    pool (:func:`torch_openmp_runtime`), then threads of the kernels' own."""
+    own = ([], ["-pthread"])
+    runtime = torch_openmp_runtime()
+    if runtime is None:
+        return [own]
+    return [(["-fopenmp", "-DL2O_OPENMP"], [str(runtime), f"-Wl,-rpath,{runtime.parent}"]), own]
+
+
 def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
     """Builds the library at ``out``; on failure returns the error message and
     whether the compiler itself rejected the source (worth remembering, unlike
@@ -150,11 +177,11 @@ def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
     errors, rejected = [], True
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
-        for flags in _variants(sizes):
+        for flags, (thread_flags, thread_libs) in itertools.product(_variants(sizes), _threading()):
             try:
-                done = _run([*shlex.split(cc), "-c", *base, *flags, str(_SOURCE), "-o", str(obj)])
+                done = _run([*shlex.split(cc), "-c", *base, *flags, *thread_flags, str(_SOURCE), "-o", str(obj)])
                 if done.returncode == 0:
-                    done = _run([*shlex.split(cc), "-shared", str(obj), "-o", str(lib), "-pthread", "-lm"])
+                    done = _run([*shlex.split(cc), "-shared", str(obj), "-o", str(lib), *thread_libs, "-lm"])
             except (OSError, subprocess.SubprocessError) as exc:
                 errors.append(str(exc))
                 rejected = False
@@ -195,7 +222,7 @@ def _build_and_open(sizes: Sizes) -> ctypes.CDLL:
     if not cc:
         raise RuntimeError("no C compiler found (set CC)")
     machine = _machine_key(cc)
-    built_from = repr((sizes, layout_defines(), machine, _variants(sizes))).encode()
+    built_from = repr((sizes, layout_defines(), machine, _variants(sizes), _threading())).encode()
     key = hashlib.sha256(_SOURCE.read_bytes() + built_from).hexdigest()[:16]
     path = _cache_dir() / f"l2o_kernels_{'_'.join(map(str, sizes))}_{key}.so"
     failed = path.with_suffix(".failed")
