@@ -41,6 +41,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from .fast.features import DirectApply
+
 # warnings.warn's stacklevel from the functions here to the code calling opt.step():
 # here <- _learned_step <- step <- torch.no_grad's wrapper <- torch.optim's step hook wrapper <- caller
 CALLER = 6
@@ -113,6 +115,19 @@ class UpdateApplier:
         self.flat_params, self.starts, self.hyper, self.kernels = flat_params, starts, hyper, kernels
         self.pending: dict[int, Tensor] = {}   # updated copies of non-contiguous parameters
         self.nonfinite = False
+
+    def direct(self, k: int, s: int, e: int) -> DirectApply | None:
+        """Run ``[s, e)`` of a float32 contiguous parameter, for a fused
+        read-out to update itself (:class:`l2o.fast.features.DirectApply`)."""
+        lr, wd = self.hyper[k]
+        p = self.flat_params[k]
+        if self.kernels is None or lr == 0.0 or p.dtype != torch.float32 or not p.is_contiguous():
+            return None
+        return DirectApply(p.detach().view(-1)[s - self.starts[k]:e - self.starts[k]], lr, 1.0 - lr * wd,
+                           self._dropped)
+
+    def _dropped(self, count: int) -> None:
+        self.nonfinite |= count > 0
 
     def __call__(self, k: int, s: int, e: int, u: Tensor) -> None:
         lr, wd = self.hyper[k]

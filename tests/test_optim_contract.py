@@ -345,3 +345,38 @@ def test_a_skipped_tensors_statistics_reach_the_others_bias_corrected_by_its_own
     if impl != "forward":   # both step paths read it the same way
         for a, b in zip(own, _stale_tensor_run("forward")):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
+def test_a_fused_read_out_that_applies_its_update_moves_the_parameters_as_the_sink_would(relative, monkeypatch):
+    """The fused read-out writes each run's update into the parameters itself
+    (``UpdateApplier.direct``): the same parameters as handing the update to
+    the sink, with per-group lr and weight decay, the step-size controller's
+    multiplier and (relative) each tensor's scale folded into its lr, to
+    float rounding (two steps: later ones amplify it through the metanetwork)."""
+    from l2o.optim_step import UpdateApplier
+    weights = seeded_weights(l2o.GMNLOpt(relative=relative, adapt=True), 0)
+
+    def run(direct: bool) -> list[torch.Tensor]:
+        model = _model()
+        opt = l2o.GMNOptimizer([{"params": model[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
+                                {"params": model[2].parameters(), "lr": 0.2}], model=model,
+                               weights=copy.deepcopy(weights), impl="fused")
+        if opt.backend.kernels is None:
+            pytest.skip("fused kernels unavailable")
+        taken = []
+        original = UpdateApplier.direct
+
+        def spy(self, k, s, e):
+            target = original(self, k, s, e) if direct else None
+            taken.append(target is not None)
+            return target
+        monkeypatch.setattr(UpdateApplier, "direct", spy)
+        for _ in range(2):   # the second with the controller's multiplier off 1
+            opt.zero_grad()
+            _backward(model)
+            opt.step()
+        assert taken and all(taken) == direct
+        return [p.detach().clone() for p in model.parameters()]
+    for a, b in zip(run(True), run(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

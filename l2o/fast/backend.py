@@ -32,7 +32,7 @@ from ..mlp_lopt import MLPLOpt
 from . import gmn as gmn_chunked
 from . import mlp as mlp_chunked
 from . import native, plan as plan_module
-from .features import Sink, flat_sink
+from .features import DirectApply, Sink, direct_target, flat_sink
 from .kernel_calls import FusedKernels, load
 from .lean import lean_graph
 from .shard import Shard
@@ -203,11 +203,20 @@ def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tenso
         keep = ~torch.tensor(write, device=log_lr.device)
         log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
     state["log_lr"] = log_lr
-    multiplier = log_lr.exp().tolist()
+    return ScaledSink(sink, log_lr.exp().tolist())
 
-    def scaled(k: int, s: int, e: int, u: Tensor) -> None:
-        sink(k, s, e, u.mul_(multiplier[k]))
-    return scaled
+
+class ScaledSink:
+    """``sink`` with each tensor ``k``'s updates multiplied by ``multiplier[k]``."""
+
+    def __init__(self, sink: Sink, multiplier: list[float]):
+        self.sink, self.multiplier = sink, multiplier
+
+    def __call__(self, k: int, s: int, e: int, u: Tensor) -> None:
+        self.sink(k, s, e, u.mul_(self.multiplier[k]))
+
+    def direct(self, k: int, s: int, e: int) -> DirectApply | None:
+        return direct_target(self.sink, k, s, e, self.multiplier[k])
 
 
 def make_backend(lopt: LearnedOptimizer, graph: ParamGraph, device: torch.device | str, impl: str = "auto",

@@ -25,6 +25,7 @@ gradients or update is needed.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -38,6 +39,30 @@ from .shard import Shard
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
 
 Sink = Callable[[int, int, int, Tensor], None]
+"""``sink(k, start, stop, update)`` takes the update of entries ``[start,
+stop)`` of tensor ``k``. A sink that moves parameters may also offer
+``direct(k, start, stop) -> DirectApply | None``: where to apply a run's
+update at once, so a fused read-out writes the parameters itself instead of
+an update for the sink to read back (:func:`direct_target`)."""
+
+
+@dataclass(frozen=True)
+class DirectApply:
+    """``param <- param * decay + lr * u`` for one run's update ``u`` (a
+    non-finite ``u`` applied as 0, the count of those told to ``nonfinite``),
+    done by the kernel that computes ``u``."""
+    param: Tensor
+    lr: float
+    decay: float
+    nonfinite: Callable[[int], None]
+
+
+def direct_target(sink: Sink, k: int, s: int, e: int, gain: float = 1.0) -> DirectApply | None:
+    """``sink``'s :class:`DirectApply` for a run whose update it would take
+    multiplied by ``gain`` (so ``lr`` carries the gain), or None."""
+    direct = getattr(sink, "direct", None)
+    target = direct(k, s, e) if direct is not None else None
+    return None if target is None else replace(target, lr=target.lr * gain)
 
 
 class StepConstants:

@@ -38,8 +38,8 @@ from ..gmn import GMNLOpt
 from ..graph.blocks import edge_degree, entry_count
 from ..graph.param_graph import ParamGraph
 from ..update_rule import finish_folded_, fold_head
-from .features import (Entries, Sink, adam_row, entry_features_, fold_input_scale, inverse_rms, relative_scale,
-                       run_frame, run_state, step_constants, tensor_sums)
+from .features import (Entries, Sink, adam_row, direct_target, entry_features_, fold_input_scale, inverse_rms,
+                       relative_scale, run_frame, run_state, step_constants, tensor_sums)
 from .gmn_terms import NodeTerms, StaticEdgeTerms, sum_to_ends_
 from .kernel_calls import MAX_ROUNDS, FusedKernels
 from .lean import entry_slice
@@ -117,16 +117,16 @@ class GMNChunkedStep:
         """The run's kept edge states ``[De, L]`` (a view), or None when recomputed."""
         return None if self.edge_states is None else self.edge_states[:, run.start:run.stop]
 
-    def fused_pass(self, run: DenseRun, rounds: int, write_back: bool = False, **out) -> None:
+    def fused_pass(self, run: DenseRun, rounds: int, write_back: bool = False, **out) -> int:
         """``rounds`` rounds over a dense run in one kernel call
         (:meth:`FusedKernels.gmn_pass`), features and edge states kept in
-        registers; ``out``: its ``sums`` or ``readout``."""
+        registers; ``out``: its ``sums`` or ``readout`` (and ``apply``)."""
         kept = self.kept(run)
         # kept states: read after every round but a round pass's own
         first = 0 if kept is None else rounds if "readout" in out else rounds - 1
         layers = [(self.w_msg[layer], *self.node_terms[layer].tables(run)) if layer >= first else None
                   for layer in range(rounds)]
-        self.kernels.gmn_pass(
+        return self.kernels.gmn_pass(
             run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back),
             run.groups * run.rows, run.cols, run.rows, (self.w_enc[run.tensor], *self.static.table(run)), layers,
             first, kept, **out)
@@ -205,20 +205,26 @@ class GMNChunkedStep:
         head_w, head_b = fold_head(lopt.edge_head.weight, lopt.edge_head.bias, lopt.out_scale, lopt.max_log_step)
         head_w, nominal = head_w.contiguous(), lopt.nominal_weight()
         for run, fused in zip(self.edge_runs, self.fused):
-            s, e = run.start, run.stop
-            if not self.entries.write[run.tensor]:
+            s, e, k = run.start, run.stop, run.tensor
+            if not self.entries.write[k]:
                 continue
             update = plan.scratch("update", 1, e - s, dev)[0]
+            # the kernel applies the update itself where the sink says where (no update written and read back)
+            target = direct_target(sink, k, s, e, 1.0 if self.scale is None else float(self.scale[k])) if fused else None
             if fused:
-                self.fused_pass(run, len(lopt.convs), write_back=True, readout=(
-                    w_out[run.tensor], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update))
+                readout = (w_out[k], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update)
+                if target is not None:
+                    target.nonfinite(self.fused_pass(run, len(lopt.convs), write_back=True, readout=readout,
+                                                     apply=(target.param, target.lr, target.decay)))
+                    continue
+                self.fused_pass(run, len(lopt.convs), write_back=True, readout=readout)
             else:
                 fr = run_frame(plan, de, e - s, dev)
                 self.edge_states_of(run, fr, len(lopt.convs))
                 z = terms.linear(plan.scratch("z", lopt.hidden, e - s, dev), w_out[run.tensor], fr, run).relu_()
                 out = torch.addmm(head_b, head_w, z, out=plan.scratch("out", 2, e - s, dev))
                 finish_folded_(update, out[0], out[1], adam_row(fr[de:]), nominal, lopt.max_log_step)
-            self.hand_over(run.tensor, s, e, update, sink)
+            self.hand_over(k, s, e, update, sink)
 
     def readout_nodes(self, h: Tensor, sink: Sink) -> None:
         """``GMNLOpt.readout_entries`` run by run, through the folded head; the

@@ -107,7 +107,8 @@ class FusedKernels:
 
     def gmn_pass(self, st: RunState, rows: int, cols: int, per_group: int, encode: tuple[Tensor, Tensor, int, int],
                  layers: list[tuple[Tensor, Tensor, Tensor] | None], first: int, kept: Tensor | None,
-                 sums: tuple[Tensor, Tensor] | None = None, readout: tuple | None = None) -> None:
+                 sums: tuple[Tensor, Tensor] | None = None, readout: tuple | None = None,
+                 apply: tuple[Tensor, float, float] | None = None) -> int:
         """One pass of the GMN's step over a dense block of ``rows x cols``
         edges whose statistics are ``st`` (``kernels.c``: ``l2o_gmn_pass``):
         ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
@@ -118,11 +119,16 @@ class FusedKernels:
         ``sums`` = ``(row_sum, col_sum)``: the last round's messages added
         onto them (and the states written to ``kept``), or ``readout`` =
         ``(w_z [HID, DE + NF], row table, column table, head_w [2, HID],
-        head_b, nominal, max_log_step, update [n])``."""
+        head_b, nominal, max_log_step, update [n])``: the update written to
+        ``update``, or, given ``apply = (p [n], lr, decay)``, applied there at
+        once (``p <- p decay + lr u``, a non-finite ``u`` as 0; ``update`` is
+        then not written and may be None). Returns how many entries' update
+        was not finite (0 unless ``apply``)."""
         k, de, n, stop = "l2o_gmn_pass", self.de, rows * cols, len(layers)
         if not (de > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0):
             _require(False, k, f"bad sizes rows={rows} cols={cols} per_group={per_group} (edge width {de})")
         _require((sums is None) != (readout is None), k, "exactly one of sums and readout")
+        _require(apply is None or readout is not None, k, "apply without a read-out")
         _require(0 <= first <= stop <= MAX_ROUNDS and (first == 0 or kept is not None) and (readout is not None or stop > first),
                  k, f"bad rounds [{first}, {stop}) (kept states: {kept is not None})")
         if st.p.numel() != n:
@@ -143,7 +149,8 @@ class FusedKernels:
         ptrs = [(ctypes.c_void_p * max(stop, 1))(*(None if tables is None else tables[i].data_ptr()
                                                    for tables in layers)) for i in range(3)]
         acc = (None, None)
-        out: tuple = (None, None, None, None, 0.0, 0.0, 0.0, 0.0, None)
+        out: tuple = (None, None, None, None, 0.0, 0.0, 0.0, 0.0, None, None, 0.0, 0.0, None)
+        nonfinite = ctypes.c_long(0)
         if sums is not None:
             for name, t, shape in (("row_sum", sums[0], (de, rows)), ("col_sum", sums[1], (de, n_cols))):
                 _dense(k, name, t, shape)
@@ -153,12 +160,19 @@ class FusedKernels:
             for name, t, shape in (("w_z", w_z, (self.hid, de + self.nf)), ("z_row", z_row, (self.hid, rows)),
                                    ("z_col", z_col, (self.hid, n_cols)), ("head_w", head_w, (2, self.hid)),
                                    ("update", update, (n,))):
-                _dense(k, name, t, shape)
+                if name != "update" or apply is None:
+                    _dense(k, name, t, shape)
+            target = (None, 0.0, 0.0, None)
+            if apply is not None:
+                _dense(k, "apply p", apply[0], (n,))
+                target = (apply[0].data_ptr(), float(apply[1]), float(apply[2]), ctypes.addressof(nonfinite))
             out = (w_z.data_ptr(), z_row.data_ptr(), z_col.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
-                   float(head_b[1, 0]), float(nominal), float(max_log_step), update.data_ptr())
+                   float(head_b[1, 0]), float(nominal), float(max_log_step),
+                   None if apply is not None else update.data_ptr(), *target)
         _done(self.lib.l2o_gmn_pass(rows, cols, per_group, *args, w_enc.data_ptr(), table.data_ptr(), stat_ld, stat_rs,
                                     first, stop, *ptrs, None if kept is None else kept.data_ptr(),
                                     0 if kept is None else kept.stride(0), *acc, *out, torch.get_num_threads()))
+        return nonfinite.value
 
     def mlp_network(self, w_in: Tensor, b_in: Tensor, w_mid: Tensor, b_mid: Tensor, head_w: Tensor,
                     head_b: Tensor, nominal: float, max_log_step: float) -> Callable[[Tensor, int, Tensor], None]:

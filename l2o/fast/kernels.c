@@ -345,11 +345,14 @@ int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float
  *                the kept edge states after `first` rounds    else
  *   for l in [first, stop):
  *     m_l = relu(W_msg[l] e + row_t[l][:, i] + col_t[l][:, g(i) * C + j]),  e = e + m_l
- * then either (a round pass, update == NULL) m_{stop-1} summed onto
+ * then either (a round pass, readout == 0) m_{stop-1} summed onto
  *   row_acc[:, i] and col_acc[:, g(i) * C + j], and e written to the kept
- *   states (if any), or (the read-out, update != NULL)
+ *   states (if any), or (the read-out)
  *   z = relu(W_z [e; x] + z_row[:, i] + z_col[:, g(i) * C + j]),
- *   (d, s) = head_w z + head_b,  update = finish(d, s, x[adam]),
+ *   (d, s) = head_w z + head_b,  u = finish(d, s, x[adam]),
+ *   written to update, or (apply_p != NULL) applied at once as l2o_apply
+ *   does: apply_p = p decay + lr u (p the entries' parameters before the
+ *   step, x[p]; a non-finite u counts in nonfinite and applies as 0);
  * where g(i) = i / per_group is the row's group (grouped convolutions). */
 typedef struct {
     stat_in s;
@@ -368,7 +371,11 @@ typedef struct {
     const float *z_row, *z_col;  /* [HID][R], [HID][G * C], bias folded in */
     const float *head_w;         /* [2][HID] */
     float head_b0, head_b1, nominal, c;
-    float *update;
+    int readout;
+    float *update;               /* the read-out's u, or NULL: */
+    float *apply_p;              /* ... applied to these parameters */
+    float lr, decay;
+    long nonfinite[MAX_THREADS]; /* per thread: entries whose u was not finite */
     long rows, cols, per_group;
 } pass_args;
 
@@ -385,7 +392,8 @@ INLINE void node_terms(const int G, const float *row, long rows, long i, const f
 
 /* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
  * col_acc collect a round pass's messages. */
-INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_acc, float rsum[DE][TC]) {
+INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_acc, float rsum[DE][TC],
+                      long *nonfinite) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
     const long at = i * a->cols + j0;
     float ex[DE + NF][TC]; /* e rows, then x rows: the read-out's input [e; x] */
@@ -423,7 +431,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_ac
         for (int d = 0; d < DE; d++) /* only now: every message read the old e */
             for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(&ex[d][t * VB], VB) + load(&m[d][t * VB], VB), VB);
     }
-    if (!a->update) { /* a round pass: the last round's messages to both ends, e kept */
+    if (!a->readout) { /* a round pass: the last round's messages to both ends, e kept */
         for (int d = 0; d < DE; d++) {
             float *ca = col_acc + d * col_ld + gc;
             for (int t = 0; t < T; t++) {
@@ -447,30 +455,41 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_ac
         dot_block(RGROUP, DE + NF, a->w_z, h0, &ex[0][0], TC, acc);
         head_add(RGROUP, HID, a->head_w, h0, acc, dir, ls);
     }
-    for (int t = 0; t < T; t++)
-        store(a->update + at + t * VB, finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c),
-              lanes(nv, t));
+    for (int t = 0; t < T; t++) {
+        const int n = lanes(nv, t);
+        const vf u = finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c);
+        if (!a->apply_p) {
+            store(a->update + at + t * VB, u, n);
+            continue;
+        }
+        const vi finite = (u - u) == 0; /* NaN and inf give NaN */
+        for (int v = 0; v < n; v++) *nonfinite += !finite[v];
+        const vf p = load(&x[ROW_P][t * VB], VB);
+        store(a->apply_p + at + t * VB, (a->decay == 1.f ? p : p * a->decay) + a->lr * blend(finite, u, splat(0.f)), n);
+    }
 }
 
 static void pass_range(const void *args, long r0, long r1, int thread) {
     const pass_args *a = args;
     float *col_acc = a->col_acc[thread];
+    long nonfinite = 0; /* here, not in a->nonfinite: the threads' counters share a cache line */
     float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
         long j = 0;
         for (; j + TC <= a->cols; j += TC) { /* nv a constant: whole-vector loads and stores */
             prefetch_state(&a->s, i * a->cols + j);
-            pass_tile(a, i, j, TC, col_acc, rsum);
+            pass_tile(a, i, j, TC, col_acc, rsum, &nonfinite);
         }
-        if (j < a->cols) pass_tile(a, i, j, (int)(a->cols - j), col_acc, rsum);
-        if (!a->update)
+        if (j < a->cols) pass_tile(a, i, j, (int)(a->cols - j), col_acc, rsum, &nonfinite);
+        if (!a->readout)
             for (int d = 0; d < DE; d++) {
                 float s = 0.f;
                 for (int v = 0; v < TC; v++) s += rsum[d][v];
                 a->row_acc[d * a->rows + i] += s;
             }
     }
+    ((pass_args *)a)->nonfinite[thread] = nonfinite;
 }
 
 int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const float *g, float *m, long m_ld, float *v,
@@ -479,23 +498,28 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
                  int first, int stop, const float *const *w_msg, const float *const *row_t,
                  const float *const *col_t, float *kept, long kept_ld, float *row_acc, float *col_acc,
                  const float *w_z, const float *z_row, const float *z_col, const float *head_w, float head_b0,
-                 float head_b1, float nominal, float c, float *update, int threads) {
-    if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept)) return -2;
+                 float head_b1, float nominal, float c, float *update, float *apply_p, float lr, float decay,
+                 long *nonfinite, int threads) {
+    if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept) || (apply_p && !nonfinite)) return -2;
     pass_args *a = malloc(sizeof *a);
     if (!a) return -1;
     *a = (pass_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
                      w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, row_acc,
-                     {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update,
-                     rows, cols, per_group};
+                     {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update || apply_p,
+                     update, apply_p, lr, decay, {0}, rows, cols, per_group};
     threads = thread_count(rows, rows * cols, threads);
     /* the other threads sum their columns privately, added in after the join */
-    const long col_len = update ? 0 : DE * (rows / per_group) * cols;
+    const long col_len = a->readout ? 0 : DE * (rows / per_group) * cols;
     float *priv = threads > 1 && col_len ? calloc((size_t)(threads - 1) * col_len, sizeof(float)) : NULL;
     if (col_len && !priv) threads = 1;
     for (int t = 1; t < threads; t++) a->col_acc[t] = priv + (size_t)(t - 1) * col_len;
     parallel_for(pass_range, a, rows, threads);
     for (int t = 1; t < threads && col_len; t++)
         for (long k = 0; k < col_len; k++) col_acc[k] += a->col_acc[t][k];
+    if (apply_p) {
+        *nonfinite = 0;
+        for (int t = 0; t < threads; t++) *nonfinite += a->nonfinite[t];
+    }
     free(priv);
     free(a);
     return 0;
