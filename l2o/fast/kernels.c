@@ -195,6 +195,10 @@ int omp_get_num_threads(void);
 static void parallel_for(range_fn fn, const void *args, long n, int threads) {
     job jobs[MAX_THREADS];
     for (int t = 0; t < threads; t++) jobs[t] = (job){fn, args, n * t / threads, n * (t + 1) / threads, t};
+    if (threads == 1) { /* no parallel region for a small pass */
+        run_job(&jobs[0]);
+        return;
+    }
 #pragma omp parallel num_threads(threads)
     { /* a runtime that gives fewer threads than asked: each takes every got-th slice */
         const int got = omp_get_num_threads();

@@ -162,7 +162,8 @@ def _threading() -> list[tuple[list[str], list[str]]]:
     runtime = torch_openmp_runtime()
     if runtime is None:
         return [own]
-    return [(["-fopenmp", "-DL2O_OPENMP"], [str(runtime), f"-Wl,-rpath,{runtime.parent}"]), own]
+    # -z defs: a runtime that lacks a call gcc emits fails the link (then: own threads), not the first step
+    return [(["-fopenmp", "-DL2O_OPENMP"], [str(runtime), f"-Wl,-rpath,{runtime.parent}", "-Wl,-z,defs"]), own]
 
 
 def _compile(cc: str, out: Path, sizes: Sizes) -> tuple[str, bool] | None:
