@@ -1,6 +1,6 @@
 """GMNOptimizer vs AdamW on Hugging Face GPT-2 small (124M parameters) on CPU.
 
-    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128] [--adamw-lr 1e-4]
+    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128] [--adamw-lr 1e-4] [--phases]
 
 Random init from ``transformers.GPT2Config()`` (no download). Prints:
 
@@ -11,7 +11,11 @@ Random init from ``transformers.GPT2Config()`` (no download). Prints:
   interleaved on two identical copies of the model with the order swapped
   every round (this machine's cores are shared: medians and ratios in one
   run are what compare), and the optimizer step alone;
-* the process's peak resident memory, and the loss of both runs.
+* the process's peak resident memory, and the loss of both runs;
+* with ``--phases``, where the GMN's optimizer step spends its time (medians
+  over the timed rounds): the step-size controller's sums, the step's setup
+  (the statistics pass and the per-tensor sums), the message-passing rounds,
+  the read-out (which also applies the update), the node-held entries.
 """
 from __future__ import annotations
 
@@ -28,6 +32,33 @@ def _peak_gib() -> float:
     return float("nan")
 
 
+PHASES = {"controller sums": ("l2o.fast.backend", None, "controlled_sink"),
+          "statistics pass + setup": ("l2o.fast.gmn", "GMNChunkedStep", "__init__"),
+          "message-passing rounds": ("l2o.fast.gmn", "GMNChunkedStep", "message_passing"),
+          "read-out + apply": ("l2o.fast.gmn", "GMNChunkedStep", "readout_edges"),
+          "node-held entries": ("l2o.fast.gmn", "GMNChunkedStep", "readout_nodes")}
+
+
+def time_phases(totals: dict[str, float]) -> None:
+    """Wraps each function of ``PHASES`` to add its time to ``totals``."""
+    import functools
+    import importlib
+
+    for name, (module, cls, fn) in PHASES.items():
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        inner = getattr(owner, fn)
+
+        @functools.wraps(inner)
+        def timed(*a, _inner=inner, _name=name, **k):
+            t0 = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                totals[_name] = totals.get(_name, 0.0) + time.perf_counter() - t0
+        setattr(owner, fn, timed)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -37,6 +68,7 @@ def main() -> None:
     ap.add_argument("--weights", default="pretrained", help="GMN weights: 'pretrained' or 'none'")
     ap.add_argument("--adamw-lr", type=float, default=1e-4)
     ap.add_argument("--build-repeats", type=int, default=3)
+    ap.add_argument("--phases", action="store_true", help="time the phases of the GMN's optimizer step")
     args = ap.parse_args()
     import torch
     import transformers
@@ -58,6 +90,10 @@ def main() -> None:
           f"{args.threads} threads\n  build_graph {fmt(builds)}\n  GMNOptimizer(model) {fmt(constructs)}",
           flush=True)
 
+    totals: dict[str, float] = {}
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    if args.phases:
+        time_phases(totals)
     times = {k: {"train": [], "opt": []} for k in opts}
     losses = {k: [] for k in opts}
     for r in range(args.rounds + 1):          # round 0: warm-up (first-step allocations)
@@ -69,8 +105,12 @@ def main() -> None:
             loss = model(x, labels=x).loss
             loss.backward()
             t1 = time.perf_counter()
+            totals.clear()
             opt.step()
             t2 = time.perf_counter()
+            if r and name == "gmn" and args.phases:
+                for phase in PHASES:
+                    phases[phase].append(totals.get(phase, 0.0))
             losses[name].append(loss.item())
             if r:
                 times[name]["train"].append(t2 - t0)
@@ -84,6 +124,9 @@ def main() -> None:
     print(f"train step GMN / AdamW: {med['gmn']['train'] / med['adamw']['train']:.2f}x "
           f"(optimizer step alone {med['gmn']['opt'] / med['adamw']['opt']:.2f}x); "
           f"peak RSS of this process (both models, both optimizers) {_peak_gib():.1f} GiB")
+    if args.phases:
+        print("GMN optimizer step by phase (medians): " + ", ".join(
+            f"{phase} {statistics.median(v):.2f} s" for phase, v in phases.items()))
 
 
 if __name__ == "__main__":
