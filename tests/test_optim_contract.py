@@ -113,18 +113,23 @@ def test_non_finite_updates_leave_their_entries_unchanged(impl, poison):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "gmn"])
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("huge", ["first", "last"])
-def test_a_non_finite_update_of_one_entry_is_reported_wherever_it_is(impl, huge):
+def test_a_non_finite_update_of_one_entry_is_reported_wherever_it_is(impl, huge, kind):
     """A relative update of a tensor whose RMS overflows is inf: with one such
     single-entry tensor first or last, every other update finite, the step
-    still warns, drops that entry and applies the rest."""
+    still warns, drops that entry and applies the rest (also where the fused
+    read-out applies the update itself, the inf scale folded into its lr)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 1), nn.Tanh(), nn.Linear(1, 1))   # single-entry tensors
     huge_param = model[0].weight if huge == "first" else model[2].bias
     with torch.no_grad():
         huge_param.fill_(1e30)
-    opt = l2o.MLPOptimizer(model, weights=l2o.MLPLOpt(relative=True), impl=impl)
+    if kind == "mlp":
+        opt = l2o.MLPOptimizer(model, weights=l2o.MLPLOpt(relative=True), impl=impl)
+    else:
+        opt = l2o.GMNOptimizer(model, weights=l2o.GMNLOpt(relative=True), impl=impl)
     before = [p.detach().clone() for p in model.parameters()]
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -347,21 +352,25 @@ def test_a_skipped_tensors_statistics_reach_the_others_bias_corrected_by_its_own
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["gmn", "mlp"])
 @pytest.mark.parametrize("relative", [False, True], ids=["absolute", "relative"])
-def test_a_fused_read_out_that_applies_its_update_moves_the_parameters_as_the_sink_would(relative, monkeypatch):
-    """The fused read-out writes each run's update into the parameters itself
+def test_a_fused_read_out_that_applies_its_update_moves_the_parameters_as_the_sink_would(kind, relative, monkeypatch):
+    """The fused read-out (the GMN's last pass, the per-parameter MLP's
+    kernel) writes each run's update into the parameters itself
     (``UpdateApplier.direct``): the same parameters as handing the update to
     the sink, with per-group lr and weight decay, the step-size controller's
     multiplier and (relative) each tensor's scale folded into its lr, to
     float rounding (two steps: later ones amplify it through the metanetwork)."""
     from l2o.optim_step import UpdateApplier
-    weights = seeded_weights(l2o.GMNLOpt(relative=relative, adapt=True), 0)
+    lopt = l2o.GMNLOpt if kind == "gmn" else l2o.MLPLOpt
+    weights = seeded_weights(lopt(relative=relative, adapt=True), 0)
+    optimizer = l2o.GMNOptimizer if kind == "gmn" else l2o.MLPOptimizer
 
     def run(direct: bool) -> list[torch.Tensor]:
         model = _model()
-        opt = l2o.GMNOptimizer([{"params": model[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
-                                {"params": model[2].parameters(), "lr": 0.2}], model=model,
-                               weights=copy.deepcopy(weights), impl="fused")
+        opt = optimizer([{"params": model[0].parameters(), "lr": 0.05, "weight_decay": 0.1},
+                         {"params": model[2].parameters(), "lr": 0.2}], model=model,
+                        weights=copy.deepcopy(weights), impl="fused")
         if opt.backend.kernels is None:
             pytest.skip("fused kernels unavailable")
         taken = []

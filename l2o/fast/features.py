@@ -48,9 +48,10 @@ an update for the sink to read back (:func:`direct_target`)."""
 
 @dataclass(frozen=True)
 class DirectApply:
-    """``param <- param * decay + lr * u`` for one run's update ``u`` (a
-    non-finite ``u`` applied as 0, the count of those told to ``nonfinite``),
-    done by the kernel that computes ``u``."""
+    """``param <- param * decay + lr * u`` for one run's update ``u``, done by
+    the kernel that computes ``u``; an entry whose ``lr * u`` is not finite
+    keeps ``param * decay`` (the count of those told to ``nonfinite``): ``lr``
+    carries the sink's gains, which may overflow where ``u`` does not."""
     param: Tensor
     lr: float
     decay: float

@@ -210,7 +210,8 @@ class GMNChunkedStep:
                 continue
             update = plan.scratch("update", 1, e - s, dev)[0]
             # the kernel applies the update itself where the sink says where (no update written and read back)
-            target = direct_target(sink, k, s, e, 1.0 if self.scale is None else float(self.scale[k])) if fused else None
+            gain = 1.0 if self.scale is None else float(self.scale[k])
+            target = direct_target(sink, k, s, e, gain) if fused else None
             if fused:
                 readout = (w_out[k], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update)
                 if target is not None:

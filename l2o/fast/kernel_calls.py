@@ -121,9 +121,9 @@ class FusedKernels:
         ``(w_z [HID, DE + NF], row table, column table, head_w [2, HID],
         head_b, nominal, max_log_step, update [n])``: the update written to
         ``update``, or, given ``apply = (p [n], lr, decay)``, applied there at
-        once (``p <- p decay + lr u``, a non-finite ``u`` as 0; ``update`` is
-        then not written and may be None). Returns how many entries' update
-        was not finite (0 unless ``apply``)."""
+        once (``p <- p decay + lr u``, an entry whose ``lr u`` is not finite
+        left at ``p decay``; ``update`` is then not written). Returns how many
+        entries' ``lr u`` was not finite (0 unless ``apply``)."""
         k, de, n, stop = "l2o_gmn_pass", self.de, rows * cols, len(layers)
         if not (de > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0):
             _require(False, k, f"bad sizes rows={rows} cols={cols} per_group={per_group} (edge width {de})")
@@ -175,11 +175,14 @@ class FusedKernels:
         return nonfinite.value
 
     def mlp_network(self, w_in: Tensor, b_in: Tensor, w_mid: Tensor, b_mid: Tensor, head_w: Tensor,
-                    head_b: Tensor, nominal: float, max_log_step: float) -> Callable[[Tensor, int, Tensor], None]:
+                    head_b: Tensor, nominal: float, max_log_step: float) -> Callable[..., int]:
         """The per-parameter MLP and update formula with these weights
         (``w_in`` ``[T, MH, NF]``: one first layer per tensor), checked once:
-        returns ``run(x, k, update)`` for ``n`` entries of tensor ``k`` with
-        features ``x`` ``[NF, >= n]`` (checked per call)."""
+        returns ``run(x, k, update, apply=None)`` for ``n`` entries of tensor
+        ``k`` with features ``x`` ``[NF, >= n]`` (checked per call), which
+        writes ``update`` or, given ``apply = (p [n], lr, decay)``, applies it
+        there as :meth:`gmn_pass` does, and returns how many entries' ``lr u``
+        was not finite (0 unless ``apply``)."""
         k, mh = "l2o_mlp_step", self.mh
         _require(mh > 0, k, "library built without the MLP kernel")
         _dense(k, "w_in", w_in, (w_in.shape[0], mh, self.nf))
@@ -192,14 +195,20 @@ class FusedKernels:
                  float(head_b[1, 0]), nominal, max_log_step)
         keep = (w_in, b_in, w_mid, b_mid, head_w)   # alive while run is
 
-        def run(x: Tensor, tensor: int, update: Tensor) -> None:
+        def run(x: Tensor, tensor: int, update: Tensor, apply: tuple[Tensor, float, float] | None = None) -> int:
             n = update.numel()
             _rows(k, "x", x, nf, n)
             _dense(k, "update", update, (n,))
             if not 0 <= tensor < tensors:
                 _require(False, k, f"tensor {tensor} out of range [0, {tensors})")
-            _done(lib.l2o_mlp_step(n, x.data_ptr(), x.stride(0), w0 + tensor * w_step, *fixed, update.data_ptr(),
+            nonfinite, target = ctypes.c_long(0), (None, 0.0, 0.0, None)
+            if apply is not None:
+                _dense(k, "apply p", apply[0], (n,))
+                target = (apply[0].data_ptr(), float(apply[1]), float(apply[2]), ctypes.addressof(nonfinite))
+            _done(lib.l2o_mlp_step(n, x.data_ptr(), x.stride(0), w0 + tensor * w_step, *fixed,
+                                   None if apply is not None else update.data_ptr(), *target,
                                    torch.get_num_threads()))
+            return nonfinite.value
         run.weights = keep
         return run
 

@@ -150,6 +150,30 @@ INLINE void head_add(const int G, const int width, const float *w, int h0, vf ac
         }
 }
 
+/* Where a pass puts its update u of a tile: written to `update`, or, with
+ * apply_p, applied at once (apply_p = p decay + lr u, p the entries'
+ * parameters before the step), so the update is never written and read back.
+ * As l2o_apply drops a non-finite u, an entry whose lr u is not finite counts
+ * in *nonfinite and keeps p decay: lr carries the sink's gains (a relative
+ * update's scale can be inf), so it is the product that must be checked. */
+typedef struct {
+    float *update;
+    float *apply_p;
+    float lr, decay;
+} update_out;
+
+/* u and p of the nv entries at `at` (a tile's vector t) */
+INLINE void put_update(const update_out *o, long at, int nv, vf u, vf p, long *nonfinite) {
+    if (!o->apply_p) {
+        store(o->update + at, u, nv);
+        return;
+    }
+    const vf step = o->lr * u;
+    const vi finite = (step - step) == 0; /* NaN and inf give NaN */
+    for (int v = 0; v < nv; v++) *nonfinite += !finite[v];
+    store(o->apply_p + at, (o->decay == 1.f ? p : p * o->decay) + blend(finite, step, splat(0.f)), nv);
+}
+
 /* ------------------------------------------------------------ threads */
 
 #define MAX_THREADS 64
@@ -353,10 +377,7 @@ int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float
  *   row_acc[:, i] and col_acc[:, g(i) * C + j], and e written to the kept
  *   states (if any), or (the read-out)
  *   z = relu(W_z [e; x] + z_row[:, i] + z_col[:, g(i) * C + j]),
- *   (d, s) = head_w z + head_b,  u = finish(d, s, x[adam]),
- *   written to update, or (apply_p != NULL) applied at once as l2o_apply
- *   does: apply_p = p decay + lr u (p the entries' parameters before the
- *   step, x[p]; a non-finite u counts in nonfinite and applies as 0);
+ *   (d, s) = head_w z + head_b,  u = finish(d, s, x[adam]) (put_update),
  * where g(i) = i / per_group is the row's group (grouped convolutions). */
 typedef struct {
     stat_in s;
@@ -376,9 +397,7 @@ typedef struct {
     const float *head_w;         /* [2][HID] */
     float head_b0, head_b1, nominal, c;
     int readout;
-    float *update;               /* the read-out's u, or NULL: */
-    float *apply_p;              /* ... applied to these parameters */
-    float lr, decay;
+    update_out out;
     long nonfinite[MAX_THREADS]; /* per thread: entries whose u was not finite */
     long rows, cols, per_group;
 } pass_args;
@@ -459,18 +478,10 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_ac
         dot_block(RGROUP, DE + NF, a->w_z, h0, &ex[0][0], TC, acc);
         head_add(RGROUP, HID, a->head_w, h0, acc, dir, ls);
     }
-    for (int t = 0; t < T; t++) {
-        const int n = lanes(nv, t);
-        const vf u = finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c);
-        if (!a->apply_p) {
-            store(a->update + at + t * VB, u, n);
-            continue;
-        }
-        const vi finite = (u - u) == 0; /* NaN and inf give NaN */
-        for (int v = 0; v < n; v++) *nonfinite += !finite[v];
-        const vf p = load(&x[ROW_P][t * VB], VB);
-        store(a->apply_p + at + t * VB, (a->decay == 1.f ? p : p * a->decay) + a->lr * blend(finite, u, splat(0.f)), n);
-    }
+    for (int t = 0; t < T; t++)
+        put_update(&a->out, at + t * VB, lanes(nv, t),
+                   finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c),
+                   load(&x[ROW_P][t * VB], VB), nonfinite);
 }
 
 static void pass_range(const void *args, long r0, long r1, int thread) {
@@ -510,7 +521,7 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
     *a = (pass_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
                      w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, row_acc,
                      {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update || apply_p,
-                     update, apply_p, lr, decay, {0}, rows, cols, per_group};
+                     {update, apply_p, lr, decay}, {0}, rows, cols, per_group};
     threads = thread_count(rows, rows * cols, threads);
     /* the other threads sum their columns privately, added in after the join */
     const long col_len = a->readout ? 0 : DE * (rows / per_group) * cols;
@@ -535,7 +546,7 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
 
 /* The graph-free learned optimizer on the entries of one tensor:
  *   z1 = relu(W_in x + b_in),  z2 = relu(W_mid z1 + b_mid),
- *   (d, s) = head_w z2 + head_b,  update = finish(d, s, x[adam])
+ *   (d, s) = head_w z2 + head_b,  u = finish(d, s, x[adam]) (put_update)
  */
 typedef struct {
     const float *x; /* NF feature rows (stride ld) */
@@ -544,15 +555,16 @@ typedef struct {
     const float *w_mid, *b_mid; /* [MH][MH], [MH] */
     const float *head_w;        /* [2][MH] */
     float head_b0, head_b1, nominal, c;
-    float *update;
+    update_out out;
     long n;
+    long nonfinite[MAX_THREADS]; /* per thread: entries whose u was not finite */
 } mlp_args;
 
 #define MGROUP GROUP_OF(MH)
 
 /* One tile of TC entries at i; `in` its NF feature rows at stride in_ld (the
  * feature block itself, or a zero-padded copy for the last, partial tile). */
-INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld) {
+INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld, long *nonfinite) {
     float z1[MH][TC];
 #pragma GCC unroll 1
     for (int h0 = 0; h0 < MH; h0 += MGROUP) {
@@ -574,31 +586,39 @@ INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in
         head_add(MGROUP, MH, a->head_w, h0, acc, dir, ls);
     }
     for (int t = 0; t < T; t++)
-        store(a->update + i + t * VB, finish(dir[t], ls[t], load(in + ROW_ADAM * in_ld + t * VB, VB), a->nominal, a->c),
-              lanes(nv, t));
+        put_update(&a->out, i + t * VB, lanes(nv, t),
+                   finish(dir[t], ls[t], load(in + ROW_ADAM * in_ld + t * VB, VB), a->nominal, a->c),
+                   load(in + ROW_P * in_ld + t * VB, VB), nonfinite);
 }
 
 static void mlp_range(const void *args, long t0, long t1, int thread) {
-    (void)thread;
     const mlp_args *a = args;
     const long i1 = t1 * TC < a->n ? t1 * TC : a->n;
-    long i = t0 * TC;
+    long i = t0 * TC, nonfinite = 0;
     for (; i + TC <= i1; i += TC) {
         for (int k = 0; k < NF; k++) __builtin_prefetch(a->x + k * a->ld + i + PREFETCH, 0, 0);
-        mlp_tile(a, i, TC, a->x + i, a->ld);
+        mlp_tile(a, i, TC, a->x + i, a->ld, &nonfinite);
     }
     if (i < i1) {
         float pad[NF][TC];
-        mlp_tile(a, i, (int)(i1 - i), stage_tail(NF, a->x + i, a->ld, i1 - i, pad), TC);
+        mlp_tile(a, i, (int)(i1 - i), stage_tail(NF, a->x + i, a->ld, i1 - i, pad), TC, &nonfinite);
     }
+    ((mlp_args *)a)->nonfinite[thread] = nonfinite;
 }
 
 int l2o_mlp_step(long n, const float *x, long ld, const float *w_in, const float *b_in, const float *w_mid,
                  const float *b_mid, const float *head_w, float head_b0, float head_b1, float nominal, float c,
-                 float *update, int threads) {
-    const mlp_args a = {x, ld, w_in, b_in, w_mid, b_mid, head_w, head_b0, head_b1, nominal, c, update, n};
+                 float *update, float *apply_p, float lr, float decay, long *nonfinite, int threads) {
+    if (apply_p && !nonfinite) return -2;
+    mlp_args a = {x, ld, w_in, b_in, w_mid, b_mid, head_w, head_b0, head_b1, nominal, c, {update, apply_p, lr, decay},
+                  n, {0}};
     const long tiles = (n + TC - 1) / TC; /* threads take whole tiles */
-    parallel_for(mlp_range, &a, tiles, thread_count(tiles, n, threads));
+    threads = thread_count(tiles, n, threads);
+    parallel_for(mlp_range, &a, tiles, threads);
+    if (apply_p) {
+        *nonfinite = 0;
+        for (int t = 0; t < threads; t++) *nonfinite += a.nonfinite[t];
+    }
     return 0;
 }
 #endif /* MH */

@@ -24,8 +24,8 @@ from .. import features as F_
 from ..graph.param_graph import ParamGraph
 from ..mlp_lopt import MLPLOpt
 from ..update_rule import finish_folded_, fold_head
-from .features import (Entries, Sink, adam_row, entry_features_, fold_input_scale, inverse_rms, relative_scale,
-                       run_frame, step_constants, tensor_sums)
+from .features import (Entries, Sink, adam_row, direct_target, entry_features_, fold_input_scale, inverse_rms,
+                       relative_scale, run_frame, step_constants, tensor_sums)
 from .kernel_calls import FusedKernels
 from .plan import ChunkPlan
 
@@ -67,6 +67,12 @@ def run_step(lopt: MLPLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
         if not entries.write[k]:
             continue
         update = plan.scratch("update", 1, e - s, dev)[0]
+        # the kernel applies the update itself where the sink says where (no update written and read back)
+        gain = 1.0 if scale is None else float(scale[k])
+        target = direct_target(sink, k, s, e, gain) if kernels is not None else None
+        if target is not None:
+            target.nonfinite(network(x, k, update, apply=(target.param, target.lr, target.decay)))
+            continue
         if kernels is not None:
             network(x, k, update)
         else:

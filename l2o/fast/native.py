@@ -41,7 +41,7 @@ _SIGNATURES = {
     "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _l, _p, _i],
     "l2o_gmn_pass": [_l, _l, _l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _p, _l, _l, _i, _i, _p, _p, _p,
                      _p, _l, _p, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
-    "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _i],
+    "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
     "l2o_finish": [_l, _p, _p, _p, _f, _f, _p],
 }
 _LAYOUT_NAMES = ("NF", "NM", "ROW_P", "ROW_G", "ROW_M0", "ROW_ADAM", "ROW_SQRT_V")
