@@ -32,7 +32,9 @@ callback up):
    torch ops on scatter runs;
 6. ``l2o/update_rule.py`` / ``l2o/features.py`` -- the math both evaluate,
    defined once (the metanetwork's own layers: ``l2o/gmn.py``, ``gmn_conv.py``);
-7. back here: :class:`UpdateApplier` applies each run's update.
+7. back here: :class:`UpdateApplier` applies each run's update, or, for a
+   float32 parameter, tells the fused kernel that computes it where to apply
+   it itself (:meth:`UpdateApplier.direct`).
 """
 from __future__ import annotations
 
@@ -108,7 +110,8 @@ def step_state(opt, active: list[int], per_entry: bool) -> dict[str, Tensor]:
 class UpdateApplier:
     """The sink of a chunked step: ``p <- p (1 - lr wd) + lr u`` for each run
     ``u`` of tensor ``k`` as soon as it exists (through the fused ``apply``
-    kernel where there is one), non-finite entries of ``u`` dropped.
+    kernel where there is one, or inside the fused read-out: :meth:`direct`),
+    non-finite entries of ``u`` dropped.
     Non-contiguous parameters are updated in a copy, written back by :meth:`finish`."""
 
     def __init__(self, flat_params: list[Tensor], starts: list[int], hyper: dict[int, tuple[float, float]], kernels):

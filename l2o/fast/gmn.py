@@ -14,7 +14,9 @@ edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
 3. the read-out (:meth:`GMNChunkedStep.readout_edges`, ``readout_nodes``):
    ``z = σ([A | B'] [e; x] + ...)``, ``(d', s') = H' z`` through the folded
    head and the update formula (:mod:`l2o.update_rule`), handed to the sink
-   run by run; the new statistics are written back in this pass.
+   run by run (or, where the sink offers it, applied to the parameters by the
+   fused pass itself: :class:`~l2o.fast.features.DirectApply`); the new
+   statistics are written back in this pass.
 
 Every pass recomputes a run's features ``x`` from the parameters, gradient and
 statistics before the step (:func:`~l2o.fast.features.entry_features_`), and
