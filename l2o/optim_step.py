@@ -120,8 +120,9 @@ class UpdateApplier:
         self.nonfinite = False
 
     def direct(self, k: int, s: int, e: int) -> DirectApply | None:
-        """Run ``[s, e)`` of a float32 contiguous parameter, for a fused
-        read-out to update itself (:class:`l2o.fast.features.DirectApply`)."""
+        """Where the fused kernel that computes run ``[s, e)`` of tensor ``k``
+        may apply it itself: that run of a float32 contiguous parameter, with
+        the group's lr and decay (:class:`l2o.fast.features.DirectApply`)."""
         lr, wd = self.hyper[k]
         p = self.flat_params[k]
         if self.kernels is None or lr == 0.0 or p.dtype != torch.float32 or not p.is_contiguous():

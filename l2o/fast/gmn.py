@@ -211,11 +211,10 @@ class GMNChunkedStep:
             if not self.entries.write[k]:
                 continue
             update = plan.scratch("update", 1, e - s, dev)[0]
-            # the kernel applies the update itself where the sink says where (no update written and read back)
-            gain = 1.0 if self.scale is None else float(self.scale[k])
-            target = direct_target(sink, k, s, e, gain) if fused else None
             if fused:
                 readout = (w_out[k], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update)
+                # the kernel applies the update itself where the sink says where (no update written and read back)
+                target = direct_target(sink, k, s, e, 1.0 if self.scale is None else float(self.scale[k]))
                 if target is not None:
                     target.nonfinite(self.fused_pass(run, len(lopt.convs), write_back=True, readout=readout,
                                                      apply=(target.param, target.lr, target.decay)))

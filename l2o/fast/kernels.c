@@ -398,7 +398,7 @@ typedef struct {
     float head_b0, head_b1, nominal, c;
     int readout;
     update_out out;
-    long nonfinite[MAX_THREADS]; /* per thread: entries whose u was not finite */
+    long nonfinite[MAX_THREADS]; /* per thread: entries whose lr u was not finite */
     long rows, cols, per_group;
 } pass_args;
 
@@ -557,7 +557,7 @@ typedef struct {
     float head_b0, head_b1, nominal, c;
     update_out out;
     long n;
-    long nonfinite[MAX_THREADS]; /* per thread: entries whose u was not finite */
+    long nonfinite[MAX_THREADS]; /* per thread: entries whose lr u was not finite */
 } mlp_args;
 
 #define MGROUP GROUP_OF(MH)

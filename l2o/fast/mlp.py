@@ -67,13 +67,12 @@ def run_step(lopt: MLPLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
         if not entries.write[k]:
             continue
         update = plan.scratch("update", 1, e - s, dev)[0]
-        # the kernel applies the update itself where the sink says where (no update written and read back)
-        gain = 1.0 if scale is None else float(scale[k])
-        target = direct_target(sink, k, s, e, gain) if kernels is not None else None
-        if target is not None:
-            target.nonfinite(network(x, k, update, apply=(target.param, target.lr, target.decay)))
-            continue
         if kernels is not None:
+            # the kernel applies the update itself where the sink says where (no update written and read back)
+            target = direct_target(sink, k, s, e, 1.0 if scale is None else float(scale[k]))
+            if target is not None:
+                target.nonfinite(network(x, k, update, apply=(target.param, target.lr, target.decay)))
+                continue
             network(x, k, update)
         else:
             z1 = torch.addmm(b_in, x.t(), w_in_t[k], out=plan.scratch("z1", e - s, hidden, dev)).relu_()
