@@ -226,18 +226,22 @@ def test_each_vector_width_the_kernels_build_with_computes_the_forwards_step(fla
         for name in ("grouped_conv1d", "embedding_transformer"):
             torch.manual_seed(0)
             make, example = MODELS[name]
-            model = make()
-            graph = l2o.build_graph(model, example)
-            flat = graph.gather([p.detach() for p in model.parameters()])
-            lopt = _scrambled(l2o.GMNLOpt())
-            assert fused_kernels(lopt, "cpu") is not None, native.status()
-            _compare(lopt, gmn_step, graph, flat)
-            layout = tensor_layout(graph.param_shapes)
-            lopt = _scrambled(l2o.MLPLOpt())
-            assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)
-            _compare(lopt, mlp_step, layout, layout.gather(graph.scatter(flat)))
+            _both_fused_steps_equal_the_forward(make(), example)
     finally:
         native.forget()
+
+
+def _both_fused_steps_equal_the_forward(model, example=None):
+    """The fused step of each metanetwork (scrambled weights) against its forward on ``model``."""
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    lopt = _scrambled(l2o.GMNLOpt())
+    assert fused_kernels(lopt, "cpu") is not None, native.status()
+    _compare(lopt, gmn_step, graph, flat)
+    layout = tensor_layout(graph.param_shapes)
+    lopt = _scrambled(l2o.MLPLOpt())
+    assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)
+    _compare(lopt, mlp_step, layout, layout.gather(graph.scatter(flat)))
 
 
 def test_the_kernels_thread_on_torchs_own_openmp_runtime():
@@ -277,16 +281,8 @@ def test_each_threading_build_on_two_threads_computes_the_forwards_step(threadin
     torch.set_num_threads(2)
     try:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 300))   # 76,800 entries a weight
-        graph = l2o.build_graph(model)
-        flat = graph.gather([p.detach() for p in model.parameters()])
-        lopt = _scrambled(l2o.GMNLOpt())
-        assert fused_kernels(lopt, "cpu") is not None, native.status()
-        _compare(lopt, gmn_step, graph, flat)
-        layout = tensor_layout(graph.param_shapes)
-        lopt = _scrambled(l2o.MLPLOpt())
-        assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)
-        _compare(lopt, mlp_step, layout, layout.gather(graph.scatter(flat)))
+        # 76,800 entries a weight
+        _both_fused_steps_equal_the_forward(nn.Sequential(nn.Linear(300, 256), nn.ReLU(), nn.Linear(256, 300)))
     finally:
         torch.set_num_threads(threads)
         native.forget()
