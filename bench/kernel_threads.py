@@ -16,15 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import l2o
 from l2o.fast import native
-from l2o.fast.backend import fused_kernels
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_widths import kernels_per_build  # noqa: E402
 
 
 def gpt2_mlp_blocks():
@@ -45,21 +49,8 @@ MODELS = {"GPT-2 MLP blocks x2 (9.4M)": gpt2_mlp_blocks, "MLP width 2048 (8.4M)"
 
 def kernels_per_threading(lopt) -> dict[str, object]:
     """One kernel library per way of threading (built into a fresh cache)."""
-    threading, out = native._threading, {}
-    try:
-        for way in threading():
-            name = "torch's OpenMP pool" if way[0] else "own threads"
-            native._threading = lambda way=way: [way]
-            native.forget()
-            kernels = fused_kernels(lopt, "cpu")
-            if kernels is None:
-                print(f"  {name}: {native.status()}")
-                continue
-            out[name] = kernels
-    finally:
-        native._threading = threading
-        native.forget()
-    return out
+    ways = {"torch's OpenMP pool" if way[0] else "own threads": way for way in native._threading()}
+    return kernels_per_build(lopt, "_threading", ways)
 
 
 def main() -> None:

@@ -45,22 +45,31 @@ FLAG_SETS = [list(f) for f in dict.fromkeys(tuple(f) for sizes in ((F_.NUM_ENTRY
 MODELS = {"MLP width 2048 (8.4M)": wide_mlp, "wide CNN": wide_cnn, "transformer d256 x3 + vocab 1000": transformer}
 
 
-def backends_per_flags(lopt, graph) -> dict[str, ChunkedBackend]:
-    """One backend per flag set, each on its own library (built into a fresh cache)."""
-    variants, out = native._variants, {}
+def kernels_per_build(lopt, choice: str, options: dict[str, object]) -> dict[str, object]:
+    """One kernel library per option (each its own build, into the cache of
+    ``$L2O_CACHE``): ``native.<choice>`` (``_variants`` or ``_threading``)
+    made to offer that option alone; an option that does not build is
+    reported and left out."""
+    original, out = getattr(native, choice), {}
     try:
-        for flags in FLAG_SETS:
-            native._variants = lambda sizes, flags=flags: [flags]
+        for name, option in options.items():
+            setattr(native, choice, lambda *_, option=option: [option])
             native.forget()
             kernels = fused_kernels(lopt, "cpu")
             if kernels is None:
-                print(f"  {' '.join(flags)}: {native.status()}")
+                print(f"  {name}: {native.status()}")
                 continue
-            out[" ".join(flags)] = ChunkedBackend(lopt, graph, kernels)
+            out[name] = kernels
     finally:
-        native._variants = variants
+        setattr(native, choice, original)
         native.forget()
     return out
+
+
+def backends_per_flags(lopt, graph) -> dict[str, ChunkedBackend]:
+    """One backend per flag set, each on its own library (built into a fresh cache)."""
+    kernels = kernels_per_build(lopt, "_variants", {" ".join(flags): flags for flags in FLAG_SETS})
+    return {name: ChunkedBackend(lopt, graph, k) for name, k in kernels.items()}
 
 
 def main() -> None:
