@@ -27,6 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .. import features as F_
 
 _log = logging.getLogger(__name__)
@@ -139,20 +141,31 @@ def _variants(sizes: Sizes) -> list[list[str]]:
     return [*wide, ["-march=native"], ["-DVB=4"]]
 
 
+class _DlInfo(ctypes.Structure):   # dladdr's answer (<dlfcn.h>)
+    _fields_ = [("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
+                ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p)]
+
+
 def torch_openmp_runtime() -> Path | None:
-    """The OpenMP runtime torch's intra-op threads run on, as loaded in this
-    process (GNU ``libgomp``, Intel ``libiomp5`` or LLVM ``libomp``; each
-    implements the ``GOMP_*`` calls gcc emits), or None (not Linux, or
-    torch built without OpenMP). The kernels link this very file, so their
+    """The OpenMP runtime torch's intra-op threads run on (GNU ``libgomp``,
+    Intel ``libiomp5`` or LLVM ``libomp``; each implements the ``GOMP_*``
+    calls gcc emits): the file that ``omp_get_max_threads`` resolves to when
+    looked up from torch's own ``libtorch_cpu``, so it is the runtime torch
+    uses even where another library loaded a second one. None where there is
+    none (torch built without OpenMP) or the lookup is not possible (no
+    ``dladdr``, e.g. not Linux). The kernels link this very file, so their
     parallel loops reuse torch's pool instead of starting threads beside it."""
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
-        with open("/proc/self/maps") as f:
-            mapped = {line.split(maxsplit=5)[-1].strip() for line in f if line.count("/")}
-    except OSError:
+        entry = ctypes.CDLL(str(torch_cpu)).omp_get_max_threads   # dlsym searches torch's own dependencies
+        dladdr = ctypes.CDLL(None).dladdr
+    except (OSError, AttributeError):
         return None
-    runtimes = sorted(p for p in mapped if Path(p).name.startswith(("libgomp", "libiomp5", "libomp")))
-    torch_own = [p for p in runtimes if "torch" in p]
-    return Path((torch_own or runtimes)[0]) if runtimes else None
+    dladdr.argtypes, info = [ctypes.c_void_p, ctypes.POINTER(_DlInfo)], _DlInfo()
+    if not dladdr(ctypes.cast(entry, ctypes.c_void_p), ctypes.byref(info)) or not info.dli_fname:
+        return None
+    runtime = Path(os.fsdecode(info.dli_fname))
+    return runtime if runtime.name.startswith(("libgomp", "libiomp5", "libomp")) else None
 
 
 def _threading() -> list[tuple[list[str], list[str]]]:
