@@ -1,5 +1,6 @@
 """The chunked no-grad step (l2o/fast) computes what the differentiable forward computes."""
 import copy
+import os
 
 import pytest
 import torch
@@ -247,8 +248,9 @@ def _both_fused_steps_equal_the_forward(model, example=None):
 def test_the_kernels_thread_on_torchs_own_openmp_runtime():
     """Where torch runs on OpenMP the kernels link the runtime it loaded, so
     their loops run on its thread pool: loading them maps no second runtime."""
-    if native.compiler() is None or "OpenMP" not in torch.__config__.parallel_info():
-        pytest.skip("no C compiler, or torch without OpenMP")
+    if (native.compiler() is None or "OpenMP" not in torch.__config__.parallel_info()
+            or not os.path.exists("/proc/self/maps")):
+        pytest.skip("no C compiler, torch without OpenMP, or not Linux")
     runtime = native.torch_openmp_runtime()
     assert runtime is not None and runtime.exists()
     assert native._threading()[0][1][0] == str(runtime)
