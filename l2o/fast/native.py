@@ -152,9 +152,11 @@ def torch_openmp_runtime() -> Path | None:
     calls gcc emits): the file that ``omp_get_max_threads`` resolves to when
     looked up from torch's own ``libtorch_cpu``, so it is the runtime torch
     uses even where another library loaded a second one. None where there is
-    none (torch built without OpenMP) or the lookup is not possible (no
-    ``dladdr``, e.g. not Linux). The kernels link this very file, so their
-    parallel loops reuse torch's pool instead of starting threads beside it."""
+    none (torch built without OpenMP) or off Linux (not looked up there). The
+    kernels link this very file, so their parallel loops reuse torch's pool
+    instead of starting threads beside it."""
+    if not sys.platform.startswith("linux"):
+        return None
     torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
     try:
         entry = ctypes.CDLL(str(torch_cpu)).omp_get_max_threads   # dlsym searches torch's own dependencies
