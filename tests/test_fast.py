@@ -441,12 +441,15 @@ def test_optimizer_takes_the_fast_path_on_large_models_and_matches(cls, use_step
     assert torch.equal(m_fast[2].weight, frozen)
 
 
-def test_auto_takes_the_chunked_step_only_for_large_cpu_models(monkeypatch):
+@pytest.mark.parametrize("lopt_class", [l2o.GMNLOpt, l2o.MLPLOpt])
+def test_auto_takes_the_chunked_step_only_for_large_cpu_models(monkeypatch, lopt_class):
+    """Each metanetwork's own per-tensor threshold for the fused step (its
+    calls per run cost differently: bench/impl_thresholds.py)."""
     monkeypatch.delenv("L2O_IMPL", raising=False)
-    lopt = l2o.GMNLOpt()
+    lopt = lopt_class()
     cases = [("chunked", "0", backend_mod.CHUNKED_MIN_PARAMS, backend_mod.CHUNKED_MIN_PARAMS_PER_TENSOR)]
-    if native.load(8, 8, 16) is not None:
-        cases.append(("fused", "1", backend_mod.FUSED_MIN_PARAMS, backend_mod.FUSED_MIN_PARAMS_PER_TENSOR))
+    if fused_kernels(lopt, "cpu") is not None:
+        cases.append(("fused", "1", backend_mod.FUSED_MIN_PARAMS, backend_mod.FUSED_MIN_PARAMS_PER_TENSOR[lopt_class]))
     for impl, native_flag, n, per_tensor in cases:
         monkeypatch.setenv("L2O_NATIVE", native_flag)
         assert select_impl(lopt, tensor_layout([(n,)]), "cpu") == impl

@@ -55,11 +55,17 @@ CHUNKED = {GMNLOpt: (gmn_chunked, 1, 16), MLPLOpt: (mlp_chunked, 1 / 2, 1 / 2)}
 # with 28 tensors is 1.5x slower chunked, a 56k one with 8 tensors 2x faster):
 CHUNKED_MIN_PARAMS = 20_000
 CHUNKED_MIN_PARAMS_PER_TENSOR = 2_000
-# With the fused kernels (bench/fast_step.py and the task suite: ties from ~8k
-# parameters and ~500 per tensor, 2-2.5x faster on 24k-51k models of 14-32
-# tensors; a 5k-parameter ResNet of 20 tensors is 1.3x slower chunked):
+# With the fused kernels: from 8k parameters (a 5k-parameter ResNet of 20
+# tensors is 1.3x slower fused), and per tensor, by metanetwork: each pass
+# makes a checked kernel call per run, which on many small tensors costs more
+# than the forward's few large ops. bench/impl_thresholds.py times both steps
+# on the task samplers' 8k+ models, fit on the train split and checked on the
+# validation split (two runs): the GMN's total is least at 1,500-3,000
+# parameters per tensor (train 101 ms at 2,000 vs 136 at 500; valid 326 vs
+# 370), the per-parameter MLP's, with one cheap call per run, at 500-1,000
+# (within 1-2 ms of each other in both runs: left at 500).
 FUSED_MIN_PARAMS = 8_000
-FUSED_MIN_PARAMS_PER_TENSOR = 500
+FUSED_MIN_PARAMS_PER_TENSOR = {GMNLOpt: 2_000, MLPLOpt: 500}
 
 
 def fused_kernels(lopt: LearnedOptimizer, device: torch.device | str) -> FusedKernels | None:
@@ -107,7 +113,8 @@ def select_impl(lopt: LearnedOptimizer, graph: ParamGraph, device: torch.device 
     n, t = graph.num_params, graph.num_tensors
     if torch.device(device).type != "cpu":
         return "forward"
-    if n >= FUSED_MIN_PARAMS and n >= FUSED_MIN_PARAMS_PER_TENSOR * t and fused_kernels(lopt, device) is not None:
+    if (n >= FUSED_MIN_PARAMS and n >= FUSED_MIN_PARAMS_PER_TENSOR[type(lopt)] * t
+            and fused_kernels(lopt, device) is not None):
         return "fused"
     if n >= CHUNKED_MIN_PARAMS and n >= CHUNKED_MIN_PARAMS_PER_TENSOR * t:
         return "chunked"
