@@ -4,9 +4,10 @@ samplers' models (8k+ parameters, where "auto" may pick fused), then, for each
 candidate ``FUSED_MIN_PARAMS_PER_TENSOR``, the total time and the number of
 models where the rule picks the slower step:
 
-    python bench/impl_thresholds.py [--seeds 4] [--valid-seeds 3] [--repeats 7]
+    python bench/impl_thresholds.py [--seeds 4] [--valid-seeds 3] [--test-seeds 3] [--repeats 7]
 
-Fit on the train split's samples, checked on the validation split's
+The threshold is chosen on the validation split's samples (the train split's
+shown beside) and reported on the held-out split's
 (``l2o.fast.backend.FUSED_MIN_PARAMS_PER_TENSOR`` holds the chosen values).
 """
 from __future__ import annotations
@@ -70,12 +71,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--valid-seeds", type=int, default=3)
+    ap.add_argument("--test-seeds", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {split: measure(split, seeds, args.repeats)
-               for split, seeds in (("train", args.seeds), ("valid", args.valid_seeds))}
+               for split, seeds in (("train", args.seeds), ("valid", args.valid_seeds),
+                                    ("heldout", args.test_seeds))}
     for split, rows in results.items():
         report(split, rows)
 

@@ -59,13 +59,12 @@ CHUNKED_MIN_PARAMS_PER_TENSOR = 2_000
 # tensors is 1.3x slower fused), and per tensor, by metanetwork: each pass
 # makes a checked kernel call per run, which on many small tensors costs more
 # than the forward's few large ops. bench/impl_thresholds.py times both steps
-# on the task samplers' 8k+ models, fit on the train split and checked on the
-# validation split (two runs): the GMN's total is least at 1,500-3,000
-# parameters per tensor (train 101 ms at 2,000 vs 136 at 500; valid 326 vs
-# 370), the per-parameter MLP's, with one cheap call per run, at 500-1,000
-# (within 1-2 ms of each other in both runs: left at 500).
+# on the task samplers' 8k+ models; chosen on the validation split's (two
+# runs: GMN least at 3,000, 301-302 ms in total vs 347-370 at the earlier
+# 500; MLP 119-120 ms at 500-1,000), reported on the held-out split's (GMN
+# 215 vs 250 ms, MLP 76 vs 81).
 FUSED_MIN_PARAMS = 8_000
-FUSED_MIN_PARAMS_PER_TENSOR = {GMNLOpt: 2_000, MLPLOpt: 500}
+FUSED_MIN_PARAMS_PER_TENSOR = {GMNLOpt: 3_000, MLPLOpt: 1_000}
 
 
 def fused_kernels(lopt: LearnedOptimizer, device: torch.device | str) -> FusedKernels | None:
