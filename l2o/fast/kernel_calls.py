@@ -49,6 +49,18 @@ def _done(status: int) -> None:
         raise RuntimeError(f"l2o fused kernel: refused its arguments (status {status})")
 
 
+def _update_target(k: str, update: Tensor, apply: tuple[Tensor, float, float] | None, n: int,
+                   nonfinite: ctypes.c_long) -> tuple:
+    """A read-out kernel's ``update, apply_p, lr, decay, nonfinite``
+    arguments: its update written to ``update``, or, given ``apply = (p, lr,
+    decay)``, applied to ``p`` (the count of dropped entries into ``nonfinite``)."""
+    if apply is None:
+        return update.data_ptr(), None, 0.0, 0.0, None
+    p, lr, decay = apply
+    _dense(k, "apply p", p, (n,))
+    return None, p.data_ptr(), float(lr), float(decay), ctypes.addressof(nonfinite)
+
+
 class RunState(NamedTuple):
     """The statistics of a run of ``n`` entries before the step: ``p``,
     ``g`` (None: zero) ``[n]``, momenta ``m`` ``[NM, n]``, ``v`` ``[n]``,
@@ -162,13 +174,9 @@ class FusedKernels:
                                    ("update", update, (n,))):
                 if name != "update" or apply is None:
                     _dense(k, name, t, shape)
-            target = (None, 0.0, 0.0, None)
-            if apply is not None:
-                _dense(k, "apply p", apply[0], (n,))
-                target = (apply[0].data_ptr(), float(apply[1]), float(apply[2]), ctypes.addressof(nonfinite))
             out = (w_z.data_ptr(), z_row.data_ptr(), z_col.data_ptr(), head_w.data_ptr(), float(head_b[0, 0]),
                    float(head_b[1, 0]), float(nominal), float(max_log_step),
-                   None if apply is not None else update.data_ptr(), *target)
+                   *_update_target(k, update, apply, n, nonfinite))
         _done(self.lib.l2o_gmn_pass(rows, cols, per_group, *args, w_enc.data_ptr(), table.data_ptr(), stat_ld, stat_rs,
                                     first, stop, *ptrs, None if kept is None else kept.data_ptr(),
                                     0 if kept is None else kept.stride(0), *acc, *out, torch.get_num_threads()))
@@ -201,13 +209,9 @@ class FusedKernels:
             _dense(k, "update", update, (n,))
             if not 0 <= tensor < tensors:
                 _require(False, k, f"tensor {tensor} out of range [0, {tensors})")
-            nonfinite, target = ctypes.c_long(0), (None, 0.0, 0.0, None)
-            if apply is not None:
-                _dense(k, "apply p", apply[0], (n,))
-                target = (apply[0].data_ptr(), float(apply[1]), float(apply[2]), ctypes.addressof(nonfinite))
+            nonfinite = ctypes.c_long(0)
             _done(lib.l2o_mlp_step(n, x.data_ptr(), x.stride(0), w0 + tensor * w_step, *fixed,
-                                   None if apply is not None else update.data_ptr(), *target,
-                                   torch.get_num_threads()))
+                                   *_update_target(k, update, apply, n, nonfinite), torch.get_num_threads()))
             return nonfinite.value
         run.weights = keep
         return run
