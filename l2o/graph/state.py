@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .eval_mode import eval_mode
 from .factored import EdgeChunk, EdgeFactors, FactoredGraph, compact
@@ -62,7 +63,6 @@ def _alias_parametrized(model: nn.Module, param_index: dict[int, int]) -> list[T
     builder builds under it); returns those tensors, kept alive so their ids
     stay theirs. Computed in eval mode without autograd, as the recorded run
     is (spectral_norm's power iteration does not step)."""
-    from torch.nn.utils import parametrize
     derived = []
     for module in model.modules():
         if not parametrize.is_parametrized(module):
