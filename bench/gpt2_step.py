@@ -1,6 +1,7 @@
 """GMNOptimizer vs AdamW on Hugging Face GPT-2 small (124M parameters) on CPU.
 
-    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128] [--adamw-lr 1e-4] [--phases]
+    .venv/bin/python bench/gpt2_step.py [--rounds 3] [--threads 2] [--batch 4] [--seq 128] [--adamw-lr 1e-4]
+                                        [--edge-states auto [float16 ...]] [--phases]
 
 Random init from ``transformers.GPT2Config()`` (no download). Prints:
 
@@ -8,9 +9,10 @@ Random init from ``transformers.GPT2Config()`` (no download). Prints:
   construct ``GMNOptimizer`` (graph build + plan + lean copy + state), each a
   median over ``--build-repeats`` runs (``bench/graph_build_gpt2.py``);
 * the train step (forward + backward + optimizer step) of each optimizer,
-  interleaved on two identical copies of the model with the order swapped
+  interleaved on identical copies of the model with the order rotated
   every round (this machine's cores are shared: medians and ratios in one
-  run are what compare), and the optimizer step alone;
+  run are what compare), and the optimizer step alone; one GMN optimizer per
+  ``--edge-states`` value (``GMNOptimizer(edge_states=...)``);
 * the process's peak resident memory, and the loss of both runs;
 * with ``--phases``, where the GMN's optimizer step spends its time (medians
   over the timed rounds): the step-size controller's sums, the step's setup
@@ -68,6 +70,8 @@ def main() -> None:
     ap.add_argument("--weights", default="pretrained", help="GMN weights: 'pretrained' or 'none'")
     ap.add_argument("--adamw-lr", type=float, default=1e-4)
     ap.add_argument("--build-repeats", type=int, default=3)
+    ap.add_argument("--edge-states", nargs="+", default=["auto"], choices=["auto", "recompute", "float32", "float16"],
+                    help="one GMN optimizer per value, each on its own copy of the model")
     ap.add_argument("--phases", action="store_true", help="time the phases of the GMN's optimizer step")
     args = ap.parse_args()
     import torch
@@ -77,27 +81,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     models = {"adamw": transformers.GPT2LMHeadModel(transformers.GPT2Config())}
-    models["gmn"] = transformers.GPT2LMHeadModel(transformers.GPT2Config())
-    models["gmn"].load_state_dict(models["adamw"].state_dict())
-    n = sum(p.numel() for p in models["gmn"].parameters())
+    gmns = ["gmn" if es == "auto" else f"gmn {es}" for es in args.edge_states]
+    for name in gmns:
+        models[name] = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        models[name].load_state_dict(models["adamw"].state_dict())
+    n = sum(p.numel() for p in models["adamw"].parameters())
     x = torch.randint(0, 50257, (args.batch, args.seq), generator=torch.Generator().manual_seed(1))
 
     from graph_build_gpt2 import fmt, time_build_and_construct
-    builds, constructs = time_build_and_construct(models["gmn"], args.build_repeats)
-    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=args.adamw_lr),
-            "gmn": l2o.GMNOptimizer(models["gmn"], weights=None if args.weights == "none" else args.weights)}
+    builds, constructs = time_build_and_construct(models[gmns[0]], args.build_repeats)
+    opts = {"adamw": torch.optim.AdamW(models["adamw"].parameters(), lr=args.adamw_lr)}
+    for name, es in zip(gmns, args.edge_states):
+        opts[name] = l2o.GMNOptimizer(models[name], weights=None if args.weights == "none" else args.weights,
+                                      edge_states=es)
     print(f"GPT-2 small: {n / 1e6:.1f}M parameters, batch {args.batch} x {args.seq} tokens, "
           f"{args.threads} threads\n  build_graph {fmt(builds)}\n  GMNOptimizer(model) {fmt(constructs)}",
           flush=True)
 
     totals: dict[str, float] = {}
-    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    phases = {g: {name: [] for name in PHASES} for g in gmns}
     if args.phases:
         time_phases(totals)
     times = {k: {"train": [], "opt": []} for k in opts}
     losses = {k: [] for k in opts}
     for r in range(args.rounds + 1):          # round 0: warm-up (first-step allocations)
-        order = list(opts) if r % 2 == 0 else list(opts)[::-1]
+        order = list(opts)[r % len(opts):] + list(opts)[:r % len(opts)]
         for name in order:
             model, opt = models[name], opts[name]
             t0 = time.perf_counter()
@@ -108,9 +116,9 @@ def main() -> None:
             totals.clear()
             opt.step()
             t2 = time.perf_counter()
-            if r and name == "gmn" and args.phases:
+            if r and name in phases and args.phases:
                 for phase in PHASES:
-                    phases[phase].append(totals.get(phase, 0.0))
+                    phases[name][phase].append(totals.get(phase, 0.0))
             losses[name].append(loss.item())
             if r:
                 times[name]["train"].append(t2 - t0)
@@ -121,12 +129,13 @@ def main() -> None:
     for k in opts:
         print(f"{k:>6}: train step {med[k]['train']:7.2f} s (optimizer step {med[k]['opt']:6.2f} s), "
               f"loss {losses[k][0]:.3f} -> {losses[k][-1]:.3f}")
-    print(f"train step GMN / AdamW: {med['gmn']['train'] / med['adamw']['train']:.2f}x "
-          f"(optimizer step alone {med['gmn']['opt'] / med['adamw']['opt']:.2f}x); "
-          f"peak RSS of this process (both models, both optimizers) {_peak_gib():.1f} GiB")
-    if args.phases:
-        print("GMN optimizer step by phase (medians): " + ", ".join(
-            f"{phase} {statistics.median(v):.2f} s" for phase, v in phases.items()))
+    for g in gmns:
+        print(f"train step {g} / AdamW: {med[g]['train'] / med['adamw']['train']:.2f}x "
+              f"(optimizer step alone {med[g]['opt'] / med['adamw']['opt']:.2f}x)")
+        if args.phases:
+            print(f"{g} optimizer step by phase (medians): " + ", ".join(
+                f"{phase} {statistics.median(v):.2f} s" for phase, v in phases[g].items()))
+    print(f"peak RSS of this process (all models and optimizers) {_peak_gib():.1f} GiB")
 
 
 if __name__ == "__main__":

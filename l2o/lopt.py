@@ -1,4 +1,4 @@
-"""The learned-optimizer contract shared by the GMN and the graph-free baseline.
+r"""The learned-optimizer contract shared by the GMN and the graph-free baseline.
 
 A learned optimizer is an ``nn.Module`` that maps one training step's inputs to
 an update, functionally::

@@ -74,6 +74,7 @@ from . import checkpoint
 from . import features as F_
 from .fast import plan as plan_module
 from .fast.backend import fused_kernels, make_backend
+from .fast.gmn import check_edge_states
 from .fast.shard import Shard, shard_bounds
 from .layout import tensor_layout
 from .lopt import LearnedOptimizer
@@ -84,14 +85,16 @@ __all__ = ["GMNOptimizer", "MLPOptimizer", "ShardedGMNOptimizer", "LearnedOptimi
 
 
 def _resolve_lopt(weights, kind: str) -> LearnedOptimizer:
-    if weights == "pretrained":
-        return checkpoint.load_pretrained(kind)
     if weights is None:
-        return checkpoint.make_lopt(kind)
+        return checkpoint.make_lopt(kind)   # a random metanetwork: drawn from torch's generator, as nn.Modules are
     if isinstance(weights, LearnedOptimizer):
         return copy.deepcopy(weights)  # the optimizer freezes and moves its own copy, never the caller's
-    if isinstance(weights, (str, os.PathLike)):
-        return checkpoint.load_lopt(weights, expect_kind=kind)
+    # loaded weights overwrite the initial ones: their draws must not move the user's seeded generator
+    with torch.random.fork_rng(devices=[]):
+        if weights == "pretrained":
+            return checkpoint.load_pretrained(kind)
+        if isinstance(weights, (str, os.PathLike)):
+            return checkpoint.load_lopt(weights, expect_kind=kind)
     raise TypeError(f"weights must be 'pretrained', None, a path or a LearnedOptimizer module, "
                     f"got {type(weights).__name__}")
 
@@ -166,17 +169,28 @@ class GMNOptimizer(LearnedOptimizerBase):
             ``"forward"``, ``"chunked"`` or ``"fused"`` (all compute the
             same function; ``tests/test_backends.py``). ``opt.backend.name``
             says which one runs.
+        edge_states: where the chunked and fused steps keep the edge states
+            between their passes (:data:`l2o.fast.gmn.EDGE_STATES`):
+            ``"auto"`` (kept in float32 up to 4M parameters, recomputed
+            above), ``"recompute"``, ``"float32"`` (32 bytes per parameter),
+            or ``"float16"`` (16 bytes per parameter, a faster step on
+            large models than recomputing, states rounded to half floats;
+            README, "Memory and large models").
     """
 
     def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0,
                  example_inputs=None, strict: bool = False, *, model: nn.Module | None = None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 graph_model: nn.Module | None = None, impl: str = "auto"):
+                 graph_model: nn.Module | None = None, impl: str = "auto", edge_states: str = "auto"):
+        check_edge_states(edge_states)
         model, groups = _model_and_groups("GMNOptimizer", params, model, graph_model)
         if model is None:
             raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph: "
                             "GMNOptimizer(model) or GMNOptimizer(params, model=model); "
                             "for a bare parameter list use l2o.MLPOptimizer")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"GMNOptimizer: the model ({type(model).__name__}) has no parameters (layers kept "
+                             "in a plain Python list or dict are not registered: use nn.ModuleList / nn.ModuleDict)")
         from .graph import build_graph
 
         # a large model's graph is not cached by the builder: once anything
@@ -188,7 +202,8 @@ class GMNOptimizer(LearnedOptimizerBase):
         named = dict(model.named_parameters())
         all_params = [named[n] for n in graph.param_names]
         super().__init__(all_params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model,
-                         param_groups=groups, weight_decay=weight_decay, betas=betas, impl=impl)
+                         param_groups=groups, weight_decay=weight_decay, betas=betas, impl=impl,
+                         backend_options={"edge_states": edge_states})
 
 
 class MLPOptimizer(LearnedOptimizerBase):

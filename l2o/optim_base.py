@@ -55,7 +55,12 @@ def as_param_groups(params) -> list[dict]:
 def tensors_of(group: dict) -> list[Tensor]:
     params = group["params"]
     params = [params] if isinstance(params, Tensor) else list(params)
-    return [p[1] if isinstance(p, tuple) else p for p in params]
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    for t in tensors:
+        if not isinstance(t, Tensor):   # e.g. a list of modules: torch.optim would fail later, less clearly
+            raise TypeError(f"optimizer params must be tensors (or (name, tensor) pairs), got {type(t).__name__}"
+                            + ("; pass module.parameters(), or the model itself" if isinstance(t, nn.Module) else ""))
+    return tensors
 
 
 def check_hyperparameters(group: dict) -> None:
@@ -79,12 +84,15 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
     which ``lr`` / ``weight_decay`` (see :mod:`l2o.optim`). ``impl`` picks
     the backend of the no-grad step (:func:`l2o.fast.select_impl`:
     ``"auto"``, ``"forward"``, ``"chunked"`` or ``"fused"``); ``self.backend``
-    is the one in use, its ``name`` the choice ``"auto"`` made.
+    is the one in use, its ``name`` the choice ``"auto"`` made;
+    ``backend_options``: keywords of a chunked backend
+    (:class:`l2o.fast.backend.ChunkedBackend`).
     """
 
     def __init__(self, params: list[nn.Parameter], graph: ParamGraph, lopt: LearnedOptimizer,
                  lr: float | Tensor = 1.0, model: nn.Module | None = None, param_groups=None,
-                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), impl: str = "auto"):
+                 weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), impl: str = "auto",
+                 backend_options: dict | None = None):
         # differentiable=False as torch.optim's own (torch's __setstate__ adds it otherwise)
         defaults = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), differentiable=False)
         check_hyperparameters(defaults)
@@ -97,7 +105,7 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         if any(p.is_complex() for p in params):
             raise TypeError(f"{type(self).__name__} does not support complex parameters")
         self._ready = False
-        self.impl, self.backend = impl, None
+        self.impl, self.backend, self._backend_options = impl, None, dict(backend_options or {})
         self._has_model = model is not None
         device = params[0].device
         self.graph = graph.to(device)
@@ -207,7 +215,8 @@ class LearnedOptimizerBase(torch.optim.Optimizer):
         (:mod:`l2o.fast.lean`): its plan is built first, then the per-entry
         index tensors are dropped, and the optimizer keeps that graph."""
         with float32_default():
-            self.backend = make_backend(self.lopt, self.graph, self.graph.device, self.impl, lean=True)
+            self.backend = make_backend(self.lopt, self.graph, self.graph.device, self.impl, lean=True,
+                                        **getattr(self, "_backend_options", {}))
         self.graph = self.backend.graph
         self._point_state_views()
 

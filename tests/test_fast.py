@@ -17,6 +17,9 @@ from l2o.graph.blocks import ScatterBlock, edge_blocks
 from l2o.layout import tensor_layout
 from lopt_helpers import seeded_weights
 
+# float16 edge states: each state rounded to 11 significant bits (relative 2^-11)
+HALF_RTOL = 1e-2
+
 MODELS = {
     "mlp": (lambda: nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), None),
     # grouped and depthwise convs, then a flatten: edge positions vary along a row
@@ -72,7 +75,7 @@ def _random_state(lopt, flat, seed=1):
     return state, grad
 
 
-def _compare(lopt, fast_step, graph, flat, entry_step=None):
+def _compare(lopt, fast_step, graph, flat, entry_step=None, rtol=1e-4):
     state, grad = _random_state(lopt, flat)
     if entry_step is not None:
         state["entry_step"] = entry_step
@@ -80,16 +83,17 @@ def _compare(lopt, fast_step, graph, flat, entry_step=None):
         expected, expected_state = lopt(graph, flat, grad, {k: v.clone() for k, v in state.items()})
     got, got_state = fast_step(lopt, graph, flat, grad, {k: v.clone() for k, v in state.items()})
     scale = expected.abs().max()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(scale))
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=0.1 * rtol * float(scale))
     for key in ("m", "v", "step") + (("entry_step",) if entry_step is not None else ()):
         torch.testing.assert_close(got_state[key], expected_state[key])
 
 
-@pytest.mark.parametrize("edge_states", ["stored", "recomputed"])
+@pytest.mark.parametrize("edge_states", ["float32", "recompute", "float16"])
 @pytest.mark.parametrize("name", MODELS)
 def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states):
-    """Both ways of carrying edge states between passes: kept for the whole
-    graph, or recomputed per run from its features (large models)."""
+    """Every way of carrying edge states between passes: kept for the whole
+    graph, recomputed per run from its features (large models), or kept as
+    half floats (equal to the rounding of the states: ~3 significant digits)."""
     torch.manual_seed(0)
     make, example = MODELS[name]
     model = make()
@@ -97,8 +101,8 @@ def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states):
     flat = graph.gather([p.detach() for p in model.parameters()])
 
     def step(*args):
-        return chunked_step(*args, store_edge_states=edge_states == "stored")
-    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat)
+        return chunked_step(*args, edge_states=edge_states)
+    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat, rtol=1e-4 if edge_states != "float16" else HALF_RTOL)
 
 
 def _per_tensor_steps(graph):
@@ -172,6 +176,50 @@ def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk, kernels):
     _compare(_scrambled(l2o.GMNLOpt()), gmn_step, graph, flat)
 
 
+def test_half_edge_states_saturate_instead_of_overflowing(kernels):
+    """Edge states beyond the half range are kept as +-65504 (both paths), so
+    the step stays finite where float32 states would have been exact."""
+    torch.manual_seed(0)
+    make, example = MODELS["mlp"]
+    model = make()
+    graph = l2o.build_graph(model, example)
+    flat = graph.gather([p.detach() for p in model.parameters()])
+    lopt = _scrambled(l2o.GMNLOpt())
+    lopt.edge_feat.bias.fill_(1e6)                    # every encoded edge state ~1e6
+    state, grad = _random_state(lopt, flat)
+    backend = ChunkedBackend(lopt, graph, fused_kernels(lopt, "cpu") if native.enabled() else None,
+                             edge_states="float16")
+    update, new_state = backend.step_flat(flat, grad, state)
+    kept = next(t for key, t in backend.plan._buffers.items() if key[0] == "edge_states")
+    assert kept.dtype == torch.float16
+    assert kept.abs().max() == torch.finfo(torch.float16).max
+    assert torch.isfinite(kept).all() and torch.isfinite(update).all()
+    assert torch.isfinite(new_state["m"]).all()
+
+
+def test_edge_states_is_checked_and_reaches_the_step(kernels):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match="edge_states must be one of"):
+        l2o.GMNOptimizer(model, edge_states="half")
+    with pytest.raises(ValueError, match="only the GMN has edge states"):
+        ChunkedBackend(l2o.MLPLOpt(), tensor_layout([p.shape for p in model.parameters()]), edge_states="float16")
+    x = torch.randn(16, 64)
+    steps = {}
+    for edge_states in ("float32", "float16"):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+        opt = l2o.GMNOptimizer(m, edge_states=edge_states, impl="chunked")
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        assert opt.backend.edge_states == edge_states
+        kept = [t for key, t in opt.backend.plan._buffers.items() if key[0] == "edge_states"]
+        assert [t.dtype for t in kept] == [getattr(torch, edge_states)]
+        steps[edge_states] = torch.cat([p.detach().flatten() for p in m.parameters()])
+    torch.testing.assert_close(steps["float16"], steps["float32"], rtol=1e-3, atol=1e-6)
+
+
 def test_gmn_fast_step_without_the_nominal_term(kernels):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(7, 19), nn.Tanh(), nn.Linear(19, 3))
@@ -237,8 +285,11 @@ def _both_fused_steps_equal_the_forward(model, example=None):
     graph = l2o.build_graph(model, example)
     flat = graph.gather([p.detach() for p in model.parameters()])
     lopt = _scrambled(l2o.GMNLOpt())
-    assert fused_kernels(lopt, "cpu") is not None, native.status()
-    _compare(lopt, gmn_step, graph, flat)
+    kernels = fused_kernels(lopt, "cpu")
+    assert kernels is not None, native.status()
+    for edge_states in ("float32", "recompute") + (("float16",) if kernels.half_states else ()):
+        _compare(lopt, lambda *a: gmn_step(*a, edge_states=edge_states), graph, flat,
+                 rtol=HALF_RTOL if edge_states == "float16" else 1e-4)
     layout = tensor_layout(graph.param_shapes)
     lopt = _scrambled(l2o.MLPLOpt())
     assert fused_kernels(lopt, "cpu") is not None, native.status(mlp_hidden=lopt.hidden)

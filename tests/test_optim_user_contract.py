@@ -612,3 +612,57 @@ def test_sharded_optimizer_leaves_a_frozen_tensor_with_a_stale_gradient_alone(th
     _step(model, opt, seed=2)
     assert torch.equal(frozen, before) and torch.equal(opt.state[frozen]["v"], v_before)
     assert float(opt.state[frozen]["step"]) == 1.0 and float(opt.state[model[0].weight]["step"]) == 2.0
+
+
+class _LayersInAPlainList(nn.Module):
+    """The beginner's mistake: layers in a Python list are not registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = [nn.Linear(4, 4), nn.Linear(4, 2)]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_model_without_parameters_is_refused_by_name():
+    with pytest.raises(ValueError, match="has no parameters .* nn.ModuleList"):
+        l2o.GMNOptimizer(_LayersInAPlainList())
+    with pytest.raises(ValueError, match="empty parameter list"):
+        l2o.MLPOptimizer(_LayersInAPlainList())
+
+
+def test_modules_given_as_parameters_are_refused_by_name():
+    with pytest.raises(TypeError, match="params must be tensors .* got Linear; pass module.parameters"):
+        l2o.MLPOptimizer([nn.Linear(2, 2)])
+    model = _model()
+    with pytest.raises(TypeError, match="Linear"):   # torch.optim's own check, as clear
+        l2o.GMNOptimizer([model[0]], model=model)
+
+
+@pytest.mark.parametrize("cls", [l2o.GMNOptimizer, l2o.MLPOptimizer])
+def test_building_with_loaded_weights_leaves_torchs_generator_alone(cls, tmp_path):
+    """A seeded script draws the same data whichever optimizer it builds
+    (the metanetwork's initial draws are overwritten by the loaded weights)."""
+    model = _model()
+    path = tmp_path / "lopt.safetensors"
+    checkpoint.save_lopt(cls(model, weights=None).lopt, path)
+    for weights in ("pretrained", path):
+        torch.manual_seed(0)
+        expected = torch.rand(4)
+        torch.manual_seed(0)
+        cls(model, weights=weights)
+        assert torch.equal(torch.rand(4), expected), weights
+
+
+def test_the_package_compiles_without_warnings():
+    """No invalid escape sequences in docstrings (a SyntaxWarning on import from Python 3.12)."""
+    import pathlib
+    import warnings
+    root = pathlib.Path(l2o.__file__).parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in root.rglob("*.py"):
+            compile(path.read_text(), str(path), "exec")

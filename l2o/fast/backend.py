@@ -30,6 +30,7 @@ from ..graph.param_graph import ParamGraph
 from ..lopt import LearnedOptimizer
 from ..mlp_lopt import MLPLOpt
 from . import gmn as gmn_chunked
+from .gmn import check_edge_states
 from . import mlp as mlp_chunked
 from . import native, plan as plan_module
 from .features import DirectApply, Sink, direct_target, flat_sink
@@ -141,15 +142,18 @@ class ChunkedBackend:
     ``lean``: after the plan is built, keep the graph without its per-entry
     index tensors (:func:`.lean.lean_graph`; the optimizers do) as ``self.graph``.
     ``chunk``: the plan's run length (default: :data:`CHUNKED`'s).
-    ``store_edge_states``: the GMN's choice (default: by size, :mod:`.gmn`)."""
+    ``edge_states``: where the GMN keeps its edge states between passes
+    (:data:`.gmn.EDGE_STATES`; "auto": by size)."""
     per_tensor = True
 
     def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph, kernels: FusedKernels | None = None,
-                 chunk: int | None = None, lean: bool = False, store_edge_states: bool | None = None):
+                 chunk: int | None = None, lean: bool = False, edge_states: str = "auto"):
         _, torch_runs, fused_runs = CHUNKED[type(lopt)]
+        if check_edge_states(edge_states) != "auto" and not isinstance(lopt, GMNLOpt):
+            raise ValueError(f"edge_states={edge_states!r}: only the GMN has edge states, not {type(lopt).__name__}")
         if chunk is None:
             chunk = int(plan_module.DEFAULT_CHUNK * (torch_runs if kernels is None else fused_runs))
-        self.lopt, self.kernels, self.store_edge_states = lopt, kernels, store_edge_states
+        self.lopt, self.kernels, self.edge_states = lopt, kernels, edge_states
         self.name = "fused" if kernels is not None else "chunked"
         self.plan = plan_module.ChunkPlan(graph, max(1, chunk))
         self.graph = lean_graph(graph) if lean else graph
@@ -169,7 +173,7 @@ class ChunkedBackend:
         once it has its update."""
         if self.lopt.adapt:
             sink = controlled_sink(self.lopt, self.graph, grads, state, sink, write, shard)
-        kwargs = {} if self.store_edge_states is None else {"store_edge_states": self.store_edge_states}
+        kwargs = {} if self.edge_states == "auto" else {"edge_states": self.edge_states}
         steps = CHUNKED[type(self.lopt)][0]
         return steps.run_step(self.lopt, self.plan, self.graph, params, grads, state, sink, write,
                                    self.kernels, shard, **kwargs)

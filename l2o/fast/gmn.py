@@ -20,9 +20,9 @@ edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
 
 Every pass recomputes a run's features ``x`` from the parameters, gradient and
 statistics before the step (:func:`~l2o.fast.features.entry_features_`), and
-its edge states of the earlier rounds either from ``x`` (graphs above
-``STORE_EDGE_STATES_MAX_PARAMS``) or from a kept ``[edge_dim, E]`` buffer, so
-the step's working set is run-sized. With the fused kernels each pass over a
+its edge states of the earlier rounds either from ``x`` or from a kept
+``[edge_dim, E]`` buffer (``edge_states``: :data:`EDGE_STATES`), so without
+kept states the step's working set is run-sized. With the fused kernels each pass over a
 dense run is one C call (:meth:`GMNChunkedStep.fused_pass`, ``l2o_gmn_pass``
 in ``kernels.c``) that keeps every intermediate of a tile of edges --
 features, edge states, messages, read-out -- in registers and small buffers,
@@ -48,11 +48,23 @@ from .lean import entry_slice
 from .plan import ChunkPlan, DenseRun
 from .shard import Shard, owned_runs
 
-# Keep the edge states [edge_dim, E] between passes (32 bytes per edge at
-# width 8) on graphs up to this many parameters; above, every pass recomputes
-# a run's edge states from its features (about 1.6x the no-grad step's time,
-# and the step's memory no longer grows with the edge width). bench/memory.py.
+# Where the edge states [edge_dim, E] live between passes: "recompute" (every
+# pass recomputes a run's edge states from its features: the step's memory
+# does not grow with the edge width), "float32" (kept: 32 bytes per edge at
+# width 8; the step as exact as recomputing), "float16" (kept as half floats:
+# 16 bytes per edge and less traffic, each state rounded to ~3 significant
+# digits and saturated at +-65504), "auto" ("float32" on graphs up to
+# STORE_EDGE_STATES_MAX_PARAMS parameters, "recompute" above). Sharded steps
+# always recompute. Times and memory: bench/gpt2_step.py, bench/memory.py.
+EDGE_STATES = ("auto", "recompute", "float32", "float16")
 STORE_EDGE_STATES_MAX_PARAMS = 4_000_000
+HALF_MAX = torch.finfo(torch.float16).max
+
+
+def check_edge_states(edge_states: str) -> str:
+    if edge_states not in EDGE_STATES:
+        raise ValueError(f"edge_states must be one of {EDGE_STATES}, got {edge_states!r}")
+    return edge_states
 
 
 def kernel_widths(lopt: GMNLOpt) -> dict[str, int]:
@@ -64,7 +76,7 @@ class GMNChunkedStep:
     """One step over one plan; :func:`run_step` runs its passes in order."""
 
     def __init__(self, lopt: GMNLOpt, plan: ChunkPlan, graph: ParamGraph, entries: Entries,
-                 state: dict[str, Tensor], kernels: FusedKernels | None, store_edge_states: bool | None):
+                 state: dict[str, Tensor], kernels: FusedKernels | None, edge_states: str = "auto"):
         shard = entries.shard
         self.lopt, self.plan, self.graph, self.entries, self.state, self.kernels = (
             lopt, plan, graph, entries, state, kernels)
@@ -79,10 +91,13 @@ class GMNChunkedStep:
         self.edge_runs = plan.edge_runs if shard is None else owned_runs(plan, shard)
         fusable = kernels is not None and len(lopt.convs) <= MAX_ROUNDS
         self.fused = [fusable and isinstance(run, DenseRun) for run in self.edge_runs]
-        if store_edge_states is None:
-            store_edge_states = plan.num_params <= STORE_EDGE_STATES_MAX_PARAMS
-        self.edge_states = (plan.fixed("edge_states", (self.de, plan.num_edges), self.dev)
-                            if store_edge_states and shard is None else None)
+        if check_edge_states(edge_states) == "auto":
+            edge_states = "float32" if plan.num_params <= STORE_EDGE_STATES_MAX_PARAMS else "recompute"
+        if edge_states == "float16" and any(self.fused) and not kernels.half_states:
+            raise ValueError("edge_states='float16': this machine's build of the fused kernels has no half "
+                             "floats (l2o.fast.native.status()); use 'float32' or 'recompute'")
+        self.edge_states = (None if edge_states == "recompute" or shard is not None else
+                            plan.fixed("edge_states", (self.de, plan.num_edges), self.dev, getattr(torch, edge_states)))
         self.w_enc = fold_input_scale(lopt.edge_feat.weight, self.inv_rms)                  # [T, De, F]
         self.static = StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(self.t))
         self.w_msg = [conv.edge_lin.weight.contiguous() for conv in lopt.convs]
@@ -188,8 +203,8 @@ class GMNChunkedStep:
                 self.edge_states_of(run, fr, layer)
                 self.round_(run, fr, layer, acc)
                 kept = self.kept(run)
-                if kept is not None:
-                    kept.copy_(fr[:de])
+                if kept is not None:   # saturated, as the fused pass stores half states
+                    kept.copy_(fr[:de] if kept.dtype == fr.dtype else fr[:de].clamp(-HALF_MAX, HALF_MAX))
             if shard is not None:
                 shard.all_reduce(acc[0])
                 shard.all_reduce(acc[1])
@@ -256,7 +271,7 @@ class GMNChunkedStep:
 def run_step(lopt: GMNLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Tensor], grads: list[Tensor | None],
              state: dict[str, Tensor], sink: Sink, write: list[bool] | None = None,
              kernels: FusedKernels | None = None, shard: Shard | None = None,
-             store_edge_states: bool | None = None) -> dict[str, Tensor]:
+             edge_states: str = "auto") -> dict[str, Tensor]:
     """One step (:meth:`l2o.fast.backend.ChunkedBackend.step_entries`):
     advances ``state`` in place (the tensors ``write`` allows) and hands each
     run's update of those tensors to ``sink(k, start, stop, update)``
@@ -268,7 +283,7 @@ def run_step(lopt: GMNLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
     cross-entry information, sized by tensors and nodes -- are summed over
     the ranks, so every rank computes the node states of the whole graph."""
     step = GMNChunkedStep(lopt, plan, graph, Entries(plan, params, grads, write, shard), state, kernels,
-                          store_edge_states)
+                          edge_states)
     h = step.message_passing(step.encode_nodes())
     step.readout_edges(h, sink)
     step.readout_nodes(h, sink)

@@ -83,6 +83,7 @@ class FusedKernels:
         self.lib = lib
         self.nf, self.de, self.hid, self.mh = sizes
         self.nm = len(F_.MOMENTUM_BETAS)
+        self.half_states = bool(lib.l2o_half_states())   # gmn_pass can keep float16 edge states
 
     def __reduce__(self):  # pickles / deep-copies as a reference to the (cached) library of these widths
         return (_reload, ((self.nf, self.de, self.hid, self.mh),))
@@ -125,7 +126,8 @@ class FusedKernels:
         edges whose statistics are ``st`` (``kernels.c``: ``l2o_gmn_pass``):
         ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
         rounds to run (None before ``first``), from ``first`` (the states
-        after ``first`` rounds read from ``kept`` ``[DE, >= n]``; 0:
+        after ``first`` rounds read from ``kept`` ``[DE, >= n]``, float32, or
+        float16 where :attr:`half_states`, written saturated to +-65504; 0:
         ``encode`` = ``(w_enc [DE, NF],
         static table, its feature stride, its row stride)``). Then either
         ``sums`` = ``(row_sum, col_sum)``: the last round's messages added
@@ -153,7 +155,10 @@ class FusedKernels:
             for name, t, shape in zip(("w_msg", "row_t", "col_t"), tables, ((de, de), (de, rows), (de, n_cols))):
                 _dense(k, f"{name}[{l}]", t, shape)
         if kept is not None:
-            _rows(k, "kept", kept, de, n)
+            if kept.dtype is not _F32 and not (kept.dtype is torch.float16 and self.half_states):
+                _require(False, k, f"kept states must be float32 or, where the build has half floats "
+                                   f"(this one: {self.half_states}), float16, got {kept.dtype}")
+            _rows(k, "kept", kept, de, n, kept.dtype)
         w_enc, table, stat_ld, stat_rs = encode
         _dense(k, "w_enc", w_enc, (de, self.nf))
         _require(table.dtype == _F32 and table.is_contiguous() and
@@ -179,7 +184,9 @@ class FusedKernels:
                    *_update_target(k, update, apply, n, nonfinite))
         _done(self.lib.l2o_gmn_pass(rows, cols, per_group, *args, w_enc.data_ptr(), table.data_ptr(), stat_ld, stat_rs,
                                     first, stop, *ptrs, None if kept is None else kept.data_ptr(),
-                                    0 if kept is None else kept.stride(0), *acc, *out, torch.get_num_threads()))
+                                    0 if kept is None else kept.stride(0),
+                                    int(kept is not None and kept.dtype is torch.float16), *acc, *out,
+                                    torch.get_num_threads()))
         return nonfinite.value
 
     def mlp_network(self, w_in: Tensor, b_in: Tensor, w_mid: Tensor, b_mid: Tensor, head_w: Tensor,

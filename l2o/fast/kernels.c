@@ -70,6 +70,60 @@ INLINE vf vsqrt(vf x) {
 }
 INLINE int lanes(int nv, int t) { return nv - t * VB < 0 ? 0 : nv - t * VB > VB ? VB : nv - t * VB; }
 
+/* Kept edge states may be stored as IEEE half floats (l2o/fast/gmn.py,
+ * edge_states="float16"): half the memory traffic of float32 states between
+ * passes. Values beyond the half range saturate to +-65504 instead of
+ * becoming inf, so a large state stays finite. HALF_STATES is 0 when this
+ * compiler and target have no half type; l2o_gmn_pass then refuses half states. */
+#define HALF_MAX 65504.f
+#if defined(__AVX512F__) && VB == 16
+#include <immintrin.h>
+#define HALF_STATES 1
+typedef unsigned short half;
+INLINE vf load_half(const half *p, int nv) {
+    __m256i h = _mm256_setzero_si256();
+    memcpy(&h, p, (size_t)nv * sizeof(half));
+    return (vf)_mm512_cvtph_ps(h);
+}
+INLINE void store_half(half *p, vf x, int nv) {
+    const __m256i h = _mm512_cvtps_ph(_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-HALF_MAX)),
+                                                    _mm512_set1_ps(HALF_MAX)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    memcpy(p, &h, (size_t)nv * sizeof(half));
+}
+#elif defined(__F16C__) && VB == 8
+#include <immintrin.h>
+#define HALF_STATES 1
+typedef unsigned short half;
+INLINE vf load_half(const half *p, int nv) {
+    __m128i h = _mm_setzero_si128();
+    memcpy(&h, p, (size_t)nv * sizeof(half));
+    return (vf)_mm256_cvtph_ps(h);
+}
+INLINE void store_half(half *p, vf x, int nv) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-HALF_MAX)),
+                                                    _mm256_set1_ps(HALF_MAX)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    memcpy(p, &h, (size_t)nv * sizeof(half));
+}
+#elif defined(__FLT16_MAX__) /* the compiler's _Float16, lane by lane */
+#define HALF_STATES 1
+typedef _Float16 half;
+INLINE vf load_half(const half *p, int nv) {
+    vf r = {0};
+    for (int v = 0; v < nv; v++) r[v] = (float)p[v];
+    return r;
+}
+INLINE void store_half(half *p, vf x, int nv) {
+    for (int v = 0; v < nv; v++) p[v] = (half)(x[v] > HALF_MAX ? HALF_MAX : x[v] < -HALF_MAX ? -HALF_MAX : x[v]);
+}
+#else
+#define HALF_STATES 0
+typedef unsigned short half;
+INLINE vf load_half(const half *p, int nv) { (void)p; (void)nv; return (vf){0}; }
+INLINE void store_half(half *p, vf x, int nv) { (void)p; (void)x; (void)nv; }
+#endif
+
 /* exp over the lanes (libm's expf does not vectorise portably): Cody-Waite
  * range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
  * minimax polynomial for e^r; relative error ~2 ulp. */
@@ -388,8 +442,9 @@ typedef struct {
     const float *const *w_msg; /* per layer [DE][DE] */
     const float *const *row_t; /* per layer [DE][R] */
     const float *const *col_t; /* per layer [DE][G * C], bias folded in */
-    float *kept;               /* DE edge-state rows (stride kept_ld), or NULL */
+    void *kept;                /* DE edge-state rows (stride kept_ld), or NULL */
     long kept_ld;
+    int kept_half;             /* kept holds half floats, else floats */
     float *row_acc;              /* [DE][R], added to */
     float *col_acc[MAX_THREADS]; /* [DE][G * C] per thread; [0] is the caller's, added to */
     const float *w_z;            /* [HID][DE + NF] */
@@ -405,6 +460,16 @@ typedef struct {
 #define EGROUP GROUP_OF(DE)
 #define RGROUP GROUP_OF(HID)
 
+INLINE vf load_kept(const pass_args *a, long at, int nv) {
+    return a->kept_half ? load_half((const half *)a->kept + at, nv) : load((const float *)a->kept + at, nv);
+}
+INLINE void store_kept(const pass_args *a, long at, vf x, int nv) {
+    if (a->kept_half)
+        store_half((half *)a->kept + at, x, nv);
+    else
+        store((float *)a->kept + at, x, nv);
+}
+
 /* acc[g][t] = row[(d0 + g) * rows + i] + col[(d0 + g) * col_ld + c0 + t * VB]: a row plus a column term */
 INLINE void node_terms(const int G, const float *row, long rows, long i, const float *col, long col_ld, long c0,
                        int d0, int nv, vf acc[][T]) {
@@ -415,17 +480,18 @@ INLINE void node_terms(const int G, const float *row, long rows, long i, const f
 
 /* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
  * col_acc collect a round pass's messages. */
-INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_acc, float rsum[DE][TC],
+INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][TC],
                       long *nonfinite) {
-    const long col_ld = (a->rows / a->per_group) * a->cols, gc = (i / a->per_group) * a->cols + j0;
+    const long col_ld = (a->rows / a->per_group) * a->cols, gc = row_gc + j0;
     const long at = i * a->cols + j0;
     float ex[DE + NF][TC]; /* e rows, then x rows: the read-out's input [e; x] */
     float(*x)[TC] = ex + DE;
-    for (int t = 0; t < T; t++) {
-        vf row[NF];
-        features_vec(&a->s, at + t * VB, lanes(nv, t), row);
-        for (int f = 0; f < NF; f++) store(&x[f][t * VB], row[f], VB);
-    }
+    if (a->first == 0 || a->readout || a->s.write_back) /* a round pass from kept states needs no features */
+        for (int t = 0; t < T; t++) {
+            vf row[NF];
+            features_vec(&a->s, at + t * VB, lanes(nv, t), row);
+            for (int f = 0; f < NF; f++) store(&x[f][t * VB], row[f], VB);
+        }
     if (a->first == 0) { /* e = relu(W_enc x + static) */
 #pragma GCC unroll 1
         for (int d0 = 0; d0 < DE; d0 += EGROUP) {
@@ -439,7 +505,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_ac
         }
     } else {
         for (int d = 0; d < DE; d++)
-            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(a->kept + d * a->kept_ld + at + t * VB, lanes(nv, t)), VB);
+            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load_kept(a, d * a->kept_ld + at + t * VB, lanes(nv, t)), VB);
     }
     float m[DE][TC];
     for (int l = a->first; l < a->stop; l++) {
@@ -463,7 +529,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, int nv, float *col_ac
                 if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
                 store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
                 store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-                if (a->kept) store(a->kept + d * a->kept_ld + at + t * VB, load(&ex[d][t * VB], VB), n);
+                if (a->kept) store_kept(a, d * a->kept_ld + at + t * VB, load(&ex[d][t * VB], VB), n);
             }
         }
         return;
@@ -491,12 +557,13 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
     float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
+        const long row_gc = (i / a->per_group) * a->cols; /* the row's group's first column term */
         long j = 0;
         for (; j + TC <= a->cols; j += TC) { /* nv a constant: whole-vector loads and stores */
             prefetch_state(&a->s, i * a->cols + j);
-            pass_tile(a, i, j, TC, col_acc, rsum, &nonfinite);
+            pass_tile(a, i, j, row_gc, TC, col_acc, rsum, &nonfinite);
         }
-        if (j < a->cols) pass_tile(a, i, j, (int)(a->cols - j), col_acc, rsum, &nonfinite);
+        if (j < a->cols) pass_tile(a, i, j, row_gc, (int)(a->cols - j), col_acc, rsum, &nonfinite);
         if (!a->readout)
             for (int d = 0; d < DE; d++) {
                 float s = 0.f;
@@ -511,15 +578,16 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
                  const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
                  int adam_m, int write_back, const float *w_enc, const float *stat, long stat_ld, long stat_rs,
                  int first, int stop, const float *const *w_msg, const float *const *row_t,
-                 const float *const *col_t, float *kept, long kept_ld, float *row_acc, float *col_acc,
+                 const float *const *col_t, void *kept, long kept_ld, int kept_half, float *row_acc, float *col_acc,
                  const float *w_z, const float *z_row, const float *z_col, const float *head_w, float head_b0,
                  float head_b1, float nominal, float c, float *update, float *apply_p, float lr, float decay,
                  long *nonfinite, int threads) {
     if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept) || (apply_p && !nonfinite)) return -2;
+    if (kept_half && !HALF_STATES) return -3;
     pass_args *a = malloc(sizeof *a);
     if (!a) return -1;
     *a = (pass_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
-                     w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, row_acc,
+                     w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, kept_half, row_acc,
                      {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update || apply_p,
                      {update, apply_p, lr, decay}, {0}, rows, cols, per_group};
     threads = thread_count(rows, rows * cols, threads);
@@ -664,6 +732,9 @@ void l2o_layout(long *out) {
     out[5] = ROW_ADAM;
     out[6] = ROW_SQRT_V;
 }
+
+/* Whether l2o_gmn_pass can keep edge states as half floats (HALF_STATES). */
+int l2o_half_states(void) { return HALF_STATES; }
 
 /* The widths this library was built for (0: not built in), so the loader can check them. */
 void l2o_sizes(long *out) {

@@ -160,11 +160,12 @@ class ChunkPlan:
         self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
         self._buffers: dict[tuple, Tensor] = {}
 
-    def fixed(self, name: str, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        """A reusable float32 buffer of exactly ``shape``."""
-        key = (name, shape, device)
+    def fixed(self, name: str, shape: tuple[int, ...], device: torch.device,
+              dtype: torch.dtype = torch.float32) -> Tensor:
+        """A reusable buffer of exactly ``shape`` and ``dtype``."""
+        key = (name, shape, device, dtype)
         if key not in self._buffers:
-            self._buffers[key] = torch.empty(shape, device=device)
+            self._buffers[key] = torch.empty(shape, device=device, dtype=dtype)
         return self._buffers[key]
 
     def scratch(self, name: str, rows: int, length: int, device: torch.device) -> Tensor:
