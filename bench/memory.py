@@ -1,6 +1,10 @@
 """Optimizer memory per parameter: GMNOptimizer, MLPOptimizer and Adam, measured the same way.
 
     .venv/bin/python bench/memory.py [--widths 1024 2048 4096] [--gpt2] [--threads 1]
+                                     [--optimizers adam mlp_lopt gmn gmn_f16]
+
+``gmn`` is ``GMNOptimizer(model)`` (edge states by size), ``gmn_f16`` with
+``edge_states="float16"`` (kept as half floats at every size).
 
 Each (model, optimizer) pair runs in a fresh subprocess (so no freed memory of
 another one is reused) on CPU: the model, a batch, and its gradients exist
@@ -34,7 +38,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIMIZERS = ("adam", "mlp_lopt", "gmn")
+OPTIMIZERS = ("adam", "mlp_lopt", "gmn", "gmn_f16")
 
 
 def _rss() -> dict[str, int]:
@@ -98,7 +102,7 @@ def measure(model_name: str, opt_name: str, threads: int) -> dict:
     elif opt_name == "mlp_lopt":
         opt = l2o.MLPOptimizer(model.parameters(), weights=None)
     else:
-        opt = l2o.GMNOptimizer(model, weights=None)
+        opt = l2o.GMNOptimizer(model, weights=None, edge_states="float16" if opt_name == "gmn_f16" else "auto")
     build_s = time.perf_counter() - t0
     build_peak = _rss()["VmHWM"] - base
     total_peak = 0
@@ -125,18 +129,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "OPTIMIZER"), help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS,
+                    help="which to measure (adam always: the ratios are to it)")
     args = ap.parse_args()
+    optimizers = ["adam"] + [o for o in args.optimizers if o != "adam"]
     if args.one:
         print(json.dumps(measure(*args.one, args.threads)))
         return
     models = [f"mlp{w}" for w in args.widths] + (["gpt2"] if args.gpt2 else [])
     rows = []
-    print(f"{'model':>8} {'params':>8} | " + " | ".join(f"{o:^35}" for o in OPTIMIZERS))
+    print(f"{'model':>8} {'params':>8} | " + " | ".join(f"{o:^35}" for o in optimizers))
     print(f"{'':>8} {'':>8} | " + " | ".join(f"{'state':>7} {'step pk':>7} {'total':>7} {'x':>3} {'build':>7}"
-                                           for _ in OPTIMIZERS))
+                                           for _ in optimizers))
     for name in models:
         by_opt = {}
-        for opt_name in OPTIMIZERS:
+        for opt_name in optimizers:
             done = subprocess.run([sys.executable, __file__, "--one", name, opt_name, "--threads", str(args.threads)],
                                   capture_output=True, text=True, cwd=ROOT)
             if done.returncode != 0:

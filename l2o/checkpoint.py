@@ -74,6 +74,11 @@ def save_lopt(lopt: LearnedOptimizer, path: str | os.PathLike, extra: dict | Non
 def read_lopt_file(path: str | os.PathLike) -> tuple[dict, dict[str, Any]]:
     """(metadata, tensors) of a weights file, with clear errors for every way it can be bad."""
     path = Path(path)
+    if path.is_dir():   # a meta_train.py run directory: its newest weights sit at the top
+        if not (path / "lopt.safetensors").is_file():
+            raise FileNotFoundError(f"{path} is a directory without lopt.safetensors: pass a weights file "
+                                    "(a meta_train.py run writes <out>/lopt.safetensors and <out>/ckpt-N/lopt.safetensors)")
+        path = path / "lopt.safetensors"
     if not path.is_file():
         raise FileNotFoundError(f"learned-optimizer weights file not found: {path}")
     try:

@@ -135,3 +135,13 @@ def test_pretrained_weights_are_loaded_by_kind(tmp_path, monkeypatch):
         CK.load_pretrained("gmn")
     with pytest.raises(FileNotFoundError, match="no pretrained MLP weights are installed"):
         CK.load_pretrained("mlp")
+
+
+def test_a_run_directory_loads_its_newest_weights_and_another_directory_is_named(tmp_path):
+    lopt = CK.make_lopt("mlp")
+    CK.save_lopt(lopt, tmp_path / "run" / "lopt.safetensors")
+    loaded = CK.load_lopt(tmp_path / "run", expect_kind="mlp")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), lopt.state_dict().values()))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a directory without lopt.safetensors"):
+        CK.load_lopt(tmp_path / "empty")
