@@ -173,7 +173,9 @@ def _build(model: nn.Module, example_inputs, strict: bool, capture: str = "auto"
         # a run on guessed inputs may miss a branch: keep fx's result if it structures more
         other = _fx(model, None)
         if _unclaimed_numel(other) < _unclaimed_numel(state):
-            other.notes.append(f"eager run on guessed inputs {_describe(inputs)} structured less; fx used")
+            # name the capture kept: fx failing on the root leaves per-module mapping, not fx
+            other.notes.append(f"eager run on guessed inputs {_describe(inputs)} structured less; "
+                               f"{other.capture} used")
             state = other
     left = state.unclaimed()
     # zero-size and one-entry tensors (nn.PReLU()'s shared slope, a temperature) have no

@@ -54,6 +54,26 @@ def const_along(sh: Tensor, dim: int) -> bool:
     return sh.shape[dim] <= 1 or bool((sh == sh.narrow(dim, 0, 1)).all())
 
 
+def unit_dim(shs: list[Tensor], dim: int | None = None) -> int:
+    """The dim (counted from the end) on which an input not yet consumed carries
+    its units when it meets the tracked shadows ``shs`` (of the op's rank) in a
+    cat along ``dim`` or elementwise: the dim their units vary along -- 1 for a
+    channels-first map, so the input's channels are its units there too, as a
+    conv reading it made them (``cat([conv(x), x], 1)``, ``x + conv(x)``); the
+    cat dim first when they vary along it (a feature concat). The last dim when
+    the shadows do not tell (none, or units varying along several dims)."""
+    for s in shs:
+        nd = s.dim()
+        if nd == 0:
+            continue
+        vary = [d for d in range(nd) if s.stride(d) != 0 and not const_along(s, d)]
+        if dim is not None and dim % nd in vary:
+            return dim % nd - nd
+        if len(vary) == 1:
+            return vary[0] - nd
+    return -1
+
+
 def keep_matching_dims(sh: Tensor, shape) -> Tensor | None:
     """Shadow for an op that resizes some dims (pooling, interpolation) when
     the nodes do not vary along the resized dims."""

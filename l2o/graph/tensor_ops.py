@@ -11,7 +11,7 @@ import torch
 from . import param_uses
 from .op_names import LIST_ARG
 from .shadows import (TensorInfo, apply_to_shadows, keep_matching_dims, output_pairs, stretched_dims,
-                      tensors_in, without_collapsing)
+                      tensors_in, unit_dim, without_collapsing)
 
 
 def view(rec, name, func, args, kwargs, out, tracked) -> None:
@@ -35,7 +35,13 @@ def view(rec, name, func, args, kwargs, out, tracked) -> None:
         for o in tensors_in(out):
             rec.set(o, TensorInfo(lazy=lazy[0].lazy, depth=depth))
         return
-    subs = {id(t): rec.shadow_of(t, i, -1) for t, i in tracked if i.pidx is None}
+    # an input not yet consumed takes its units on the dim the tracked pieces'
+    # units vary along (a conv map's channels), not always the last one
+    known = [i.sh for _, i in tracked if i.pidx is None and i.sh is not None]
+    cat_dim = (args[1] if len(args) > 1 else kwargs.get("dim", 0)) if name in ("cat", "concat", "concatenate") \
+        else None
+    fd = unit_dim(known, cat_dim if isinstance(cat_dim, int) else None) if lazy and known else -1
+    subs = {id(t): rec.shadow_of(t, i, fd if -t.dim() <= fd else -1) for t, i in tracked if i.pidx is None}
     res = apply_to_shadows(func, name, args, kwargs, subs, fill=-1)
     spatial = None
     if name in ("flatten", "view", "reshape") and isinstance(out, torch.Tensor):
@@ -76,11 +82,13 @@ def elementwise(rec, out, tracked) -> None:
             if kept is not None:
                 shs.append(kept)
                 stretched.append(())
-    # lazy inputs meeting a known tensor: nodes on its last dim, merged
+    # lazy inputs meeting a known tensor: nodes on the dim its units vary along
+    # (the channels of a conv map in ``x + conv(x)``; else the last dim), merged
+    fd = unit_dim(shs) if shs else -1
     for t, i in tracked:
         if i.sh is None and i.lazy is not None and shs:
             try:
-                sh = rec.shadow_of(t, i, -1)
+                sh = rec.shadow_of(t, i, fd if -t.dim() <= fd else -1)
                 shs.append(torch.broadcast_to(sh, o.shape))
                 stretched.append(stretched_dims(sh.shape, o.shape))
             except RuntimeError:
