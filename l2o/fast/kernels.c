@@ -76,34 +76,30 @@ INLINE int lanes(int nv, int t) { return nv - t * VB < 0 ? 0 : nv - t * VB > VB 
  * becoming inf, so a large state stays finite. HALF_STATES is 0 when this
  * compiler and target have no half type; l2o_gmn_pass then refuses half states. */
 #define HALF_MAX 65504.f
+/* NaN stays NaN (the comparisons are false): a diverging metanetwork must show */
+INLINE vf saturate_half(vf x) { return blend(x > HALF_MAX, splat(HALF_MAX), blend(x < -HALF_MAX, splat(-HALF_MAX), x)); }
 #if defined(__AVX512F__) && VB == 16
 #include <immintrin.h>
-#define HALF_STATES 1
-typedef unsigned short half;
-INLINE vf load_half(const half *p, int nv) {
-    __m256i h = _mm256_setzero_si256();
-    memcpy(&h, p, (size_t)nv * sizeof(half));
-    return (vf)_mm512_cvtph_ps(h);
-}
-INLINE void store_half(half *p, vf x, int nv) {
-    const __m256i h = _mm512_cvtps_ph(_mm512_min_ps(_mm512_max_ps((__m512)x, _mm512_set1_ps(-HALF_MAX)),
-                                                    _mm512_set1_ps(HALF_MAX)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    memcpy(p, &h, (size_t)nv * sizeof(half));
-}
+typedef __m256i half_vec;
+#define HALF_TO_FLOAT _mm512_cvtph_ps
+#define FLOAT_TO_HALF(x) _mm512_cvtps_ph((__m512)(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #elif defined(__F16C__) && VB == 8
 #include <immintrin.h>
+typedef __m128i half_vec;
+#define HALF_TO_FLOAT _mm256_cvtph_ps
+#define FLOAT_TO_HALF(x) _mm256_cvtps_ph((__m256)(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#endif
+#ifdef HALF_TO_FLOAT /* one conversion instruction per vector */
 #define HALF_STATES 1
 typedef unsigned short half;
 INLINE vf load_half(const half *p, int nv) {
-    __m128i h = _mm_setzero_si128();
+    half_vec h;
+    memset(&h, 0, sizeof h);
     memcpy(&h, p, (size_t)nv * sizeof(half));
-    return (vf)_mm256_cvtph_ps(h);
+    return (vf)HALF_TO_FLOAT(h);
 }
 INLINE void store_half(half *p, vf x, int nv) {
-    const __m128i h = _mm256_cvtps_ph(_mm256_min_ps(_mm256_max_ps((__m256)x, _mm256_set1_ps(-HALF_MAX)),
-                                                    _mm256_set1_ps(HALF_MAX)),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const half_vec h = FLOAT_TO_HALF(saturate_half(x));
     memcpy(p, &h, (size_t)nv * sizeof(half));
 }
 #elif defined(__FLT16_MAX__) /* the compiler's _Float16, lane by lane */
@@ -115,7 +111,8 @@ INLINE vf load_half(const half *p, int nv) {
     return r;
 }
 INLINE void store_half(half *p, vf x, int nv) {
-    for (int v = 0; v < nv; v++) p[v] = (half)(x[v] > HALF_MAX ? HALF_MAX : x[v] < -HALF_MAX ? -HALF_MAX : x[v]);
+    x = saturate_half(x);
+    for (int v = 0; v < nv; v++) p[v] = (half)x[v];
 }
 #else
 #define HALF_STATES 0
