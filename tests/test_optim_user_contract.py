@@ -666,3 +666,29 @@ def test_the_package_compiles_without_warnings():
         warnings.simplefilter("error")
         for path in root.rglob("*.py"):
             compile(path.read_text(), str(path), "exec")
+
+
+def test_building_for_a_reentrant_checkpointed_model_is_quiet():
+    """The build runs the forward without autograd; torch's reentrant
+    checkpoint would warn that no input requires a gradient (for the user's
+    training it does), so the build silences that warning, and only it."""
+    import warnings
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.b(checkpoint(lambda t: F.relu(self.a(t)), x, use_reentrant=True))
+
+    model = Net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt = l2o.GMNOptimizer(model)
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    before = model.a.weight.detach().clone()
+    model(torch.randn(4, 8, requires_grad=True)).pow(2).sum().backward()   # reentrant: an input needs a grad
+    opt.step()
+    assert not torch.equal(model.a.weight, before)

@@ -1,6 +1,7 @@
 """Running a user's module for the build without changing it."""
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -17,7 +18,10 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     modes = {m: m.training for m in module.modules()}
     try:
         module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # reentrant activation checkpointing warns that no input needs a
+            # gradient, which is the point here: the user's training is unaffected
+            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
             yield
     finally:
         for m, training in modes.items():
