@@ -105,6 +105,11 @@ def plot_speedup(speedups: Mapping[str, Mapping[str, float]], path: str | Path,
         # so a log axis does not make a slowdown look like a speedup.
         shown = np.where(np.isfinite(vals) & (vals > 0), vals, 1.0)
         bars = ax.bar(pos, shown - 1.0, width, bottom=1.0, label=LABELS.get(opt, opt), color=COLORS.get(opt))
+        # A marker at each value: a bar of 1.00x (or close to it) has no height
+        # and would otherwise look like a missing result.
+        real = np.isfinite(vals) & (vals > 0)
+        ax.scatter(pos[real], vals[real], marker="D", s=16, color=COLORS.get(opt), edgecolors="k",
+                   linewidths=0.6, zorder=4)
         for bar, v, good, px in zip(bars, vals, ok, pos):
             if not good:
                 bar.set_hatch("//")

@@ -170,3 +170,56 @@ def test_digits_standardised_and_split():
     x, y = digits.splits["train"]
     assert x.shape[1:] == (1, 8, 8) and abs(x.mean().item()) < 1e-4
     assert digits.size("train") + digits.size("test") == 1797
+
+
+# ------------------------------------------------------------------ unreadable / inconsistent files
+def test_missing_reason_is_the_loaders_message(tmp_path):
+    assert data.missing_reason("digits") is None
+    assert "L2O_DATA" in data.missing_reason("mnist")
+    assert "does not exist" in data.missing_reason("cifar10", root=tmp_path / "nowhere")
+    make_mnist(tmp_path)
+    (tmp_path / "MNIST/raw/t10k-labels-idx1-ubyte").unlink()
+    reason = data.missing_reason("mnist", root=tmp_path)
+    assert "missing t10k-labels-idx1-ubyte" in reason and str(tmp_path / "MNIST/raw") in reason
+    assert not data.is_available("mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("split", ["train", "t10k"])
+def test_idx_images_and_labels_of_different_counts_are_refused(tmp_path, split):
+    make_mnist(tmp_path)
+    labels = tmp_path / f"MNIST/raw/{split}-labels-idx1-ubyte"
+    write_idx(labels, np.zeros(3, dtype=np.uint8))
+    with pytest.raises(data.DatasetFormatError) as err:
+        data.load_dataset("mnist", root=tmp_path)
+    message = str(err.value)
+    images = tmp_path / f"MNIST/raw/{split}-images-idx3-ubyte"
+    assert str(images) in message and str(labels) in message and " 3 labels" in message
+    assert ("20 images" if split == "train" else "10 images") in message
+
+
+def test_corrupt_idx_files_name_the_file(tmp_path):
+    make_mnist(tmp_path)
+    bad = tmp_path / "MNIST/raw/train-labels-idx1-ubyte"
+    bad.write_bytes(b"\x01\x02\x03\x04garbage")
+    with pytest.raises(data.DatasetFormatError, match=f"{bad}.*bad magic number"):
+        data.load_dataset("mnist", root=tmp_path)
+    make_mnist(tmp_path / "gz", gz=True)
+    bad_gz = tmp_path / "gz/MNIST/raw/t10k-images-idx3-ubyte.gz"
+    bad_gz.write_bytes(bad_gz.read_bytes()[:40])       # truncated download
+    with pytest.raises(data.DatasetFormatError, match=str(bad_gz)):
+        data.load_dataset("mnist", root=tmp_path / "gz")
+    (tmp_path / "gz/MNIST/raw/t10k-images-idx3-ubyte.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(data.DatasetFormatError, match="t10k-images-idx3-ubyte.gz"):
+        data.load_dataset("mnist", root=tmp_path / "gz")
+
+
+def test_truncated_or_inconsistent_cifar_batches_name_the_file(tmp_path):
+    make_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py/data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(data.DatasetFormatError, match=f"{batch}.*CIFAR-10"):
+        data.load_dataset("cifar10", root=tmp_path)
+    with open(batch, "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), dtype=np.uint8), b"labels": [0, 1, 2]}, f)
+    with pytest.raises(data.DatasetFormatError, match=f"{batch}: holds 4 images but 3 labels"):
+        data.load_dataset("cifar10", root=tmp_path)

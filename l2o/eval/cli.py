@@ -12,11 +12,13 @@ Cost: the default (held-out suite, 400 steps, 3 seeds, 1 tuning seed,
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from .optimizers import DEFAULT_GRIDS, HAND_DESIGNED, OPTIMIZERS, EvaluationInputError, MissingWeightsError
 from .protocol import DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_TUNE_SEEDS, TUNE_SEED_BASE, evaluate
-from .report import format_report, write_report
+from .report import FIGURES, format_report, write_report
 
 
 def parse_floats(text: str) -> list[float]:
@@ -27,17 +29,40 @@ def parse_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def parse_grid(text: str) -> tuple[str, list[float]]:
+    """One ``--lr-grid NAME=v1,v2`` value as (NAME, [v1, v2]) (an argparse type, so
+    a bad value is argparse's one-line usage error, not a traceback)."""
+    name, sep, values = text.partition("=")
+    if not sep or name not in HAND_DESIGNED:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=v1,v2,... with NAME in {', '.join(HAND_DESIGNED)}, got {text!r}")
+    grid = parse_floats(values)
+    if not grid:
+        raise argparse.ArgumentTypeError(f"{name}: empty grid")
+    # Checked here: torch.optim would reject lr <= 0 only inside a run, as a traceback.
+    bad = [v for v in grid if not (math.isfinite(v) and v > 0)]
+    if bad:
+        raise argparse.ArgumentTypeError(f"{name}: learning rates must be positive numbers, got "
+                                         f"{', '.join(f'{v:g}' for v in bad)}")
+    return name, grid
+
+
 def parse_grids(items: list[str] | None) -> dict[str, list[float]]:
     """``--lr-grid NAME=v1,v2`` values (repeatable) as {NAME: [v1, v2]}."""
-    grids: dict[str, list[float]] = {}
-    for item in items or []:
-        name, sep, values = item.partition("=")
-        if not sep or name not in HAND_DESIGNED:
-            raise SystemExit(f"--lr-grid expects NAME=v1,v2,... with NAME in {', '.join(HAND_DESIGNED)}, got {item!r}")
-        grids[name] = parse_floats(values)
-        if not grids[name]:
-            raise SystemExit(f"--lr-grid {name}: empty grid")
-    return grids
+    return dict(parse_grid(item) for item in items or [])
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,51 +73,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tasks", nargs="*", help="task names (default: the --suite split)")
     p.add_argument("--suite", default="heldout", choices=["heldout", "valid", "train", "all"],
                    help="heldout = the test split (report only); valid = the split every choice is made on")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="training steps per run (the budget)")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="evaluation seeds 0..N-1")
-    p.add_argument("--tune-seeds", type=int, default=DEFAULT_TUNE_SEEDS,
+    # Counts below 1 would mean an empty report (--seeds 0) or an untuned "tuned"
+    # Adam (--tune-seeds 0): refused here rather than run.
+    p.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS, help="training steps per run (the budget)")
+    p.add_argument("--seeds", type=at_least(1), default=DEFAULT_SEEDS, help="evaluation seeds 0..N-1")
+    p.add_argument("--tune-seeds", type=at_least(1), default=DEFAULT_TUNE_SEEDS,
                    help=f"LR-tuning seeds {TUNE_SEED_BASE}..{TUNE_SEED_BASE}+N-1 (disjoint from evaluation)")
     p.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of " + ",".join(OPTIMIZERS))
     p.add_argument("--gmn-weights", default=None, help="GMN weights file (default: shipped pretrained)")
     p.add_argument("--mlp-weights", default=None, help="MLP weights file (default: shipped pretrained)")
     p.add_argument("--allow-untrained", action="store_true",
                    help="if pretrained weights are missing, evaluate an untrained metanetwork instead of stopping")
-    p.add_argument("--lr-grid", action="append", metavar="NAME=v1,v2,...",
+    p.add_argument("--lr-grid", action="append", type=parse_grid, metavar="NAME=v1,v2,...",
                    help="override a grid, e.g. --lr-grid adam=1e-3,3e-3 (repeatable). Defaults: "
                         + "; ".join(f"{o}: {','.join(f'{v:g}' for v in g)}" for o, g in DEFAULT_GRIDS.items()))
     p.add_argument("--out", default="out/eval", help="output directory")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--test-every", type=int, default=0, help="also log test metrics every N steps (0: only at the end)")
-    p.add_argument("--workers", type=int, default=None, help="parallel runs on CPU (default: one per core)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores / workers)")
+    p.add_argument("--test-every", type=at_least(0), default=0, help="also log test metrics every N steps (0: only at the end)")
+    p.add_argument("--workers", type=at_least(1), default=None, help="parallel runs on CPU (default: one per core)")
+    p.add_argument("--threads", type=at_least(1), default=None, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """The CLI: 0 on success, 2 (and one line on stderr) for a user error."""
-    from tasks.data import UnknownDatasetError
+    from tasks.data import DatasetFormatError, UnknownDatasetError
     from tasks.registry import UnknownTaskError
 
     from ..checkpoint import WeightsFileError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
+    if not optimizers:
+        parser.error(f"--optimizers: no optimizer given; choose from {','.join(OPTIMIZERS)}")
     suite = args.tasks or args.suite
     command = ("python -m l2o.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     try:
         results = evaluate(suite, optimizers, steps=args.steps, seeds=args.seeds, tune_seeds=args.tune_seeds,
-                           lr_grids=parse_grids(args.lr_grid), gmn_weights=args.gmn_weights,
+                           lr_grids=dict(args.lr_grid or []), gmn_weights=args.gmn_weights,
                            mlp_weights=args.mlp_weights, allow_untrained=args.allow_untrained, device=args.device,
                            test_every=args.test_every, workers=args.workers, threads=args.threads, out_dir=None,
                            progress=not args.no_progress)
-    # Only the errors meant for users (bad names, arguments, missing data or weights)
-    # become one line; anything else is a bug and keeps its traceback.
+    # Only the errors meant for users (bad names, arguments, missing or corrupt
+    # data, missing weights) become one line; anything else is a bug and keeps its traceback.
     except (MissingWeightsError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, EvaluationInputError,
-            WeightsFileError) as err:
+            WeightsFileError, DatasetFormatError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = write_report(results, args.out, command=command)
     print(format_report(results, command))
-    print(f"wrote {out}/results.md, results.csv, results.json, curves.png, speedup.png, tb/")
+    print(f"wrote {out}/{', '.join(written_files(out))}")
     return 0
+
+
+def written_files(out: Path) -> list[str]:
+    """The report files in ``out``: write_report removes figures of ours it did not
+    draw this time, so what is there is what this run wrote."""
+    names = ["results.md", "results.csv", "results.json"]
+    names += [name for name in FIGURES if (Path(out) / name).is_file()]
+    if (Path(out) / "tb").is_dir():
+        names.append("tb/")
+    return names

@@ -22,12 +22,25 @@ from pathlib import Path
 from .metrics import beats
 
 
+# How the candidate did against the baseline, per task (from metrics.beats).
+VERDICTS = {"win": "better", "tie": "tie", "loss": "worse"}
+
+
 def load_rows(directory: str | Path) -> tuple[dict, list[dict]]:
     path = Path(directory) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no results.json (run python -m l2o.evaluate --out {directory} first)")
-    data = json.loads(path.read_text())
-    return data["config"], data["rows"]
+    try:
+        data = json.loads(path.read_text())
+        return data["config"], data["rows"]
+    except (ValueError, KeyError, TypeError) as err:   # ValueError: invalid JSON
+        raise ValueError(f"{path}: not an evaluation results.json ({type(err).__name__}: {err})") from None
+
+
+def with_nan(row: dict) -> dict:
+    """``row`` with the losses results.json stores as null (a diverged run's NaN:
+    strict JSON has no NaN) back as NaN, which the comparison rules expect."""
+    return {**row, **{k: float("nan") for k in ("final_train_loss", "test_loss") if row.get(k) is None}}
 
 
 def rows_of(directories: list[str], optimizer: str) -> tuple[dict[str, dict], dict]:
@@ -39,7 +52,7 @@ def rows_of(directories: list[str], optimizer: str) -> tuple[dict[str, dict], di
         if protocol is not None and this != protocol:
             raise ValueError(f"{directory}: protocol {this} differs from {protocol}")
         protocol = this
-        rows.update({row["task"]: row for row in found if row["optimizer"] == optimizer})
+        rows.update({row["task"]: with_nan(row) for row in found if row["optimizer"] == optimizer})
     return rows, protocol or {}
 
 
@@ -67,13 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-optimizer", default="adam")
     p.add_argument("--candidate-optimizer", default="gmn")
     args = p.parse_args(argv)
-    base, base_protocol = rows_of(args.baseline, args.baseline_optimizer)
-    cand, cand_protocol = rows_of(args.candidate, args.candidate_optimizer)
+    try:
+        base, base_protocol = rows_of(args.baseline, args.baseline_optimizer)
+        cand, cand_protocol = rows_of(args.candidate, args.candidate_optimizer)
+    # A missing or foreign directory is a mistyped argument: one usage line, no traceback.
+    except (FileNotFoundError, ValueError) as err:
+        p.error(str(err))
     if base_protocol != cand_protocol:
         p.error(f"protocols differ: baseline {base_protocol}, candidate {cand_protocol}")
     result = compare(base, cand)
+    # Verdicts of the candidate as sentences ("train: worse"): a bare "train loss  test loss"
+    # reads as the names of two columns, not as "lost on train and on test".
+    print(f"{args.candidate_optimizer} vs {args.baseline_optimizer} per task (better / tie / worse on final "
+          f"train loss and on test loss; loss ratio = {args.candidate_optimizer} / {args.baseline_optimizer} "
+          "final train loss):")
     for task, r in result["per_task"].items():
-        print(f"{task:24s} train {r['train']:4s}  test {r['test']:4s}  loss ratio {r['ratio']:.3f}")
+        print(f"{task:24s} train: {VERDICTS[r['train']]:6s}  test: {VERDICTS[r['test']]:6s}  "
+              f"loss ratio {r['ratio']:.3f}")
     n = result["tasks"]
     print(f"{args.candidate_optimizer} vs {args.baseline_optimizer}: train wins {result['train_wins']}/{n}, "
           f"test wins {result['test_wins']}/{n}, diverged {result['diverged']}, "

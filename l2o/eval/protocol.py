@@ -54,12 +54,63 @@ def resolve_suite(suite) -> tuple[list, list[str]]:
             return found, [t.name for t in every if t not in found]
         suite = [suite]
     found = [task_suite.get_task(t) if isinstance(t, str) else t for t in suite]
-    # Fail before any run starts rather than in a worker half-way through.
-    missing = [t.name for t in found if hasattr(t, "available") and not t.available()]
+    # Fail before any run starts rather than in a worker half-way through, and
+    # say why: "not in the data directory" cannot tell an unset $L2O_DATA from
+    # a mistyped path or one missing file, the loader's own message can.
+    missing: dict[str, list[str]] = {}
+    for t in found:
+        if hasattr(t, "available") and not t.available():
+            missing.setdefault(missing_data_reason(t), []).append(t.name)
     if missing:
-        raise EvaluationInputError(f"data for task(s) {', '.join(missing)} is not in the data directory "
-                                   "(see tasks/README.md, $L2O_DATA)")
+        raise EvaluationInputError("; ".join(f"data for task(s) {', '.join(names)} is not available: {reason}"
+                                             for reason, names in missing.items()))
     return found, []
+
+
+def missing_data_reason(task) -> str:
+    """The data loader's reason ``task`` cannot run (which directory or files are missing)."""
+    from tasks import data
+    reason = None
+    if isinstance(getattr(task, "dataset", None), str):
+        with contextlib.suppress(KeyError):    # not a known dataset name: a custom task
+            reason = data.missing_reason(task.dataset, getattr(task, "data_root", None))
+    return reason or "its data is not in the data directory (see tasks/README.md, $L2O_DATA)"
+
+
+SUITE_LABELS = {"heldout": "held-out suite", "valid": "validation suite", "train": "training suite",
+                "all": "all tasks"}
+
+
+def suite_label(suite) -> str:
+    """How the report and figures name what was evaluated."""
+    if isinstance(suite, str):
+        return SUITE_LABELS.get(suite, suite)
+    names = [t if isinstance(t, str) else getattr(t, "name", str(t)) for t in suite]
+    return ", ".join(names) if len(names) <= 3 else f"{len(names)} tasks"
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device that exists here; a clear error otherwise (a
+    misspelt or absent device would surface as a traceback from the first run)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EvaluationInputError(f"device {str(device)!r} is not a torch device "
+                                   "(expected cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise EvaluationInputError(f"device {str(device)!r}: {build} (torch {torch.__version__}); "
+                                       "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise EvaluationInputError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
+                                       "device(s) visible")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise EvaluationInputError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise EvaluationInputError(f"device {str(device)!r}: only cpu, cuda and mps are supported")
+    return dev
 
 
 def is_registered(task) -> bool:
@@ -108,21 +159,39 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     / workers; models here are small, so more processes beat more threads).
     """
     optimizers = list(dict.fromkeys(optimizers))
+    if not optimizers:
+        raise EvaluationInputError(f"no optimizers to evaluate; choose from {', '.join(OPTIMIZERS)}")
     unknown = [o for o in optimizers if o not in OPTIMIZERS]
     if unknown:
         raise EvaluationInputError(f"unknown optimizer(s) {unknown}; choose from {', '.join(OPTIMIZERS)}")
+    check_counts(steps=steps, test_every=test_every, workers=workers, threads=threads)
+    check_device(device)
     task_list, skipped = resolve_suite(suite)
     seeds, tune_seeds = as_seeds(seeds), as_seeds(tune_seeds, TUNE_SEED_BASE)
+    # No seeds would be an empty report that looks like a finished evaluation.
+    if not seeds:
+        raise EvaluationInputError("no evaluation seeds: seeds must be >= 1 (a count) or a non-empty list")
     if set(seeds) & set(tune_seeds):
         raise EvaluationInputError(f"tuning seeds {tune_seeds} overlap evaluation seeds {seeds}")
     grids = {o: tuple(float(x) for x in (lr_grids or {}).get(o, DEFAULT_GRIDS[o]))
              for o in optimizers if o in HAND_DESIGNED}
+    for o, grid in grids.items():
+        # A learning rate <= 0 or NaN reaches torch.optim as a ValueError from a worker.
+        bad = [lr for lr in grid if not (np.isfinite(lr) and lr > 0)]
+        if not grid or bad:
+            raise EvaluationInputError(f"learning-rate grid for {o} must be non-empty positive numbers, "
+                                       f"got {list(grid)}")
+    # Without tuning runs select_lr would "choose" a grid value no run has seen
+    # (the first) and the report would still call the optimizer tuned.
+    if grids and not tune_seeds:
+        raise EvaluationInputError(f"no tuning seeds, but {', '.join(grids)} choose(s) a learning rate on them: "
+                                   "tune_seeds must be >= 1")
     weights, weight_labels = {}, {}
     for kind, path in (("gmn", gmn_weights), ("mlp", mlp_weights)):
         if kind in optimizers:
             weights[kind], weight_labels[kind] = resolve_weights(kind, path, allow_untrained)
     workers, threads = parallelism(device, task_list, workers, threads)
-    config = dict(suite=[t.name for t in task_list], skipped_no_data=skipped, optimizers=optimizers, steps=steps,
+    config = dict(suite=[t.name for t in task_list], suite_label=suite_label(suite), skipped_no_data=skipped, optimizers=optimizers, steps=steps,
                   seeds=seeds, tune_seeds=tune_seeds, lr_grids={o: list(g) for o, g in grids.items()},
                   weights=weight_labels, device=str(device), workers=workers, threads_per_worker=threads,
                   test_every=test_every, test_batches=TEST_BATCHES, smooth_frac=SMOOTH_FRAC,
@@ -138,6 +207,17 @@ def evaluate(suite="heldout", optimizers: Sequence[str] = OPTIMIZERS, steps: int
     if out_dir is not None:
         write_report(results, out_dir)
     return results
+
+
+def check_counts(**counts: int | None) -> None:
+    """steps >= 1, test_every >= 0, workers / threads None or >= 1: a clear error
+    here instead of a ZeroDivisionError or a failed run later."""
+    for name, value in counts.items():
+        if value is None and name in ("workers", "threads"):
+            continue
+        low = 0 if name == "test_every" else 1
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise EvaluationInputError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def parallelism(device: str, task_list, workers: int | None, threads: int | None) -> tuple[int, int]:

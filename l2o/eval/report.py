@@ -20,6 +20,7 @@ CSV_COLUMNS = ["task", "family", "optimizer", "lr", "weights", "seeds", "steps",
                "final_train_loss_std", "test_loss", "test_metric_name", "test_metric", "diverged_seeds",
                "speedup_vs_adam", "speedup_reached", "adam_steps_to_final", "steps_to_adam_final",
                "lr_at_grid_edge", "wall_time_s", "cpu_time_s"]
+FIGURES = ("curves.png", "speedup.png")
 
 
 def fmt(x, digits: int = 4) -> str:
@@ -113,7 +114,8 @@ def format_report(results: EvalResults, command: str | None = None) -> str:
 
 
 def write_report(results: EvalResults, out_dir, command: str | None = None) -> Path:
-    """results.md, results.csv, results.json, curves.png, speedup.png and TensorBoard scalars."""
+    """results.md, results.csv, results.json, curves.png and speedup.png (those that
+    apply: see :func:`write_figures`) and TensorBoard scalars."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(format_report(results, command))
@@ -131,11 +133,17 @@ def write_report(results: EvalResults, out_dir, command: str | None = None) -> P
     return out
 
 
-def write_figures(results: EvalResults, curves, out: Path) -> None:
-    """curves.png (every evaluation curve) and speedup.png (learned optimizers vs Adam)."""
+def write_figures(results: EvalResults, curves, out: Path) -> list[str]:
+    """curves.png (every evaluation curve) and speedup.png (learned optimizers vs Adam);
+    the names of those drawn. A figure of ours that this evaluation does not draw
+    is removed: left from an earlier evaluation into the same --out, it would
+    pass for this one's (a speedup.png beside results without Adam, say)."""
+    written = []
     if curves:
+        label = results.config.get("suite_label") or "evaluation"
         plots.plot_curves(curves, out / "curves.png",
-                          title=f"Training loss, held-out evaluation ({results.config['steps']} steps)")
+                          title=f"Training loss, {label} ({results.config['steps']} steps)")
+        written.append("curves.png")
     sp = {r["task"]: {} for r in results.rows}
     reached = {r["task"]: {} for r in results.rows}
     for r in results.rows:
@@ -144,13 +152,19 @@ def write_figures(results: EvalResults, curves, out: Path) -> None:
             reached[r["task"]][r["optimizer"]] = bool(r["speedup_reached"])
     if any(sp.values()):
         plots.plot_speedup({t: v for t, v in sp.items() if v}, out / "speedup.png", reached)
+        written.append("speedup.png")
+    for name in FIGURES:
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    return written
 
 
 def write_tensorboard(results: EvalResults, curves, tb_dir: Path) -> None:
     """Smoothed train loss, test metrics and speedup per (task, optimizer) under ``tb_dir``."""
     # Start from an empty tb/: event files of an earlier evaluation into the same
     # --out would otherwise sit beside these and TensorBoard would overlay both.
-    # Only this subdirectory is cleared; the rest of --out is overwritten file by file.
+    # Only this subdirectory is cleared; the rest of --out is overwritten file by file
+    # (figures this evaluation does not draw are removed by write_figures).
     if tb_dir.is_dir():
         shutil.rmtree(tb_dir)
     try:

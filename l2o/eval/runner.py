@@ -157,6 +157,8 @@ def run_jobs(jobs: list[Job], steps: int, device: str, test_every: int, bar,
              pool: Executor | None) -> list[RunResult]:
     """Every job's result (in completion order), ticking the progress ``bar``;
     in this process when ``pool`` is None."""
+    from tasks.data import DatasetFormatError, DatasetNotFoundError
+
     results: list[RunResult] = []
     if pool is None:
         for job in jobs:
@@ -169,6 +171,10 @@ def run_jobs(jobs: list[Job], steps: int, device: str, test_every: int, bar,
         job = futures[fut]
         try:
             results.append(fut.result())
+        except (DatasetFormatError, DatasetNotFoundError):
+            # A bad data file is the user's to fix and its message names the
+            # file: pass it on as it is, like an in-process run would.
+            raise
         except Exception as err:
             raise RuntimeError(f"run {job.task_name}/{job.optimizer} lr={job.lr} seed={job.seed} failed: "
                                f"{type(err).__name__}: {err}") from err

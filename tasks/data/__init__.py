@@ -14,7 +14,7 @@ from . import cifar, idx
 from .arrays import ArrayData, TokenStreamData, as_reconstruction, batch_stream
 from .chars import load_chars_data
 from .digits import load_digits_data
-from .local import ENV_VAR, DatasetNotFoundError, data_root
+from .local import ENV_VAR, DatasetFormatError, DatasetNotFoundError, data_root
 from .markov import load_markov_data
 from .mnist1d import load_mnist1d_data
 from .sequences import (load_modadd_data, load_parity_data, load_reverse_data,
@@ -76,20 +76,27 @@ def load_dataset(name: str, root=None):
     raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
 
 
+def missing_reason(name: str, root=None) -> str | None:
+    """Why `name` cannot be loaded (the loader's own message: no data directory,
+    no such directory, which files are missing where), or None when its files
+    are there. Checks files, loads nothing."""
+    if name in BUNDLED:
+        return None
+    if name in ("mnist", "fashion_mnist"):
+        return idx.missing_reason(name, root)
+    if name == "cifar10":
+        return cifar.missing_reason(root)
+    raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+
+
 def is_available(name: str, root=None) -> bool:
     """Whether `name` can be loaded without error (checks files, loads nothing)."""
-    if name in BUNDLED:
-        return True
-    if name in ("mnist", "fashion_mnist"):
-        return idx.is_available(name, root)
-    if name == "cifar10":
-        return cifar.is_available(root)
-    raise UnknownDatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return missing_reason(name, root) is None
 
 
 def clear_cache() -> None:
     _cache.clear()
 
 
-__all__ = ["ArrayData", "TokenStreamData", "DatasetNotFoundError", "ENV_VAR", "DATASETS",
-           "load_dataset", "is_available", "clear_cache", "batch_stream"]
+__all__ = ["ArrayData", "TokenStreamData", "DatasetNotFoundError", "DatasetFormatError", "ENV_VAR", "DATASETS",
+           "load_dataset", "is_available", "missing_reason", "clear_cache", "batch_stream"]

@@ -15,6 +15,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """A real dataset's files are not in the data directory."""
 
 
+class DatasetFormatError(ValueError):
+    """A real dataset's file is there but unreadable or inconsistent (corrupt,
+    truncated, images and labels of different counts); the message names the file."""
+
+
 def data_root(root: str | os.PathLike | None = None) -> Path:
     if root is None:
         root = os.environ.get(ENV_VAR)
