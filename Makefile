@@ -49,6 +49,7 @@ bench: $(STAMP)
 # Reproduce the shipped l2o/pretrained/ weights (seconds: they are the recipe's outer step 0).
 pretrained: $(STAMP)
 	for k in gmn mlp; do \
+	  rm -rf runs/pretrained_$$k && \
 	  $(BIN)/python meta_train.py --config configs/pretrained_$$k.yaml --out runs/pretrained_$$k && \
 	  cp runs/pretrained_$$k/lopt.safetensors l2o/pretrained/$$k.safetensors && \
 	  cp runs/pretrained_$$k/summary.json l2o/pretrained/$$k.summary.json || exit 1; \

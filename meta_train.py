@@ -53,23 +53,20 @@ from typing import Any
 
 import torch
 
-from l2o.checkpoint import atomic_write_json, load_lopt, make_lopt
+from l2o.checkpoint import atomic_write_json, make_lopt  # noqa: F401 (make_lopt: public here too)
 from l2o.meta import config as C
 from l2o.meta import dist as D
+from l2o.meta import guard as G
 from l2o.meta import state as S
 from l2o.meta.config import MetaConfig
 from l2o.meta.estimator import GradientEstimator
 from l2o.meta.inner import InnerRun, advance, start_run
+from l2o.meta.metanet import SCALAR_STEP_SIZES, freeze, new_lopt, outer_optimizer, warm_start  # noqa: F401
 from l2o.meta.outer import OuterStep, make_estimator, outer_update
-from l2o.meta.quick_eval import quick_eval
+from l2o.meta.quick_eval import check_eval_task, quick_eval
 from l2o.meta.schedule import outer_lr
 from l2o.meta.summary import summarize, summarize_checkpoint  # noqa: F401 (public here too)
 from l2o.meta.tasks_pool import TaskPool, draw_length, suite_specs
-
-# The scalar step-size parameters (nominal weight, controller rate) get a faster outer lr
-# (nominal_lr_mult): one scalar otherwise moves ~lr per step, far slower than what it controls.
-SCALAR_STEP_SIZES = ("log_nominal", "log_adapt_rate")
-
 
 # ---------------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,8 +114,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, help="outer steps between quick held-out evaluations (0: off)")
     p.add_argument("--eval-steps", type=int, help="inner steps of a quick evaluation")
     p.add_argument("--eval-task", help="held-out task of the quick evaluation")
-    p.add_argument("--stop-after", type=int, help="checkpoint and stop after this many steps in this process")
+    p.add_argument("--stop-after", type=int,
+                   help="checkpoint and stop after this many steps in this process (this invocation only: "
+                        "a later --resume runs on to --outer-steps)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (0: default)")
+    p.add_argument("--progress", dest="progress", action="store_const", const=True,
+                   help="progress bar (the default; overrides a config file's progress: false)")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     return p.parse_args(argv)
 
@@ -126,12 +127,27 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict | None:
     """Meta-train as the command line says; the summary (rank 0; None on other ranks)."""
     cfg, ckpt = configure(parse_args(argv))
+    D.check_device(cfg.device)
     info = D.setup(cfg.device)
+    if ckpt:
+        if info.is_main:
+            G.resumed(cfg, ckpt["counters"]["outer_step"])
+        if ckpt["counters"]["outer_step"] >= cfg.outer_steps:     # nothing to do (said)
+            D.cleanup(info)
+            return (summarize(cfg, ckpt["counters"], ckpt["history"], Path(cfg.out) / S.LOPT_FILE,
+                              info.world_size, None) if info.is_main else None)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     training = setup(cfg, ckpt, info)
-    train(training)
+    try:
+        train(training)
+    except KeyboardInterrupt:
+        # Close the logs; rank 0's message says where the run stands and how to continue it.
+        if training.writer is not None:
+            training.writer.close()
+        raise G.Interrupted(G.interrupted(training.out, training.counters["outer_step"], training.last_checkpoint)
+                            if info.is_main else "") from None
     return finish(training)
 
 
@@ -141,6 +157,7 @@ def configure(args: argparse.Namespace) -> tuple[MetaConfig, dict | None]:
     flags = {k: v for k, v in vars(args).items() if v is not None and k in C.KEYS}
     out = Path(args.out or MetaConfig.out)
     flags["out"] = str(out)
+    G.check_out(out)
     if args.resume:
         if args.config or args.preset:
             raise C.ConfigError("--resume takes its config from the checkpoint; drop --config/--preset")
@@ -148,7 +165,9 @@ def configure(args: argparse.Namespace) -> tuple[MetaConfig, dict | None]:
         return C.resume(ckpt["config"], flags), ckpt
     if S.checkpoint_dir(out) is not None:
         raise C.ConfigError(f"{out} already holds a checkpoint; pass --resume to continue it or pick another --out")
-    return C.resolve(args.preset, C.load_file(args.config) if args.config else None, flags), None
+    cfg = C.resolve(args.preset, C.load_file(args.config) if args.config else None, flags)
+    G.check_fresh_out(out, (args.config, cfg.init_from))
+    return cfg, None
 
 
 # ---------------------------------------------------------------------- setup
@@ -169,12 +188,21 @@ class Training:
     history: dict[str, list]
     writer: Any = None              # TensorBoard (rank 0)
     resumed: bool = False
+    last_checkpoint: int | None = None  # outer step of the newest checkpoint in ``out``
 
 
 def setup(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> Training:
+    # Checks of the inputs first: each would otherwise surface only hours into the run.
+    specs = suite_specs(cfg.suite)
+    if ckpt:
+        G.check_pool(cfg, ckpt.get("tasks"), specs)
+    elif info.is_main:
+        G.warn_skipped(cfg)
+    if cfg.eval_every:
+        check_eval_task(cfg.eval_task)
     lopt = build_lopt(cfg, ckpt, info)
     opt = outer_optimizer(lopt, cfg, ckpt)
-    pool, specs = TaskPool(cfg.lopt, info.device), suite_specs(cfg.suite)
+    pool = TaskPool(cfg.lopt, info.device)
     if ckpt:
         runs = [InnerRun.restore(ckpt["run_scalars"][s], ckpt["run_tensors"][s], info.device)
                 for s in D.my_slots(info, cfg.meta_batch)]
@@ -187,63 +215,18 @@ def setup(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> Training:
         history = {"meta_loss": [], "grad_norm": [], "eval": []}
     return Training(cfg, info, Path(cfg.out), lopt, opt, [p for p in lopt.parameters() if p.requires_grad],
                     pool, specs, make_estimator(cfg, pool, info.device), runs, counters, history,
-                    resumed=ckpt is not None)
+                    resumed=ckpt is not None, last_checkpoint=counters["outer_step"] if ckpt else None)
 
 
 def build_lopt(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> torch.nn.Module:
     """The metanetwork: the checkpoint's, or a new one (warm-started if ``init_from``)."""
-    lopt = ckpt["lopt"] if ckpt else make_lopt(cfg.lopt, **cfg.lopt_config)
+    lopt = ckpt["lopt"] if ckpt else new_lopt(cfg)
     if not ckpt and cfg.init_from:
         warm_start(lopt, cfg.init_from)
     lopt = lopt.to(info.device).train()
     freeze(lopt, cfg.freeze)
     D.broadcast_module(info, lopt)  # identical replicas (same seed already gives them; be certain)
     return lopt
-
-
-def warm_start(lopt, path: str) -> None:
-    """Start from another run's metanetwork weights (``init_from``): every
-    weight of the same name and shape is copied; the rest (e.g. a parameter
-    the other config lacked) keeps its initialisation. Says what it did."""
-    source = load_lopt(path).state_dict()
-    own = lopt.state_dict()
-    copied = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
-    lopt.load_state_dict(copied, strict=False)
-    fresh = sorted(set(own) - set(copied))
-    print(f"meta_train.py: warm start from {path}: {len(copied)} weights copied"
-          + (f", kept at initialisation: {', '.join(fresh)}" if fresh else ""), file=sys.stderr)
-
-
-def freeze(lopt, names: list[str]) -> None:
-    """Keep the named metanetwork parameters (``freeze``: names or name prefixes) at
-    their current values: they get no meta-gradient and no outer-optimizer slot."""
-    own = dict(lopt.named_parameters())
-    for name in names:
-        hits = [n for n in own if n == name or n.startswith(name + ".")]
-        if not hits:
-            raise C.ConfigError(f"freeze: {name!r} names no parameter of the {type(lopt).__name__}; "
-                                f"its parameters: {sorted(own)}")
-        for n in hits:
-            own[n].requires_grad_(False)
-
-
-def outer_optimizer(lopt, cfg: MetaConfig, ckpt: dict | None) -> torch.optim.Optimizer:
-    """Adam (AdamW with ``weight_decay``) over the trainable weights; the scalar step
-    sizes in a group of their own when ``nominal_lr_mult`` != 1."""
-    named = [(n, p) for n, p in lopt.named_parameters() if p.requires_grad]
-    scalars = [p for n, p in named if n in SCALAR_STEP_SIZES]
-    if cfg.nominal_lr_mult != 1.0 and scalars:
-        groups = [{"params": [p for n, p in named if n not in SCALAR_STEP_SIZES], "lr_mult": 1.0},
-                  {"params": scalars, "lr_mult": cfg.nominal_lr_mult}]
-    else:
-        groups = [{"params": [p for _, p in named], "lr_mult": 1.0}]
-    if cfg.weight_decay > 0:
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(groups, lr=cfg.lr)
-    if ckpt:
-        opt.load_state_dict(ckpt["optimizer"])
-    return opt
 
 
 def run_length(cfg: MetaConfig, slot: int, index: int) -> int:
@@ -268,10 +251,22 @@ def train(t: Training) -> None:
     if t.info.is_main:
         t.out.mkdir(parents=True, exist_ok=True)
         from torch.utils.tensorboard import SummaryWriter
-        # purge_step drops events logged after the checkpoint by a run that was then killed.
-        t.writer = SummaryWriter(str(t.out / "tb"), purge_step=t.counters["outer_step"] if t.resumed else None)
+        # purge_step drops events logged after the checkpoint by a run that was then killed. The
+        # events of step N were logged before checkpoint N was written, so they stay: purge from N + 1.
+        t.writer = SummaryWriter(str(t.out / "tb"),
+                                 purge_step=t.counters["outer_step"] + 1 if t.resumed else None)
     bar = tqdm(total=cfg.outer_steps, initial=t.counters["outer_step"], dynamic_ncols=True,
                disable=not (t.info.is_main and cfg.progress), desc=f"meta-train {cfg.lopt}")
+    try:
+        loop(t, bar)
+    finally:
+        bar.close()
+    if t.info.is_main:
+        G.stopped(cfg, t.counters["outer_step"])
+
+
+def loop(t: Training, bar) -> None:
+    cfg = t.cfg
     session_start, wall_at_start, steps_here = time.time(), t.counters["wall_time_s"], 0
     while t.counters["outer_step"] < cfg.outer_steps:
         step, t0 = t.counters["outer_step"], time.time()
@@ -292,7 +287,6 @@ def train(t: Training) -> None:
             break
     if steps_here == 0 and not t.resumed:
         checkpoint(t)   # outer_steps 0: the initialisation is the result (an untrained baseline)
-    bar.close()
 
 
 def every(period: int, step: int) -> bool:
@@ -359,9 +353,10 @@ def checkpoint(t: Training) -> None:
                                  torch.get_rng_state()))
     if t.info.is_main:
         all_runs = [r for rank_runs, _ in gathered for r in rank_runs]
-        S.save(t.out, t.lopt, t.opt, t.cfg.to_dict(), t.counters, all_runs, [rng for _, rng in gathered],
-               t.history)
+        S.save(t.out, t.lopt, t.opt, C.stored(t.cfg), t.counters, all_runs, [rng for _, rng in gathered],
+               t.history, tasks=t.specs)
     D.barrier(t.info)
+    t.last_checkpoint = t.counters["outer_step"]
 
 
 # ---------------------------------------------------------------------- the end
@@ -392,6 +387,12 @@ def cli(argv=None) -> int:
         main(argv)
     except (C.ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError) as err:
         sys.exit(f"meta_train.py: error: {err}")
+    except KeyboardInterrupt as err:
+        # 130: the shell's status of a process ended by SIGINT; no traceback, where to resume instead.
+        message = str(err) if isinstance(err, G.Interrupted) else "interrupted before training started"
+        if message:
+            print(f"meta_train.py: {message}", file=sys.stderr)
+        return 130
     return 0
 
 

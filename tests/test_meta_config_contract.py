@@ -153,7 +153,7 @@ def test_json_files_are_read_and_other_suffixes_are_json(tmp_path):
         assert C.load_file(path) == {"eval_every": 3, "suite": "mix"}
     bad = tmp_path / "c.txt"
     bad.write_text("outer-steps: 7\n")           # YAML, but not named so: parsed as JSON
-    with pytest.raises(json.JSONDecodeError):
+    with pytest.raises(ConfigError, match=f"^{bad}: not valid JSON: "):
         C.load_file(bad)
 
 
@@ -710,12 +710,14 @@ def test_the_summary_reports_counters_and_the_meta_loss_at_both_ends():
     history = {"meta_loss": [None] + losses[:10] + [None] + losses[10:], "eval": [{"a": 1}, {"b": 2}]}
     s = SUM.summarize(MetaConfig(lopt="mlp", estimator="pes"), COUNTERS, history, "out/w.safetensors",
                       world_size=3, replicas_identical=False)
-    assert s == {"lopt": "mlp", "estimator": "pes", "outer_steps": 25, "inner_steps": 250, "skipped": 2,
+    assert s == {"lopt": "mlp", "estimator": "pes", "outer_steps": 25, "outer_steps_planned": 1000,
+                 "finished": False, "inner_steps": 250, "skipped": 2,
                  "resets": 3, "finished_runs": 4, "wall_time_s": 12.5, "world_size": 3,
                  "meta_loss_first": 1.0, "meta_loss_last": 21.0,
                  "meta_loss_first10pct_mean": 1.5, "meta_loss_last10pct_mean": 20.5, "meta_loss_min": 1.0,
                  "last_eval": {"b": 2}, "weights": "out/w.safetensors", "replicas_identical": False}
-    short = SUM.summarize(MetaConfig(), COUNTERS, {"meta_loss": [5.0, 3.0, 4.0], "eval": []}, "w")
+    short = SUM.summarize(MetaConfig(outer_steps=25), COUNTERS, {"meta_loss": [5.0, 3.0, 4.0], "eval": []}, "w")
+    assert short["finished"] is True and short["outer_steps_planned"] == 25
     assert (short["meta_loss_first10pct_mean"], short["meta_loss_last10pct_mean"]) == (5.0, 4.0)
     assert (short["meta_loss_min"], short["last_eval"], short["world_size"], short["replicas_identical"]) == (
         3.0, None, 1, True)

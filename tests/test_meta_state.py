@@ -243,3 +243,35 @@ def test_files_of_different_steps_are_refused_naming_each_step(tmp_path):
     with pytest.raises(ValueError, match=r"\(json 2, tensors 4, weights 2\): the run was killed mid-checkpoint; "
                                          r"restore the files from one checkpoint"):
         S.load(tmp_path / "a")
+
+
+def test_only_the_checkpoint_directories_save_wrote_are_removed(tmp_path):
+    # Folders of the user's that merely start with "ckpt-" are not the run's to delete;
+    # earlier generations, a same-step copy and a crashed write's leftovers are.
+    for name in ("ckpt-old-experiment", "ckpt-8-keep", "ckpt-1", f"ckpt-2.{os.getpid() + 1}", "ckpt.tmp-7"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text("x")
+    write(tmp_path, 2)
+    assert checkpoint_names(tmp_path) == ["ckpt-2", "ckpt-8-keep", "ckpt-old-experiment"]
+    assert (tmp_path / "ckpt-8-keep" / "f").read_text() == "x"
+
+
+def test_a_directory_holding_only_what_a_run_leaves_before_its_first_checkpoint_is_ours(tmp_path):
+    assert S.foreign_entries(tmp_path / "absent") == [] and S.foreign_entries(tmp_path) == []
+    for name in ("tb", "ckpt.tmp-2", "ckpt-2"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".hidden").write_text("")
+    assert S.foreign_entries(tmp_path) == []
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "ckpt-old").mkdir()
+    assert S.foreign_entries(tmp_path) == ["ckpt-old", "summary.json"]
+
+
+def test_the_task_pool_is_stored_and_loaded(tmp_path):
+    write(tmp_path, 2)
+    assert S.load(tmp_path)["tasks"] is None     # not given (as by versions before pools were stored)
+    torch.manual_seed(0)
+    lopt = make_lopt("mlp")
+    S.save(tmp_path, lopt, torch.optim.Adam(lopt.parameters()), {}, {"outer_step": 3}, [],
+           [torch.get_rng_state()], {"meta_loss": []}, tasks=["task:a", "family:mlp"])
+    assert S.load(tmp_path)["tasks"] == ["task:a", "family:mlp"]

@@ -13,7 +13,10 @@ One job per module:
 * :mod:`antithetic` -- noise, perturbation and gradient write-back shared by es and pes
 * :mod:`outer`     -- the estimators by name, and one outer step (estimate, all-reduce, clip, update)
 * :mod:`schedule`  -- outer learning-rate schedule (warmup + cosine)
+* :mod:`metanet`   -- the metanetwork a run trains (lopt_config checked, warm start, freeze), its outer optimizer
 * :mod:`state`     -- checkpoint / resume of the whole outer training state
+* :mod:`guard`     -- checks of a run's inputs before anything is built; what a resumed, stopped
+  or interrupted run tells its user
 * :mod:`summary`   -- the run's summary.json
 * :mod:`dist`      -- torchrun / DDP helpers (gloo on CPU, nccl on CUDA)
 * :mod:`quick_eval` -- held-out quick evaluation (learned optimizer vs Adam)

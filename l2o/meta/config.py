@@ -6,14 +6,16 @@ first: the dataclass defaults < preset < config file < command-line flags
 and bad values raise a :class:`ConfigError` that names the key, because a typo
 silently falling back to a default would waste a long run.
 
-Checkpoints store the config as a plain dict (:meth:`MetaConfig.to_dict`,
-JSON); :func:`resume` reads one back: keys added since it was written get
-their defaults, and keys since retired (:data:`RETIRED_KEYS`) are dropped.
+Checkpoints store the config as a plain dict (:func:`stored`: JSON, without
+the per-invocation keys :data:`PER_INVOCATION`); :func:`resume` reads one
+back: keys added since it was written get their defaults, and keys since
+retired (:data:`RETIRED_KEYS`) are dropped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +113,10 @@ RETIRED_KEYS = ("inject_nan_steps",)
 RESUMABLE_OVERRIDES = ("outer_steps", "checkpoint_every", "eval_every", "eval_steps", "log_every",
                        "stop_after", "progress", "device", "threads", "out",
                        "batch_runs")   # the same estimate, computed with fewer, larger passes
+# Keys about this one invocation, not about the run: never stored in a checkpoint (see
+# :func:`stored`), so a resume starts from their defaults. A stored stop_after would make
+# every later resume stop early again; a stored progress: false would hide the bar for good.
+PER_INVOCATION = ("stop_after", "progress")
 
 _INT_RULES = {"pos_int": (1, ">= 1"), "nonneg_int": (0, ">= 0"), "int": (None, "")}
 _FLOAT_RULES = {"pos_float": "> 0", "nonneg_float": ">= 0"}
@@ -180,6 +186,43 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _yaml_loader():
+    """PyYAML's safe loader, reading floats as YAML 1.2 (and JSON, and Python) do.
+
+    PyYAML follows YAML 1.1, whose float pattern needs a dot: ``lr: 3e-4``
+    would come back as the string '3e-4' and be refused, though it is how
+    everyone writes a learning rate. Also applies inside ``lopt_config``.
+    """
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    # add_implicit_resolver copies the inherited table first: SafeLoader itself stays as it was.
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return Loader
+
+
+def _numeric_strings_as_floats(data: dict[str, Any]) -> dict[str, Any]:
+    """Float keys given as numeric strings (``lr: "3e-4"``, quoted in YAML or JSON) as floats;
+    anything else is left for the checker to refuse with the key's name."""
+    floats = {f.name for f in dataclasses.fields(MetaConfig) if f.metadata["check"] in _FLOAT_RULES}
+    out = dict(data)
+    for key, value in data.items():
+        if key in floats and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                continue
+            if math.isfinite(number):     # "nan" / "inf" stay strings and are refused
+                out[key] = number
+    return out
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """A config file: YAML (``.yaml``/``.yml``) or JSON, a flat mapping of keys."""
     path = Path(path)
@@ -189,14 +232,25 @@ def load_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        data = yaml.safe_load(text)
+        try:
+            data = yaml.load(text, Loader=_yaml_loader())
+        except yaml.YAMLError as err:
+            # PyYAML's message spans several lines (with a caret); one line naming the file and place.
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML: {what}{where}") from None
     else:
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            hint = " (YAML files must be named .yaml or .yml)" if path.suffix not in (".json", "") else ""
+            raise ConfigError(f"{path}: not valid JSON: {err}{hint}") from None
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file must hold a mapping of keys, got {type(data).__name__}")
     # Config files may use the flag spelling (outer-steps) as well as the key spelling.
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return _numeric_strings_as_floats({str(k).replace("-", "_"): v for k, v in data.items()})
 
 
 def _check_known(values: Mapping[str, Any], source: str) -> None:
@@ -222,9 +276,15 @@ def resolve(preset: str | None = None, file_values: Mapping | None = None,
     return MetaConfig(**values)
 
 
+def stored(cfg: MetaConfig) -> dict[str, Any]:
+    """What a checkpoint stores of ``cfg``: :meth:`MetaConfig.to_dict` less :data:`PER_INVOCATION`."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in PER_INVOCATION}
+
+
 def from_checkpoint(saved: Mapping[str, Any]) -> MetaConfig:
-    """The config a checkpoint stored (a plain dict, possibly of an older version)."""
-    values = dict(saved)
+    """The config a checkpoint stored (a plain dict, possibly of an older version).
+    :data:`PER_INVOCATION` keys that older versions stored are dropped: they get their defaults."""
+    values = {k: v for k, v in saved.items() if k not in PER_INVOCATION}
     for key in RETIRED_KEYS:
         if values.pop(key, None):
             warnings.warn(f"the checkpoint's config sets {key}, no longer a config key: ignored", stacklevel=2)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -30,6 +32,23 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def check_device(name: str) -> None:
+    """Refuse, before anything is built, a device this process cannot use (a ConfigError
+    naming it) rather than torch's RuntimeError or AssertionError from deep inside."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ConfigError(f"device {name!r}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: there are only {torch.cuda.device_count()} GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here; use --device cpu")
 
 
 def setup(device: str) -> DistInfo:

@@ -10,12 +10,28 @@ from __future__ import annotations
 
 import torch
 
-from .config import MetaConfig
+from .config import ConfigError, MetaConfig
 from .inner import batch_stream, new_run, unroll
 from .tasks_pool import TaskPool
 
 EVAL_SEED = 1234
 MEASURE = MetaConfig(meta_objective="raw", diverge_factor=float("inf"))   # plain mean loss, never reset
+
+
+def check_eval_task(name: str) -> None:
+    """Refuse, before training starts, an ``eval_task`` the quick evaluation could not
+    or must not run: an unknown name (UnknownTaskError, with suggestions), a test
+    (heldout) task -- the evaluation picks checkpoints, so it would leak the test
+    set into the choice -- or a task whose dataset is missing here."""
+    import tasks
+
+    task = tasks.get_task(name)
+    if task.split == "heldout":
+        raise ConfigError(f"eval_task {name!r} is a test (heldout) task, which must never choose anything; "
+                          f"use a validation task such as {sorted(tasks.list_tasks('valid'))[0]!r}")
+    if not task.available():
+        raise ConfigError(f"eval_task {name!r} needs the {task.dataset} dataset, which is not available here "
+                          "(is $L2O_DATA set?)")
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ holding three files:
   optimizer's moments, each inner run's parameters / buffers / optimizer state
   / carried gradient, and each rank's torch RNG state;
 * ``train_state.json``    -- config, counters, outer optimizer scalars, inner
-  run scalars, meta-loss history.
+  run scalars, meta-loss history, the pool of task specs the runs draw from.
 
 The whole checkpoint is atomic: the files are written (and fsynced) into a
 fresh ``ckpt.tmp-<step>/``, the directory is renamed to ``ckpt-<step>/``, and
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -90,9 +91,40 @@ def _optimizer_join(tensors: dict[str, torch.Tensor], scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
+# The directories save() writes: ckpt-<step>, ckpt-<step>.<pid> (a same-step rewrite) and
+# ckpt.tmp-<step> (being written). Only these are ever deleted: a user's ckpt-old-experiment
+# or ckpt-8-keep beside them is not ours.
+_CHECKPOINT_NAME = re.compile(r"ckpt-(\d+)(?:\.\d+)?")
+_TMP_NAME = re.compile(r"ckpt\.tmp-\d+")
+
+
+def _stale(path: Path, final: Path, step: int) -> bool:
+    """Whether ``path`` is a directory save() wrote that ``final`` (step ``step``) supersedes:
+    an earlier generation, another copy of this step, or the leftover of a crashed write."""
+    if path == final or not path.is_dir() or path.is_symlink():
+        return False
+    if _TMP_NAME.fullmatch(path.name):
+        return True
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    return match is not None and int(match.group(1)) <= step
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Names in ``out`` that a run without a checkpoint yet does not explain: anything
+    but ``tb/`` and the checkpoint directories of a write that crashed (dotfiles ignored).
+    A fresh run must not write over such a directory (summary.json, lopt.safetensors)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    ours = lambda p: p.is_dir() and (p.name == "tb" or _TMP_NAME.fullmatch(p.name)  # noqa: E731
+                                     or _CHECKPOINT_NAME.fullmatch(p.name))
+    return sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and not ours(p))
+
+
 def save(out: Path, lopt, opt, cfg: dict, counters: dict, runs: list, rng_states: list[torch.Tensor],
-         history: dict) -> None:
-    """``runs``: every rank's InnerRun objects; ``rng_states``: one per rank."""
+         history: dict, tasks: list[str] | None = None) -> None:
+    """``runs``: every rank's InnerRun objects; ``rng_states``: one per rank; ``tasks``: the
+    pool of task specs drawn from (a resume checks it gets the same one)."""
     out = Path(out)
     step = int(counters["outer_step"])
     tensors, opt_scalars = _optimizer_split(opt)
@@ -110,7 +142,7 @@ def save(out: Path, lopt, opt, cfg: dict, counters: dict, runs: list, rng_states
     atomic_write_json(tmp / JSON_FILE, {
         "version": STATE_VERSION, "config": cfg, "counters": counters, "outer_optimizer": opt_scalars,
         "runs": sorted((r.scalars() for r in runs), key=lambda s: s["slot"]), "world_size": len(rng_states),
-        "history": history,
+        "history": history, "tasks": tasks,
     })
     _fsync_dir(tmp)
     final = out / f"ckpt-{step}"
@@ -129,7 +161,7 @@ def save(out: Path, lopt, opt, cfg: dict, counters: dict, runs: list, rng_states
     _fsync_dir(out)
     atomic_write_bytes(out / LOPT_FILE, (final / LOPT_FILE).read_bytes())
     for old in out.iterdir():   # earlier generations and leftovers of crashed writes
-        if old.is_dir() and old != final and (old.name.startswith("ckpt-") or old.name.startswith("ckpt.tmp-")):
+        if _stale(old, final, step):
             shutil.rmtree(old, ignore_errors=True)
     if previous is not None and previous == out:    # legacy top-level files, now superseded
         for name in (TENSORS_FILE, JSON_FILE):
@@ -172,4 +204,5 @@ def load(out: Path) -> dict[str, Any]:
         "optimizer": _optimizer_join(tensors, meta["outer_optimizer"]),
         "run_scalars": {s["slot"]: s for s in meta["runs"]}, "run_tensors": runs,
         "rng": {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("rng.")},
+        "tasks": meta.get("tasks"),     # None in checkpoints written before pools were stored
     }

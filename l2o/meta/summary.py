@@ -14,6 +14,8 @@ def summarize(cfg: MetaConfig, counters: dict, history: dict, weights, world_siz
     head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
     return {
         "lopt": cfg.lopt, "estimator": cfg.estimator, "outer_steps": counters["outer_step"],
+        # A run stopped early (--stop-after, Ctrl-C) must not pass for a finished one.
+        "outer_steps_planned": cfg.outer_steps, "finished": counters["outer_step"] >= cfg.outer_steps,
         "inner_steps": counters["inner_steps"], "skipped": counters["skipped"],
         "resets": counters["resets"], "finished_runs": counters["finished_runs"],
         "wall_time_s": counters["wall_time_s"], "world_size": world_size,

@@ -52,6 +52,29 @@ def suite_specs(suite: str) -> list[str]:
     return [f"task:{n}" for n in names]
 
 
+def skipped_for_data(suite: str) -> list[str]:
+    """Tasks of a named suite (``mix`` counts as ``train``) that :func:`suite_specs` leaves
+    out because their dataset is missing here: the pool then depends on ``$L2O_DATA``."""
+    split = "train" if suite == "mix" else suite
+    if split not in ("train", "valid", "heldout", "all"):
+        return []       # families need no data; a list of names is used as given
+    tasks = _tasks_module()
+    return [t.name for t in tasks.get_suite(split, include_unavailable=True) if not t.available()]
+
+
+def pool_mismatch(saved: list[str], here: list[str]) -> str | None:
+    """Why the pool a checkpoint drew from (``saved``) differs from the one built here
+    (None when they are the same). Draws index the pool, so any difference changes
+    every later task: the resume would not continue the same run."""
+    if saved == here:
+        return None
+    missing, extra = [s for s in saved if s not in here], [s for s in here if s not in saved]
+    parts = ([f"missing here: {', '.join(missing)}"] if missing else []) + \
+            ([f"new here: {', '.join(extra)}"] if extra else []) + \
+            ([] if missing or extra else ["the same tasks in another order"])
+    return "; ".join(parts)
+
+
 def draw_spec(pool: list[str], seed: int, slot: int, index: int) -> tuple[str, int]:
     """(spec, init seed) of run number ``index`` of meta-batch slot ``slot``."""
     rng = random.Random(f"{seed}/{slot}/{index}")  # str seeds hash deterministically (sha512)
