@@ -15,16 +15,8 @@ from l2o import eval as ev
 from l2o import plots
 from l2o.eval import cli, compare, protocol, report
 from tasks import data
-from test_data import make_cifar, make_mnist, write_idx
+from test_data import fresh_cache, make_cifar, make_mnist, write_idx  # noqa: F401 (fresh_cache: autouse, no $L2O_DATA)
 from test_evaluate import QuadraticTask
-
-
-@pytest.fixture(autouse=True)
-def no_data_dir(monkeypatch):
-    monkeypatch.delenv(data.ENV_VAR, raising=False)
-    data.clear_cache()
-    yield
-    data.clear_cache()
 
 
 @pytest.fixture(scope="module")
