@@ -13,7 +13,7 @@ Random init from ``transformers.GPT2Config()`` (no download). Prints:
   every round (this machine's cores are shared: medians and ratios in one
   run are what compare), and the optimizer step alone; one GMN optimizer per
   ``--edge-states`` value (``GMNOptimizer(edge_states=...)``);
-* the process's peak resident memory, and the loss of both runs;
+* the process's peak resident memory, and each run's loss and times round by round;
 * with ``--phases``, where the GMN's optimizer step spends its time (medians
   over the timed rounds): the step-size controller's sums, the step's setup
   (the statistics pass and the per-tensor sums), the message-passing rounds,
@@ -123,7 +123,9 @@ def main() -> None:
             if r:
                 times[name]["train"].append(t2 - t0)
                 times[name]["opt"].append(t2 - t1)
-        print(f"  round {r}: " + ", ".join(f"{k} {losses[k][-1]:.3f}" for k in opts)
+        print(f"  round {r}: " + ", ".join(f"{k} loss {losses[k][-1]:.3f}"
+                                          + (f" step {times[k]['train'][-1]:.2f} s (opt {times[k]['opt'][-1]:.2f})"
+                                             if r else "") for k in opts)
               + f"  (peak RSS so far {_peak_gib():.1f} GiB)", flush=True)
     med = {k: {p: statistics.median(v) for p, v in d.items()} for k, d in times.items()}
     for k in opts:
