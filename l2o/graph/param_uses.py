@@ -3,6 +3,13 @@ edges or node-held entries.
 
 * ``linear`` / ``addmm`` / ``mm`` / ``x @ W(.T)``: edges (HF ``Conv1D`` is
   ``addmm(b, x, W)`` with ``W[in, out]``; ``x @ W.T`` a Linear written out);
+* ``W @ x`` (``W(.T) @ x`` / ``mm(W, x)``): the same linear map applied to
+  ``x``'s second-to-last dim (``x`` channels-first, ``[..., in, L]``), when
+  ``x``'s units lie along that dim (Mamba's ``dt_proj.weight @ dt``);
+* ``conv1d`` / ``conv2d`` / ``conv3d`` / ``conv_transpose*`` with a parameter
+  kernel, or an in-order reshape of one (``conv.weight.squeeze(1)`` put
+  back with ``unsqueeze(1)``: a depthwise causal conv written out):
+  kernel entries are edges, as for a conv module;
 * ``embedding``: token -> unit edges;
 * ``layer_norm`` / ``rms_norm`` / ``group_norm`` / ``batch_norm`` /
   ``instance_norm``, ``prelu``: NORM_WEIGHT / NORM_BIAS entries;
@@ -19,14 +26,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layers.conv import conv_core
 from .layers.embedding import embedding_core
 from .layers.hf import conv1d_core
 from .layers.linear import linear_core
 from .op_names import ADD, MUL
 from .param_graph import EntryKind
-from .shadows import TensorInfo
+from .shadows import TensorInfo, along, const_along
 
 NORMS = ("layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm")
+CONVS = {"conv1d": (1, False), "conv2d": (2, False), "conv3d": (3, False),
+         "conv_transpose1d": (1, True), "conv_transpose2d": (2, True), "conv_transpose3d": (3, True)}
 
 
 def record_param_use(rec, name, func, args, kwargs, out, tracked) -> bool:
@@ -44,7 +54,11 @@ def record_param_use(rec, name, func, args, kwargs, out, tracked) -> bool:
     if name in ("addmm", "mm", "spmm", "matmul", "__matmul__"):
         x, w, b = (arg(1, "mat1"), arg(2, "mat2"), arg(0, "input")) if name == "addmm" else \
             (arg(0, "input"), arg(1, "other" if "matmul" in name else "mat2"), None)
+        if name != "addmm" and not rec.is_activation(x) and rec.is_activation(w):
+            return _left_product(rec, x, w, out)
         return _matrix_product(rec, x, w, b, out)
+    if name in CONVS:
+        return _conv(rec, name, arg, out)
     if name == "embedding":
         # F.embedding passes (input, weight) on positionally; the builtin
         # torch.embedding takes (weight, indices)
@@ -76,6 +90,67 @@ def _matrix_product(rec, x, w, b, out) -> bool:
         rec.assign(out, conv1d_core(rec.state, w, bias, rec.val(x)))
         return True
     return False
+
+
+def _left_product(rec, w, x, out) -> bool:
+    """``W @ x`` (``W[out, in]``) or ``W.T @ x`` (``W[in, out]``): a linear map
+    on ``x``'s dim -2 (its only dim if 1-D), whose units must lie along that
+    dim (a parameter mixing the positions of a token-major ``x`` is left to
+    :func:`l2o.graph.attention_ops.matmul`)."""
+    if not isinstance(out, Tensor) or out.dim() == 0:
+        return False
+    xi = rec.get(x)
+    fd = -2 if x.dim() >= 2 else -1
+    if x.dim() >= 2 and xi.sh is not None and not const_along(xi.sh, -1):
+        return False
+    wt = transposed_param(rec, w)
+    p = in_order_param(rec, w) if wt is None else None
+    if wt is not None:
+        val = conv1d_core(rec.state, wt, None, rec.val(x, fd))
+    elif p is not None and w.dim() == 2:
+        val = linear_core(rec.state, p, None, rec.val(x, fd))
+    else:
+        return False
+    nodes = val.nodes
+    if nodes is None or int(out.shape[fd]) != int(nodes.shape[0]):
+        return True
+    rec.set(out, TensorInfo(sh=along(nodes, out.shape, fd), depth=val.depth))
+    return True
+
+
+def _conv(rec, name: str, arg, out) -> bool:
+    """``F.conv*d(x, W, b, ..., groups)`` with ``W`` a parameter or an in-order
+    reshape of one: edges as for the conv module (:func:`l2o.graph.layers.conv.conv_core`)."""
+    nsp, transposed = CONVS[name]
+    x, w, b = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
+    p = in_order_param(rec, w)
+    if p is None or not rec.is_activation(x) or w.dim() != nsp + 2 or x.dim() not in (nsp + 1, nsp + 2):
+        return False
+    groups = arg(6, "groups")
+    groups = 1 if groups is None else int(groups)
+    bias = in_order_param(rec, b)
+    bias = bias if bias is not None and bias.dim() == 1 else None
+    fd = x.dim() - nsp - 1
+    val = conv_core(rec.state, p, tuple(w.shape), bias, rec.val(x, fd), groups, transposed)
+    nodes = val.nodes
+    if isinstance(out, Tensor) and out.dim() > fd and int(out.shape[fd]) == int(nodes.shape[0]):
+        rec.set(out, TensorInfo(sh=along(nodes, out.shape, fd), depth=val.depth))
+    return True
+
+
+def in_order_param(rec, t):
+    """The parameter ``P`` if ``t`` is ``P`` or holds all of ``P``'s entries in
+    their own order (a reshape, ``squeeze`` / ``unsqueeze``, a no-op cast), else None."""
+    if rec.is_param(t):
+        return t
+    i = rec.get(t) if isinstance(t, Tensor) else None
+    if i is None or i.pidx is None:
+        return None
+    p, idx = i.pidx
+    n = rec.state.param_shapes[p].numel()
+    if idx.numel() != n or not torch.equal(idx.reshape(-1), torch.arange(n)):
+        return None
+    return rec.state.params[p]
 
 
 def transposed_param(rec, t):

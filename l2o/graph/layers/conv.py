@@ -29,14 +29,20 @@ def kernel_offsets(kernel_size: tuple[int, ...]) -> Tensor:
 
 def map_conv(state, mod: nn.modules.conv._ConvNd, qualname: str, args, kwargs):
     x = args[0] if args else kwargs.get("input")
-    w = mod.weight
-    transposed = bool(getattr(mod, "transposed", False))
-    groups = mod.groups
-    in_nodes = channel_nodes(state, x, mod.in_channels)
+    return conv_core(state, mod.weight, tuple(mod.weight.shape), mod.bias, x, mod.groups,
+                     bool(getattr(mod, "transposed", False)))
+
+
+def conv_core(state, weight, shape: tuple[int, ...], bias, x, groups: int, transposed: bool) -> Val:
+    """Edges of a convolution with kernel ``weight`` read in ``shape`` (its
+    own shape, or an in-order reshape of it: a functional call on
+    ``conv.weight.squeeze(1).unsqueeze(1)`` or a Linear's ``W[o, i, 1]``)."""
+    a, b = (int(d) for d in shape[:2])   # (out, in/g) for conv, (in, out/g) for transposed
+    ks = tuple(int(d) for d in shape[2:])
+    in_ch, out_ch = (a, b * groups) if transposed else (b * groups, a)
+    in_nodes = channel_nodes(state, x, in_ch)
     depth = depth_of(x) + 1
-    out = state.new_nodes(mod.out_channels, NodeType.HIDDEN, depth)
-    a, b = w.shape[:2]          # (out, in/g) for conv, (in, out/g) for transposed
-    ks = tuple(w.shape[2:])
+    out = state.new_nodes(out_ch, NodeType.HIDDEN, depth)
     K = math.prod(ks)
     r0 = torch.arange(a).view(a, 1)
     r1 = torch.arange(b).view(1, b)
@@ -47,8 +53,8 @@ def map_conv(state, mod: nn.modules.conv._ConvNd, qualname: str, args, kwargs):
     else:
         src2 = in_nodes.view(a, 1).expand(a, b)
         dst2 = out[(r0 // per_group_a) * b + r1]               # [I, O/g]
-    state.add_edges(w, (a, b, K), src2.unsqueeze(-1), dst2.unsqueeze(-1), EdgeKind.CONV,
+    state.add_edges(weight, (a, b, K), src2.unsqueeze(-1), dst2.unsqueeze(-1), EdgeKind.CONV,
                     kernel_offsets(ks).view(1, 1, K, 2))
-    if mod.bias is not None:
-        state.add_entries(mod.bias, out, EntryKind.BIAS)
+    if bias is not None:
+        state.add_entries(bias, out, EntryKind.BIAS)
     return Val(own_nodes=out, depth=depth, fdim="chan")
