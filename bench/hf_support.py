@@ -100,6 +100,8 @@ def configs():
             d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
             encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, vocab_size=100, max_source_positions=16,
             max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1))),
+        ("Mamba (selective state space)", lambda: tr.MambaForCausalLM(tr.MambaConfig(
+            hidden_size=32, num_hidden_layers=2, vocab_size=100, state_size=4, expand=2))),
     ]
     return out
 
