@@ -6,7 +6,8 @@
 1. Correctness on the device: a GMNOptimizer / MLPOptimizer step on CUDA equals
    the CPU step on the same model and gradients (to float tolerance).
 2. Train-step cost (forward + backward + optimizer step) and peak memory of
-   GMNOptimizer, MLPOptimizer and AdamW on reference models and, when
+   GMNOptimizer (edge states by size, and ``edge_states="float16"``),
+   MLPOptimizer and AdamW on reference models and, when
    ``transformers`` is installed, GPT-2 small (124M) and medium (350M), as
    ratios to AdamW measured in the same run.
 3. Meta-training throughput on the device (tiny preset, batched runs).
@@ -69,6 +70,7 @@ OPTIMIZERS = {
     "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4),
     "mlp": lambda m: l2o.MLPOptimizer(m.parameters()),
     "gmn": lambda m: l2o.GMNOptimizer(m),
+    "gmn_f16": lambda m: l2o.GMNOptimizer(m, edge_states="float16"),   # kept half-float edge states
 }
 
 
