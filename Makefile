@@ -2,7 +2,8 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-# The pinned CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+# The pin (this project's machines serve it as a CPU wheel; PyPI's Linux default is the
+# CUDA build: README, first section); an unpinned torch would pull a newer multi-GB CUDA build.
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 

@@ -1,6 +1,6 @@
 """Meta-train a learned optimizer (the GMN, or the per-parameter MLP baseline).
 
-    python meta_train.py --preset tiny --out runs/tiny              # ~1 minute on a CPU
+    python meta_train.py --preset tiny --out runs/tiny              # seconds on a CPU
     python meta_train.py --lopt mlp --preset tiny --out runs/tiny_mlp
     python meta_train.py --config configs/small.yaml --out runs/gmn  # a real run
     python meta_train.py --out runs/gmn --resume                    # continue it exactly
@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                "l2o/meta/config.py) can be set in the config file; the common ones have flags.")
     # Flags default to None so that only the ones actually given override the config.
     p.add_argument("--config", help="YAML or JSON file of config keys")
-    p.add_argument("--preset", choices=sorted(C.PRESETS), help="named preset (tiny: ~1 minute on CPU)")
+    p.add_argument("--preset", choices=sorted(C.PRESETS), help="named preset (tiny: seconds on CPU)")
     p.add_argument("--out", help=f"output directory (default {MetaConfig.out})")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the checkpoint in --out (config comes from it; flags "
