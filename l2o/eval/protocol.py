@@ -24,6 +24,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..device_check import device_problem
 from .metrics import DIVERGE_FACTOR, SMOOTH_FRAC, select_lr
 from .optimizers import (ADAMW_WEIGHT_DECAY, DEFAULT_GRIDS, HAND_DESIGNED, LEARNED, OPTIMIZERS, SGD_MOMENTUM,
                          EvaluationInputError, resolve_weights)
@@ -92,23 +93,11 @@ def suite_label(suite) -> str:
 def check_device(device) -> torch.device:
     """``device`` as a torch.device that exists here; a clear error otherwise (a
     misspelt or absent device would surface as a traceback from the first run)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise EvaluationInputError(f"device {str(device)!r} is not a torch device "
-                                   "(expected cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise EvaluationInputError(f"device {str(device)!r}: {build} (torch {torch.__version__}); "
-                                       "use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise EvaluationInputError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA "
-                                       "device(s) visible")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise EvaluationInputError(f"device {str(device)!r}: MPS is not available here; use --device cpu")
-    elif dev.type != "cpu":
+    problem = device_problem(device)
+    if problem:
+        raise EvaluationInputError(problem)
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda", "mps"):
         raise EvaluationInputError(f"device {str(device)!r}: only cpu, cuda and mps are supported")
     return dev
 

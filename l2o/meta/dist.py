@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..device_check import device_problem
 from .config import ConfigError
 
 
@@ -37,18 +38,9 @@ class DistInfo:
 def check_device(name: str) -> None:
     """Refuse, before anything is built, a device this process cannot use (a ConfigError
     naming it) rather than torch's RuntimeError or AssertionError from deep inside."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ConfigError(f"device {name!r}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: there are only {torch.cuda.device_count()} GPU(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device {name!r}: MPS is not available here; use --device cpu")
+    problem = device_problem(name)
+    if problem:
+        raise ConfigError(problem)
 
 
 def setup(device: str) -> DistInfo:
