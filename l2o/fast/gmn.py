@@ -89,15 +89,17 @@ class GMNChunkedStep:
                 for r in plan.stat_runs if r.start >= plan.num_edges]
         self.node_runs = [(k, s, e) for k, s, e in runs if e > s]   # (tensor, start, stop), this rank's
         self.edge_runs = plan.edge_runs if shard is None else owned_runs(plan, shard)
-        fusable = kernels is not None and len(lopt.convs) <= MAX_ROUNDS
-        self.fused = [fusable and isinstance(run, DenseRun) for run in self.edge_runs]
+        self.fusable = kernels is not None and len(lopt.convs) <= MAX_ROUNDS
+        self.fused = [self.is_fused(run) for run in self.edge_runs]
         if check_edge_states(edge_states) == "auto":
             edge_states = "float32" if plan.num_params <= STORE_EDGE_STATES_MAX_PARAMS else "recompute"
         if edge_states == "float16" and any(self.fused) and not kernels.half_states:
             raise ValueError("edge_states='float16': this machine's build of the fused kernels has no half "
                              "floats (l2o.fast.native.status()); use 'float32' or 'recompute'")
+        # flat: run r's states are entries [De start_r, De stop_r), as [De, L] for the torch
+        # ops and in the fused kernels' own tile-major order for a fused run
         self.edge_states = (None if edge_states == "recompute" or shard is not None else
-                            plan.fixed("edge_states", (self.de, plan.num_edges), self.dev, getattr(torch, edge_states)))
+                            plan.fixed("edge_states", (self.de * plan.num_edges,), self.dev, getattr(torch, edge_states)))
         self.w_enc = fold_input_scale(lopt.edge_feat.weight, self.inv_rms)                  # [T, De, F]
         self.static = StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(self.t))
         self.w_msg = [conv.edge_lin.weight.contiguous() for conv in lopt.convs]
@@ -131,8 +133,16 @@ class GMNChunkedStep:
 
     # ------------------------------------------------------- fused runs
     def kept(self, run) -> Tensor | None:
-        """The run's kept edge states ``[De, L]`` (a view), or None when recomputed."""
-        return None if self.edge_states is None else self.edge_states[:, run.start:run.stop]
+        """The run's kept edge states (a view: ``[De, L]``, flat on a fused
+        run), or None when recomputed."""
+        if self.edge_states is None:
+            return None
+        kept = self.edge_states[self.de * run.start:self.de * run.stop]
+        return kept if self.is_fused(run) else kept.view(self.de, -1)
+
+    def is_fused(self, run) -> bool:
+        """Whether the run's passes are fused kernel calls (dense runs), else torch ops."""
+        return self.fusable and isinstance(run, DenseRun)
 
     def fused_pass(self, run: DenseRun, rounds: int, write_back: bool = False, **out) -> int:
         """``rounds`` rounds over a dense run in one kernel call

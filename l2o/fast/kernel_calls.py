@@ -126,8 +126,10 @@ class FusedKernels:
         edges whose statistics are ``st`` (``kernels.c``: ``l2o_gmn_pass``):
         ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
         rounds to run (None before ``first``), from ``first`` (the states
-        after ``first`` rounds read from ``kept`` ``[DE, >= n]``, float32, or
-        float16 where :attr:`half_states`, written saturated to +-65504; 0:
+        after ``first`` rounds read from ``kept``: ``DE * n`` contiguous
+        entries in the kernels' own tile-major order (``kernels.c``:
+        ``kept_at``), float32, or float16 where :attr:`half_states`, written
+        saturated to +-65504; 0:
         ``encode`` = ``(w_enc [DE, NF],
         static table, its feature stride, its row stride)``). Then either
         ``sums`` = ``(row_sum, col_sum)``: the last round's messages added
@@ -158,7 +160,9 @@ class FusedKernels:
             if kept.dtype is not _F32 and not (kept.dtype is torch.float16 and self.half_states):
                 _require(False, k, f"kept states must be float32 or, where the build has half floats "
                                    f"(this one: {self.half_states}), float16, got {kept.dtype}")
-            _rows(k, "kept", kept, de, n, kept.dtype)
+            if not (kept.is_cpu and kept.is_contiguous() and kept.numel() == de * n):
+                _require(False, k, f"kept must be a contiguous CPU tensor of {de} x {n} entries, "
+                                   f"got {tuple(kept.shape)} strides {kept.stride()} on {kept.device}")
         w_enc, table, stat_ld, stat_rs = encode
         _dense(k, "w_enc", w_enc, (de, self.nf))
         _require(table.dtype == _F32 and table.is_contiguous() and
@@ -184,7 +188,6 @@ class FusedKernels:
                    *_update_target(k, update, apply, n, nonfinite))
         _done(self.lib.l2o_gmn_pass(rows, cols, per_group, *args, w_enc.data_ptr(), table.data_ptr(), stat_ld, stat_rs,
                                     first, stop, *ptrs, None if kept is None else kept.data_ptr(),
-                                    0 if kept is None else kept.stride(0),
                                     int(kept is not None and kept.dtype is torch.float16), *acc, *out,
                                     torch.get_num_threads()))
         return nonfinite.value

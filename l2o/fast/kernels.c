@@ -83,11 +83,13 @@ INLINE vf saturate_half(vf x) { return blend(x > HALF_MAX, splat(HALF_MAX), blen
 typedef __m256i half_vec;
 #define HALF_TO_FLOAT _mm512_cvtph_ps
 #define FLOAT_TO_HALF(x) _mm512_cvtps_ph((__m512)(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define STREAM_HALF(p, h) _mm256_stream_si256((__m256i *)(p), h)
 #elif defined(__F16C__) && VB == 8
 #include <immintrin.h>
 typedef __m128i half_vec;
 #define HALF_TO_FLOAT _mm256_cvtph_ps
 #define FLOAT_TO_HALF(x) _mm256_cvtps_ph((__m256)(x), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define STREAM_HALF(p, h) _mm_stream_si128((__m128i *)(p), h)
 #endif
 #ifdef HALF_TO_FLOAT /* one conversion instruction per vector */
 #define HALF_STATES 1
@@ -98,9 +100,12 @@ INLINE vf load_half(const half *p, int nv) {
     memcpy(&h, p, (size_t)nv * sizeof(half));
     return (vf)HALF_TO_FLOAT(h);
 }
-INLINE void store_half(half *p, vf x, int nv) {
+INLINE void store_half(half *p, vf x, int nv, int stream) {
     const half_vec h = FLOAT_TO_HALF(saturate_half(x));
-    memcpy(p, &h, (size_t)nv * sizeof(half));
+    if (stream && nv == VB && ((unsigned long)p & (sizeof h - 1)) == 0)
+        STREAM_HALF(p, h);
+    else
+        memcpy(p, &h, (size_t)nv * sizeof(half));
 }
 #elif defined(__FLT16_MAX__) /* the compiler's _Float16, lane by lane */
 #define HALF_STATES 1
@@ -110,7 +115,8 @@ INLINE vf load_half(const half *p, int nv) {
     for (int v = 0; v < nv; v++) r[v] = (float)p[v];
     return r;
 }
-INLINE void store_half(half *p, vf x, int nv) {
+INLINE void store_half(half *p, vf x, int nv, int stream) {
+    (void)stream;
     x = saturate_half(x);
     for (int v = 0; v < nv; v++) p[v] = (half)x[v];
 }
@@ -118,7 +124,7 @@ INLINE void store_half(half *p, vf x, int nv) {
 #define HALF_STATES 0
 typedef unsigned short half;
 INLINE vf load_half(const half *p, int nv) { (void)p; (void)nv; return (vf){0}; }
-INLINE void store_half(half *p, vf x, int nv) { (void)p; (void)x; (void)nv; }
+INLINE void store_half(half *p, vf x, int nv, int stream) { (void)p; (void)x; (void)nv; (void)stream; }
 #endif
 
 /* exp over the lanes (libm's expf does not vectorise portably): Cody-Waite
@@ -156,7 +162,10 @@ INLINE vf finish(vf dir, vf log_step, vf adam, float nominal, float c) {
 /* Output units per register block: a divisor of the layer's width, at most
  * 4, so 4 x T accumulators (plus an input vector and a weight) fit the 16
  * AVX registers. */
-#define GROUP_OF(width) ((width) % 4 == 0 ? 4 : (width) % 2 == 0 ? 2 : 1)
+#ifndef GMAX
+#define GMAX 4
+#endif
+#define GROUP_OF(width) ((width) % GMAX == 0 ? GMAX : (width) % 4 == 0 ? 4 : (width) % 2 == 0 ? 2 : 1)
 
 /* acc[g] += sum_k w[row0 + g, k] in[k] for g < G, over one tile. `in` holds K
  * rows at stride in_ld and is read from memory (the frame itself, or a small
@@ -439,8 +448,7 @@ typedef struct {
     const float *const *w_msg; /* per layer [DE][DE] */
     const float *const *row_t; /* per layer [DE][R] */
     const float *const *col_t; /* per layer [DE][G * C], bias folded in */
-    void *kept;                /* DE edge-state rows (stride kept_ld), or NULL */
-    long kept_ld;
+    void *kept;                /* the edge states, tile-major (load_kept), or NULL */
     int kept_half;             /* kept holds half floats, else floats */
     float *row_acc;              /* [DE][R], added to */
     float *col_acc[MAX_THREADS]; /* [DE][G * C] per thread; [0] is the caller's, added to */
@@ -457,14 +465,24 @@ typedef struct {
 #define EGROUP GROUP_OF(DE)
 #define RGROUP GROUP_OF(HID)
 
-INLINE vf load_kept(const pass_args *a, long at, int nv) {
-    return a->kept_half ? load_half((const half *)a->kept + at, nv) : load((const float *)a->kept + at, nv);
+/* Kept edge states are stored tile by tile: the DE states of the tile of nv
+ * edges at flat index `at` (a row's tiles start at its multiples of TC, so
+ * the tiles of a block tile its whole index range) lie together, state d of
+ * its lane v at DE * at + d * nv + v. A pass then reads and writes them as
+ * one stream of whole cache lines; DE rows of stride n would be DE streams
+ * written a few bytes at a time (at strides that can alias in the L1: 1.6x
+ * the time of the round pass that writes them on a 2-core EPYC). */
+INLINE long kept_at(long at, int d, int t, int nv) { return DE * at + (long)d * nv + t * VB; }
+INLINE vf load_kept(const pass_args *a, long at, int d, int t, int nv) {
+    const long k = kept_at(at, d, t, nv);
+    return a->kept_half ? load_half((const half *)a->kept + k, lanes(nv, t)) : load((const float *)a->kept + k, lanes(nv, t));
 }
-INLINE void store_kept(const pass_args *a, long at, vf x, int nv) {
+INLINE void store_kept(const pass_args *a, long at, int d, int t, int nv, vf x) {
+    const long k = kept_at(at, d, t, nv);
     if (a->kept_half)
-        store_half((half *)a->kept + at, x, nv);
+        store_half((half *)a->kept + k, x, lanes(nv, t), a->first == 0);
     else
-        store((float *)a->kept + at, x, nv);
+        store((float *)a->kept + k, x, lanes(nv, t));
 }
 
 /* acc[g][t] = row[(d0 + g) * rows + i] + col[(d0 + g) * col_ld + c0 + t * VB]: a row plus a column term */
@@ -502,7 +520,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
         }
     } else {
         for (int d = 0; d < DE; d++)
-            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load_kept(a, d * a->kept_ld + at + t * VB, lanes(nv, t)), VB);
+            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load_kept(a, at, d, t, nv), VB);
     }
     float m[DE][TC];
     for (int l = a->first; l < a->stop; l++) {
@@ -526,7 +544,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
                 if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
                 store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
                 store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-                if (a->kept) store_kept(a, d * a->kept_ld + at + t * VB, load(&ex[d][t * VB], VB), n);
+                if (a->kept) store_kept(a, at, d, t, nv, load(&ex[d][t * VB], VB));
             }
         }
         return;
@@ -569,13 +587,16 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
             }
     }
     ((pass_args *)a)->nonfinite[thread] = nonfinite;
+#ifdef HALF_TO_FLOAT
+    _mm_sfence();
+#endif
 }
 
 int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const float *g, float *m, long m_ld, float *v,
                  const float *betas, float b2, float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps,
                  int adam_m, int write_back, const float *w_enc, const float *stat, long stat_ld, long stat_rs,
                  int first, int stop, const float *const *w_msg, const float *const *row_t,
-                 const float *const *col_t, void *kept, long kept_ld, int kept_half, float *row_acc, float *col_acc,
+                 const float *const *col_t, void *kept, int kept_half, float *row_acc, float *col_acc,
                  const float *w_z, const float *z_row, const float *z_col, const float *head_w, float head_b0,
                  float head_b1, float nominal, float c, float *update, float *apply_p, float lr, float decay,
                  long *nonfinite, int threads) {
@@ -584,7 +605,7 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
     pass_args *a = malloc(sizeof *a);
     if (!a) return -1;
     *a = (pass_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
-                     w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_ld, kept_half, row_acc,
+                     w_enc, stat, stat_ld, stat_rs, first, stop, w_msg, row_t, col_t, kept, kept_half, row_acc,
                      {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update || apply_p,
                      {update, apply_p, lr, decay}, {0}, rows, cols, per_group};
     threads = thread_count(rows, rows * cols, threads);

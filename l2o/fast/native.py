@@ -42,7 +42,7 @@ _p = ctypes.c_void_p
 _SIGNATURES = {
     "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _l, _p, _i],
     "l2o_gmn_pass": [_l, _l, _l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _p, _l, _l, _i, _i, _p, _p, _p,
-                     _p, _l, _i, _p, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
+                     _p, _i, _p, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
     "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
     "l2o_finish": [_l, _p, _p, _p, _f, _f, _p],
     "l2o_half_states": [],
