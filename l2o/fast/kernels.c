@@ -493,9 +493,9 @@ INLINE void node_terms(const int G, const float *row, long rows, long i, const f
             acc[g][t] = row[(d0 + g) * rows + i] + load(col + (d0 + g) * col_ld + c0 + t * VB, lanes(nv, t));
 }
 
-/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
+/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][VB] and
  * col_acc collect a round pass's messages. */
-INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][TC],
+INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][VB],
                       long *nonfinite) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = row_gc + j0;
     const long at = i * a->cols + j0;
@@ -524,30 +524,37 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
     }
     float m[DE][TC];
     for (int l = a->first; l < a->stop; l++) {
+        /* a round pass's last round: its messages go straight to both ends and
+         * e + m to the kept states (nothing reads e after it in this pass) */
+        const int to_ends = !a->readout && l == a->stop - 1;
 #pragma GCC unroll 1
         for (int d0 = 0; d0 < DE; d0 += EGROUP) { /* m = relu(W_msg e + node terms) */
             vf acc[EGROUP][T];
             node_terms(EGROUP, a->row_t[l], a->rows, i, a->col_t[l], col_ld, gc, d0, nv, acc);
             dot_block(EGROUP, DE, a->w_msg[l], d0, &ex[0][0], TC, acc);
-            for (int g = 0; g < EGROUP; g++)
-                for (int t = 0; t < T; t++) store(&m[d0 + g][t * VB], relu(acc[g][t]), VB);
-        }
-        for (int d = 0; d < DE; d++) /* only now: every message read the old e */
-            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(&ex[d][t * VB], VB) + load(&m[d][t * VB], VB), VB);
-    }
-    if (!a->readout) { /* a round pass: the last round's messages to both ends, e kept */
-        for (int d = 0; d < DE; d++) {
-            float *ca = col_acc + d * col_ld + gc;
-            for (int t = 0; t < T; t++) {
-                const int n = lanes(nv, t);
-                vf mv = load(&m[d][t * VB], VB);
-                if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
-                store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
-                store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-                if (a->kept) store_kept(a, at, d, t, nv, load(&ex[d][t * VB], VB));
+            for (int g = 0; g < EGROUP; g++) {
+                const int d = d0 + g;
+                float *ca = col_acc + d * col_ld + gc;
+                vf row_part = splat(0.f);
+                for (int t = 0; t < T; t++) {
+                    vf mv = relu(acc[g][t]);
+                    if (!to_ends) {
+                        store(&m[d][t * VB], mv, VB);
+                        continue;
+                    }
+                    const int n = lanes(nv, t);
+                    if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
+                    row_part += mv;
+                    store(ca + t * VB, load(ca + t * VB, n) + mv, n);
+                    if (a->kept) store_kept(a, at, d, t, nv, load(&ex[d][t * VB], VB) + mv);
+                }
+                if (to_ends) store(rsum[d], load(rsum[d], VB) + row_part, VB);
             }
         }
-        return;
+        if (to_ends)
+            return;
+        for (int d = 0; d < DE; d++) /* only now: every message read the old e */
+            for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(&ex[d][t * VB], VB) + load(&m[d][t * VB], VB), VB);
     }
     /* the read-out: hidden units RGROUP at a time, folded into the head at once */
     vf dir[T], ls[T];
@@ -569,7 +576,7 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
     const pass_args *a = args;
     float *col_acc = a->col_acc[thread];
     long nonfinite = 0; /* here, not in a->nonfinite: the threads' counters share a cache line */
-    float rsum[DE][TC];
+    float rsum[DE][VB];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
         const long row_gc = (i / a->per_group) * a->cols; /* the row's group's first column term */
@@ -582,7 +589,7 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
         if (!a->readout)
             for (int d = 0; d < DE; d++) {
                 float s = 0.f;
-                for (int v = 0; v < TC; v++) s += rsum[d][v];
+                for (int v = 0; v < VB; v++) s += rsum[d][v];
                 a->row_acc[d * a->rows + i] += s;
             }
     }
