@@ -162,10 +162,7 @@ INLINE vf finish(vf dir, vf log_step, vf adam, float nominal, float c) {
 /* Output units per register block: a divisor of the layer's width, at most
  * 4, so 4 x T accumulators (plus an input vector and a weight) fit the 16
  * AVX registers. */
-#ifndef GMAX
-#define GMAX 4
-#endif
-#define GROUP_OF(width) ((width) % GMAX == 0 ? GMAX : (width) % 4 == 0 ? 4 : (width) % 2 == 0 ? 2 : 1)
+#define GROUP_OF(width) ((width) % 4 == 0 ? 4 : (width) % 2 == 0 ? 2 : 1)
 
 /* acc[g] += sum_k w[row0 + g, k] in[k] for g < G, over one tile. `in` holds K
  * rows at stride in_ld and is read from memory (the frame itself, or a small
