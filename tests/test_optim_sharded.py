@@ -71,8 +71,11 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()     # the same data on both ranks: DDP-like gradients
             opt.step()
+    # float tolerance: the shards' sums add in another order, and the steps amplify it (up to 1.6e-4
+    # relative on one entry of 1,920 with the 8-lane kernels of an AVX2 machine); a missing or doubled
+    # all-reduce moves the updates by percents
     for a, b in zip(ref_model.parameters(), sh_model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
     # the ranks agree exactly (each owned segment was broadcast by its owner)
     flat = torch.cat([p.detach().reshape(-1) for p in sh_model.parameters()])
     other = flat.clone()
@@ -92,7 +95,7 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
         ref_state = ref.state_dict()["state"]
         for i, p in enumerate(sh_model.parameters()):
             for name in ("m", "v"):
-                torch.testing.assert_close(whole["state"][i][name], ref_state[i][name], rtol=1e-4, atol=1e-6)
+                torch.testing.assert_close(whole["state"][i][name], ref_state[i][name], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.slow
