@@ -21,7 +21,7 @@ edge runs of a :class:`~l2o.fast.plan.ChunkPlan`, feature-major
 Every pass recomputes a run's features ``x`` from the parameters, gradient and
 statistics before the step (:func:`~l2o.fast.features.entry_features_`), and
 its edge states of the earlier rounds either from ``x`` or from a kept
-``[edge_dim, E]`` buffer (``edge_states``: :data:`EDGE_STATES`), so without
+buffer of ``edge_dim x E`` entries (``edge_states``: :data:`EDGE_STATES`), so without
 kept states the step's working set is run-sized. With the fused kernels each pass over a
 dense run is one C call (:meth:`GMNChunkedStep.fused_pass`, ``l2o_gmn_pass``
 in ``kernels.c``) that keeps every intermediate of a tile of edges --
@@ -48,7 +48,7 @@ from .lean import entry_slice
 from .plan import ChunkPlan, DenseRun
 from .shard import Shard, owned_runs
 
-# Where the edge states [edge_dim, E] live between passes: "recompute" (every
+# Where the edge states (edge_dim x E) live between passes: "recompute" (every
 # pass recomputes a run's edge states from its features: the step's memory
 # does not grow with the edge width), "float32" (kept: 32 bytes per edge at
 # width 8; the step as exact as recomputing), "float16" (kept as half floats:
