@@ -491,9 +491,9 @@ INLINE void node_terms(const int G, const float *row, long rows, long i, const f
             acc[g][t] = row[(d0 + g) * rows + i] + load(col + (d0 + g) * col_ld + c0 + t * VB, lanes(nv, t));
 }
 
-/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][VB] and
+/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
  * col_acc collect a round pass's messages. */
-INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][VB],
+INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][TC],
                       long *nonfinite) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = row_gc + j0;
     const long at = i * a->cols + j0;
@@ -521,9 +521,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
             for (int t = 0; t < T; t++) store(&ex[d][t * VB], load_kept(a, at, d, t, nv), VB);
     }
     float m[DE][TC];
-    /* a round pass that keeps its states takes its last round apart (below) */
-    const int direct = !a->readout && a->kept;
-    for (int l = a->first; l < (direct ? a->stop - 1 : a->stop); l++) {
+    for (int l = a->first; l < a->stop; l++) {
 #pragma GCC unroll 1
         for (int d0 = 0; d0 < DE; d0 += EGROUP) { /* m = relu(W_msg e + node terms) */
             vf acc[EGROUP][T];
@@ -535,42 +533,16 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
         for (int d = 0; d < DE; d++) /* only now: every message read the old e */
             for (int t = 0; t < T; t++) store(&ex[d][t * VB], load(&ex[d][t * VB], VB) + load(&m[d][t * VB], VB), VB);
     }
-    if (!a->readout && !a->kept) { /* a round pass: the last round's messages to both ends */
+    if (!a->readout) { /* a round pass: the last round's messages to both ends, e kept */
         for (int d = 0; d < DE; d++) {
             float *ca = col_acc + d * col_ld + gc;
             for (int t = 0; t < T; t++) {
                 const int n = lanes(nv, t);
                 vf mv = load(&m[d][t * VB], VB);
                 if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
-                store(rsum[d], load(rsum[d], VB) + mv, VB);
+                store(&rsum[d][t * VB], load(&rsum[d][t * VB], VB) + mv, VB);
                 store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-            }
-        }
-        return;
-    }
-    /* with kept states the last round's messages go straight from the registers to both ends and e + m
-     * to the kept states: 0.95x the step's time there, but 1.05x when recomputing (one interleaved A/B
-     * each on a 2-core EPYC; a repeat was within that machine's +-10% spread) */
-    if (direct) {
-        const int l = a->stop - 1;
-#pragma GCC unroll 1
-        for (int d0 = 0; d0 < DE; d0 += EGROUP) {
-            vf acc[EGROUP][T];
-            node_terms(EGROUP, a->row_t[l], a->rows, i, a->col_t[l], col_ld, gc, d0, nv, acc);
-            dot_block(EGROUP, DE, a->w_msg[l], d0, &ex[0][0], TC, acc);
-            for (int g = 0; g < EGROUP; g++) {
-                const int d = d0 + g;
-                float *ca = col_acc + d * col_ld + gc;
-                vf row_part = splat(0.f);
-                for (int t = 0; t < T; t++) {
-                    const int n = lanes(nv, t);
-                    vf mv = relu(acc[g][t]);
-                    if (n < VB) mv = first_lanes(mv, n); /* padded lanes stay out of the sums */
-                    row_part += mv;
-                    store(ca + t * VB, load(ca + t * VB, n) + mv, n);
-                    store_kept(a, at, d, t, nv, load(&ex[d][t * VB], VB) + mv);
-                }
-                store(rsum[d], load(rsum[d], VB) + row_part, VB);
+                if (a->kept) store_kept(a, at, d, t, nv, load(&ex[d][t * VB], VB));
             }
         }
         return;
@@ -595,7 +567,7 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
     const pass_args *a = args;
     float *col_acc = a->col_acc[thread];
     long nonfinite = 0; /* here, not in a->nonfinite: the threads' counters share a cache line */
-    float rsum[DE][VB];
+    float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
         const long row_gc = (i / a->per_group) * a->cols; /* the row's group's first column term */
@@ -608,7 +580,7 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
         if (!a->readout)
             for (int d = 0; d < DE; d++) {
                 float s = 0.f;
-                for (int v = 0; v < VB; v++) s += rsum[d][v];
+                for (int v = 0; v < TC; v++) s += rsum[d][v];
                 a->row_acc[d * a->rows + i] += s;
             }
     }
