@@ -100,10 +100,13 @@ def test_gmn_fast_step_equals_forward(name, chunk, kernels, edge_states):
     model = make()
     graph = l2o.build_graph(model, example)
     flat = graph.gather([p.detach() for p in model.parameters()])
+    step, rtol = _gmn_step_keeping(edge_states)
+    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat, rtol=rtol)
 
-    def step(*args):
-        return chunked_step(*args, edge_states=edge_states)
-    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat, rtol=1e-4 if edge_states != "float16" else HALF_RTOL)
+
+def _gmn_step_keeping(edge_states: str):
+    """The chunked GMN step with these edge states, and its tolerance (half states: HALF_RTOL)."""
+    return functools.partial(chunked_step, edge_states=edge_states), 1e-4 if edge_states != "float16" else HALF_RTOL
 
 
 def _per_tensor_steps(graph):
@@ -161,10 +164,8 @@ def test_irregular_edges_take_the_scatter_runs(chunk, kernels, edge_states):
     graph.edge_index[1, :12] = graph.edge_index[1, :12][perm]  # no block pattern left in the first layer
     assert isinstance(edge_blocks(graph)[0], ScatterBlock)
     flat = torch.randn(graph.num_params)
-
-    def step(*args):
-        return chunked_step(*args, edge_states=edge_states)
-    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat, rtol=1e-4 if edge_states != "float16" else HALF_RTOL)
+    step, rtol = _gmn_step_keeping(edge_states)
+    _compare(_scrambled(l2o.GMNLOpt()), step, graph, flat, rtol=rtol)
 
 
 def test_node_ids_that_are_not_ranges_take_the_gather_path(chunk, kernels):

@@ -160,9 +160,7 @@ class FusedKernels:
             if kept.dtype is not _F32 and not (kept.dtype is torch.float16 and self.half_states):
                 _require(False, k, f"kept states must be float32 or, where the build has half floats "
                                    f"(this one: {self.half_states}), float16, got {kept.dtype}")
-            if not (kept.is_cpu and kept.is_contiguous() and kept.numel() == de * n):
-                _require(False, k, f"kept must be a contiguous CPU tensor of {de} x {n} entries, "
-                                   f"got {tuple(kept.shape)} strides {kept.stride()} on {kept.device}")
+            _dense(k, "kept", kept, (de * n,), kept.dtype)   # flat: the kernels' own tile-major order
         w_enc, table, stat_ld, stat_rs = encode
         _dense(k, "w_enc", w_enc, (de, self.nf))
         _require(table.dtype == _F32 and table.is_contiguous() and
