@@ -8,8 +8,10 @@ one process; prints each source's median step time and its ratio to the first.
     python bench/kernel_ab.py /tmp/old.c l2o/fast/kernels.c [--edge-states float16]
 
 Give the same file twice to see this machine's noise floor: on the 2-core
-EPYC of 2026-12-02 two identical builds differed by up to 7%, so a change
-has to do better than that to be told apart here. The sources must keep the
+EPYC of 2026-12-02 two identical builds differed by up to 7% in the whole
+step, so a change has to do better than that to be told apart there. The
+per-phase medians (``bench/gpt2_step.py``'s phases) show the passes a change
+touches on their own: a round-pass change in the message-passing rounds. The sources must keep the
 C interface ``l2o/fast/native.py`` and ``kernel_calls.py`` expect.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,6 +31,9 @@ import l2o
 from l2o.fast import native
 from l2o.fast.backend import ChunkedBackend, fused_kernels
 from l2o.fast.gmn import EDGE_STATES
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpt2_step import PHASES, time_phases  # noqa: E402
 
 
 class TiedStack(nn.Module):
@@ -80,18 +86,27 @@ def main() -> None:
     grad = torch.randn_like(flat) * 1e-3
     states = [lopt.init_state(flat) for _ in backends]
     times: list[list[float]] = [[] for _ in backends]
+    phases: list[dict[str, list[float]]] = [{name: [] for name in PHASES} for _ in backends]
+    totals: dict[str, float] = {}
+    time_phases(totals)
     print(f"{graph.num_params / 1e6:.1f}M parameters, edge_states={args.edge_states}, {args.threads} threads, "
           f"median of {args.steps} interleaved steps", flush=True)
     order = list(range(len(backends)))
     for r in range(args.steps + 1):
         for i in order[r % len(order):] + order[:r % len(order)]:
+            totals.clear()
             t0 = time.perf_counter()
             backends[i].step_flat(flat, grad, states[i])
             if r:   # the first round allocates the workspaces
                 times[i].append(time.perf_counter() - t0)
+                for name in PHASES:
+                    phases[i][name].append(totals.get(name, 0.0))
     base = statistics.median(times[0])
-    for source, t in zip(args.sources, times):
+    base_phases = {name: statistics.median(v) for name, v in phases[0].items()}
+    for source, t, ph in zip(args.sources, times, phases):
         print(f"  {str(source):<40} {statistics.median(t):7.3f} s  {statistics.median(t) / base:.3f}x")
+        print("    " + ", ".join(f"{name} {statistics.median(v):.3f} s ({statistics.median(v) / base_phases[name]:.3f}x)"
+                                   for name, v in ph.items() if base_phases[name] > 0))
 
 
 if __name__ == "__main__":

@@ -39,14 +39,18 @@ MODELS = {
 }
 
 
-@pytest.fixture(params=[5, 37, 10**6], ids=["chunk5", "chunk37", "one_run"])
+@pytest.fixture(params=[(5, 1), (37, 1), (10**6, 1), (5, 8)], ids=["chunk5", "chunk37", "one_run", "dense_runs_longer"])
 def chunk(request, monkeypatch):
     """Tiny chunks force runs of single rows, several runs per group and per
     tensor; a huge one puts each tensor in one run. The same run length with
-    the kernels as without (by default the fused GMN's runs are longer)."""
-    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", request.param)
-    monkeypatch.setattr(backend_mod, "CHUNKED", {cls: (module, 1, 1) for cls, (module, _, _) in backend_mod.CHUNKED.items()})
-    return request.param
+    the kernels as without (by default the fused GMN's runs are longer), and
+    over dense blocks either the same or (``dense_runs_longer``, as the fused
+    GMN's by default) 8x longer than the statistics, scatter and node runs."""
+    chunk, dense = request.param
+    monkeypatch.setattr(plan_mod, "DEFAULT_CHUNK", chunk)
+    monkeypatch.setattr(backend_mod, "CHUNKED", {cls: (module, 1, 1, dense)
+                                                 for cls, (module, *_) in backend_mod.CHUNKED.items()})
+    return chunk
 
 
 def chunked_step(lopt, graph, flat, grad, state, **options):
@@ -456,20 +460,28 @@ def test_a_compiler_that_rejects_the_source_is_asked_once(monkeypatch, tmp_path)
         native.forget()
 
 
-def test_plan_runs_tile_the_flat_vector(chunk):
+@pytest.mark.parametrize("dense_factor", [None, 8])
+def test_plan_runs_tile_the_flat_vector(chunk, dense_factor):
+    """Runs cover the flat vector in order, within tensors, at most ``chunk``
+    entries long (``dense_chunk`` over edges; a dense run at least one row)."""
     make, example = MODELS["grouped_conv1d"]
     graph = l2o.build_graph(make(), example)
-    p = plan_mod.ChunkPlan(graph)
+    dense = chunk if dense_factor is None else dense_factor * chunk
+    p = plan_mod.ChunkPlan(graph, dense_chunk=None if dense_factor is None else dense)
     edges = sorted((r.start, r.stop) for r in p.edge_runs)
     assert edges[0][0] == 0 and edges[-1][1] == graph.num_edges
     assert all(a[1] == b[0] for a, b in zip(edges, edges[1:]))
     stats = [(r.start, r.stop) for r in p.stat_runs]
     assert stats[0][0] == 0 and stats[-1][1] == graph.num_params
     assert all(a[1] == b[0] for a, b in zip(stats, stats[1:]))
+    widest_row = max(b.cols for b in edge_blocks(graph) if hasattr(b, "cols"))
     for r in p.stat_runs + p.edge_runs:
-        assert r.stop - r.start <= max(chunk, max(b.cols for b in edge_blocks(graph) if hasattr(b, "cols")))
+        bound = dense if r.stop <= graph.num_edges else chunk
+        assert r.stop - r.start <= max(bound, widest_row)
         t = p.tensor_slices[r.tensor]
         assert t.start <= r.start < r.stop <= t.stop
+    if dense_factor is not None and dense < graph.num_edges:   # longer runs over edges, where they fit
+        assert max(r.stop - r.start for r in p.edge_runs) > min(chunk, widest_row)
 
 
 def _train(model, opt, batches):

@@ -41,13 +41,16 @@ from .shard import Shard
 IMPLS = ("forward", "chunked", "fused")
 # The chunked implementation of each metanetwork class (exact classes: a
 # subclass may change the math, so it gets the forward) and the run lengths
-# of its plan, with torch ops and with the fused kernels. Runs are sized to
-# keep a run's intermediates in cache: the MLP's hidden activations are
-# entry-major (half the GMN's runs); the GMN's fused passes keep no
-# run-sized intermediate but the update, so their runs are long, to cut the
-# per-call overhead (a 124M-parameter GPT-2 takes ~130 calls per pass).
-# Run lengths in multiples of :data:`.plan.DEFAULT_CHUNK`.
-CHUNKED = {GMNLOpt: (gmn_chunked, 1, 16), MLPLOpt: (mlp_chunked, 1 / 2, 1 / 2)}
+# of its plan: with torch ops, with the fused kernels, and with the fused
+# kernels over dense edge blocks (``ChunkPlan``'s ``dense_chunk``). Runs are
+# sized to keep a run's intermediates in cache: the MLP's hidden activations
+# are entry-major (half the GMN's runs). The GMN's fused passes keep no
+# run-sized intermediate but the update (none where the read-out applies it
+# itself), so their runs are long, and longest over dense blocks, to cut the
+# per-call overhead: GPT-2 small's 124M parameters take 51 calls per pass
+# instead of 146 at the fused runs' length, and its step 0.9x the time
+# (bench/gpt2_step.py). Run lengths in multiples of :data:`.plan.DEFAULT_CHUNK`.
+CHUNKED = {GMNLOpt: (gmn_chunked, 1, 16, 256), MLPLOpt: (mlp_chunked, 1 / 2, 1 / 2, 1 / 2)}
 
 # When "auto" takes the chunked step, on CPU. The chunked step loops in
 # Python over runs (at least one per tensor), the forward runs a fixed number
@@ -141,21 +144,24 @@ class ChunkedBackend:
 
     ``lean``: after the plan is built, keep the graph without its per-entry
     index tensors (:func:`.lean.lean_graph`; the optimizers do) as ``self.graph``.
-    ``chunk``: the plan's run length (default: :data:`CHUNKED`'s).
+    ``chunk``: the plan's run length, dense runs included (default:
+    :data:`CHUNKED`'s, longer over dense blocks with the kernels).
     ``edge_states``: where the GMN keeps its edge states between passes
     (:data:`.gmn.EDGE_STATES`; "auto": by size)."""
     per_tensor = True
 
     def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph, kernels: FusedKernels | None = None,
                  chunk: int | None = None, lean: bool = False, edge_states: str = "auto"):
-        _, torch_runs, fused_runs = CHUNKED[type(lopt)]
+        _, torch_runs, fused_runs, fused_dense_runs = CHUNKED[type(lopt)]
         if check_edge_states(edge_states) != "auto" and not isinstance(lopt, GMNLOpt):
             raise ValueError(f"edge_states={edge_states!r}: only the GMN has edge states, not {type(lopt).__name__}")
+        dense_chunk = chunk
         if chunk is None:
-            chunk = int(plan_module.DEFAULT_CHUNK * (torch_runs if kernels is None else fused_runs))
+            runs, dense_runs = (torch_runs, torch_runs) if kernels is None else (fused_runs, fused_dense_runs)
+            chunk, dense_chunk = (max(1, int(plan_module.DEFAULT_CHUNK * r)) for r in (runs, dense_runs))
         self.lopt, self.kernels, self.edge_states = lopt, kernels, edge_states
         self.name = "fused" if kernels is not None else "chunked"
-        self.plan = plan_module.ChunkPlan(graph, max(1, chunk))
+        self.plan = plan_module.ChunkPlan(graph, max(1, chunk), max(1, dense_chunk))
         self.graph = lean_graph(graph) if lean else graph
 
     def step_entries(self, params: list[Tensor], grads: list[Tensor | None], state: dict[str, Tensor], sink: Sink,

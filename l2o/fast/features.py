@@ -98,10 +98,12 @@ class Entries:
         """float32 entries ``[s, e)`` (flat indices) of tensor ``k``."""
         return self._chunk(self.params[k], k, s, e)
 
-    def grad(self, k: int, s: int, e: int, device: torch.device) -> Tensor:
+    def grad(self, k: int, s: int, e: int, device: torch.device, kernels: bool = False) -> Tensor | None:
+        """float32 gradient entries ``[s, e)``; a missing gradient reads as
+        zeros (None for the kernels, which then read none)."""
         g = self.grads[k]
         if g is None:
-            return self.plan.fixed("zeros", (self.plan.max_run,), device)[: e - s].zero_()
+            return None if kernels else self.plan.scratch("zeros", 1, e - s, device)[0].zero_()
         return self._chunk(g, k, s, e)
 
 
@@ -138,12 +140,13 @@ def run_frame(plan: ChunkPlan, lead_rows: int, length: int, device: torch.device
 
 
 def run_state(entries: Entries, state: dict[str, Tensor], consts: list[StepConstants], k: int, s: int, e: int,
-              device: torch.device, write_back: bool = False) -> RunState:
+              device: torch.device, write_back: bool = False, kernels: bool = False) -> RunState:
     """The statistics before the step of entries ``[s, e)`` (within tensor
     ``k``); ``write_back`` (where ``entries.write[k]``): their advanced values
-    are to be stored into ``state``."""
+    are to be stored into ``state``; ``kernels``: for a kernel call (a missing
+    gradient is None)."""
     off, c = entries.state_offset, consts[k]
-    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device), state["m"][:, s - off:e - off],
+    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device, kernels), state["m"][:, s - off:e - off],
                     state["v"][s - off:e - off], F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale,
                     c.adam_eps, write_back and entries.write[k])
 
@@ -158,7 +161,7 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
     ``sums``: where to put each feature row's sum of squares over the run
     (float64 ``[F]``); with the kernels ``x`` may then be None (sums only)."""
     device = state["m"].device
-    st = run_state(entries, state, consts, k, s, e, device, write_back)
+    st = run_state(entries, state, consts, k, s, e, device, write_back, kernels is not None)
     if kernels is not None:
         out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
         kernels.stats(*st[:4], x, *st[4:], out)

@@ -154,7 +154,8 @@ class GMNChunkedStep:
         layers = [(self.w_msg[layer], *self.node_terms[layer].tables(run)) if layer >= first else None
                   for layer in range(rounds)]
         return self.kernels.gmn_pass(
-            run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back),
+            run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back,
+                      kernels=True),
             run.groups * run.rows, run.cols, run.rows, (self.w_enc[run.tensor], *self.static.table(run)), layers,
             first, kept, **out)
 
@@ -235,11 +236,11 @@ class GMNChunkedStep:
             s, e, k = run.start, run.stop, run.tensor
             if not self.entries.write[k]:
                 continue
-            update = plan.scratch("update", 1, e - s, dev)[0]
+            # the kernel applies the update itself where the sink says where (no update written and read back)
+            target = direct_target(sink, k, s, e, 1.0 if self.scale is None else float(self.scale[k])) if fused else None
+            update = None if target is not None else plan.scratch("update", 1, e - s, dev)[0]
             if fused:
                 readout = (w_out[k], *terms.tables(run), head_w, head_b, nominal, float(lopt.max_log_step), update)
-                # the kernel applies the update itself where the sink says where (no update written and read back)
-                target = direct_target(sink, k, s, e, 1.0 if self.scale is None else float(self.scale[k]))
                 if target is not None:
                     target.nonfinite(self.fused_pass(run, len(lopt.convs), write_back=True, readout=readout,
                                                      apply=(target.param, target.lr, target.decay)))

@@ -138,7 +138,7 @@ class FusedKernels:
         head_b, nominal, max_log_step, update [n])``: the update written to
         ``update``, or, given ``apply = (p [n], lr, decay)``, applied there at
         once (``p <- p decay + lr u``, an entry whose ``lr u`` is not finite
-        left at ``p decay``; ``update`` is then not written). Returns how many
+        left at ``p decay``; ``update`` is then not written, and may be None). Returns how many
         entries' ``lr u`` was not finite (0 unless ``apply``)."""
         k, de, n, stop = "l2o_gmn_pass", self.de, rows * cols, len(layers)
         if not (de > 0 and rows > 0 and cols > 0 and per_group > 0 and rows % per_group == 0):

@@ -11,7 +11,7 @@ Cache sizes, not FLOPs, set the chunk: on CPU the metanetwork's edge-sized
 intermediates are memory-bound, and a run of ~64k entries keeps every
 intermediate of one run in cache (bench/fast_step.py measures the result).
 The fused GMN keeps no run-sized intermediate, and takes longer runs
-(:data:`l2o.fast.backend.CHUNKED`).
+(:data:`l2o.fast.backend.CHUNKED`), longest over dense blocks (``dense_chunk``).
 """
 from __future__ import annotations
 
@@ -130,34 +130,37 @@ def _ranges(start: int, stop: int, chunk: int):
 class ChunkPlan:
     """Runs of at most ``chunk`` entries (default ``DEFAULT_CHUNK``) over one
     graph's flat vector, and the run-sized workspaces of the steps that walk
-    them. Owned by the step that uses it (:class:`l2o.fast.backend.ChunkedBackend`),
+    them. ``dense_chunk`` (default ``chunk``) bounds instead the dense edge
+    runs and the statistics runs over edges, which the fused kernels walk
+    without a run-sized workspace: longer runs there mean fewer calls.
+    Owned by the step that uses it (:class:`l2o.fast.backend.ChunkedBackend`),
     never cached on the graph."""
 
-    def __init__(self, graph: ParamGraph, chunk: int | None = None):
+    def __init__(self, graph: ParamGraph, chunk: int | None = None, dense_chunk: int | None = None):
         chunk = DEFAULT_CHUNK if chunk is None else chunk
-        if chunk < 1:
-            raise ValueError(f"chunk must be positive, got {chunk}")
-        self.chunk = int(chunk)
+        dense_chunk = chunk if dense_chunk is None else dense_chunk
+        if chunk < 1 or dense_chunk < 1:
+            raise ValueError(f"chunk and dense_chunk must be positive, got {chunk} and {dense_chunk}")
+        self.chunk, self.dense_chunk = int(chunk), int(dense_chunk)
         self.num_edges = graph.num_edges
         self.num_params = graph.num_params
         self.num_tensors = graph.num_tensors
         self.tensor_slices = graph.tensor_slices
         self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
-                          for s, e in _ranges(t.start, t.stop, chunk)]
+                          for s, e in _ranges(t.start, t.stop, dense_chunk if t.stop <= graph.num_edges else chunk)]
         self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
         self.tensor_counts = torch.tensor([t.stop - t.start for t in self.tensor_slices], device=graph.device,
                                           dtype=torch.float32).clamp(min=1)
         self.edge_runs: list[DenseRun | ScatterRun] = []
         for k, b in enumerate(edge_blocks(graph)):
             if isinstance(b, EdgeBlock):
-                self.edge_runs += _dense_runs(graph, b, k, chunk)
+                self.edge_runs += _dense_runs(graph, b, k, dense_chunk)
             else:
                 # copies: a run must not keep the graph's whole index tensors alive (lean.py)
                 self.edge_runs += [ScatterRun(s, e, k, *entry_slice(graph, "edge_index", s, e).clone(),
                                               entry_slice(graph, "edge_kind", s, e).clone(),
                                               entry_slice(graph, "edge_pos", s, e).clone())
                                    for s, e in _ranges(b.start, b.stop, chunk)]
-        self.max_run = max([r.stop - r.start for r in self.stat_runs + self.edge_runs], default=0)
         self._buffers: dict[tuple, Tensor] = {}
 
     def fixed(self, name: str, shape: tuple[int, ...], device: torch.device,
