@@ -357,6 +357,28 @@ typedef struct {
     double sums[MAX_THREADS][NF];
 } stats_args;
 
+/* The nv entries at i: their features, stored into x where asked, and their
+ * squares added to sq. Called with nv == VB a compile-time constant for whole
+ * vectors: a variable nv compiles every load and store to a memcpy call
+ * (the pass then ran at half the memory bandwidth). */
+INLINE void stats_vec(const stats_args *a, long i, int nv, int copy_p, int copy_g, int copy_m, vf sq[NF]) {
+    const stat_in *s = &a->s;
+    float *const x = a->x;
+    const long ld = a->x_ld;
+    vf row[NF];
+    features_vec(s, i, nv, row);
+    if (x) {
+        if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
+        if (copy_g) store(x + ROW_G * ld + i, row[ROW_G], nv);
+        if (copy_m)
+            for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
+        store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
+        store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
+    }
+    if (nv < VB) row[ROW_SQRT_V] = first_lanes(row[ROW_SQRT_V], nv); /* padded: sqrt(0 + eps), not 0 */
+    for (int f = 0; f < NF; f++) sq[f] += row[f] * row[f];
+}
+
 static void stats_range(const void *args, long i0, long i1, int thread) {
     const stats_args *a = args;
     const stat_in *s = &a->s;
@@ -373,7 +395,6 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
         vf sq[NF];
         for (int f = 0; f < NF; f++) sq[f] = splat(0.f);
         for (long i = b0; i < b1; i += VB) {
-            const int nv = b1 - i < VB ? (int)(b1 - i) : VB;
             if (((i - b0) & (TC - 1)) == 0) { /* once per cache line of each stream */
                 prefetch_state(s, i);
                 if (x) {
@@ -381,18 +402,10 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
                     __builtin_prefetch(x + ROW_SQRT_V * ld + i + PREFETCH, 1, 0);
                 }
             }
-            vf row[NF];
-            features_vec(s, i, nv, row);
-            if (x) {
-                if (copy_p) store(x + ROW_P * ld + i, row[ROW_P], nv);
-                if (copy_g) store(x + ROW_G * ld + i, row[ROW_G], nv);
-                if (copy_m)
-                    for (int k = 0; k < NM; k++) store(x + (ROW_M0 + k) * ld + i, row[ROW_M0 + k], nv);
-                store(x + ROW_ADAM * ld + i, row[ROW_ADAM], nv);
-                store(x + ROW_SQRT_V * ld + i, row[ROW_SQRT_V], nv);
-            }
-            if (nv < VB) row[ROW_SQRT_V] = first_lanes(row[ROW_SQRT_V], nv); /* padded: sqrt(0 + eps), not 0 */
-            for (int f = 0; f < NF; f++) sq[f] += row[f] * row[f];
+            if (b1 - i >= VB)
+                stats_vec(a, i, VB, copy_p, copy_g, copy_m, sq);
+            else
+                stats_vec(a, i, (int)(b1 - i), copy_p, copy_g, copy_m, sq);
         }
         for (int f = 0; f < NF; f++)
             for (int v = 0; v < VB; v++) sums[f] += sq[f][v];
