@@ -15,8 +15,8 @@ Random init from ``transformers.GPT2Config()`` (no download). Prints:
   ``--edge-states`` value (``GMNOptimizer(edge_states=...)``);
 * the process's peak resident memory, and each run's loss and times round by round;
 * with ``--phases``, where the GMN's optimizer step spends its time (medians
-  over the timed rounds): the step-size controller's sums, the step's setup
-  (the statistics pass and the per-tensor sums), the message-passing rounds,
+  over the timed rounds): the step's setup (the statistics pass: the
+  per-tensor feature sums and the step-size controller's), the message-passing rounds,
   the read-out (which also applies the update), the node-held entries.
 """
 from __future__ import annotations
@@ -34,8 +34,7 @@ def _peak_gib() -> float:
     return float("nan")
 
 
-PHASES = {"controller sums": ("l2o.fast.backend", None, "controlled_sink"),
-          "statistics pass + setup": ("l2o.fast.gmn", "GMNChunkedStep", "__init__"),
+PHASES = {"statistics pass + setup": ("l2o.fast.gmn", "GMNChunkedStep", "__init__"),
           "message-passing rounds": ("l2o.fast.gmn", "GMNChunkedStep", "message_passing"),
           "read-out + apply": ("l2o.fast.gmn", "GMNChunkedStep", "readout_edges"),
           "node-held entries": ("l2o.fast.gmn", "GMNChunkedStep", "readout_nodes")}

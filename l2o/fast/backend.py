@@ -33,7 +33,7 @@ from . import gmn as gmn_chunked
 from .gmn import check_edge_states
 from . import mlp as mlp_chunked
 from . import native, plan as plan_module
-from .features import DirectApply, Sink, direct_target, flat_sink
+from .features import Sink, flat_sink
 from .kernel_calls import FusedKernels, load
 from .lean import lean_graph
 from .shard import Shard
@@ -177,8 +177,6 @@ class ChunkedBackend:
         controller included). Every update is computed from ``params`` as
         they were when the step began: a sink may change a run's parameters
         once it has its update."""
-        if self.lopt.adapt:
-            sink = controlled_sink(self.lopt, self.graph, grads, state, sink, write, shard)
         kwargs = {} if self.edge_states == "auto" else {"edge_states": self.edge_states}
         steps = CHUNKED[type(self.lopt)][0]
         return steps.run_step(self.lopt, self.plan, self.graph, params, grads, state, sink, write,
@@ -191,48 +189,6 @@ class ChunkedBackend:
         split = self.graph.numels
         state = self.step_entries(list(params.split(split)), list(grad.split(split)), state, flat_sink(update))
         return update, state
-
-
-def controlled_sink(lopt: LearnedOptimizer, graph: ParamGraph, grads: list[Tensor | None], state: dict[str, Tensor],
-                    sink: Sink, write: list[bool] | None = None, shard: Shard | None = None) -> Sink:
-    """The step-size controller (``LearnedOptimizer.adapt``) of a chunked
-    step: sets ``state["log_lr"]`` from the momenta *before* the step and
-    returns ``sink`` with each tensor's update scaled by its multiplier.
-    Tensors ``write`` leaves alone keep their multiplier. With a ``shard``
-    ``state["m"]`` covers the owned entries only: each rank sums its part and
-    the sums are all-reduced, so every rank holds the same multipliers."""
-    m = state["m"][lopt.adapt_momentum_index]
-    lo = shard.lo if shard is not None else 0
-    v = state["v"] if lopt.reads_second_moment else None   # no pass over v without a reader
-    sums = m.new_zeros(4, graph.num_tensors)
-    for k, (sl, g) in enumerate(zip(graph.tensor_slices, grads)):  # tensor by tensor: no flat copy
-        s, e = shard.clip(sl.start, sl.stop) if shard is not None else (sl.start, sl.stop)
-        if g is not None and e > s:
-            gk, mk = g[s - sl.start:e - sl.start].float(), m[s - lo:e - lo]
-            sums[:3, k] = torch.stack([torch.dot(gk, mk), torch.dot(gk, gk), torch.dot(mk, mk)])
-            if v is not None:
-                sums[3, k] = v[s - lo:e - lo].sum()
-    if shard is not None:
-        shard.all_reduce(sums)
-    log_lr = lopt.advance_log_lr(state, sums)
-    if write is not None:
-        keep = ~torch.tensor(write, device=log_lr.device)
-        log_lr[keep] = state["log_lr"][keep] if "log_lr" in state else 0.0
-    state["log_lr"] = log_lr
-    return ScaledSink(sink, log_lr.exp().tolist())
-
-
-class ScaledSink:
-    """``sink`` with each tensor ``k``'s updates multiplied by ``multiplier[k]``."""
-
-    def __init__(self, sink: Sink, multiplier: list[float]):
-        self.sink, self.multiplier = sink, multiplier
-
-    def __call__(self, k: int, s: int, e: int, u: Tensor) -> None:
-        self.sink(k, s, e, u.mul_(self.multiplier[k]))
-
-    def direct(self, k: int, s: int, e: int) -> DirectApply | None:
-        return direct_target(self.sink, k, s, e, self.multiplier[k])
 
 
 def make_backend(lopt: LearnedOptimizer, graph: ParamGraph, device: torch.device | str, impl: str = "auto",

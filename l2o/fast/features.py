@@ -153,20 +153,27 @@ def run_state(entries: Entries, state: dict[str, Tensor], consts: list[StepConst
 
 def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
                     k: int, s: int, e: int, x: Tensor | None, kernels: FusedKernels | None = None,
-                    write_back: bool = False, sums: Tensor | None = None) -> Tensor | None:
+                    write_back: bool = False, sums: Tensor | None = None,
+                    controller: tuple[int, Tensor] | None = None) -> Tensor | None:
     """The raw features of entries ``[s, e)`` (within tensor ``k``) into ``x``
     ``[F, e - s]`` (contiguous, rows in :mod:`l2o.features`' ``ROW_*``
     layout), from the statistics before the step; with ``write_back`` (and
     ``entries.write[k]``) the advanced statistics are stored into ``state``.
     ``sums``: where to put each feature row's sum of squares over the run
-    (float64 ``[F]``); with the kernels ``x`` may then be None (sums only)."""
+    (float64 ``[F]``); with the kernels ``x`` may then be None (sums only).
+    ``controller = (a, out)``: the step-size controller's ``<g, m_a>``,
+    ``<m_a, m_a>`` and ``sum(v)`` over the statistics before the step into
+    ``out`` (float64 ``[3]``)."""
     device = state["m"].device
     st = run_state(entries, state, consts, k, s, e, device, write_back, kernels is not None)
     if kernels is not None:
         out = sums if sums is not None else torch.empty(NUM_FEATURES, dtype=torch.float64)
-        kernels.stats(*st[:4], x, *st[4:], out)
+        kernels.stats(*st[:4], x, *st[4:], out, controller=controller)
         return x
     p, g, m, v = st.p, st.g, st.m, st.v
+    if controller is not None:
+        a, out = controller
+        out.copy_(torch.stack([torch.dot(g, m[a]), torch.dot(m[a], m[a]), v.sum()]))
     betas = st.betas.unsqueeze(1)
     b2 = F_.SECOND_MOMENT_BETA
     xm = x[F_.ROW_M0:F_.ROW_M0 + len(F_.MOMENTUM_BETAS)]
@@ -186,24 +193,37 @@ def entry_features_(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor],
 
 
 def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], consts: list[StepConstants],
-                kernels: FusedKernels | None = None) -> Tensor:
+                kernels: FusedKernels | None = None,
+                controller_m: int | None = None) -> tuple[Tensor, Tensor | None]:
     """First pass: each tensor's per-feature sums of squares ``[T, F]`` of this
     step's features (float64 partial sums per run, summed over the ranks of a
-    sharded step); nothing is written back."""
+    sharded step); nothing is written back. Given ``controller_m``, in the
+    same pass the step-size controller's sums ``[4, T]``
+    (:meth:`l2o.lopt.LearnedOptimizer.advance_log_lr`: ``<g, m>``,
+    ``<g, g>``, ``<m, m>``, ``sum(v)`` over the statistics before the step,
+    ``m`` the momentum ``controller_m``; zeros for a tensor without a
+    gradient), else None."""
     device = state["m"].device
     runs = plan.stat_runs
-    run_sums = torch.zeros(len(runs), NUM_FEATURES, dtype=torch.float64, device=device)
+    width = NUM_FEATURES + (0 if controller_m is None else 3)
+    run_sums = torch.zeros(len(runs), width, dtype=torch.float64, device=device)
     shard = entries.shard
     for i, run in enumerate(runs):
         s, e = (run.start, run.stop) if shard is None else shard.clip(run.start, run.stop)
         if e > s:   # the kernels need no feature block for the sums alone
             x = None if kernels is not None else run_frame(plan, 0, e - s, device)
-            entry_features_(plan, entries, state, consts, run.tensor, s, e, x, kernels, sums=run_sums[i])
-    sums = torch.zeros(plan.num_tensors, NUM_FEATURES, dtype=torch.float64, device=device).index_add_(
+            controller = (None if controller_m is None or entries.grads[run.tensor] is None else
+                          (controller_m, run_sums[i, NUM_FEATURES:]))
+            entry_features_(plan, entries, state, consts, run.tensor, s, e, x, kernels, sums=run_sums[i, :NUM_FEATURES],
+                            controller=controller)
+    sums = torch.zeros(plan.num_tensors, width, dtype=torch.float64, device=device).index_add_(
         0, plan.stat_run_tensor, run_sums)
     if shard is not None:
         shard.all_reduce(sums)
-    return sums.float()
+    if controller_m is None:
+        return sums.float(), None
+    gm, mm, v = sums[:, NUM_FEATURES:].t()
+    return sums[:, :NUM_FEATURES].float(), torch.stack([gm, sums[:, F_.ROW_G], mm, v]).float()
 
 
 def inverse_rms(plan: ChunkPlan, sums: Tensor) -> Tensor:

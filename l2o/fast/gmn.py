@@ -42,6 +42,7 @@ from ..graph.param_graph import ParamGraph
 from ..update_rule import finish_folded_, fold_head
 from .features import (Entries, Sink, adam_row, direct_target, entry_features_, fold_input_scale, inverse_rms,
                        relative_scale, run_frame, run_state, step_constants, tensor_sums)
+from .controller import controlled_sink
 from .gmn_terms import NodeTerms, StaticEdgeTerms, sum_to_ends_
 from .kernel_calls import MAX_ROUNDS, FusedKernels
 from .lean import entry_slice
@@ -82,7 +83,8 @@ class GMNChunkedStep:
             lopt, plan, graph, entries, state, kernels)
         self.dev, self.de, self.n_edges = state["m"].device, lopt.edge_dim, plan.num_edges
         self.consts = step_constants(state, plan)
-        sums = tensor_sums(plan, entries, state, self.consts, kernels)
+        sums, self.controller_sums = tensor_sums(plan, entries, state, self.consts, kernels,
+                                                 lopt.adapt_momentum_index if lopt.adapt else None)
         self.inv_rms, self.scale = inverse_rms(plan, sums), relative_scale(lopt, plan, sums)
         self.t = F_.time_features(state["step"])
         runs = [(r.tensor, *(shard.clip(r.start, r.stop) if shard is not None else (r.start, r.stop)))
@@ -293,8 +295,11 @@ def run_step(lopt: GMNLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
     per-tensor sums, node-held features and node aggregates -- all the
     cross-entry information, sized by tensors and nodes -- are summed over
     the ranks, so every rank computes the node states of the whole graph."""
+    before = dict(state)   # the step below advances the clock: the controller reads the one the step began with
     step = GMNChunkedStep(lopt, plan, graph, Entries(plan, params, grads, write, shard), state, kernels,
                           edge_states)
+    if lopt.adapt:
+        sink = controlled_sink(lopt, before, state, step.controller_sums, sink, write)
     h = step.message_passing(step.encode_nodes())
     step.readout_edges(h, sink)
     step.readout_nodes(h, sink)

@@ -106,17 +106,25 @@ class FusedKernels:
                 st.adam_eps, F_.ADAM_BETA1_INDEX, int(st.write_back))
 
     def stats(self, p: Tensor, g: Tensor | None, m: Tensor, v: Tensor, x: Tensor | None, betas: Tensor,
-              adam_scale: float, adam_eps: float, write_back: bool, sums: Tensor) -> None:
+              adam_scale: float, adam_eps: float, write_back: bool, sums: Tensor,
+              controller: tuple[int, Tensor] | None = None) -> None:
         """The statistics pass over ``n`` entries (:meth:`_state_args`): the
         features into ``x`` ``[NF, >= n]`` (None: not stored), each row's sum
-        of squares into ``sums`` (float64 ``[NF]``)."""
+        of squares into ``sums`` (float64 ``[NF]``); ``controller = (a,
+        out)``: the step-size controller's ``<g, m_a>``, ``<m_a, m_a>`` and
+        ``sum(v)`` over the state before the step into ``out`` (float64 ``[3]``)."""
         k, n = "l2o_stats", p.numel()
         args = self._state_args(k, RunState(p, g, m, v, betas, adam_scale, adam_eps, write_back))
         if x is not None:
             _rows(k, "x", x, self.nf, n)
         _dense(k, "sums", sums, (self.nf,), torch.float64)
+        ctl_m, ctl = (-1, None) if controller is None else controller
+        if ctl is not None:
+            _require(0 <= ctl_m < self.nm, k, f"controller momentum {ctl_m} of {self.nm}")
+            _dense(k, "controller sums", ctl, (3,), torch.float64)
         _done(self.lib.l2o_stats(n, *args, None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
-                                 sums.data_ptr(), torch.get_num_threads()))
+                                 sums.data_ptr(), ctl_m, None if ctl is None else ctl.data_ptr(),
+                                 torch.get_num_threads()))
 
     def gmn_pass(self, st: RunState, rows: int, cols: int, per_group: int, encode: tuple[Tensor, Tensor, int, int],
                  layers: list[tuple[Tensor, Tensor, Tensor] | None], first: int, kept: Tensor | None,

@@ -349,22 +349,34 @@ INLINE void prefetch_state(const stat_in *s, long i) {
 
 /* The statistics pass over n entries: the features into x (NF rows at stride
  * x_ld; NULL: not stored) and each row's sum of squares. p, g and m may
- * already be rows of x: then they are not copied. */
+ * already be rows of x: then they are not copied. With ctl_m >= 0 also the
+ * step-size controller's sums over the state before the step (LearnedOptimizer.
+ * advance_log_lr): sum g m, sum m m of momentum ctl_m, and sum v. */
+#define NCTL 3
 typedef struct {
     stat_in s;
     float *x;
     long x_ld;
+    int ctl_m;
     double sums[MAX_THREADS][NF];
+    double ctl[MAX_THREADS][NCTL];
 } stats_args;
 
 /* The nv entries at i: their features, stored into x where asked, and their
  * squares added to sq. Called with nv == VB a compile-time constant for whole
  * vectors: a variable nv compiles every load and store to a memcpy call
  * (the pass then ran at half the memory bandwidth). */
-INLINE void stats_vec(const stats_args *a, long i, int nv, int copy_p, int copy_g, int copy_m, vf sq[NF]) {
+INLINE void stats_vec(const stats_args *a, long i, int nv, int copy_p, int copy_g, int copy_m, vf sq[NF],
+                      vf ctl[NCTL]) {
     const stat_in *s = &a->s;
     float *const x = a->x;
     const long ld = a->x_ld;
+    if (a->ctl_m >= 0) { /* before features_vec, which may write the state back */
+        const vf g = s->g ? load(s->g + i, nv) : splat(0.f), m = load(s->m + a->ctl_m * s->m_ld + i, nv);
+        ctl[0] += g * m;
+        ctl[1] += m * m;
+        ctl[2] += load(s->v + i, nv);
+    }
     vf row[NF];
     features_vec(s, i, nv, row);
     if (x) {
@@ -386,14 +398,16 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
     const long ld = a->x_ld;
     const int copy_p = x && s->p != x + ROW_P * ld, copy_g = x && s->g != x + ROW_G * ld,
               copy_m = x && s->m != x + ROW_M0 * ld;
-    double *sums = ((stats_args *)a)->sums[thread];
+    double *sums = ((stats_args *)a)->sums[thread], *ctl_sums = ((stats_args *)a)->ctl[thread];
     for (int f = 0; f < NF; f++) sums[f] = 0.0;
+    for (int c = 0; c < NCTL; c++) ctl_sums[c] = 0.0;
     /* float partial sums per block of entries, flushed to double: accurate
      * to float resolution however long the tensor */
     for (long b0 = i0; b0 < i1; b0 += 64 * TC) {
         const long b1 = b0 + 64 * TC < i1 ? b0 + 64 * TC : i1;
-        vf sq[NF];
+        vf sq[NF], ctl[NCTL];
         for (int f = 0; f < NF; f++) sq[f] = splat(0.f);
+        for (int c = 0; c < NCTL; c++) ctl[c] = splat(0.f);
         for (long i = b0; i < b1; i += VB) {
             if (((i - b0) & (TC - 1)) == 0) { /* once per cache line of each stream */
                 prefetch_state(s, i);
@@ -403,27 +417,34 @@ static void stats_range(const void *args, long i0, long i1, int thread) {
                 }
             }
             if (b1 - i >= VB)
-                stats_vec(a, i, VB, copy_p, copy_g, copy_m, sq);
+                stats_vec(a, i, VB, copy_p, copy_g, copy_m, sq, ctl);
             else
-                stats_vec(a, i, (int)(b1 - i), copy_p, copy_g, copy_m, sq);
+                stats_vec(a, i, (int)(b1 - i), copy_p, copy_g, copy_m, sq, ctl);
         }
         for (int f = 0; f < NF; f++)
             for (int v = 0; v < VB; v++) sums[f] += sq[f][v];
+        for (int c = 0; c < NCTL; c++)
+            for (int v = 0; v < VB; v++) ctl_sums[c] += ctl[c][v];
     }
 }
 
 int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float *v, const float *betas, float b2,
               float one_minus_b2, float sqrt_eps, float adam_scale, float adam_eps, int adam_m, int write_back,
-              float *x, long x_ld, double *sums, int threads) {
+              float *x, long x_ld, double *sums, int ctl_m, double *ctl_sums, int threads) {
+    if (ctl_m >= NM || (ctl_m >= 0 && !ctl_sums)) return -2;
     stats_args *a = malloc(sizeof *a);
     if (!a) return -1;
     *a = (stats_args){{p, g, m, v, m_ld, betas, b2, one_minus_b2, sqrt_eps, adam_scale, adam_eps, adam_m, write_back},
-                      x, x_ld, {{0}}};
+                      x, x_ld, ctl_m, {{0}}, {{0}}};
     threads = thread_count(n, n, threads);
     parallel_for(stats_range, a, n, threads);
     for (int f = 0; f < NF; f++) {
         sums[f] = 0.0;
         for (int t = 0; t < threads; t++) sums[f] += a->sums[t][f];
+    }
+    for (int c = 0; c < NCTL && ctl_m >= 0; c++) {
+        ctl_sums[c] = 0.0;
+        for (int t = 0; t < threads; t++) ctl_sums[c] += a->ctl[t][c];
     }
     free(a);
     return 0;

@@ -24,6 +24,7 @@ from .. import features as F_
 from ..graph.param_graph import ParamGraph
 from ..mlp_lopt import MLPLOpt
 from ..update_rule import finish_folded_, fold_head
+from .controller import controlled_sink
 from .features import (Entries, Sink, adam_row, direct_target, entry_features_, fold_input_scale, inverse_rms,
                        relative_scale, run_frame, step_constants, tensor_sums)
 from .kernel_calls import FusedKernels
@@ -46,8 +47,12 @@ def run_step(lopt: MLPLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
         raise NotImplementedError("the per-parameter MLP has no sharded step")
     entries = Entries(plan, params, grads, write)
     dev = state["m"].device
+    before = dict(state)   # the controller reads the clock the step began with
     consts = step_constants(state, plan)
-    sums = tensor_sums(plan, entries, state, consts, kernels)
+    sums, controller_sums = tensor_sums(plan, entries, state, consts, kernels,
+                                        lopt.adapt_momentum_index if lopt.adapt else None)
+    if lopt.adapt:
+        sink = controlled_sink(lopt, before, state, controller_sums, sink, write)
     inv_rms, scale = inverse_rms(plan, sums), relative_scale(lopt, plan, sums)
     t = F_.time_features(state["step"])
     w_out, b_out = fold_head(lopt.out.weight, lopt.out.bias, lopt.out_scale, lopt.max_log_step)

@@ -40,7 +40,7 @@ _why_not: dict[Sizes, str] = {}
 _f, _l, _i = ctypes.c_float, ctypes.c_long, ctypes.c_int
 _p = ctypes.c_void_p
 _SIGNATURES = {
-    "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _l, _p, _i],
+    "l2o_stats": [_l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _l, _p, _i, _p, _i],
     "l2o_gmn_pass": [_l, _l, _l, _p, _p, _p, _l, _p, _p, _f, _f, _f, _f, _f, _i, _i, _p, _p, _l, _l, _i, _i, _p, _p, _p,
                      _p, _i, _p, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
     "l2o_mlp_step": [_l, _p, _l, _p, _p, _p, _p, _p, _f, _f, _f, _f, _p, _p, _f, _f, _p, _i],
