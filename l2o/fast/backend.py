@@ -47,7 +47,7 @@ IMPLS = ("forward", "chunked", "fused")
 # are entry-major (half the GMN's runs). The GMN's fused passes keep no
 # run-sized intermediate but the update (none where the read-out applies it
 # itself), so their runs are long, and longest over dense blocks, to cut the
-# per-call overhead: GPT-2 small's 124M parameters take 51 calls per pass
+# per-call overhead: GPT-2 small's 124M parameters take 52 calls per pass
 # instead of 146 at the fused runs' length, and its step 0.9x the time
 # (bench/gpt2_step.py). Run lengths in multiples of :data:`.plan.DEFAULT_CHUNK`.
 CHUNKED = {GMNLOpt: (gmn_chunked, 1, 16, 256), MLPLOpt: (mlp_chunked, 1 / 2, 1 / 2, 1 / 2)}
