@@ -519,6 +519,9 @@ INLINE void store_kept(const pass_args *a, long at, int d, int t, int nv, vf x) 
         store((float *)a->kept + k, x, lanes(nv, t));
 }
 
+/* Whether a pass computes its edges' features: all but a round pass from kept states */
+INLINE int pass_reads_state(const pass_args *a) { return a->first == 0 || a->readout || a->s.write_back; }
+
 /* acc[g][t] = row[(d0 + g) * rows + i] + col[(d0 + g) * col_ld + c0 + t * VB]: a row plus a column term */
 INLINE void node_terms(const int G, const float *row, long rows, long i, const float *col, long col_ld, long c0,
                        int d0, int nv, vf acc[][T]) {
@@ -535,7 +538,7 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
     const long at = i * a->cols + j0;
     float ex[DE + NF][TC]; /* e rows, then x rows: the read-out's input [e; x] */
     float(*x)[TC] = ex + DE;
-    if (a->first == 0 || a->readout || a->s.write_back) /* a round pass from kept states needs no features */
+    if (pass_reads_state(a)) /* a round pass from kept states needs no features */
         for (int t = 0; t < T; t++) {
             vf row[NF];
             features_vec(&a->s, at + t * VB, lanes(nv, t), row);
@@ -609,7 +612,8 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
         const long row_gc = (i / a->per_group) * a->cols; /* the row's group's first column term */
         long j = 0;
         for (; j + TC <= a->cols; j += TC) { /* nv a constant: whole-vector loads and stores */
-            prefetch_state(&a->s, i * a->cols + j);
+            if (pass_reads_state(a)) /* else fetching the statistics would only cost bandwidth */
+                prefetch_state(&a->s, i * a->cols + j);
             pass_tile(a, i, j, row_gc, TC, col_acc, rsum, &nonfinite);
         }
         if (j < a->cols) pass_tile(a, i, j, row_gc, (int)(a->cols - j), col_acc, rsum, &nonfinite);
