@@ -46,7 +46,8 @@ IMPLS = ("forward", "chunked", "fused")
 # sized to keep a run's intermediates in cache: the MLP's hidden activations
 # are entry-major (half the GMN's runs). The GMN's fused passes keep no
 # run-sized intermediate but the update (none where the read-out applies it
-# itself), so their runs are long, and longest over dense blocks, to cut the
+# itself) and float32 copies of parameters and gradients that are not float32
+# already, so their runs are long, and longest over dense blocks, to cut the
 # per-call overhead: GPT-2 small's 124M parameters take 52 calls per pass
 # instead of 146 at the fused runs' length, and its step 0.9x the time
 # (bench/gpt2_step.py). Run lengths in multiples of :data:`.plan.DEFAULT_CHUNK`.

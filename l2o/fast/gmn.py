@@ -40,9 +40,9 @@ from ..gmn import GMNLOpt
 from ..graph.blocks import edge_degree, entry_count
 from ..graph.param_graph import ParamGraph
 from ..update_rule import finish_folded_, fold_head
+from .controller import controlled_sink
 from .features import (Entries, Sink, adam_row, direct_target, entry_features_, fold_input_scale, inverse_rms,
                        relative_scale, run_frame, run_state, step_constants, tensor_sums)
-from .controller import controlled_sink
 from .gmn_terms import NodeTerms, StaticEdgeTerms, sum_to_ends_
 from .kernel_calls import MAX_ROUNDS, FusedKernels
 from .lean import entry_slice
