@@ -89,7 +89,8 @@ class GMNChunkedStep:
         self.t = F_.time_features(state["step"])
         runs = [(r.tensor, *(shard.clip(r.start, r.stop) if shard is not None else (r.start, r.stop)))
                 for r in plan.stat_runs if r.start >= plan.num_edges]
-        self.node_runs = [(k, s, e) for k, s, e in runs if e > s]   # (tensor, start, stop), this rank's
+        # this rank's (tensor, start, stop) runs of node-held entries, in groups of consecutive runs
+        self.node_groups = held_groups([(k, s, e) for k, s, e in runs if e > s], plan.chunk)
         self.edge_runs = plan.edge_runs if shard is None else owned_runs(plan, shard)
         self.fusable = kernels is not None and len(lopt.convs) <= MAX_ROUNDS
         self.fused = [self.is_fused(run) for run in self.edge_runs]
@@ -108,25 +109,31 @@ class GMNChunkedStep:
         self.node_terms: list[NodeTerms] = []
 
     # ------------------------------------------------------------ node-held
-    def node_features(self, k: int, s: int, e: int, write_back: bool = False) -> tuple[Tensor, Tensor]:
-        """Raw ``[F, L]`` and normalised ``[L, F]`` features of node-held entries ``[s, e)``."""
-        x = entry_features_(self.plan, self.entries, self.state, self.consts, k, s, e,
-                            run_frame(self.plan, 0, e - s, self.dev), self.kernels, write_back=write_back)
-        return x, x.t() * self.inv_rms[k]
+    def held_features(self, group: list[tuple[int, int, int]], write_back: bool = False) -> tuple[Tensor, Tensor]:
+        """Raw ``[F, L]`` and normalised ``[L, F]`` features of a group of
+        consecutive node-held runs (``L`` entries in all)."""
+        s0, e0 = group[0][1], group[-1][2]
+        x = run_frame(self.plan, 0, e0 - s0, self.dev)
+        for k, s, e in group:   # per run: each tensor has its own bias correction
+            entry_features_(self.plan, self.entries, self.state, self.consts, k, s, e, x[:, s - s0:e - s0],
+                            self.kernels, write_back=write_back)
+        tensor = torch.tensor([k for k, _, _ in group]).repeat_interleave(torch.tensor([e - s for _, s, e in group]))
+        return x, x.t() * self.inv_rms.index_select(0, tensor.to(self.dev))
 
     def held_slice(self, name: str, s: int, e: int) -> Tensor:
         return entry_slice(self.graph, name, s - self.n_edges, e - self.n_edges)
 
     def encode_nodes(self) -> Tensor:
         """``GMNLOpt.encode_nodes``: the node terms, plus the encoder terms of
-        the node-held entries (biases, norms, fallback tensors) run by run."""
+        the node-held entries (biases, norms, fallback tensors) group by group."""
         lopt, graph = self.lopt, self.graph
         h = lopt.encode_nodes(graph, self.inv_rms.new_empty(0, F_.NUM_ENTRY_FEATURES), self.t)  # node terms alone
         if self.plan.num_params == self.n_edges:
             return h
         held = h.new_zeros(graph.num_nodes, lopt.node_dim)
-        for k, s, e in self.node_runs:
-            _, x_entry = self.node_features(k, s, e)
+        for group in self.node_groups:
+            s, e = group[0][1], group[-1][2]
+            _, x_entry = self.held_features(group)
             held.index_add_(0, self.held_slice("entry_node", s, e),
                             lopt.entry_in(x_entry) + lopt.entry_in_kind(self.held_slice("entry_kind", s, e)))
         if self.entries.shard is not None:
@@ -257,27 +264,46 @@ class GMNChunkedStep:
             self.hand_over(k, s, e, update, sink)
 
     def readout_nodes(self, h: Tensor, sink: Sink) -> None:
-        """``GMNLOpt.readout_entries`` run by run, through the folded head; the
+        """``GMNLOpt.readout_entries`` group by group, through the folded head; the
         node-held entries' new statistics are written back here."""
         lopt = self.lopt
         h_term, t_term = lopt.entry_out_h(h), lopt.entry_out_time(self.t)
         weight, bias = fold_head(lopt.entry_head.weight, lopt.entry_head.bias, lopt.out_scale, lopt.max_log_step)
-        for k, s, e in self.node_runs:
-            x, x_entry = self.node_features(k, s, e, write_back=True)
-            if not self.entries.write[k]:
+        for group in self.node_groups:
+            s0, e0 = group[0][1], group[-1][2]
+            x, x_entry = self.held_features(group, write_back=True)
+            if not any(self.entries.write[k] for k, _, _ in group):
                 continue
-            z = (lopt.entry_out_x(x_entry) + h_term.index_select(0, self.held_slice("entry_node", s, e))
-                 + lopt.entry_out_kind(self.held_slice("entry_kind", s, e)) + t_term).relu_()
+            z = (lopt.entry_out_x(x_entry) + h_term.index_select(0, self.held_slice("entry_node", s0, e0))
+                 + lopt.entry_out_kind(self.held_slice("entry_kind", s0, e0)) + t_term).relu_()
             out = torch.addmm(bias.t(), z, weight.t())
-            update = self.plan.scratch("update", 1, e - s, self.dev)[0]
+            update = self.plan.scratch("update", 1, e0 - s0, self.dev)[0]
             finish_folded_(update, out[:, 0].contiguous(), out[:, 1].contiguous(), adam_row(x),
                            lopt.nominal_weight(), lopt.max_log_step)
-            self.hand_over(k, s, e, update, sink)
+            for k, s, e in group:
+                if self.entries.write[k]:
+                    self.hand_over(k, s, e, update[s - s0:e - s0], sink)
 
     def hand_over(self, k: int, s: int, e: int, update: Tensor, sink: Sink) -> None:
         if self.scale is not None:
             update.mul_(self.scale[k])
         sink(k, s, e, update)
+
+
+def held_groups(runs: list[tuple[int, int, int]], chunk: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive ``(tensor, start, stop)`` runs gathered into groups of at
+    most ``chunk`` entries (a longer run alone): the node-held entries --
+    biases, norms, many small tensors -- then take one feature frame and one
+    set of torch ops per group instead of per tensor."""
+    groups: list[list[tuple[int, int, int]]] = []
+    size = 0
+    for run in runs:
+        if not groups or size + run[2] - run[1] > chunk:
+            groups.append([])
+            size = 0
+        groups[-1].append(run)
+        size += run[2] - run[1]
+    return groups
 
 
 @torch.no_grad()
