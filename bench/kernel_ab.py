@@ -1,8 +1,10 @@
 """Interleaved A/B of versions of the fused kernels' source (``l2o/fast/kernels.c``):
 one kernel library per source file, each driving its own ``ChunkedBackend``
 over the same GPT-2-like stack (an embedding tied to the output, MLP blocks of
-width 4 d), the backends' steps alternated in an order rotated every round in
-one process; prints each source's median step time and its ratio to the first.
+width 4 d), the read-out applying the updates to the parameters as in
+``GMNOptimizer``, the backends' steps alternated in an order rotated every
+round in one process; prints each source's median step time and its ratio to
+the first.
 
     git show HEAD~1:l2o/fast/kernels.c > /tmp/old.c
     python bench/kernel_ab.py /tmp/old.c l2o/fast/kernels.c [--edge-states float16]
@@ -30,6 +32,7 @@ from torch import nn
 import l2o
 from l2o.fast import native
 from l2o.fast.backend import ChunkedBackend, fused_kernels
+from l2o.fast.features import DirectApply
 from l2o.fast.gmn import EDGE_STATES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,6 +48,21 @@ class TiedStack(nn.Module):
 
     def forward(self, x):
         return self.blocks(self.emb(x)) @ self.emb.weight.t()
+
+
+class ApplyToParams:
+    """A sink as ``GMNOptimizer``'s: the fused read-out applies each run's
+    update to the parameters itself (``DirectApply``), which ``step_flat``
+    would write into a flat update instead; each backend steps its own copy."""
+
+    def __init__(self, params: list[torch.Tensor], graph, lr: float = 1e-4):
+        self.params, self.starts, self.lr = params, [t.start for t in graph.tensor_slices], lr
+
+    def direct(self, k: int, s: int, e: int) -> DirectApply:
+        return DirectApply(self.params[k][s - self.starts[k]:e - self.starts[k]], self.lr, 1.0, lambda count: None)
+
+    def __call__(self, k: int, s: int, e: int, u: torch.Tensor) -> None:
+        self.params[k][s - self.starts[k]:e - self.starts[k]].add_(u, alpha=self.lr)
 
 
 def kernels_of(lopt, source: Path):
@@ -83,7 +101,8 @@ def main() -> None:
         native._SOURCE = original
         native.forget()
     flat = graph.gather([p.detach() for p in model.parameters()])
-    grad = torch.randn_like(flat) * 1e-3
+    grads = list((torch.randn_like(flat) * 1e-3).split(graph.numels))
+    sinks = [ApplyToParams(list(flat.clone().split(graph.numels)), graph) for _ in backends]
     states = [lopt.init_state(flat) for _ in backends]
     times: list[list[float]] = [[] for _ in backends]
     phases: list[dict[str, list[float]]] = [{name: [] for name in PHASES} for _ in backends]
@@ -96,7 +115,7 @@ def main() -> None:
         for i in order[r % len(order):] + order[:r % len(order)]:
             totals.clear()
             t0 = time.perf_counter()
-            backends[i].step_flat(flat, grad, states[i])
+            backends[i].step_entries(sinks[i].params, grads, states[i], sinks[i])
             if r:   # the first round allocates the workspaces
                 times[i].append(time.perf_counter() - t0)
                 for name in PHASES:
