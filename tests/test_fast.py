@@ -484,6 +484,26 @@ def test_plan_runs_tile_the_flat_vector(chunk, dense_factor):
         assert max(r.stop - r.start for r in p.edge_runs) > min(chunk, widest_row)
 
 
+def test_node_held_runs_are_grouped_in_order_and_within_the_chunk():
+    """The node-held runs (biases, norms) go through the encoder and read-out
+    in groups: consecutive runs, in order, none lost, each group at most a
+    chunk of entries unless a single run is longer."""
+    from l2o.fast.gmn import held_groups
+    runs, start = [], 100
+    for k, n in enumerate([3, 4, 1, 9, 2, 2, 30, 1]):
+        runs.append((k, start, start + n))
+        start += n
+    for chunk in (1, 5, 8, 10**6):
+        groups = held_groups(runs, chunk)
+        assert [r for g in groups for r in g] == runs
+        for g in groups:
+            assert all(a[2] == b[1] for a, b in zip(g, g[1:]))   # one contiguous range per group
+            assert len(g) == 1 or g[-1][2] - g[0][1] <= chunk
+        for a, b in zip(groups, groups[1:]):   # a group closes only when the next run would overflow it
+            assert b[0][2] - a[0][1] > chunk
+    assert len(held_groups(runs, 10**6)) == 1 and held_groups([], 5) == []
+
+
 def _train(model, opt, batches):
     for x, y in batches:
         opt.zero_grad()
