@@ -159,7 +159,7 @@ class ChunkedBackend:
         dense_chunk = chunk
         if chunk is None:
             runs, dense_runs = (torch_runs, torch_runs) if kernels is None else (fused_runs, fused_dense_runs)
-            chunk, dense_chunk = (max(1, int(plan_module.DEFAULT_CHUNK * r)) for r in (runs, dense_runs))
+            chunk, dense_chunk = (int(plan_module.DEFAULT_CHUNK * r) for r in (runs, dense_runs))
         self.lopt, self.kernels, self.edge_states = lopt, kernels, edge_states
         self.name = "fused" if kernels is not None else "chunked"
         self.plan = plan_module.ChunkPlan(graph, max(1, chunk), max(1, dense_chunk))

@@ -98,12 +98,12 @@ class Entries:
         """float32 entries ``[s, e)`` (flat indices) of tensor ``k``."""
         return self._chunk(self.params[k], k, s, e)
 
-    def grad(self, k: int, s: int, e: int, device: torch.device, kernels: bool = False) -> Tensor | None:
+    def grad(self, k: int, s: int, e: int, device: torch.device, for_kernels: bool = False) -> Tensor | None:
         """float32 gradient entries ``[s, e)``; a missing gradient reads as
         zeros (None for the kernels, which then read none)."""
         g = self.grads[k]
         if g is None:
-            return None if kernels else self.plan.scratch("zeros", 1, e - s, device)[0].zero_()
+            return None if for_kernels else self.plan.scratch("zeros", 1, e - s, device)[0].zero_()
         return self._chunk(g, k, s, e)
 
 
@@ -140,13 +140,13 @@ def run_frame(plan: ChunkPlan, lead_rows: int, length: int, device: torch.device
 
 
 def run_state(entries: Entries, state: dict[str, Tensor], consts: list[StepConstants], k: int, s: int, e: int,
-              device: torch.device, write_back: bool = False, kernels: bool = False) -> RunState:
+              device: torch.device, write_back: bool = False, for_kernels: bool = False) -> RunState:
     """The statistics before the step of entries ``[s, e)`` (within tensor
     ``k``); ``write_back`` (where ``entries.write[k]``): their advanced values
-    are to be stored into ``state``; ``kernels``: for a kernel call (a missing
+    are to be stored into ``state``; ``for_kernels``: for a kernel call (a missing
     gradient is None)."""
     off, c = entries.state_offset, consts[k]
-    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device, kernels), state["m"][:, s - off:e - off],
+    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device, for_kernels), state["m"][:, s - off:e - off],
                     state["v"][s - off:e - off], F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale,
                     c.adam_eps, write_back and entries.write[k])
 

@@ -164,7 +164,7 @@ class GMNChunkedStep:
                   for layer in range(rounds)]
         return self.kernels.gmn_pass(
             run_state(self.entries, self.state, self.consts, run.tensor, run.start, run.stop, self.dev, write_back,
-                      kernels=True),
+                      for_kernels=True),
             run.groups * run.rows, run.cols, run.rows, (self.w_enc[run.tensor], *self.static.table(run)), layers,
             first, kept, **out)
 
