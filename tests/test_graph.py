@@ -744,6 +744,50 @@ def test_shape_propagation_restores_each_submodule_mode():
     assert m.training and m[0].training and not m[1].training and m[4].training
 
 
+class _MaxNormBag(nn.Module):
+    """Token ids through an embedding that renormalises, in place, the rows it looks up."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, max_norm=1.0)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.emb(x).mean(1))
+
+
+@pytest.mark.parametrize("capture", ["eager", "fx"])
+def test_building_leaves_a_max_norm_embedding_unchanged(capture):
+    torch.manual_seed(0)
+    m = _MaxNormBag()
+    before = m.emb.weight.detach().clone()
+    assert (before.norm(dim=1) > 1.0).sum() > 10          # the made-up ids would renormalise these rows
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)    # restored, so no parameter is reported as changed
+        build_graph(m, example_inputs=torch.randint(0, 20, (4, 6)), use_cache=False, capture=capture)
+    assert torch.equal(m.emb.weight, before)
+    # the optimizer builds the graph from made-up inputs of its own
+    import l2o
+    l2o.GMNOptimizer(m)
+    assert torch.equal(m.emb.weight, before)
+
+
+def test_a_forward_that_writes_its_parameters_is_named_in_a_warning():
+    class Clipping(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.fc.weight.clamp_(-0.1, 0.1)             # weight clipping done in the forward
+            return self.out(self.fc(x).relu())
+
+    m = Clipping()
+    with pytest.warns(RuntimeWarning, match=r"changed fc\.weight in place"):
+        build_graph(m, example_inputs=torch.randn(2, 4), use_cache=False)
+
+
 def test_failed_shape_propagation_warns():
     m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 2 * 3, 4))
     with pytest.warns(UserWarning, match=r"shape propagation .* failed .*RuntimeError"):

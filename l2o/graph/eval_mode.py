@@ -14,8 +14,17 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     """``module`` in eval mode without autograd for the block (dropout off,
     batch statistics not updated, spectral_norm's power iteration not
     stepped); every submodule's own training flag is restored after, also a
-    submodule the user had left in eval mode inside a training model."""
+    submodule the user had left in eval mode inside a training model.
+
+    Its parameters come out as they went in: an embedding with ``max_norm``
+    renormalises the rows it looks up in place, in eval mode and under
+    ``no_grad`` too, so those weights are copied before and restored after.
+    Any other parameter the block changes in place (the model's own code) is
+    named in a warning: its change stays."""
     modes = {m: m.training for m in module.modules()}
+    renormed = {id(m.weight): (m.weight, m.weight.detach().clone()) for m in module.modules()
+                if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
+    versions = {name: p._version for name, p in module.named_parameters()}
     try:
         module.eval()
         with torch.no_grad(), warnings.catch_warnings():
@@ -26,3 +35,12 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
+        changed = [name for name, p in module.named_parameters()
+                   if p._version != versions.get(name, p._version) and id(p) not in renormed]
+        with torch.no_grad():
+            for weight, saved in renormed.values():
+                weight.copy_(saved)
+        if changed:
+            warnings.warn(f"l2o: running {type(module).__name__} once to build its graph changed "
+                          f"{', '.join(changed)} in place (the model's forward writes to its parameters)",
+                          RuntimeWarning, stacklevel=3)
