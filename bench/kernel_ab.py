@@ -4,14 +4,16 @@ over the same GPT-2-like stack (an embedding tied to the output, MLP blocks of
 width 4 d), the read-out applying the updates to the parameters as in
 ``GMNOptimizer``, the backends' steps alternated in an order rotated every
 round in one process; prints each source's median step time and its ratio to
-the first.
+the first: the median over rounds of the two steps' ratio within a round.
 
     git show HEAD~1:l2o/fast/kernels.c > /tmp/old.c
     python bench/kernel_ab.py /tmp/old.c l2o/fast/kernels.c [--edge-states float16]
 
 Give the same file twice to see this machine's noise floor: on the 2-core
 EPYC of 2026-12-02 two identical builds differed by up to 7% in the whole
-step, so a change has to do better than that to be told apart there. The
+step, and by 5-15% in single phases in a later session (ratios of medians,
+before they were paired per round), so a change has to do better than that
+to be told apart there. The
 per-phase medians (``bench/gpt2_step.py``'s phases) show the passes a change
 touches on their own: a round-pass change in the message-passing rounds. The sources must keep the
 C interface ``l2o/fast/native.py`` and ``kernel_calls.py`` expect.
@@ -120,12 +122,17 @@ def main() -> None:
                 times[i].append(time.perf_counter() - t0)
                 for name in PHASES:
                     phases[i][name].append(totals.get(name, 0.0))
-    base = statistics.median(times[0])
-    base_phases = {name: statistics.median(v) for name, v in phases[0].items()}
+    # each ratio pairs a step with the first source's step of the same round: the
+    # machine's speed drifts by more than a change's effect over a run, less within a round
     for source, t, ph in zip(args.sources, times, phases):
-        print(f"  {str(source):<40} {statistics.median(t):7.3f} s  {statistics.median(t) / base:.3f}x")
-        print("    " + ", ".join(f"{name} {statistics.median(v):.3f} s ({statistics.median(v) / base_phases[name]:.3f}x)"
-                                   for name, v in ph.items() if base_phases[name] > 0))
+        print(f"  {str(source):<40} {statistics.median(t):7.3f} s  {paired_ratio(t, times[0]):.3f}x")
+        print("    " + ", ".join(f"{name} {statistics.median(v):.3f} s ({paired_ratio(v, phases[0][name]):.3f}x)"
+                                   for name, v in ph.items() if statistics.median(phases[0][name]) > 0))
+
+
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """The median over rounds of a step's time over the baseline's in the same round."""
+    return statistics.median(t / b for t, b in zip(times, base))
 
 
 if __name__ == "__main__":
