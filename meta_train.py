@@ -66,7 +66,7 @@ from l2o.meta.outer import OuterStep, make_estimator, outer_update
 from l2o.meta.quick_eval import check_eval_task, quick_eval
 from l2o.meta.schedule import outer_lr
 from l2o.meta.summary import summarize, summarize_checkpoint  # noqa: F401 (public here too)
-from l2o.meta.tasks_pool import TaskPool, draw_length, suite_specs
+from l2o.meta.tasks_pool import TaskPool, check_local_data, draw_length, suite_specs
 
 # ---------------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
@@ -200,6 +200,7 @@ def setup(cfg: MetaConfig, ckpt: dict | None, info: D.DistInfo) -> Training:
         G.warn_skipped(cfg)
     if cfg.eval_every:
         check_eval_task(cfg.eval_task)
+    check_local_data(specs + ([f"task:{cfg.eval_task}"] if cfg.eval_every else []))
     lopt = build_lopt(cfg, ckpt, info)
     opt = outer_optimizer(lopt, cfg, ckpt)
     pool = TaskPool(cfg.lopt, info.device)
@@ -371,13 +372,16 @@ def finish(t: Training) -> dict | None:
                             len(set(digests)) == 1)
         atomic_write_json(t.out / "summary.json", summary)
         t.writer.close()
+        optimizer = "GMNOptimizer" if t.cfg.lopt == "gmn" else "MLPOptimizer"
+        G.say(f"at step {t.counters['outer_step']} of {t.cfg.outer_steps}: weights {t.out / S.LOPT_FILE} "
+              f"(l2o.{optimizer}(model, weights=...)), summary {t.out / 'summary.json'}")
     D.cleanup(t.info)
     return summary
 
 
 def cli(argv=None) -> int:
     """Console entry point (``l2o-meta-train``): exit status 0 on success, a one-line error for bad input."""
-    from tasks.data import UnknownDatasetError
+    from tasks.data import DatasetFormatError, UnknownDatasetError
     from tasks.registry import UnknownTaskError
 
     from l2o.checkpoint import WeightsFileError
@@ -385,7 +389,8 @@ def cli(argv=None) -> int:
     # Only the errors meant for users become one line; anything else is a bug and keeps its traceback.
     try:
         main(argv)
-    except (C.ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError) as err:
+    except (C.ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError,
+            DatasetFormatError, S.CheckpointError) as err:
         sys.exit(f"meta_train.py: error: {err}")
     except KeyboardInterrupt as err:
         # 130: the shell's status of a process ended by SIGINT; no traceback, where to resume instead.

@@ -242,3 +242,55 @@ def test_progress_is_for_one_invocation_and_can_be_turned_back_on(tmp_path):
     assert meta_train.configure(args)[0].progress is False
     assert meta_train.parse_args(["--progress"]).progress is True
     assert C.resolve(None, {"progress": False}, {"progress": True}).progress is True
+
+
+# ---------------------------------------------------------------- corrupt data and checkpoints: one line, at start
+def test_a_corrupt_data_file_is_a_one_line_error_before_any_step(tmp_path, monkeypatch):
+    """The data of a suite's file-backed task is read at start, not when the
+    task is first drawn (which could be hours into the run)."""
+    from test_data import make_mnist
+    from tasks import data
+
+    make_mnist(tmp_path / "data")
+    images = tmp_path / "data" / "MNIST/raw/train-images-idx3-ubyte"
+    images.write_bytes(b"\x07\x07\x07\x07garbage")
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "data"))
+    data.clear_cache()
+    try:
+        message = cli_error([*FAST, "--suite", "mlp_synthetic,mlp_mnist", "--outer-steps", "3",
+                             "--out", str(tmp_path / "out")])
+    finally:
+        data.clear_cache()
+    assert f"{images} is not an IDX file (bad magic number)" in message
+    assert S.checkpoint_dir(tmp_path / "out") is None
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("json_truncated", "is not readable JSON (truncated or corrupted?)"),
+    ("json_version", "unsupported train-state version 999"),
+    ("json_foreign", "its train state is not one l2o wrote"),
+    ("tensors_truncated", "is not a readable safetensors file (truncated or corrupted?)"),
+    ("weights_of_another_step", "disagree on the outer step"),
+])
+def test_a_damaged_checkpoint_is_a_one_line_error_on_resume(tmp_path, damage, expected):
+    out = tmp_path / "run"
+    run(out, "--outer-steps", "2", "--checkpoint-every", "1")
+    ckpt = S.checkpoint_dir(out)
+    state = ckpt / S.JSON_FILE
+    if damage == "json_truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "json_version":
+        state.write_text(json.dumps({**json.loads(state.read_text()), "version": 999}))
+    elif damage == "json_foreign":
+        meta = json.loads(state.read_text())
+        del meta["counters"]
+        state.write_text(json.dumps(meta))
+    elif damage == "tensors_truncated":
+        tensors = ckpt / S.TENSORS_FILE
+        tensors.write_bytes(tensors.read_bytes()[:7])
+    else:   # a kept earlier generation's weights copied in by hand
+        other = tmp_path / "other"
+        run(other, "--outer-steps", "1")
+        (ckpt / S.LOPT_FILE).write_bytes((S.checkpoint_dir(other) / S.LOPT_FILE).read_bytes())
+    message = cli_error(["--out", str(out), "--resume", "--outer-steps", "3", "--no-progress"])
+    assert expected in message

@@ -11,6 +11,7 @@ import math
 import random
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,6 +178,29 @@ def test_a_missing_config_file_is_named(tmp_path):
         with pytest.raises(ConfigError) as err:
             C.load_file(missing)
         assert str(err.value) == f"config file not found: {missing}"
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda p: p.relative_to(p.parents[1]).as_posix()
+                         if p.parent.name == "experiments" else p.name)
+def test_every_shipped_config_passes_the_checks_meta_train_makes_before_training(path):
+    """A config in configs/ that meta_train.py refuses at start (configs/tiny.yaml
+    and small.yaml once named a test task as eval_task) is a broken command in the docs."""
+    from l2o.meta.quick_eval import check_eval_task
+    from l2o.meta.tasks_pool import suite_specs
+
+    cfg = C.resolve(None, C.load_file(path), {})
+    assert suite_specs(cfg.suite)
+    if cfg.eval_every:
+        check_eval_task(cfg.eval_task)
+
+
+def test_the_tiny_config_file_is_the_tiny_preset():
+    """configs/tiny.yaml says it is the same as --preset tiny."""
+    path = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    assert C.resolve(None, C.load_file(path), {}).to_dict() == C.resolve("tiny").to_dict()
 
 
 def test_precedence_is_defaults_then_preset_then_file_then_flags():

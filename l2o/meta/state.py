@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from ..checkpoint import atomic_write_bytes, atomic_write_json, load_lopt, save_lopt
@@ -168,8 +168,21 @@ def save(out: Path, lopt, opt, cfg: dict, counters: dict, runs: list, rng_states
             (out / name).unlink(missing_ok=True)
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: a file corrupted or truncated, or files that disagree."""
+
+
 def load(out: Path) -> dict[str, Any]:
-    """Everything :func:`save` wrote in the last complete checkpoint, checked for consistency."""
+    """Everything :func:`save` wrote in the last complete checkpoint, checked for
+    consistency; a file that cannot be read is a :class:`CheckpointError` naming it."""
+    try:
+        return _load(Path(out))
+    except (KeyError, TypeError, AttributeError) as err:   # JSON that parses but is not what save() writes
+        raise CheckpointError(f"cannot resume from {out}: its train state is not one l2o wrote "
+                              f"({type(err).__name__}: {err}; edited or corrupted?)") from err
+
+
+def _load(out: Path) -> dict[str, Any]:
     out = Path(out)
     found = checkpoint_dir(out)
     if found is None:
@@ -178,19 +191,29 @@ def load(out: Path) -> dict[str, Any]:
     for name in (JSON_FILE, TENSORS_FILE, LOPT_FILE):
         if not (out / name).is_file():
             raise FileNotFoundError(f"cannot resume: {out / name} is missing (no checkpoint in {out}?)")
-    meta = json.loads((out / JSON_FILE).read_text())
-    if meta.get("version") != STATE_VERSION:
-        raise ValueError(f"{out / JSON_FILE}: unsupported train-state version {meta.get('version')}")
-    with safe_open(str(out / TENSORS_FILE), framework="pt") as f:
-        file_step = int((f.metadata() or {}).get("outer_step", -1))
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        meta = json.loads((out / JSON_FILE).read_text())
+    except ValueError as err:   # JSONDecodeError, or bytes that are not UTF-8
+        raise CheckpointError(f"cannot resume: {out / JSON_FILE} is not readable JSON (truncated or corrupted?): "
+                              f"{err}") from err
+    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
+        raise CheckpointError(f"cannot resume: {out / JSON_FILE}: unsupported train-state version "
+                              f"{meta.get('version') if isinstance(meta, dict) else None!r} "
+                              f"(this l2o writes version {STATE_VERSION})")
+    try:
+        with safe_open(str(out / TENSORS_FILE), framework="pt") as f:
+            file_step = int((f.metadata() or {}).get("outer_step", -1))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except SafetensorError as err:
+        raise CheckpointError(f"cannot resume: {out / TENSORS_FILE} is not a readable safetensors file "
+                              f"(truncated or corrupted?): {err}") from err
     lopt = load_lopt(out / LOPT_FILE)
     from ..checkpoint import lopt_extra
 
     lopt_step = int(lopt_extra(out / LOPT_FILE).get("counters", {}).get("outer_step", -1))
     step = int(meta["counters"]["outer_step"])
     if not (file_step == lopt_step == step):
-        raise ValueError(f"checkpoint files in {out} disagree on the outer step (json {step}, tensors "
+        raise CheckpointError(f"cannot resume: checkpoint files in {out} disagree on the outer step (json {step}, tensors "
                          f"{file_step}, weights {lopt_step}): the run was killed mid-checkpoint; restore "
                          "the files from one checkpoint")
     runs = {}

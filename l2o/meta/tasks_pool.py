@@ -52,6 +52,22 @@ def suite_specs(suite: str) -> list[str]:
     return [f"task:{n}" for n in names]
 
 
+def check_local_data(specs: list[str]) -> None:
+    """Load, once, every dataset from the data directory ($L2O_DATA: MNIST,
+    CIFAR-10) the pool's named tasks read: a corrupt file raises its
+    ``DatasetFormatError`` (naming the file) before training starts, not when
+    the task is first drawn, hours in. Bundled and procedural data are not
+    loaded here; the loads are cached, so the runs reuse them."""
+    from tasks.data import LOCAL
+
+    tasks = _tasks_module()
+    for spec in specs:
+        if spec.startswith("task:"):
+            task = tasks.get_task(spec[len("task:"):])
+            if getattr(task, "dataset", None) in LOCAL:
+                task.load_data()
+
+
 def skipped_for_data(suite: str) -> list[str]:
     """Tasks of a named suite (``mix`` counts as ``train``) that :func:`suite_specs` leaves
     out because their dataset is missing here: the pool then depends on ``$L2O_DATA``."""
