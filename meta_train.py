@@ -110,13 +110,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="outer lr multiplier of the learned nominal (Adam-term) step size")
     p.add_argument("--device", help="cpu | cuda | cuda:N (under torchrun: cuda = this rank's GPU)")
     p.add_argument("--seed", type=int, help="seed of everything (tasks, data, noise, init)")
-    p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints")
-    p.add_argument("--eval-every", type=int, help="outer steps between quick held-out evaluations (0: off)")
+    p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints (0: only the one at the end)")
+    p.add_argument("--eval-every", type=int, help="outer steps between quick evaluations on --eval-task (0: off)")
     p.add_argument("--eval-steps", type=int, help="inner steps of a quick evaluation")
-    p.add_argument("--eval-task", help="held-out task of the quick evaluation")
+    p.add_argument("--eval-task", help="validation task of the quick evaluation (test tasks are refused: they must never choose anything)")
     p.add_argument("--stop-after", type=int,
                    help="checkpoint and stop after this many steps in this process (this invocation only: "
-                        "a later --resume runs on to --outer-steps)")
+                        "a later --resume runs on to --outer-steps; 0: off)")
     p.add_argument("--threads", type=int, help="torch CPU threads per process (0: default)")
     p.add_argument("--progress", dest="progress", action="store_const", const=True,
                    help="progress bar (the default; overrides a config file's progress: false)")
@@ -372,25 +372,17 @@ def finish(t: Training) -> dict | None:
                             len(set(digests)) == 1)
         atomic_write_json(t.out / "summary.json", summary)
         t.writer.close()
-        optimizer = "GMNOptimizer" if t.cfg.lopt == "gmn" else "MLPOptimizer"
-        G.say(f"at step {t.counters['outer_step']} of {t.cfg.outer_steps}: weights {t.out / S.LOPT_FILE} "
-              f"(l2o.{optimizer}(model, weights=...)), summary {t.out / 'summary.json'}")
+        G.finished(t.cfg, t.counters["outer_step"])
     D.cleanup(t.info)
     return summary
 
 
 def cli(argv=None) -> int:
     """Console entry point (``l2o-meta-train``): exit status 0 on success, a one-line error for bad input."""
-    from tasks.data import DatasetFormatError, UnknownDatasetError
-    from tasks.registry import UnknownTaskError
-
-    from l2o.checkpoint import WeightsFileError
-
     # Only the errors meant for users become one line; anything else is a bug and keeps its traceback.
     try:
         main(argv)
-    except (C.ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError,
-            DatasetFormatError, S.CheckpointError) as err:
+    except G.user_errors() as err:
         sys.exit(f"meta_train.py: error: {err}")
     except KeyboardInterrupt as err:
         # 130: the shell's status of a process ended by SIGINT; no traceback, where to resume instead.

@@ -153,6 +153,49 @@ def test_worker_data_errors_reach_the_cli_unwrapped(tmp_path, monkeypatch):
         ev.run_jobs([job], 2, "cpu", 0, Bar(), pool)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "other_kind"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_bad_weights_are_a_one_line_error_before_any_run(tmp_path, capsys, damage, workers):
+    """Also with worker processes, where a failed run would become "run ... failed"."""
+    from l2o.checkpoint import pretrained_path
+
+    if damage == "truncated":
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(pretrained_path("gmn").read_bytes()[:100])
+        expected = "is not a readable safetensors file (truncated or corrupted?)"
+    else:
+        weights, expected = pretrained_path("mlp"), "holds a 'mlp' learned optimizer, expected 'gmn'"
+    argv = ["regression_teacher_deep_ln", "--optimizers", "gmn", "--steps", "2", "--seeds", "1",
+            "--workers", str(workers), "--threads", "1", "--no-progress", "--gmn-weights", str(weights),
+            "--out", str(tmp_path / "eval")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_any_run(tmp_path, capsys, monkeypatch):
+    from l2o import demo
+
+    ran = []
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: ran.append(1))
+    monkeypatch.setattr(cli, "evaluate", lambda *a, **k: ran.append(1))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli.main(["regression_teacher_deep_ln", "--optimizers", "adam_default", "--out", str(afile)]) == 2
+    assert demo.main(["--steps", "2", "--out", str(afile)]) == 2
+    errs = capsys.readouterr().err.splitlines()
+    assert errs[-2:] == [f"error: --out {afile} is a file, not a directory"] * 2 and not ran
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--seeds"])
+def test_the_demo_refuses_a_count_below_one_as_a_usage_error(flag, capsys):
+    from l2o import demo
+
+    with pytest.raises(SystemExit) as exit_:
+        demo.main([flag, "0"])
+    assert exit_.value.code == 2 and f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ 6. figures and the comparison printout
 def test_curves_title_names_the_suite(tmp_path, monkeypatch, adam_results):
     titles = []

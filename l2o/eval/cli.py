@@ -16,7 +16,8 @@ import math
 import sys
 from pathlib import Path
 
-from .optimizers import DEFAULT_GRIDS, HAND_DESIGNED, OPTIMIZERS, EvaluationInputError, MissingWeightsError
+from .optimizers import (DEFAULT_GRIDS, HAND_DESIGNED, OPTIMIZERS, EvaluationInputError, MissingWeightsError,
+                         prepare_out_dir)
 from .protocol import DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_TUNE_SEEDS, TUNE_SEED_BASE, evaluate
 from .report import FIGURES, format_report, write_report
 
@@ -96,13 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The CLI: 0 on success, 2 (and one line on stderr) for a user error."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors meant for users (bad names, arguments, missing or corrupt data
+    or weights): one line each; anything else is a bug and keeps its traceback."""
     from tasks.data import DatasetFormatError, UnknownDatasetError
     from tasks.registry import UnknownTaskError
 
     from ..checkpoint import WeightsFileError
 
+    return (MissingWeightsError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, EvaluationInputError,
+            WeightsFileError, DatasetFormatError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI: 0 on success, 2 (and one line on stderr) for a user error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
@@ -111,15 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     suite = args.tasks or args.suite
     command = ("python -m l2o.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     try:
+        prepare_out_dir(args.out)
         results = evaluate(suite, optimizers, steps=args.steps, seeds=args.seeds, tune_seeds=args.tune_seeds,
                            lr_grids=dict(args.lr_grid or []), gmn_weights=args.gmn_weights,
                            mlp_weights=args.mlp_weights, allow_untrained=args.allow_untrained, device=args.device,
                            test_every=args.test_every, workers=args.workers, threads=args.threads, out_dir=None,
                            progress=not args.no_progress)
-    # Only the errors meant for users (bad names, arguments, missing or corrupt
-    # data, missing weights) become one line; anything else is a bug and keeps its traceback.
-    except (MissingWeightsError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, EvaluationInputError,
-            WeightsFileError, DatasetFormatError) as err:
+    except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = write_report(results, args.out, command=command)

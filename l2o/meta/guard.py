@@ -82,6 +82,24 @@ def resumed(cfg: MetaConfig, step: int) -> None:
         say(f"resuming {cfg.out} at step {step} of {cfg.outer_steps} (from {S.checkpoint_dir(Path(cfg.out))})")
 
 
+def finished(cfg: MetaConfig, step: int) -> None:
+    optimizer = "GMNOptimizer" if cfg.lopt == "gmn" else "MLPOptimizer"
+    say(f"at step {step} of {cfg.outer_steps}: weights {Path(cfg.out) / S.LOPT_FILE} "
+        f"(l2o.{optimizer}(model, weights=...)), summary {Path(cfg.out) / 'summary.json'}")
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors meant for users (bad config, names, data, weights, checkpoints):
+    meta_train.py prints them as one line."""
+    from tasks.data import DatasetFormatError, UnknownDatasetError
+    from tasks.registry import UnknownTaskError
+
+    from ..checkpoint import WeightsFileError
+
+    return (ConfigError, FileNotFoundError, UnknownTaskError, UnknownDatasetError, WeightsFileError,
+            DatasetFormatError, S.CheckpointError)
+
+
 def stopped(cfg: MetaConfig, step: int) -> None:
     if step < cfg.outer_steps:
         say(f"stopped at step {step} of {cfg.outer_steps}; continue with --resume --out {shlex.quote(cfg.out)}")
