@@ -772,6 +772,17 @@ def test_building_leaves_a_max_norm_embedding_unchanged(capture):
     assert torch.equal(m.emb.weight, before)
 
 
+def test_a_model_made_under_inference_mode_is_still_captured_eagerly():
+    """Inference tensors keep no version counter, which the check for in-place writes reads."""
+    with torch.inference_mode():
+        m = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 2))
+        bag = _MaxNormBag()
+    assert build_graph(m, example_inputs=torch.randn(2, 4), use_cache=False).capture == "eager"
+    before = bag.emb.weight.clone()
+    build_graph(bag, example_inputs=torch.randint(0, 20, (4, 6)), use_cache=False)
+    assert torch.equal(bag.emb.weight, before)
+
+
 def test_a_forward_that_writes_its_parameters_is_named_in_a_warning():
     class Clipping(nn.Module):
         def __init__(self):

@@ -20,11 +20,13 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     renormalises the rows it looks up in place, in eval mode and under
     ``no_grad`` too, so those weights are copied before and restored after.
     Any other parameter the block changes in place (the model's own code) is
-    named in a warning: its change stays."""
+    named in a warning: its change stays (a write through ``p.data`` bumps no
+    version counter and is not seen)."""
     modes = {m: m.training for m in module.modules()}
     renormed = {id(m.weight): (m.weight, m.weight.detach().clone()) for m in module.modules()
                 if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None}
-    versions = {name: p._version for name, p in module.named_parameters()}
+    # inference tensors keep no version counter (a model built under inference_mode)
+    versions = {id(p): (name, p, p._version) for name, p in module.named_parameters() if not p.is_inference()}
     try:
         module.eval()
         with torch.no_grad(), warnings.catch_warnings():
@@ -35,10 +37,10 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes.items():
             m.training = training
-        changed = [name for name, p in module.named_parameters()
-                   if p._version != versions.get(name, p._version) and id(p) not in renormed]
-        with torch.no_grad():
-            for weight, saved in renormed.values():
+        changed = [name for key, (name, p, version) in versions.items()
+                   if p._version != version and key not in renormed]
+        for weight, saved in renormed.values():
+            with torch.inference_mode() if weight.is_inference() else torch.no_grad():
                 weight.copy_(saved)
         if changed:
             warnings.warn(f"l2o: running {type(module).__name__} once to build its graph changed "
