@@ -113,7 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint-every", type=int, help="outer steps between checkpoints (0: only the one at the end)")
     p.add_argument("--eval-every", type=int, help="outer steps between quick evaluations on --eval-task (0: off)")
     p.add_argument("--eval-steps", type=int, help="inner steps of a quick evaluation")
-    p.add_argument("--eval-task", help="validation task of the quick evaluation (test tasks are refused: they must never choose anything)")
+    p.add_argument("--eval-task",
+                   help="validation task of the quick evaluation (test tasks are refused: they must never choose)")
     p.add_argument("--stop-after", type=int,
                    help="checkpoint and stop after this many steps in this process (this invocation only: "
                         "a later --resume runs on to --outer-steps; 0: off)")

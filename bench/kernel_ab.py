@@ -131,8 +131,9 @@ def main() -> None:
 
 
 def paired_ratio(times: list[float], base: list[float]) -> float:
-    """The median over rounds of a step's time over the baseline's in the same round."""
-    return statistics.median(t / b for t, b in zip(times, base))
+    """The median over rounds of a step's time over the baseline's in the same round
+    (rounds where the baseline took no time in a phase left out)."""
+    return statistics.median([t / b for t, b in zip(times, base) if b > 0] or [float("nan")])
 
 
 if __name__ == "__main__":

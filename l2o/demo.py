@@ -18,27 +18,20 @@ from pathlib import Path
 
 from . import eval as ev
 from . import plots
-from .eval.cli import user_errors
-from .eval.optimizers import prepare_out_dir
+from .eval.cli import at_least, user_errors
+from .eval.report import check_out_dir
 
 DEFAULT_TASK = "conv1d_mnist1d"
 DEFAULT_STEPS = 400  # the evaluation budget and the meta-training inner-run length
 ADAM_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m l2o.demo", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", default=DEFAULT_TASK, help="a held-out task (python -m tasks list --split heldout)")
-    p.add_argument("--steps", type=_positive, default=DEFAULT_STEPS)
-    p.add_argument("--seeds", type=_positive, default=1)
+    p.add_argument("--steps", type=at_least(1), default=DEFAULT_STEPS)
+    p.add_argument("--seeds", type=at_least(1), default=1)
     p.add_argument("--weights", default=None, help="GMN weights file (default: shipped pretrained)")
     p.add_argument("--out", default="demo_out")
     p.add_argument("--with-mlp", action="store_true", help="also run the graph-free MLP learned optimizer")
@@ -70,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     optimizers = ["gmn", "mlp", "adam"] if args.with_mlp else ["gmn", "adam"]
     try:
-        out = prepare_out_dir(args.out)
+        check_out_dir(args.out)
         print(f"Training {task.describe()} for {args.steps} steps: GMNOptimizer(model) vs Adam "
               f"(lr tuned over {', '.join(f'{x:g}' for x in ADAM_GRID)} on a separate seed)")
         with warnings.catch_warnings():
@@ -84,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     labels = {"gmn": "GMN (untrained)" if untrained else "GMN (pretrained)"}
     png = plots.plot_curves(results.curves(), out / "loss_curves.png", labels=labels,
                             title=f"{task.name}: GMNOptimizer vs tuned Adam ({args.steps} steps)")

@@ -185,6 +185,9 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_run(tmp_path, capsys, 
     assert demo.main(["--steps", "2", "--out", str(afile)]) == 2
     errs = capsys.readouterr().err.splitlines()
     assert errs[-2:] == [f"error: --out {afile} is a file, not a directory"] * 2 and not ran
+    under = afile / "eval"      # a path under a file
+    assert cli.main(["regression_teacher_deep_ln", "--optimizers", "adam_default", "--out", str(under)]) == 2
+    assert capsys.readouterr().err == f"error: --out {under}: {afile} is a file, not a directory\n" and not ran
 
 
 @pytest.mark.parametrize("flag", ["--steps", "--seeds"])
@@ -193,7 +196,7 @@ def test_the_demo_refuses_a_count_below_one_as_a_usage_error(flag, capsys):
 
     with pytest.raises(SystemExit) as exit_:
         demo.main([flag, "0"])
-    assert exit_.value.code == 2 and f"argument {flag}: must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: expected an integer >= 1, got '0'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ 6. figures and the comparison printout

@@ -251,10 +251,20 @@ def test_a_corrupt_data_file_is_a_one_line_error_before_any_step(tmp_path, monke
     from test_data import make_mnist
     from tasks import data
 
+    from l2o.meta.tasks_pool import check_local_data
+
     make_mnist(tmp_path / "data")
     images = tmp_path / "data" / "MNIST/raw/train-images-idx3-ubyte"
     images.write_bytes(b"\x07\x07\x07\x07garbage")
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "data"))
+    data.clear_cache()
+
+    def no_runs(*args, **kwargs):
+        raise AssertionError("the data was not checked before the first inner runs started")
+
+    monkeypatch.setattr(meta_train, "first_runs", no_runs)
+    with pytest.raises(data.DatasetFormatError, match="bad magic number"):
+        check_local_data(["task:regression_teacher", "family:mlp:0", "task:mlp_mnist"])
     data.clear_cache()
     try:
         message = cli_error([*FAST, "--suite", "mlp_synthetic,mlp_mnist", "--outer-steps", "3",
@@ -268,7 +278,7 @@ def test_a_corrupt_data_file_is_a_one_line_error_before_any_step(tmp_path, monke
 @pytest.mark.parametrize("damage, expected", [
     ("json_truncated", "is not readable JSON (truncated or corrupted?)"),
     ("json_version", "unsupported train-state version 999"),
-    ("json_foreign", "its train state is not one l2o wrote"),
+    ("json_foreign", "not a train state l2o wrote (missing or mistyped: counters;"),
     ("tensors_truncated", "is not a readable safetensors file (truncated or corrupted?)"),
     ("weights_of_another_step", "disagree on the outer step"),
 ])

@@ -240,7 +240,7 @@ def test_files_of_different_steps_are_refused_naming_each_step(tmp_path):
     write(tmp_path / "a", 2)
     write(tmp_path / "b", 4)
     os.replace(tmp_path / "b" / "ckpt-4" / S.TENSORS_FILE, tmp_path / "a" / "ckpt-2" / S.TENSORS_FILE)
-    with pytest.raises(ValueError, match=r"\(json 2, tensors 4, weights 2\): the run was killed mid-checkpoint; "
+    with pytest.raises(ValueError, match=r"\(json 2, tensors 4, weights 2\): they come from different checkpoints; "
                                          r"restore the files from one checkpoint"):
         S.load(tmp_path / "a")
 

@@ -16,10 +16,9 @@ import math
 import sys
 from pathlib import Path
 
-from .optimizers import (DEFAULT_GRIDS, HAND_DESIGNED, OPTIMIZERS, EvaluationInputError, MissingWeightsError,
-                         prepare_out_dir)
+from .optimizers import DEFAULT_GRIDS, HAND_DESIGNED, OPTIMIZERS, EvaluationInputError, MissingWeightsError
 from .protocol import DEFAULT_SEEDS, DEFAULT_STEPS, DEFAULT_TUNE_SEEDS, TUNE_SEED_BASE, evaluate
-from .report import FIGURES, format_report, write_report
+from .report import FIGURES, check_out_dir, format_report, write_report
 
 
 def parse_floats(text: str) -> list[float]:
@@ -119,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = args.tasks or args.suite
     command = ("python -m l2o.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     try:
-        prepare_out_dir(args.out)
+        check_out_dir(args.out)
         results = evaluate(suite, optimizers, steps=args.steps, seeds=args.seeds, tune_seeds=args.tune_seeds,
                            lr_grids=dict(args.lr_grid or []), gmn_weights=args.gmn_weights,
                            mlp_weights=args.mlp_weights, allow_untrained=args.allow_untrained, device=args.device,

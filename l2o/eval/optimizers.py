@@ -37,18 +37,6 @@ class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are not installed and untrained ones were not allowed."""
 
 
-def prepare_out_dir(out) -> Path:
-    """``out`` created (with its parents) before any run: a path that is a file, or
-    one that cannot be created, would otherwise fail only after the whole evaluation."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise EvaluationInputError(f"--out {out} is a file, not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise EvaluationInputError(f"--out {out}: cannot create it ({err.strerror or err})") from err
-    return out
-
 
 def resolve_weights(kind: str, path: str | os.PathLike | None, allow_untrained: bool) -> tuple[str | None, str]:
     """(weights for the optimizer, a label for the report).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -111,6 +112,22 @@ def format_report(results: EvalResults, command: str | None = None) -> str:
     parts += ["## Summary", "", format_summary(results), "", "## Results", "", format_table(results), "",
               "## Protocol", "", format_protocol(results), ""]
     return "\n".join(parts)
+
+
+def check_out_dir(out) -> None:
+    """Refuse, before any run, an ``--out`` the report could not be written to
+    (a file, or a path under one or in a directory that is not writable): it
+    would otherwise fail only after the whole evaluation."""
+    from .optimizers import EvaluationInputError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EvaluationInputError(f"--out {out} is a file, not a directory")
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise EvaluationInputError(f"--out {out}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise EvaluationInputError(f"--out {out}: {existing} is not writable")
 
 
 def write_report(results: EvalResults, out_dir, command: str | None = None) -> Path:

@@ -83,6 +83,7 @@ def resumed(cfg: MetaConfig, step: int) -> None:
 
 
 def finished(cfg: MetaConfig, step: int) -> None:
+    """Where a finished run's weights and summary are, and how to use the weights."""
     optimizer = "GMNOptimizer" if cfg.lopt == "gmn" else "MLPOptimizer"
     say(f"at step {step} of {cfg.outer_steps}: weights {Path(cfg.out) / S.LOPT_FILE} "
         f"(l2o.{optimizer}(model, weights=...)), summary {Path(cfg.out) / 'summary.json'}")

@@ -172,17 +172,31 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: a file corrupted or truncated, or files that disagree."""
 
 
+# what save() writes into the train state, by type: a file without them was edited or is not l2o's
+_TRAIN_STATE = {"config": dict, "counters": dict, "history": dict, "world_size": int, "outer_optimizer": dict,
+                "runs": list}
+
+
+def _check_train_state(meta: Any, path: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{path}: unsupported train-state version "
+                              f"{meta.get('version') if isinstance(meta, dict) else None!r} "
+                              f"(this l2o writes version {STATE_VERSION})")
+    wrong = [key for key, kind in _TRAIN_STATE.items() if not isinstance(meta.get(key), kind)]
+    if "counters" not in wrong and not isinstance(meta["counters"].get("outer_step"), int):
+        wrong.append("counters.outer_step")
+    if "outer_optimizer" not in wrong and not {"state", "param_groups"} <= meta["outer_optimizer"].keys():
+        wrong.append("outer_optimizer.state/param_groups")
+    if "runs" not in wrong and not all(isinstance(r, dict) and "slot" in r for r in meta["runs"]):
+        wrong.append("runs[].slot")
+    if wrong:
+        raise CheckpointError(f"{path}: not a train state l2o wrote (missing or mistyped: {', '.join(wrong)}; "
+                              "edited or corrupted?)")
+
+
 def load(out: Path) -> dict[str, Any]:
     """Everything :func:`save` wrote in the last complete checkpoint, checked for
     consistency; a file that cannot be read is a :class:`CheckpointError` naming it."""
-    try:
-        return _load(Path(out))
-    except (KeyError, TypeError, AttributeError) as err:   # JSON that parses but is not what save() writes
-        raise CheckpointError(f"cannot resume from {out}: its train state is not one l2o wrote "
-                              f"({type(err).__name__}: {err}; edited or corrupted?)") from err
-
-
-def _load(out: Path) -> dict[str, Any]:
     out = Path(out)
     found = checkpoint_dir(out)
     if found is None:
@@ -194,18 +208,14 @@ def _load(out: Path) -> dict[str, Any]:
     try:
         meta = json.loads((out / JSON_FILE).read_text())
     except ValueError as err:   # JSONDecodeError, or bytes that are not UTF-8
-        raise CheckpointError(f"cannot resume: {out / JSON_FILE} is not readable JSON (truncated or corrupted?): "
-                              f"{err}") from err
-    if not isinstance(meta, dict) or meta.get("version") != STATE_VERSION:
-        raise CheckpointError(f"cannot resume: {out / JSON_FILE}: unsupported train-state version "
-                              f"{meta.get('version') if isinstance(meta, dict) else None!r} "
-                              f"(this l2o writes version {STATE_VERSION})")
+        raise CheckpointError(f"{out / JSON_FILE} is not readable JSON (truncated or corrupted?): {err}") from err
+    _check_train_state(meta, out / JSON_FILE)
     try:
         with safe_open(str(out / TENSORS_FILE), framework="pt") as f:
             file_step = int((f.metadata() or {}).get("outer_step", -1))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except SafetensorError as err:
-        raise CheckpointError(f"cannot resume: {out / TENSORS_FILE} is not a readable safetensors file "
+        raise CheckpointError(f"{out / TENSORS_FILE} is not a readable safetensors file "
                               f"(truncated or corrupted?): {err}") from err
     lopt = load_lopt(out / LOPT_FILE)
     from ..checkpoint import lopt_extra
@@ -213,9 +223,9 @@ def _load(out: Path) -> dict[str, Any]:
     lopt_step = int(lopt_extra(out / LOPT_FILE).get("counters", {}).get("outer_step", -1))
     step = int(meta["counters"]["outer_step"])
     if not (file_step == lopt_step == step):
-        raise CheckpointError(f"cannot resume: checkpoint files in {out} disagree on the outer step (json {step}, tensors "
-                         f"{file_step}, weights {lopt_step}): the run was killed mid-checkpoint; restore "
-                         "the files from one checkpoint")
+        raise CheckpointError(f"checkpoint files in {out} disagree on the outer step (json {step}, tensors "
+                              f"{file_step}, weights {lopt_step}): they come from different checkpoints; "
+                              "restore the files from one checkpoint")
     runs = {}
     for name, value in tensors.items():
         if name.startswith("run."):
