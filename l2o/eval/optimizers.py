@@ -37,7 +37,6 @@ class MissingWeightsError(FileNotFoundError):
     """Pretrained weights are not installed and untrained ones were not allowed."""
 
 
-
 def resolve_weights(kind: str, path: str | os.PathLike | None, allow_untrained: bool) -> tuple[str | None, str]:
     """(weights for the optimizer, a label for the report).
 
