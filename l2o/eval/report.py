@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import plots
 from .metrics import TIE_RTOL, smooth
-from .optimizers import LEARNED
+from .optimizers import LEARNED, EvaluationInputError
 from .results import EvalResults
 
 CSV_COLUMNS = ["task", "family", "optimizer", "lr", "weights", "seeds", "steps", "final_train_loss",
@@ -118,8 +118,6 @@ def check_out_dir(out) -> None:
     """Refuse, before any run, an ``--out`` the report could not be written to
     (a file, or a path under one or in a directory that is not writable): it
     would otherwise fail only after the whole evaluation."""
-    from .optimizers import EvaluationInputError
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EvaluationInputError(f"--out {out} is a file, not a directory")
