@@ -161,7 +161,7 @@ def test_mlp_fast_step_equals_forward(name, chunk, kernels):
 def test_irregular_edges_take_the_scatter_runs(chunk, kernels, edge_states):
     """A scatter run (torch ops) beside a dense one: with kept states, one
     buffer holds the scatter run's states as [De, L] rows and the dense run's
-    in the fused kernels' tile-major order."""
+    in the fused kernels' own order."""
     graph = l2o.build_graph(nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)))
     graph.edge_index = graph.edge_index.clone()
     perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))

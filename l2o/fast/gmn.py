@@ -100,7 +100,7 @@ class GMNChunkedStep:
             raise ValueError("edge_states='float16': this machine's build of the fused kernels has no half "
                              "floats (l2o.fast.native.status()); use 'float32' or 'recompute'")
         # flat: run r's states are entries [De start_r, De stop_r), as [De, L] for the torch
-        # ops and in the fused kernels' own tile-major order for a fused run
+        # ops and in the fused kernels' own order for a fused run
         self.edge_states = (None if edge_states == "recompute" or shard is not None else
                             plan.fixed("edge_states", (self.de * plan.num_edges,), self.dev, getattr(torch, edge_states)))
         self.w_enc = fold_input_scale(lopt.edge_feat.weight, self.inv_rms)                  # [T, De, F]

@@ -135,8 +135,8 @@ class FusedKernels:
         ``layers`` the ``(w_msg [DE, DE], row table, column table)`` of the
         rounds to run (None before ``first``), from ``first`` (the states
         after ``first`` rounds read from ``kept``: ``DE * n`` contiguous
-        entries in the kernels' own tile-major order (``kernels.c``:
-        ``kept_at``), float32, or float16 where :attr:`half_states`, written
+        entries in the kernels' own order (``kernels.c``:
+        ``load_kept_em``, ``kept_at``), float32, or float16 where :attr:`half_states`, written
         saturated to +-65504; 0:
         ``encode`` = ``(w_enc [DE, NF],
         static table, its feature stride, its row stride)``). Then either
@@ -168,7 +168,7 @@ class FusedKernels:
             if kept.dtype is not _F32 and not (kept.dtype is torch.float16 and self.half_states):
                 _require(False, k, f"kept states must be float32 or, where the build has half floats "
                                    f"(this one: {self.half_states}), float16, got {kept.dtype}")
-            _dense(k, "kept", kept, (de * n,), kept.dtype)   # flat: the kernels' own tile-major order
+            _dense(k, "kept", kept, (de * n,), kept.dtype)   # flat: the kernels' own order
         w_enc, table, stat_ld, stat_rs = encode
         _dense(k, "w_enc", w_enc, (de, self.nf))
         _require(table.dtype == _F32 and table.is_contiguous() and

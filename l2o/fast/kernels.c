@@ -18,6 +18,9 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 /* The feature layout is not written here: native.py passes l2o/features.py's
  * (NUM_ENTRY_FEATURES, the number of momenta and the ROW_* indices) as -D
@@ -168,15 +171,19 @@ INLINE vf finish(vf dir, vf log_step, vf adam, float nominal, float c) {
  * rows at stride in_ld and is read from memory (the frame itself, or a small
  * buffer): tile-sized arrays of vectors would make the compiler juggle them in
  * registers and spill. w is row-major [rows][K]. */
-INLINE void dot_block(const int G, const int K, const float *restrict w, int row0, const float *in, long in_ld,
-                      vf acc[][T]) {
+INLINE void dot_block_ld(const int G, const int K, const float *restrict w, int w_ld, int row0, const float *in,
+                         long in_ld, vf acc[][T]) {
 #pragma GCC unroll 64
     for (int k = 0; k < K; k++)
         for (int t = 0; t < T; t++) {
             const vf xk = load(in + k * in_ld + t * VB, VB);
 #pragma GCC unroll 16
-            for (int g = 0; g < G; g++) acc[g][t] += w[(row0 + g) * K + k] * xk;
+            for (int g = 0; g < G; g++) acc[g][t] += w[(row0 + g) * w_ld + k] * xk;
         }
+}
+INLINE void dot_block(const int G, const int K, const float *restrict w, int row0, const float *in, long in_ld,
+                      vf acc[][T]) {
+    dot_block_ld(G, K, w, K, row0, in, in_ld, acc);
 }
 
 /* The last, partial tile of a row: its first n entries of rows [0, k) of
@@ -455,6 +462,22 @@ int l2o_stats(long n, const float *p, const float *g, float *m, long m_ld, float
 
 #define MAX_LAYERS 16
 
+/* With 8 edge states and AVX (+ F16C for half states) the round passes run
+ * edge by edge (round_chunk): an edge's 8 states are one vector, W e is 8 FMAs
+ * of a weight column (all 8 kept in registers through the pass) by a broadcast
+ * state, and the messages' sums to a column and to the row are vector adds:
+ * 0.8x the time of the tiled round passes on a 2-core EPYC (bench/kernel_ab.py).
+ * Kept states are then stored edge by edge (load_kept_em). The read-out, whose
+ * 16 hidden units' weights would not stay in registers, and other widths and
+ * targets run on tiles of TC neighbouring edges (pass_tile). */
+#if DE == 8 && defined(__AVX__) && defined(__F16C__) && defined(HALF_TO_FLOAT)
+#define EDGE_MAJOR 1
+typedef float ve __attribute__((vector_size(DE * sizeof(float))));
+_Static_assert(TC % 8 == 0, "load_kept_tile transposes 8 edges at a time");
+#else
+#define EDGE_MAJOR 0
+#endif
+
 /* One pass of the GMN's chunked step over one dense block of rows x cols
  * edges (edge (i, j) at flat index i * cols + j of the block's state), every
  * intermediate of an edge kept in a tile buffer, nothing edge-sized written
@@ -479,7 +502,7 @@ typedef struct {
     const float *const *w_msg; /* per layer [DE][DE] */
     const float *const *row_t; /* per layer [DE][R] */
     const float *const *col_t; /* per layer [DE][G * C], bias folded in */
-    void *kept;                /* the edge states, tile-major (load_kept), or NULL */
+    void *kept;                /* the edge states (load_kept_em or load_kept), or NULL */
     int kept_half;             /* kept holds half floats, else floats */
     float *row_acc;              /* [DE][R], added to */
     float *col_acc[MAX_THREADS]; /* [DE][G * C] per thread; [0] is the caller's, added to */
@@ -491,12 +514,22 @@ typedef struct {
     update_out out;
     long nonfinite[MAX_THREADS]; /* per thread: entries whose lr u was not finite */
     long rows, cols, per_group;
+#if EDGE_MAJOR
+    /* the round passes' tables, edge-major (prepared by l2o_gmn_pass): column
+     * k of a weight as one vector, a column's DE terms as one vector */
+    const float *w_enc_cols;                /* [NF][DE]: w_enc transposed */
+    const float *w_msg_cols[MAX_LAYERS];    /* [DE][DE]: w_msg[l] transposed */
+    const float *col_em[MAX_LAYERS];        /* [G * C][DE]: col_t[l] transposed */
+    const float *stat_em;                   /* [C][DE]: stat transposed when its row stride is 0 */
+    float *col_acc_em[MAX_THREADS];         /* per thread [G * C][DE], zeroed: the column sums */
+#endif
 } pass_args;
 
 #define EGROUP GROUP_OF(DE)
 #define RGROUP GROUP_OF(HID)
 
-/* Kept edge states are stored tile by tile: the DE states of the tile of nv
+/* Kept edge states are stored edge by edge where the round passes run edge
+ * by edge (EDGE_MAJOR: load_kept_em), else tile by tile: the DE states of the tile of nv
  * edges at flat index `at` (a row's tiles start at its multiples of TC, so
  * the tiles of a block tile its whole index range) lie together, state d of
  * its lane v at DE * at + d * nv + v. A pass then reads and writes them as
@@ -505,6 +538,56 @@ typedef struct {
  * the time of the first round's pass, which writes them, on a 2-core EPYC;
  * its streaming stores another 1.17x). */
 INLINE long kept_at(long at, int d, int t, int nv) { return DE * at + (long)d * nv + t * VB; }
+#if EDGE_MAJOR
+/* edge-major kept states: edge at's DE states at DE * at */
+INLINE ve load_kept_em(const pass_args *a, long at) {
+    ve r;
+    if (!a->kept_half) {
+        memcpy(&r, (const float *)a->kept + DE * at, sizeof r);
+        return r;
+    }
+    __m128i h;
+    memcpy(&h, (const half *)a->kept + DE * at, sizeof h);
+    return (ve)_mm256_cvtph_ps(h);
+}
+INLINE void store_kept_em(const pass_args *a, long at, ve x) {
+    if (!a->kept_half) {
+        memcpy((float *)a->kept + DE * at, &x, sizeof x);
+        return;
+    }
+    /* saturated: max(lo, x), then min(hi, .), return their second operand when it is NaN */
+    const __m256 s = _mm256_min_ps(_mm256_set1_ps(HALF_MAX), _mm256_max_ps(_mm256_set1_ps(-HALF_MAX), (__m256)x));
+    const __m128i h = _mm256_cvtps_ph(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    half *p = (half *)a->kept + DE * at;
+    if (a->first == 0 && ((unsigned long)p & (sizeof h - 1)) == 0) /* streamed past the cache: round 0 writes states it did not read */
+        _mm_stream_si128((__m128i *)p, h);
+    else
+        memcpy(p, &h, sizeof h);
+}
+/* the read-out's tile of kept states, row d of ex[d][TC] the state d of its nv edges (padding 0) */
+INLINE void load_kept_tile(const pass_args *a, long at, int nv, float ex[DE][TC]) {
+    for (int b = 0; b < TC; b += 8) { /* 8 edges' states, 8 x 8, transposed in registers */
+        __m256 r[8];
+        for (int v = 0; v < 8; v++) r[v] = b + v < nv ? (__m256)load_kept_em(a, at + b + v) : _mm256_setzero_ps();
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]),
+                     t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]),
+                     t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]),
+                     t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                     s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                     s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                     s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+        _mm256_storeu_ps(&ex[0][b], _mm256_permute2f128_ps(s0, s4, 0x20));
+        _mm256_storeu_ps(&ex[1][b], _mm256_permute2f128_ps(s1, s5, 0x20));
+        _mm256_storeu_ps(&ex[2][b], _mm256_permute2f128_ps(s2, s6, 0x20));
+        _mm256_storeu_ps(&ex[3][b], _mm256_permute2f128_ps(s3, s7, 0x20));
+        _mm256_storeu_ps(&ex[4][b], _mm256_permute2f128_ps(s0, s4, 0x31));
+        _mm256_storeu_ps(&ex[5][b], _mm256_permute2f128_ps(s1, s5, 0x31));
+        _mm256_storeu_ps(&ex[6][b], _mm256_permute2f128_ps(s2, s6, 0x31));
+        _mm256_storeu_ps(&ex[7][b], _mm256_permute2f128_ps(s3, s7, 0x31));
+    }
+}
+#endif
 INLINE vf load_kept(const pass_args *a, long at, int d, int t, int nv) {
     const long k = kept_at(at, d, t, nv);
     return a->kept_half ? load_half((const half *)a->kept + k, lanes(nv, t)) : load((const float *)a->kept + k, lanes(nv, t));
@@ -530,20 +613,21 @@ INLINE void node_terms(const int G, const float *row, long rows, long i, const f
             acc[g][t] = row[(d0 + g) * rows + i] + load(col + (d0 + g) * col_ld + c0 + t * VB, lanes(nv, t));
 }
 
-/* One tile of nv <= TC edges at row i, columns j0...; rsum [DE][TC] and
- * col_acc collect a round pass's messages. */
+/* A row is processed in chunks of CH columns (a multiple of TC): features and
+ * the read-out's update formula chunk by chunk (chunk_features), the edges tile
+ * by tile or, in a round pass, edge by edge (round_chunk) in between. */
+#ifndef CH
+#define CH 64
+#endif
+/* One tile of nv <= TC edges at row i, columns j0...; x its features (NF rows at
+ * stride CH); rsum [DE][TC] and col_acc collect a round pass's messages; the
+ * read-out's head outputs go to head_out (2 rows at stride CH). */
 INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, float *col_acc, float rsum[DE][TC],
-                      long *nonfinite) {
+                      const float *xin, float *head_out) {
     const long col_ld = (a->rows / a->per_group) * a->cols, gc = row_gc + j0;
     const long at = i * a->cols + j0;
-    float ex[DE + NF][TC]; /* e rows, then x rows: the read-out's input [e; x] */
-    float(*x)[TC] = ex + DE;
-    if (pass_reads_state(a)) /* a round pass from kept states needs no features */
-        for (int t = 0; t < T; t++) {
-            vf row[NF];
-            features_vec(&a->s, at + t * VB, lanes(nv, t), row);
-            for (int f = 0; f < NF; f++) store(&x[f][t * VB], row[f], VB);
-        }
+    float ex[DE][TC];
+    const float(*x)[CH] = (const float(*)[CH])xin;
     if (a->first == 0) { /* e = relu(W_enc x + static) */
 #pragma GCC unroll 1
         for (int d0 = 0; d0 < DE; d0 += EGROUP) {
@@ -551,13 +635,17 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
             for (int g = 0; g < EGROUP; g++)
                 for (int t = 0; t < T; t++)
                     acc[g][t] = load(a->stat + (d0 + g) * a->stat_ld + i * a->stat_rs + j0 + t * VB, lanes(nv, t));
-            dot_block(EGROUP, NF, a->w_enc, d0, &x[0][0], TC, acc);
+            dot_block(EGROUP, NF, a->w_enc, d0, &x[0][0], CH, acc);
             for (int g = 0; g < EGROUP; g++)
                 for (int t = 0; t < T; t++) store(&ex[d0 + g][t * VB], relu(acc[g][t]), VB);
         }
     } else {
+#if EDGE_MAJOR
+        load_kept_tile(a, at, nv, ex);
+#else
         for (int d = 0; d < DE; d++)
             for (int t = 0; t < T; t++) store(&ex[d][t * VB], load_kept(a, at, d, t, nv), VB);
+#endif
     }
     float m[DE][TC];
     for (int l = a->first; l < a->stop; l++) {
@@ -593,30 +681,170 @@ INLINE void pass_tile(const pass_args *a, long i, long j0, long row_gc, int nv, 
     for (int h0 = 0; h0 < HID; h0 += RGROUP) {
         vf acc[RGROUP][T];
         node_terms(RGROUP, a->z_row, a->rows, i, a->z_col, col_ld, gc, h0, nv, acc);
-        dot_block(RGROUP, DE + NF, a->w_z, h0, &ex[0][0], TC, acc);
+        dot_block_ld(RGROUP, DE, a->w_z, DE + NF, h0, &ex[0][0], TC, acc);
+        dot_block_ld(RGROUP, NF, a->w_z + DE, DE + NF, h0, &x[0][0], CH, acc);
         head_add(RGROUP, HID, a->head_w, h0, acc, dir, ls);
     }
-    for (int t = 0; t < T; t++)
-        put_update(&a->out, at + t * VB, lanes(nv, t),
-                   finish(dir[t], ls[t], load(&x[ROW_ADAM][t * VB], VB), a->nominal, a->c),
-                   load(&x[ROW_P][t * VB], VB), nonfinite);
+    for (int t = 0; t < T; t++) {
+        store(head_out + t * VB, dir[t], VB);
+        store(head_out + CH + t * VB, ls[t], VB);
+    }
 }
+
+/* The features of the n entries of a chunk at flat index `at` into x (NF rows
+ * at stride CH; a partial last vector zero-padded as features_vec pads it).
+ * Computed for a whole chunk before its edges use them, and the read-out's
+ * update formula run over a whole chunk after (chunk_finish): each is a loop
+ * of independent vectors whose long latency chains (square root, divisions,
+ * exponentials) overlap, where one tile's at a time would wait on them. */
+INLINE void chunk_features(const pass_args *a, long at, long n, float x[NF][CH]) {
+    long v = 0;
+    for (; v + VB <= n; v += VB) { /* nv a constant: whole-vector loads and stores */
+        if ((v & (TC - 1)) == 0) prefetch_state(&a->s, at + v);
+        vf row[NF];
+        features_vec(&a->s, at + v, VB, row);
+        for (int f = 0; f < NF; f++) store(&x[f][v], row[f], VB);
+    }
+    for (; v < n; v += VB) {
+        vf row[NF];
+        features_vec(&a->s, at + v, (int)(n - v), row);
+        for (int f = 0; f < NF; f++) store(&x[f][v], row[f], VB);
+    }
+}
+
+/* the read-out's updates of the n entries of a chunk from their head outputs */
+INLINE void chunk_finish(const pass_args *a, long at, long n, float x[NF][CH], float head[2][CH], long *nonfinite) {
+    long v = 0;
+    for (; v + VB <= n; v += VB)
+        put_update(&a->out, at + v, VB,
+                   finish(load(&head[0][v], VB), load(&head[1][v], VB), load(&x[ROW_ADAM][v], VB), a->nominal, a->c),
+                   load(&x[ROW_P][v], VB), nonfinite);
+    for (; v < n; v += VB)
+        put_update(&a->out, at + v, (int)(n - v),
+                   finish(load(&head[0][v], VB), load(&head[1][v], VB), load(&x[ROW_ADAM][v], VB), a->nominal, a->c),
+                   load(&x[ROW_P][v], VB), nonfinite);
+}
+
+#if EDGE_MAJOR
+INLINE ve ve_load(const float *p) {
+    ve r;
+    memcpy(&r, p, sizeof r);
+    return r;
+}
+INLINE void ve_store(float *p, ve x) { memcpy(p, &x, sizeof x); }
+/* an edge's states where the next layer broadcasts them one by one: stored in
+ * halves of 4, as a 4-byte load is not forwarded from a pending 32-byte store
+ * (on Zen 3 it then waits for the store: 1.5x the round's time) */
+INLINE void es_store(float *p, ve x) {
+    _mm_storeu_ps(p, _mm256_castps256_ps128((__m256)x));
+    _mm_storeu_ps(p + 4, _mm256_extractf128_ps((__m256)x, 1));
+}
+/* max(0, x) returns its second operand x when x is NaN: a diverging metanetwork must show */
+INLINE ve ve_relu(ve x) { return (ve)_mm256_max_ps(_mm256_setzero_ps(), (__m256)x); }
+
+/* s + sum_k w[k] in[k * ld]: K weight columns by broadcast inputs, in two
+ * independent chains of FMAs (one chain of K would wait on their latency) */
+INLINE ve matvec(const int K, const ve *w, const float *in, long ld, ve s) {
+    ve s1 = {0};
+#pragma GCC unroll 16
+    for (int k = 0; k + 1 < K; k += 2) {
+        s += w[k] * in[k * ld];
+        s1 += w[k + 1] * in[(k + 1) * ld];
+    }
+    if (K % 2) s += w[K - 1] * in[(K - 1) * ld];
+    return s + s1;
+}
+
+/* A round pass over the n edges of row i from column j0 (x: their features,
+ * NF rows at stride CH, where the pass reads them), edge by edge:
+ *   e = relu(W_enc x + static) (first == 0) or the kept states,
+ *   for l in [first, stop): m = relu(W_msg[l] e + row_t[l][:, i] + col_t[l][:, g(i) C + j]), e = e + m,
+ * the last m added to *rsum (the row's sum) and to col_acc[g(i) C + j][:]. */
+INLINE void round_chunk(const pass_args *a, long i, long j0, long n, const float x[NF][CH], ve *rsum,
+                        float *col_acc) {
+    const long at = i * a->cols + j0, gc = (i / a->per_group) * a->cols + j0;
+    float es[CH][DE] __attribute__((aligned(64))); /* the states a layer reads, broadcast one by one */
+    if (a->first == 0) {
+        ve w[NF];
+        for (int k = 0; k < NF; k++) w[k] = ve_load(a->w_enc_cols + k * DE);
+        for (long v = 0; v < n; v++) {
+            ve s;
+            if (a->stat_em)
+                s = ve_load(a->stat_em + (j0 + v) * DE);
+            else
+                for (int d = 0; d < DE; d++) s[d] = a->stat[d * a->stat_ld + i * a->stat_rs + j0 + v];
+            es_store(es[v], ve_relu(matvec(NF, w, &x[0][v], CH, s)));
+        }
+    } else
+        for (long v = 0; v < n; v++) es_store(es[v], load_kept_em(a, at + v));
+    for (int l = a->first; l < a->stop; l++) {
+        ve w[DE], row;
+        for (int k = 0; k < DE; k++) w[k] = ve_load(a->w_msg_cols[l] + k * DE);
+        for (int d = 0; d < DE; d++) row[d] = a->row_t[l][d * a->rows + i];
+        const float *col = a->col_em[l] + gc * DE;
+        if (l < a->stop - 1) {
+            for (long v = 0; v < n; v++) {
+                const ve msg = ve_relu(matvec(DE, w, es[v], 1, row + ve_load(col + v * DE)));
+                es_store(es[v], ve_load(es[v]) + msg);
+            }
+            continue;
+        }
+        /* the last round: its messages summed to both ends, the states kept */
+        ve rs = *rsum; /* in a register: a sum through memory would chain every edge on a store and a reload */
+        for (long v = 0; v < n; v++) {
+            const ve msg = ve_relu(matvec(DE, w, es[v], 1, row + ve_load(col + v * DE)));
+            rs += msg;
+            ve_store(col_acc + (gc + v) * DE, ve_load(col_acc + (gc + v) * DE) + msg);
+            if (a->kept) store_kept_em(a, at + v, ve_load(es[v]) + msg);
+        }
+        *rsum = rs;
+        return;
+    }
+}
+
+static void round_range(const pass_args *a, long r0, long r1, int thread) {
+    float *col_acc = a->col_acc_em[thread];
+    for (long i = r0; i < r1; i++) {
+        ve rsum = {0};
+        for (long j0 = 0; j0 < a->cols; j0 += CH) {
+            const long n = a->cols - j0 < CH ? a->cols - j0 : CH;
+            float x[NF][CH] __attribute__((aligned(64)));
+            if (pass_reads_state(a)) chunk_features(a, i * a->cols + j0, n, x);
+            round_chunk(a, i, j0, n, x, &rsum, col_acc);
+        }
+        for (int d = 0; d < DE; d++) a->row_acc[d * a->rows + i] += rsum[d];
+    }
+}
+#endif
 
 static void pass_range(const void *args, long r0, long r1, int thread) {
     const pass_args *a = args;
+#if EDGE_MAJOR
+    if (!a->readout) {
+        round_range(a, r0, r1, thread);
+#ifdef HALF_TO_FLOAT
+        _mm_sfence();
+#endif
+        return;
+    }
+#endif
     float *col_acc = a->col_acc[thread];
     long nonfinite = 0; /* here, not in a->nonfinite: the threads' counters share a cache line */
     float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
         const long row_gc = (i / a->per_group) * a->cols; /* the row's group's first column term */
-        long j = 0;
-        for (; j + TC <= a->cols; j += TC) { /* nv a constant: whole-vector loads and stores */
-            if (pass_reads_state(a)) /* else fetching the statistics would only cost bandwidth */
-                prefetch_state(&a->s, i * a->cols + j);
-            pass_tile(a, i, j, row_gc, TC, col_acc, rsum, &nonfinite);
+        for (long j0 = 0; j0 < a->cols; j0 += CH) {
+            const long n = a->cols - j0 < CH ? a->cols - j0 : CH;
+            float x[NF][CH] __attribute__((aligned(64)));
+            float head[2][CH] __attribute__((aligned(64)));
+            if (pass_reads_state(a)) chunk_features(a, i * a->cols + j0, n, x);
+            long j = 0;
+            for (; j + TC <= n; j += TC) /* nv a constant: whole-vector loads and stores */
+                pass_tile(a, i, j0 + j, row_gc, TC, col_acc, rsum, &x[0][j], &head[0][j]);
+            if (j < n) pass_tile(a, i, j0 + j, row_gc, (int)(n - j), col_acc, rsum, &x[0][j], &head[0][j]);
+            if (a->readout) chunk_finish(a, i * a->cols + j0, n, x, head, &nonfinite);
         }
-        if (j < a->cols) pass_tile(a, i, j, row_gc, (int)(a->cols - j), col_acc, rsum, &nonfinite);
         if (!a->readout)
             for (int d = 0; d < DE; d++) {
                 float s = 0.f;
@@ -638,7 +866,9 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
                  const float *w_z, const float *z_row, const float *z_col, const float *head_w, float head_b0,
                  float head_b1, float nominal, float c, float *update, float *apply_p, float lr, float decay,
                  long *nonfinite, int threads) {
-    if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept) || (apply_p && !nonfinite)) return -2;
+    if (stop > MAX_LAYERS || first < 0 || first > stop || (first > 0 && !kept) || (apply_p && !nonfinite) ||
+        (!(update || apply_p) && first == stop)) /* a round pass runs a round */
+        return -2;
     if (kept_half && !HALF_STATES) return -3;
     pass_args *a = malloc(sizeof *a);
     if (!a) return -1;
@@ -647,6 +877,48 @@ int l2o_gmn_pass(long rows, long cols, long per_group, const float *p, const flo
                      {col_acc}, w_z, z_row, z_col, head_w, head_b0, head_b1, nominal, c, update || apply_p,
                      {update, apply_p, lr, decay}, {0}, rows, cols, per_group};
     threads = thread_count(rows, rows * cols, threads);
+#if EDGE_MAJOR
+    if (!a->readout) {
+        const long gcols = (rows / per_group) * cols;
+        const long need = (long)NF * DE + (long)(stop - first) * (DE * DE + gcols * DE) +
+                          (first == 0 && stat_rs == 0 ? cols * DE : 0) + (long)threads * gcols * DE;
+        float *work = calloc((size_t)need, sizeof(float));
+        if (!work) {
+            free(a);
+            return -1;
+        }
+        float *w = work;
+        for (int k = 0; k < NF; k++)
+            for (int d = 0; d < DE; d++) w[k * DE + d] = w_enc[d * NF + k];
+        a->w_enc_cols = w;
+        w += NF * DE;
+        for (int l = first; l < stop; l++) {
+            for (int k = 0; k < DE; k++)
+                for (int d = 0; d < DE; d++) w[k * DE + d] = w_msg[l][d * DE + k];
+            a->w_msg_cols[l] = w;
+            w += DE * DE;
+            for (long c = 0; c < gcols; c++)
+                for (int d = 0; d < DE; d++) w[c * DE + d] = col_t[l][d * gcols + c];
+            a->col_em[l] = w;
+            w += gcols * DE;
+        }
+        a->stat_em = NULL;
+        if (first == 0 && stat_rs == 0) {
+            for (long c = 0; c < cols; c++)
+                for (int d = 0; d < DE; d++) w[c * DE + d] = stat[d * stat_ld + c];
+            a->stat_em = w;
+            w += cols * DE;
+        }
+        for (int t = 0; t < threads; t++, w += gcols * DE) a->col_acc_em[t] = w;
+        parallel_for(pass_range, a, rows, threads);
+        for (int t = 0; t < threads; t++)
+            for (long c = 0; c < gcols; c++)
+                for (int d = 0; d < DE; d++) col_acc[d * gcols + c] += a->col_acc_em[t][c * DE + d];
+        free(work);
+        free(a);
+        return 0;
+    }
+#endif
     /* the other threads sum their columns privately, added in after the join */
     const long col_len = a->readout ? 0 : DE * (rows / per_group) * cols;
     float *priv = threads > 1 && col_len ? calloc((size_t)(threads - 1) * col_len, sizeof(float)) : NULL;
