@@ -417,6 +417,30 @@ def test_a_non_finite_input_shows_in_the_update_as_in_the_forward(kernels):
         assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
 
 
+def test_the_fused_read_out_counts_each_entry_it_could_not_apply_once():
+    """An entry whose update is not finite keeps ``p * decay`` and is counted
+    once, in whole vectors and in a row's partial last one (the kernels count
+    lane by lane and sum at the end)."""
+    from l2o.fast import kernel_calls
+    kernels = kernel_calls.load(l2o.features.NUM_ENTRY_FEATURES, mh=8)
+    if kernels is None:
+        pytest.skip("no C compiler for the fused kernels")
+    g = torch.Generator().manual_seed(0)
+    nf, mh = l2o.features.NUM_ENTRY_FEATURES, 8
+    run = kernels.mlp_network(torch.randn(1, mh, nf, generator=g), torch.randn(mh, generator=g),
+                              torch.randn(mh, mh, generator=g), torch.randn(mh, generator=g),
+                              torch.randn(2, mh, generator=g), torch.randn(2, 1, generator=g), 0.1, 1.0)
+    for n, bad in ((37, [0, 9, 36]), (64, [63]), (5, [])):
+        x = torch.randn(nf, n, generator=g)
+        x[l2o.features.ROW_G, bad] = float("nan")
+        p = x[l2o.features.ROW_P].clone()   # the read-out takes p from the features
+        before = p.clone()
+        assert run(x, 0, torch.empty(n), apply=(p, 1e-3, 0.5)) == len(bad)
+        assert torch.equal(p[bad], before[bad] * 0.5)
+        good = [k for k in range(n) if k not in bad]
+        assert torch.isfinite(p).all() and not torch.equal(p[good], before[good] * 0.5)
+
+
 @pytest.mark.slow
 def test_a_damaged_cached_kernel_library_is_rebuilt(monkeypatch, tmp_path):
     if native.compiler() is None:

@@ -134,10 +134,16 @@ INLINE void store_half(half *p, vf x, int nv, int stream) { (void)p; (void)x; (v
  * range reduction x = n ln2 + r, |r| <= ln2 / 2, and Cephes' degree-6
  * minimax polynomial for e^r; relative error ~2 ulp. */
 INLINE vf vexp(vf x) {
+#if VB == 8 && defined(__AVX__) /* the same in fewer instructions (the update formula's time 0.8x) */
+    /* max(lo, x) and min(hi, .) return their second operand when it is NaN */
+    x = (vf)_mm256_min_ps(_mm256_set1_ps(88.f), _mm256_max_ps(_mm256_set1_ps(-87.f), (__m256)x));
+    const vf n = (vf)_mm256_floor_ps((__m256)(x * 1.44269504088896341f + 0.5f));
+#else
     x = blend(x > 88.f, splat(88.f), blend(x < -87.f, splat(-87.f), x));
     vf fx = x * 1.44269504088896341f + 0.5f;
     vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
     n = blend(n > fx, n - 1.f, n); /* floor */
+#endif
     x = x - n * 0.693359375f + n * 2.12194440e-4f;
     vf y = 1.9875691500e-4f * x + 1.3981999507e-3f;
     y = y * x + 8.3334519073e-3f;
@@ -218,7 +224,7 @@ INLINE void head_add(const int G, const int width, const float *w, int h0, vf ac
  * apply_p, applied at once (apply_p = p decay + lr u, p the entries'
  * parameters before the step), so the update is never written and read back.
  * As l2o_apply drops a non-finite u, an entry whose lr u is not finite counts
- * in *nonfinite and keeps p decay: lr carries the sink's gains (a relative
+ * in *nonfinite (one counter per lane) and keeps p decay: lr carries the sink's gains (a relative
  * update's scale can be inf), so it is the product that must be checked. */
 typedef struct {
     float *update;
@@ -227,14 +233,20 @@ typedef struct {
 } update_out;
 
 /* u and p of the nv entries at `at` (a tile's vector t) */
-INLINE void put_update(const update_out *o, long at, int nv, vf u, vf p, long *nonfinite) {
+INLINE void put_update(const update_out *o, long at, int nv, vf u, vf p, vi *nonfinite) {
     if (!o->apply_p) {
         store(o->update + at, u, nv);
         return;
     }
     const vf step = o->lr * u;
     const vi finite = (step - step) == 0; /* NaN and inf give NaN */
-    for (int v = 0; v < nv; v++) *nonfinite += !finite[v];
+    vi bad = ~finite; /* -1 in the lanes to count: counted lane by lane, summed by the caller at the end */
+    if (nv < VB) {
+        vi index;
+        for (int v = 0; v < VB; v++) index[v] = v;
+        bad &= index < nv;
+    }
+    *nonfinite -= bad;
     store(o->apply_p + at, (o->decay == 1.f ? p : p * o->decay) + blend(finite, step, splat(0.f)), nv);
 }
 
@@ -713,7 +725,7 @@ INLINE void chunk_features(const pass_args *a, long at, long n, float x[NF][CH])
 }
 
 /* the read-out's updates of the n entries of a chunk from their head outputs */
-INLINE void chunk_finish(const pass_args *a, long at, long n, float x[NF][CH], float head[2][CH], long *nonfinite) {
+INLINE void chunk_finish(const pass_args *a, long at, long n, float x[NF][CH], float head[2][CH], vi *nonfinite) {
     long v = 0;
     for (; v + VB <= n; v += VB)
         put_update(&a->out, at + v, VB,
@@ -829,7 +841,7 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
     }
 #endif
     float *col_acc = a->col_acc[thread];
-    long nonfinite = 0; /* here, not in a->nonfinite: the threads' counters share a cache line */
+    vi nonfinite = {0}; /* lane by lane; here, not in a->nonfinite: the threads' counters share a cache line */
     float rsum[DE][TC];
     for (long i = r0; i < r1; i++) {
         memset(rsum, 0, sizeof rsum);
@@ -852,7 +864,9 @@ static void pass_range(const void *args, long r0, long r1, int thread) {
                 a->row_acc[d * a->rows + i] += s;
             }
     }
-    ((pass_args *)a)->nonfinite[thread] = nonfinite;
+    long count = 0;
+    for (int v = 0; v < VB; v++) count += nonfinite[v];
+    ((pass_args *)a)->nonfinite[thread] = count;
 #ifdef HALF_TO_FLOAT
     _mm_sfence(); /* streaming stores are weakly ordered: make them visible before the pass returns */
 #endif
@@ -960,7 +974,7 @@ typedef struct {
 
 /* One tile of TC entries at i; `in` its NF feature rows at stride in_ld (the
  * feature block itself, or a zero-padded copy for the last, partial tile). */
-INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld, long *nonfinite) {
+INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in_ld, vi *nonfinite) {
     float z1[MH][TC];
 #pragma GCC unroll 1
     for (int h0 = 0; h0 < MH; h0 += MGROUP) {
@@ -990,7 +1004,8 @@ INLINE void mlp_tile(const mlp_args *a, long i, int nv, const float *in, long in
 static void mlp_range(const void *args, long t0, long t1, int thread) {
     const mlp_args *a = args;
     const long i1 = t1 * TC < a->n ? t1 * TC : a->n;
-    long i = t0 * TC, nonfinite = 0;
+    long i = t0 * TC;
+    vi nonfinite = {0}; /* lane by lane */
     for (; i + TC <= i1; i += TC) {
         for (int k = 0; k < NF; k++) __builtin_prefetch(a->x + k * a->ld + i + PREFETCH, 0, 0);
         mlp_tile(a, i, TC, a->x + i, a->ld, &nonfinite);
@@ -999,7 +1014,9 @@ static void mlp_range(const void *args, long t0, long t1, int thread) {
         float pad[NF][TC];
         mlp_tile(a, i, (int)(i1 - i), stage_tail(NF, a->x + i, a->ld, i1 - i, pad), TC, &nonfinite);
     }
-    ((mlp_args *)a)->nonfinite[thread] = nonfinite;
+    long count = 0;
+    for (int v = 0; v < VB; v++) count += nonfinite[v];
+    ((mlp_args *)a)->nonfinite[thread] = count;
 }
 
 int l2o_mlp_step(long n, const float *x, long ld, const float *w_in, const float *b_in, const float *w_mid,
