@@ -72,10 +72,11 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from . import features as F_
+from . import optim_fsdp
 from .fast import plan as plan_module
 from .fast.backend import fused_kernels, make_backend
 from .fast.gmn import check_edge_states
-from .fast.shard import Shard, shard_bounds
+from .fast.shard import Shard, row_shard_spans, shard_bounds
 from .layout import tensor_layout
 from .lopt import LearnedOptimizer
 from .optim_base import LearnedOptimizerBase, as_param_groups, float32_default, tensors_of
@@ -198,7 +199,12 @@ class GMNOptimizer(LearnedOptimizerBase):
         # first read: l2o/graph/factored.py) the cache would keep them alive
         # beside the optimizer's lean copy
         large = sum(p.numel() for p in model.parameters()) >= LEAN_GRAPH_UNCACHED_PARAMS
-        graph = build_graph(model, example_inputs=example_inputs, strict=strict, use_cache=not large)
+        fsdp = optim_fsdp.is_fsdp_model(model)
+        if fsdp and not isinstance(self, ShardedGMNOptimizer):
+            raise TypeError("GMNOptimizer: the model's parameters are DTensors (FSDP2's fully_shard); use "
+                            "l2o.optim.ShardedGMNOptimizer, which steps each rank's rows")
+        with optim_fsdp.unsharded(model):   # the graph of the whole model (never cached: its tensors are gathered)
+            graph = build_graph(model, example_inputs=example_inputs, strict=strict, use_cache=not (large or fsdp))
         named = dict(model.named_parameters())
         all_params = [named[n] for n in graph.param_names]
         super().__init__(all_params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model,
@@ -241,20 +247,32 @@ class MLPOptimizer(LearnedOptimizerBase):
 
 class ShardedGMNOptimizer(GMNOptimizer):
     """:class:`GMNOptimizer` with its work and state split over the ranks of a
-    ``torch.distributed`` process group (DDP / ZeRO-1 style).
+    ``torch.distributed`` process group.
 
-    Every rank holds the whole model and the same (DDP-averaged) gradients;
-    rank ``r`` owns the flat entries ``[bounds[r], bounds[r+1])``
-    (:func:`l2o.fast.shard.shard_bounds`: nearly equal shares, cut on edge-run
-    bounds). A step runs the chunked GMN step on the owned edges and entries
-    only; what crosses entries -- each tensor's feature sums of squares
-    ``[T, F]``, the node-held entries' features ``[F, M]`` and, per round,
-    the messages summed onto nodes ``2 x [edge_dim, N]`` -- is all-reduced,
-    so each rank computes the node states of the whole graph and the same
-    updates the unsharded optimizer computes, to float rounding (sums in
-    another order). Then every owned segment of every tensor is broadcast
-    from its owner. The statistics ``m``, ``v`` (20 bytes per parameter)
-    exist for the owned entries only: per-rank state falls as ``1/world``.
+    Two layouts, told apart by the parameters:
+
+    * **DDP / ZeRO-1** (plain tensors): every rank holds the whole model and
+      the same (DDP-averaged) gradients; rank ``r`` owns the flat entries
+      ``[bounds[r], bounds[r+1])`` (:func:`l2o.fast.shard.shard_bounds`:
+      nearly equal shares, cut on edge-run bounds), and after the step every
+      owned segment of every tensor is broadcast from its owner.
+    * **FSDP2** (``fully_shard``: DTensors sharded along dim 0 over a 1-D
+      mesh of this group's ranks): rank ``r`` owns, of every tensor, the rows
+      it holds (:func:`l2o.fast.shard.row_shard_spans`); the step reads their
+      local values and gradients and writes their update in place, and
+      nothing is broadcast. The graph is built once from the whole model
+      (each FSDP module's parameters gathered for that recorded run).
+
+    Either way a step runs the chunked GMN step on the owned edges and
+    entries only; what crosses entries -- each tensor's feature sums of
+    squares ``[T, F]``, the node-held entries' features ``[F, M]`` and, per
+    round, the messages summed onto nodes ``2 x [edge_dim, N]`` -- is
+    all-reduced, so each rank computes the node states of the whole graph and
+    the same updates the unsharded optimizer computes, to float rounding
+    (sums in another order). The statistics ``m``, ``v`` (20 bytes per
+    parameter) exist for the owned entries only: per-rank state falls as
+    ``1/world``. A tensor with a non-finite gradient on any rank is skipped
+    on every rank.
 
     ``state_dict()`` holds this rank's shard (``self.state[p]``: ``m`` ``[4, L]``
     and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
@@ -263,12 +281,6 @@ class ShardedGMNOptimizer(GMNOptimizer):
     features'). ``load_state_dict`` takes this rank's own (same world size)
     or a whole one, which :meth:`full_state_dict` gathers on one rank.
     ``add_param_group`` after construction is not supported.
-
-    With FSDP2 (``fully_shard``) each rank holds a row shard of every
-    parameter (DTensor, dim 0) and its gradient: the owned entries are then
-    those rows (a dense block's runs are row ranges, so the same step
-    applies with ``Shard`` ranges per tensor instead of one flat range), and
-    the broadcast is not needed; see README "Sharded step".
     """
 
     def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0, example_inputs=None,
@@ -288,11 +300,28 @@ class ShardedGMNOptimizer(GMNOptimizer):
         dist.all_reduce(t, group=self._pg)
 
     def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
-        self._prepare_backend(views=False)
-        self._bounds = shard_bounds(self.backend.plan, self._world)
-        lo, hi = self._bounds[self._rank], self._bounds[self._rank + 1]
-        self._shard = Shard(lo, hi, self._all_reduce)
-        init = F_.init_state(torch.empty(hi - lo, device=self.graph.device))
+        dtensor = optim_fsdp.dtensor_class()
+        self._fsdp = dtensor is not None and any(isinstance(p, dtensor) for p in self._flat_params)
+        if self._fsdp:
+            names = [self.graph.param_names[i] for i in self.graph.flat_order]
+            optim_fsdp.check_row_sharded(names, self._flat_params, self._world)
+            every_rank = row_shard_spans(self.graph.tensor_slices, [tuple(p.shape) for p in self._flat_params],
+                                         self._world)
+            spans = every_rank[self._rank]
+            for name, p, (lo, hi) in zip(names, self._flat_params, spans):
+                if optim_fsdp.local(p).numel() != hi - lo:
+                    raise ValueError(f"ShardedGMNOptimizer: rank {self._rank} holds {optim_fsdp.local(p).numel()} "
+                                     f"entries of {name!r}, fully_shard's dim-0 chunks give it {hi - lo}")
+            self._cuts = sorted({i for rank_spans in every_rank for span in rank_spans for i in span})
+            self._prepare_backend(views=False)
+            self._shard = Shard(spans, self._all_reduce, local_params=True)
+        else:
+            self._cuts = []
+            self._prepare_backend(views=False)
+            self._bounds = shard_bounds(self.backend.plan, self._world)
+            self._shard = Shard.flat_range(self._bounds[self._rank], self._bounds[self._rank + 1],
+                                           self.backend.plan, self._all_reduce)
+        init = F_.init_state(torch.empty(self._shard.size, device=self.graph.device))
         return {"m": init["m"], "v": init["v"]}
 
     def _prepare_backend(self, views: bool = True) -> None:
@@ -304,30 +333,25 @@ class ShardedGMNOptimizer(GMNOptimizer):
             with float32_default():
                 # the torch ops' run length with the kernels too: shards are cut on run bounds
                 self.backend = make_backend(self.lopt, self.graph, self.graph.device, impl, lean=True,
-                                            chunk=plan_module.DEFAULT_CHUNK)
+                                            chunk=plan_module.DEFAULT_CHUNK, cuts=self._cuts)
             self.graph = self.backend.graph
         if views:
             self._point_state_views()
 
     def _owned(self, k: int) -> tuple[int, int]:
         """Tensor ``k``'s owned entries (flat indices, possibly empty)."""
-        sl = self.graph.tensor_slices[k]
-        return max(sl.start, self._shard.lo), min(sl.stop, self._shard.hi)
+        return self._shard.spans[k]
 
     def _point_state_views(self) -> None:
         grouped = self._group_index()
-        lo = self._shard.lo
         for k, p in enumerate(self._flat_params):
             if grouped[k] < 0:
                 self.state.pop(p, None)
                 continue
             s, e = self._owned(k)
-            e = max(s, e)
-            start = self.graph.tensor_slices[k].start
-            # a rank owning none of p gets an empty range at p's start or end, within p
-            shard = torch.tensor([s - start, e - start]).clamp_(0, p.numel())
-            self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, s - lo:e - lo],
-                             "v": self._flat_state["v"][s - lo:e - lo], "shard": shard}
+            i, start = self._shard.state_index(k, s), self.graph.tensor_slices[k].start
+            self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, i:i + e - s],
+                             "v": self._flat_state["v"][i:i + e - s], "shard": torch.tensor([s - start, e - start])}
             if self._log_lr is not None:
                 self.state[p]["log_lr"] = self._log_lr[k]
 
@@ -347,15 +371,16 @@ class ShardedGMNOptimizer(GMNOptimizer):
         """The unsharded optimizer's state dict, gathered on rank ``to`` of the
         group (``None`` on the other ranks; a collective: every rank calls it).
         It restores into a ``GMNOptimizer`` or a ``ShardedGMNOptimizer`` of any
-        world size. Every rank holds the whole statistics (20 bytes per
-        parameter) while they are summed."""
+        world size or layout. Every rank holds the whole statistics (20 bytes
+        per parameter) while they are summed."""
         import torch.distributed as dist
         sd = self.state_dict()
-        n, lo, hi = self._bounds[-1], self._shard.lo, self._shard.hi
         num_momenta = self._flat_state["m"].shape[0]
-        whole = torch.zeros(num_momenta + 1, n, device=self.graph.device)
-        whole[:num_momenta, lo:hi] = self._flat_state["m"]
-        whole[num_momenta, lo:hi] = self._flat_state["v"]
+        whole = torch.zeros(num_momenta + 1, self.graph.num_params, device=self.graph.device)
+        for k, (s, e) in enumerate(self._shard.spans):
+            i = self._shard.state_index(k, s)
+            whole[:num_momenta, s:e] = self._flat_state["m"][:, i:i + e - s]
+            whole[num_momenta, s:e] = self._flat_state["v"][i:i + e - s]
         dst = to if self._pg is None else dist.get_global_rank(self._pg, to)
         dist.reduce(whole, dst=dst, group=self._pg)   # the ranks' parts are disjoint: the sum is their union
         if self._rank != to:
@@ -372,20 +397,23 @@ class ShardedGMNOptimizer(GMNOptimizer):
         return sd
 
     def _sync_device(self) -> None:
-        if self._flat_params[0].device != self.graph.device:
+        if optim_fsdp.local(self._flat_params[0]).device != self.graph.device:
             raise NotImplementedError("ShardedGMNOptimizer: the model moved after the optimizer was built")
 
     def _learned_step(self) -> None:
         self._check_unchanged()
         self._sync_device()
         group_of = self._group_index()
-        grads = [p.grad if gi >= 0 and p.requires_grad else None for p, gi in zip(self._flat_params, group_of)]
+        params = [optim_fsdp.local(p) for p in self._flat_params]
+        grads = [optim_fsdp.local(p.grad) if gi >= 0 and p.requires_grad and p.grad is not None else None
+                 for p, gi in zip(self._flat_params, group_of)]
         if any(g is not None and g.is_sparse for g in grads):
             raise RuntimeError("ShardedGMNOptimizer does not support sparse gradients")
-        if any(not p.is_contiguous() for p in self._flat_params):
+        if any(not p.is_contiguous() for p in params):
             raise RuntimeError("ShardedGMNOptimizer needs contiguous parameters")
-        step_by_runs(self, grads, group_of, shard=self._shard)
-        self._broadcast_owned()
+        step_by_runs(self, grads, group_of, shard=self._shard, params=params)
+        if not self._fsdp:
+            self._broadcast_owned()
 
     def _broadcast_owned(self) -> None:
         """Every rank's updated segments to every rank (the same order everywhere)."""

@@ -68,18 +68,22 @@ def warn_nonfinite_updates(opt) -> None:
                   "those entries were not changed", RuntimeWarning, stacklevel=CALLER + 1)
 
 
-def bad_gradients(grads: list[Tensor | None]) -> list[int]:
+def bad_gradients(grads: list[Tensor | None], all_reduce=None, device: torch.device | None = None) -> list[int]:
     """Indices (flat order) of tensors whose gradient is non-finite or whose
-    sum of squares overflows float32; one norm per tensor, no flat copy."""
+    sum of squares overflows float32; one norm per tensor, no flat copy.
+    ``all_reduce`` (gradients sharded over ranks, ``device`` the collective's
+    where this rank has no gradient): a tensor bad on any rank is bad on all."""
     present = [k for k, g in enumerate(grads) if g is not None]
-    if not present:
+    if not present and all_reduce is None:
         return []
-    norms = torch.stack(torch._foreach_norm([grads[k].float() if grads[k].dtype != torch.float32 else grads[k]
-                                             for k in present])).float()
-    ok = torch.isfinite(norms * norms)
-    if bool(ok.all()):
-        return []
-    return [present[i] for i in (~ok).nonzero().flatten().tolist()]
+    bad = torch.zeros(len(grads), device=grads[present[0]].device if present else device)
+    if present:
+        norms = torch.stack(torch._foreach_norm([grads[k].float() if grads[k].dtype != torch.float32 else grads[k]
+                                                 for k in present])).float()
+        bad[present] = (~torch.isfinite(norms * norms)).float()
+    if all_reduce is not None:
+        all_reduce(bad)
+    return bad.nonzero().flatten().tolist()
 
 
 def step_state(opt, active: list[int], per_entry: bool) -> dict[str, Tensor]:
@@ -170,11 +174,16 @@ def hyperparameters(opt, ks: list[int], group_of: list[int]) -> dict[int, tuple[
     return out
 
 
-def step_by_runs(opt, grads: list[Tensor | None], group_of: list[int], shard=None) -> None:
+def step_by_runs(opt, grads: list[Tensor | None], group_of: list[int], shard=None,
+                 params: list[Tensor] | None = None) -> None:
     """The chunked step without flat copies: the step's working set is a few
-    run-sized blocks beside the statistics (``shard``: a sharded optimizer's part)."""
+    run-sized blocks beside the statistics (``shard``: a sharded optimizer's
+    part; ``params``: the tensors to read and update, default the
+    optimizer's, a rank's local shards where ``shard.local_params``)."""
     grads = list(grads)
-    bad = bad_gradients(grads)
+    params = opt._flat_params if params is None else params
+    local = shard is not None and shard.local_params
+    bad = bad_gradients(grads, shard.all_reduce if local else None, opt.graph.device)
     if bad:
         warn_skipped(opt, [opt.graph.param_names[opt.graph.flat_order[k]] for k in bad])
         for k in bad:
@@ -183,10 +192,10 @@ def step_by_runs(opt, grads: list[Tensor | None], group_of: list[int], shard=Non
     if not active:
         return
     state = step_state(opt, active, per_entry=False)
-    params_1d = [p.detach().reshape(-1) for p in opt._flat_params]   # views where contiguous
+    params_1d = [p.detach().reshape(-1) for p in params]   # views where contiguous
     grads_1d = [g.reshape(-1) if g is not None else None for g in grads]
-    applier = UpdateApplier(opt._flat_params, [sl.start for sl in opt.graph.tensor_slices],
-                            hyperparameters(opt, active, group_of), opt.backend.kernels)
+    starts = shard.param_starts(opt.backend.plan) if shard is not None else [sl.start for sl in opt.graph.tensor_slices]
+    applier = UpdateApplier(params, starts, hyperparameters(opt, active, group_of), opt.backend.kernels)
     with torch.autocast(device_type=opt.graph.device.type, enabled=False):
         opt.backend.step_entries(params_1d, grads_1d, state, applier, [g is not None for g in grads], shard)
     applier.finish()

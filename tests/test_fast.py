@@ -508,6 +508,35 @@ def test_plan_runs_tile_the_flat_vector(chunk, dense_factor):
         assert max(r.stop - r.start for r in p.edge_runs) > min(chunk, widest_row)
 
 
+def test_plan_cuts_end_runs_where_asked_and_refuse_a_cut_inside_a_row():
+    """A sharded step's span bounds (``cuts``) are run bounds of every kind of
+    run -- dense (grouped convolution blocks too), scatter, statistics -- and
+    a cut inside a dense block's row is refused, naming the tensor."""
+    make, example = MODELS["grouped_conv1d"]
+    graph = l2o.build_graph(make(), example)
+    blocks = [(k, b) for k, b in enumerate(edge_blocks(graph)) if hasattr(b, "cols")]
+    cuts = [b.start + b.cols * max(1, b.rows // 3) for _, b in blocks if b.rows > 1]
+    cuts += [graph.num_edges + 1, graph.num_params - 1]
+    plan = plan_mod.ChunkPlan(graph, 10**6, cuts=cuts)
+    for runs in (plan.edge_runs, plan.stat_runs):
+        bounds = {r.start for r in runs} | {r.stop for r in runs}
+        covered = sorted((r.start, r.stop) for r in runs)
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        assert {c for c in cuts if covered[0][0] < c < covered[-1][1]} <= bounds
+    assert len(plan.edge_runs) > len(plan_mod.ChunkPlan(graph, 10**6).edge_runs)
+    k, b = next((k, b) for k, b in blocks if b.cols > 1)
+    with pytest.raises(ValueError, match=f"cuts a row of tensor {k}"):
+        plan_mod.ChunkPlan(graph, 10**6, cuts=[b.start + 1])
+
+
+def test_node_held_groups_close_at_a_gap():
+    """A shard's node-held runs can leave gaps (FSDP2: a tensor's rows on
+    another rank): a group is one contiguous range, so a gap starts a new one."""
+    from l2o.fast.gmn import held_groups
+    groups = held_groups([(0, 10, 14), (1, 14, 16), (2, 20, 22), (3, 22, 23)], 10**6)
+    assert groups == [[(0, 10, 14), (1, 14, 16)], [(2, 20, 22), (3, 22, 23)]]
+
+
 def test_node_held_runs_are_grouped_in_order_and_within_the_chunk():
     """The node-held runs (biases, norms) go through the encoder and read-out
     in groups: consecutive runs, in order, none lost, each group at most a

@@ -152,7 +152,7 @@ class ChunkedBackend:
     per_tensor = True
 
     def __init__(self, lopt: LearnedOptimizer, graph: ParamGraph, kernels: FusedKernels | None = None,
-                 chunk: int | None = None, lean: bool = False, edge_states: str = "auto"):
+                 chunk: int | None = None, lean: bool = False, edge_states: str = "auto", cuts: list[int] = ()):
         _, torch_runs, fused_runs, fused_dense_runs = CHUNKED[type(lopt)]
         if check_edge_states(edge_states) != "auto" and not isinstance(lopt, GMNLOpt):
             raise ValueError(f"edge_states={edge_states!r}: only the GMN has edge states, not {type(lopt).__name__}")
@@ -162,7 +162,7 @@ class ChunkedBackend:
             chunk, dense_chunk = (int(plan_module.DEFAULT_CHUNK * r) for r in (runs, dense_runs))
         self.lopt, self.kernels, self.edge_states = lopt, kernels, edge_states
         self.name = "fused" if kernels is not None else "chunked"
-        self.plan = plan_module.ChunkPlan(graph, max(1, chunk), max(1, dense_chunk))
+        self.plan = plan_module.ChunkPlan(graph, max(1, chunk), max(1, dense_chunk), cuts)
         self.graph = lean_graph(graph) if lean else graph
 
     def step_entries(self, params: list[Tensor], grads: list[Tensor | None], state: dict[str, Tensor], sink: Sink,

@@ -81,14 +81,20 @@ class Entries:
     ``k``'s entries (any float dtype; a ``None`` gradient reads as zeros), and
     ``write[k]`` says whether tensor ``k``'s statistics advance this step
     (a tensor left alone still feeds the message passing, with a zero
-    gradient and its statistics decayed, but keeps its state)."""
+    gradient and its statistics decayed, but keeps its state). With a
+    ``shard`` the statistics hold its entries only, and ``params[k]`` /
+    ``grads[k]`` only them where ``shard.local_params``."""
 
     def __init__(self, plan: ChunkPlan, params: list[Tensor], grads: list[Tensor | None],
                  write: list[bool] | None = None, shard: Shard | None = None):
         self.plan, self.params, self.grads, self.shard = plan, params, grads, shard
         self.write = [True] * len(params) if write is None else write
-        self.starts = [t.start for t in plan.tensor_slices]
-        self.state_offset = shard.lo if shard is not None else 0   # flat index of the state's first entry
+        # the flat index of each params[k]'s first entry
+        self.starts = shard.param_starts(plan) if shard is not None else [t.start for t in plan.tensor_slices]
+
+    def state_index(self, k: int, s: int) -> int:
+        """Where entry ``s`` (flat index, of tensor ``k``) sits in the statistics."""
+        return s if self.shard is None else self.shard.state_index(k, s)
 
     def _chunk(self, t: Tensor, k: int, s: int, e: int) -> Tensor:
         c = t[s - self.starts[k]:e - self.starts[k]]
@@ -145,9 +151,9 @@ def run_state(entries: Entries, state: dict[str, Tensor], consts: list[StepConst
     ``k``); ``write_back`` (where ``entries.write[k]``): their advanced values
     are to be stored into ``state``; ``for_kernels``: for a kernel call (a missing
     gradient is None)."""
-    off, c = entries.state_offset, consts[k]
-    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device, for_kernels), state["m"][:, s - off:e - off],
-                    state["v"][s - off:e - off], F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale,
+    i, c = entries.state_index(k, s), consts[k]
+    return RunState(entries.param(k, s, e), entries.grad(k, s, e, device, for_kernels), state["m"][:, i:i + e - s],
+                    state["v"][i:i + e - s], F_.constant("betas", F_.MOMENTUM_BETAS, device), c.adam_scale,
                     c.adam_eps, write_back and entries.write[k])
 
 
@@ -209,7 +215,7 @@ def tensor_sums(plan: ChunkPlan, entries: Entries, state: dict[str, Tensor], con
     run_sums = torch.zeros(len(runs), width, dtype=torch.float64, device=device)
     shard = entries.shard
     for i, run in enumerate(runs):
-        s, e = (run.start, run.stop) if shard is None else shard.clip(run.start, run.stop)
+        s, e = (run.start, run.stop) if shard is None else shard.clip(run.tensor, run.start, run.stop)
         if e > s:   # the kernels need no feature block for the sums alone
             x = None if kernels is not None else run_frame(plan, 0, e - s, device)
             controller = (None if controller_m is None or entries.grads[run.tensor] is None else

@@ -87,7 +87,7 @@ class GMNChunkedStep:
                                                  lopt.adapt_momentum_index if lopt.adapt else None)
         self.inv_rms, self.scale = inverse_rms(plan, sums), relative_scale(lopt, plan, sums)
         self.t = F_.time_features(state["step"])
-        runs = [(r.tensor, *(shard.clip(r.start, r.stop) if shard is not None else (r.start, r.stop)))
+        runs = [(r.tensor, *(shard.clip(r.tensor, r.start, r.stop) if shard is not None else (r.start, r.stop)))
                 for r in plan.stat_runs if r.start >= plan.num_edges]
         # this rank's (tensor, start, stop) runs of node-held entries, in groups of consecutive runs
         self.node_groups = held_groups([(k, s, e) for k, s, e in runs if e > s], plan.chunk)
@@ -297,8 +297,8 @@ def held_groups(runs: list[tuple[int, int, int]], chunk: int) -> list[list[tuple
     set of torch ops per group instead of per tensor."""
     groups: list[list[tuple[int, int, int]]] = []
     size = 0
-    for run in runs:
-        if not groups or size + run[2] - run[1] > chunk:
+    for run in runs:   # a group's runs are contiguous: one frame holds them (a shard's may leave gaps)
+        if not groups or size + run[2] - run[1] > chunk or run[1] != groups[-1][-1][2]:
             groups.append([])
             size = 0
         groups[-1].append(run)
@@ -316,8 +316,8 @@ def run_step(lopt: GMNLOpt, plan: ChunkPlan, graph: ParamGraph, params: list[Ten
     run's update of those tensors to ``sink(k, start, stop, update)``
     (relative scale included), edge runs in flat order, then the node-held tensors.
 
-    ``shard``: this rank's entries ``[lo, hi)`` (whole edge runs; ``state``
-    holds theirs only): the rank processes those edges and entries, and the
+    ``shard``: this rank's entries (:class:`~l2o.fast.shard.Shard`: whole
+    edge runs; ``state`` holds theirs only): the rank processes those edges and entries, and the
     per-tensor sums, node-held features and node aggregates -- all the
     cross-entry information, sized by tensors and nodes -- are summed over
     the ranks, so every rank computes the node states of the whole graph."""

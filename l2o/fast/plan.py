@@ -15,6 +15,7 @@ The fused GMN keeps no run-sized intermediate, and takes longer runs
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -96,13 +97,19 @@ def _column_static(graph: ParamGraph, b: EdgeBlock) -> tuple[Tensor, Tensor] | N
     return None
 
 
-def _dense_runs(graph: ParamGraph, b: EdgeBlock, tensor: int, chunk: int) -> list[DenseRun]:
+def _dense_runs(graph: ParamGraph, b: EdgeBlock, tensor: int, chunk: int, cuts: list[int]) -> list[DenseRun]:
     runs = []
     per_group = b.rows // b.groups
     col_nodes = b.col_nodes.view(b.groups, b.cols)
     static = _column_static(graph, b)
     rows_per_run = max(1, chunk // b.cols)
-    if rows_per_run >= per_group:   # whole groups per run
+    cut_rows = []
+    for c in _inside(cuts, b.start, b.stop):
+        if (c - b.start) % b.cols:
+            raise ValueError(f"a run bound at flat entry {c} cuts a row of tensor {tensor}'s edge block "
+                             f"({b.rows} rows of {b.cols})")
+        cut_rows.append((c - b.start) // b.cols)
+    if rows_per_run >= per_group and not cut_rows:   # whole groups per run
         groups_per_run = rows_per_run // per_group
         for g0 in range(0, b.groups, groups_per_run):
             g1 = min(b.groups, g0 + groups_per_run)
@@ -113,18 +120,23 @@ def _dense_runs(graph: ParamGraph, b: EdgeBlock, tensor: int, chunk: int) -> lis
         return runs
     for g in range(b.groups):        # several runs per group, sharing one column table
         group_cols = col_nodes[g]
-        for r0 in range(0, per_group, rows_per_run):
-            r1 = min(per_group, r0 + rows_per_run)
-            row0 = g * per_group + r0
+        for row0, row1 in _pieces(g * per_group, (g + 1) * per_group, rows_per_run, cut_rows):
             start = b.start + row0 * b.cols
-            runs.append(DenseRun(start, start + (r1 - r0) * b.cols, tensor, 1, r1 - r0, b.cols, b.row_end,
-                                 b.row_nodes[row0:row0 + r1 - r0], group_cols, static))
+            runs.append(DenseRun(start, start + (row1 - row0) * b.cols, tensor, 1, row1 - row0, b.cols, b.row_end,
+                                 b.row_nodes[row0:row1], group_cols, static))
     return runs
 
 
-def _ranges(start: int, stop: int, chunk: int):
-    for s in range(start, stop, chunk):
-        yield s, min(stop, s + chunk)
+def _inside(cuts: list[int], start: int, stop: int) -> list[int]:
+    """The sorted ``cuts`` strictly inside ``(start, stop)``."""
+    return cuts[bisect.bisect_right(cuts, start):bisect.bisect_left(cuts, stop)]
+
+
+def _pieces(start: int, stop: int, chunk: int, cuts: list[int]):
+    """``[start, stop)`` in pieces of at most ``chunk``, also cut at ``cuts`` (sorted)."""
+    for s, e in zip([start, *_inside(cuts, start, stop)], [*_inside(cuts, start, stop), stop]):
+        for a in range(s, e, chunk):
+            yield a, min(e, a + chunk)
 
 
 class ChunkPlan:
@@ -134,33 +146,37 @@ class ChunkPlan:
     runs and the statistics runs over edges, which the fused kernels walk
     without a run-sized workspace: longer runs there mean fewer calls.
     Owned by the step that uses it (:class:`l2o.fast.backend.ChunkedBackend`),
-    never cached on the graph."""
+    never cached on the graph. ``cuts``: flat positions where runs must
+    also end (a sharded step's span bounds); one inside a row of a dense
+    block is a ``ValueError``."""
 
-    def __init__(self, graph: ParamGraph, chunk: int | None = None, dense_chunk: int | None = None):
+    def __init__(self, graph: ParamGraph, chunk: int | None = None, dense_chunk: int | None = None,
+                 cuts: tuple[int, ...] | list[int] = ()):
         chunk = DEFAULT_CHUNK if chunk is None else chunk
         dense_chunk = chunk if dense_chunk is None else dense_chunk
         if chunk < 1 or dense_chunk < 1:
             raise ValueError(f"chunk and dense_chunk must be positive, got {chunk} and {dense_chunk}")
         self.chunk, self.dense_chunk = int(chunk), int(dense_chunk)
+        cuts = sorted(set(cuts))
         self.num_edges = graph.num_edges
         self.num_params = graph.num_params
         self.num_tensors = graph.num_tensors
         self.tensor_slices = graph.tensor_slices
         self.stat_runs = [Run(s, e, k) for k, t in enumerate(self.tensor_slices)
-                          for s, e in _ranges(t.start, t.stop, dense_chunk if t.stop <= graph.num_edges else chunk)]
+                          for s, e in _pieces(t.start, t.stop, dense_chunk if t.stop <= graph.num_edges else chunk, cuts)]
         self.stat_run_tensor = torch.tensor([r.tensor for r in self.stat_runs], device=graph.device)
         self.tensor_counts = torch.tensor([t.stop - t.start for t in self.tensor_slices], device=graph.device,
                                           dtype=torch.float32).clamp(min=1)
         self.edge_runs: list[DenseRun | ScatterRun] = []
         for k, b in enumerate(edge_blocks(graph)):
             if isinstance(b, EdgeBlock):
-                self.edge_runs += _dense_runs(graph, b, k, dense_chunk)
+                self.edge_runs += _dense_runs(graph, b, k, dense_chunk, cuts)
             else:
                 # copies: a run must not keep the graph's whole index tensors alive (lean.py)
                 self.edge_runs += [ScatterRun(s, e, k, *entry_slice(graph, "edge_index", s, e).clone(),
                                               entry_slice(graph, "edge_kind", s, e).clone(),
                                               entry_slice(graph, "edge_pos", s, e).clone())
-                                   for s, e in _ranges(b.start, b.stop, chunk)]
+                                   for s, e in _pieces(b.start, b.stop, chunk, cuts)]
         self._buffers: dict[tuple, Tensor] = {}
 
     def fixed(self, name: str, shape: tuple[int, ...], device: torch.device,

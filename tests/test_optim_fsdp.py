@@ -1,0 +1,128 @@
+"""ShardedGMNOptimizer on an FSDP2 (fully_shard) model: two gloo processes,
+each stepping only the rows it holds, give the unsharded optimizer's updates
+on the whole batch, each holding about half of the statistics; uneven and
+empty row shards included."""
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn import functional as F
+
+WORLD = 2
+
+
+def _model():
+    torch.manual_seed(0)
+    # rows 48, 48, 40, 5 (3 + 2 over two ranks) and 1 (rank 1 holds none of the head)
+    return nn.Sequential(nn.Linear(24, 48), nn.LayerNorm(48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(),
+                         nn.Linear(40, 5), nn.Tanh(), nn.Linear(5, 1))
+
+
+def _worker(rank: int, init_file: str, native: str, weights: str):
+    os.environ["L2O_NATIVE"] = native
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    _check_fsdp_matches_unsharded(rank, weights)
+    dist.barrier()
+    # as tests/test_optim_sharded.py: leave without tearing gloo down (its threads have aborted
+    # a rank at teardown in loaded CI runs after every check passed)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _check_fsdp_matches_unsharded(rank: int, weights: str):
+    import l2o
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from l2o.fast import native
+    from l2o.fast import plan as plan_mod
+    from l2o.optim import ShardedGMNOptimizer
+    plan_mod.DEFAULT_CHUNK = 64          # several runs per tensor and per shard
+    impl = "fused" if native.enabled() and native.load(8, 8, 16) is not None else "chunked"
+    if weights == "pretrained":
+        lopt = "pretrained"
+    else:
+        from lopt_helpers import seeded_weights
+        lopt = seeded_weights(l2o.GMNLOpt(adapt=weights == "adapt"), seed=3, scale=0.05)
+    ref_model, sh_model = _model(), _model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in sh_model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(sh_model, mesh=mesh)
+    with pytest.raises(TypeError, match="ShardedGMNOptimizer"):
+        l2o.GMNOptimizer(sh_model, weights=lopt)
+    ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2, impl=impl)
+    sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2, impl=impl)
+    assert ref.backend.name == sharded.backend.name == impl
+    # the graph is the whole model's, as the unsharded optimizer's
+    assert sharded.graph.num_edges == ref.graph.num_edges and sharded.graph.num_nodes == ref.graph.num_nodes
+    n = sum(p.numel() for p in ref_model.parameters())
+    local = sharded._flat_state["v"].numel()
+    assert local == sum(p.to_local().numel() for p in sh_model.parameters())   # the rows this rank holds
+    total = torch.tensor([local])
+    dist.all_reduce(total)
+    assert int(total) == n
+    assert abs(local - n / WORLD) <= 0.15 * n, (local, n)
+    head = sh_model[7].weight.to_local()
+    assert head.numel() == (5 if rank == 0 else 0)   # an empty shard takes part too
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(2, 16, 24, generator=g), torch.randn(2, 16, 1, generator=g)
+    for _ in range(3):
+        ref.zero_grad()
+        F.mse_loss(ref_model(x.reshape(32, 24)), y.reshape(32, 1)).backward()   # the whole batch
+        ref.step()
+        sharded.zero_grad()
+        F.mse_loss(sh_model(x[rank]), y[rank]).backward()   # this rank's half; FSDP averages the gradients
+        sharded.step()
+    # the updates agree to float rounding (sums over ranks add in another order: ~1e-8 here);
+    # leaving out the all-reduce of the messages summed onto either end moves them by ~1e-6
+    for (name, a), b, p0 in zip(ref_model.named_parameters(), sh_model.parameters(), _model().parameters()):
+        torch.testing.assert_close(b.full_tensor() - p0.detach(), a.detach() - p0.detach(), rtol=1e-4, atol=1e-7,
+                                   msg=name)
+    for p, q in zip(sh_model.parameters(), ref_model.parameters()):
+        s, e = sharded.state[p]["shard"].tolist()
+        assert e - s == p.to_local().numel() and sharded.state[p]["m"].shape == (4, e - s)
+        if sharded.lopt.adapt:
+            torch.testing.assert_close(sharded.state[p]["log_lr"], ref.state[q]["log_lr"], rtol=1e-5, atol=1e-6)
+    whole = sharded.full_state_dict(to=0)
+    if whole is not None:
+        ref_state = ref.state_dict()["state"]
+        for i in range(len(ref_state)):
+            for key in ("m", "v"):
+                torch.testing.assert_close(whole["state"][i][key], ref_state[i][key], rtol=1e-3, atol=1e-5)
+    # the whole state restores into another FSDP2 optimizer, each rank keeping its rows
+    got = [whole]
+    dist.broadcast_object_list(got, src=0)
+    other = _model()
+    for layer in other:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(other, mesh=mesh)
+    restored = ShardedGMNOptimizer(other, weights=lopt, weight_decay=1e-2, impl=impl)
+    restored.load_state_dict(got[0])
+    for key in ("m", "v"):
+        assert torch.equal(restored._flat_state[key], sharded._flat_state[key])
+    # a non-finite gradient on one rank's rows skips the tensor on both ranks
+    before = {name: p.to_local().clone() for name, p in sh_model.named_parameters()}
+    sharded.zero_grad()
+    F.mse_loss(sh_model(x[rank]), y[rank]).backward()
+    if rank == 1:
+        sh_model[0].weight.grad.to_local()[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        sharded.step()
+    assert torch.equal(sh_model[0].weight.to_local(), before["0.weight"])
+    assert not torch.equal(sh_model[3].weight.to_local(), before["3.weight"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("native,weights", [("1", "random"), ("0", "random"), ("1", "adapt"), ("1", "pretrained")],
+                         ids=["native", "torch", "native-controller", "native-shipped-weights"])
+def test_fsdp2_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native, weights):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), native, weights), nprocs=WORLD, join=True)
