@@ -64,13 +64,9 @@ Design notes:
 """
 from __future__ import annotations
 
-import copy
-import os
-
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
 from . import features as F_
 from . import optim_fsdp
 from .fast import plan as plan_module
@@ -78,56 +74,14 @@ from .fast.backend import fused_kernels, make_backend
 from .fast.gmn import check_edge_states
 from .fast.shard import Shard, row_shard_spans, shard_bounds
 from .layout import tensor_layout
-from .lopt import LearnedOptimizer
+from .optim_args import model_and_groups, resolve_lopt, unwrap_model
 from .optim_base import LearnedOptimizerBase, as_param_groups, float32_default, tensors_of
 from .optim_step import step_by_runs
 
 __all__ = ["GMNOptimizer", "MLPOptimizer", "ShardedGMNOptimizer", "LearnedOptimizerBase", "unwrap_model"]
 
 
-def _resolve_lopt(weights, kind: str) -> LearnedOptimizer:
-    if weights is None:
-        return checkpoint.make_lopt(kind)   # a random metanetwork: drawn from torch's generator, as nn.Modules are
-    if isinstance(weights, LearnedOptimizer):
-        return copy.deepcopy(weights)  # the optimizer freezes and moves its own copy, never the caller's
-    # loaded weights overwrite the initial ones: their draws must not move the user's seeded generator
-    with torch.random.fork_rng(devices=[]):
-        if weights == "pretrained":
-            return checkpoint.load_pretrained(kind)
-        if isinstance(weights, (str, os.PathLike)):
-            return checkpoint.load_lopt(weights, expect_kind=kind)
-    raise TypeError(f"weights must be 'pretrained', None, a path or a LearnedOptimizer module, "
-                    f"got {type(weights).__name__}")
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's module inside DDP / DataParallel / torch.compile wrappers,
-    whose forward fx cannot trace; parameters are the same objects."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 LEAN_GRAPH_UNCACHED_PARAMS = 1_000_000
-
-
-def _model_and_groups(cls_name: str, params, model: nn.Module | None, graph_model: nn.Module | None = None):
-    """``(model or None, param groups or None)`` from the two call forms:
-    ``Opt(model)`` (one group of all its parameters) and ``Opt(params, model=model)``
-    (``graph_model=``: the same, under a name HF Trainer does not intercept)."""
-    if graph_model is not None:
-        if model is not None and unwrap_model(model) is not unwrap_model(graph_model):
-            raise ValueError(f"{cls_name} got two different models (model= and graph_model=)")
-        model = graph_model
-    if isinstance(params, nn.Module):
-        if model is not None and unwrap_model(model) is not unwrap_model(params):
-            raise ValueError(f"{cls_name} got two different models (as params and as model=)")
-        return unwrap_model(params), None
-    return (unwrap_model(model) if model is not None else None), params
 
 
 class GMNOptimizer(LearnedOptimizerBase):
@@ -184,7 +138,7 @@ class GMNOptimizer(LearnedOptimizerBase):
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
                  graph_model: nn.Module | None = None, impl: str = "auto", edge_states: str = "auto"):
         check_edge_states(edge_states)
-        model, groups = _model_and_groups("GMNOptimizer", params, model, graph_model)
+        model, groups = model_and_groups("GMNOptimizer", params, model, graph_model)
         if model is None:
             raise TypeError("GMNOptimizer needs the model (an nn.Module) to build its parameter graph: "
                             "GMNOptimizer(model) or GMNOptimizer(params, model=model); "
@@ -207,7 +161,7 @@ class GMNOptimizer(LearnedOptimizerBase):
             graph = build_graph(model, example_inputs=example_inputs, strict=strict, use_cache=not (large or fsdp))
         named = dict(model.named_parameters())
         all_params = [named[n] for n in graph.param_names]
-        super().__init__(all_params, graph, _resolve_lopt(weights, "gmn"), lr=lr, model=model,
+        super().__init__(all_params, graph, resolve_lopt(weights, "gmn"), lr=lr, model=model,
                          param_groups=groups, weight_decay=weight_decay, betas=betas, impl=impl,
                          backend_options={"edge_states": edge_states})
 
@@ -226,7 +180,7 @@ class MLPOptimizer(LearnedOptimizerBase):
                  model: nn.Module | None = None, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), graph_model: nn.Module | None = None,
                  impl: str = "auto"):
-        model, groups = _model_and_groups("MLPOptimizer", params, model, graph_model)
+        model, groups = model_and_groups("MLPOptimizer", params, model, graph_model)
         if model is not None:
             named = list(model.named_parameters())
             names, all_params = [n for n, _ in named], [p for _, p in named]
@@ -241,7 +195,7 @@ class MLPOptimizer(LearnedOptimizerBase):
         if not all_params:
             raise ValueError("MLPOptimizer got an empty parameter list")
         layout = tensor_layout([p.shape for p in all_params], names)
-        super().__init__(all_params, layout, _resolve_lopt(weights, "mlp"), lr=lr, model=model,
+        super().__init__(all_params, layout, resolve_lopt(weights, "mlp"), lr=lr, model=model,
                          param_groups=groups, weight_decay=weight_decay, betas=betas, impl=impl)
 
 
