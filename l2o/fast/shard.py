@@ -1,5 +1,5 @@
 """How a sharded chunked step splits the entries over ranks
-(:class:`l2o.optim_sharded.ShardedGMNOptimizer`): one flat range per rank (every rank
+(:class:`l2o.optim.ShardedGMNOptimizer`): one flat range per rank (every rank
 holding the whole model, DDP / ZeRO-1 style) or, with FSDP2, the rows each
 rank holds of every tensor."""
 from __future__ import annotations
