@@ -60,6 +60,22 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
     fully_shard(sh_model, mesh=mesh)
     with pytest.raises(TypeError, match="ShardedGMNOptimizer"):
         l2o.GMNOptimizer(sh_model, weights=lopt)
+    if weights == "random":   # layouts it does not take: named
+        import warnings
+
+        from torch.distributed.tensor import Replicate, distribute_tensor
+        half = _model()
+        fully_shard(half[0], mesh=mesh)              # the other layers' parameters stay plain
+        with pytest.raises(ValueError, match="'3.weight' is a plain tensor while other parameters are DTensors"):
+            ShardedGMNOptimizer(half, weights=lopt)
+        replicated = nn.Linear(4, 3)
+        for name in ("weight", "bias"):
+            setattr(replicated, name, nn.Parameter(distribute_tensor(getattr(replicated, name).detach(), mesh,
+                                                                     [Replicate()])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")          # the graph builder's fallback warning on DTensors
+            with pytest.raises(ValueError, match="'weight' is a DTensor placed"):
+                ShardedGMNOptimizer(replicated, weights=lopt)
     ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2, impl=impl)
     sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2, impl=impl)
     assert ref.backend.name == sharded.backend.name == impl
