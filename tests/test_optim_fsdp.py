@@ -127,6 +127,10 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
     restored.load_state_dict(got[0])
     for key in ("m", "v"):
         assert torch.equal(restored._flat_state[key], sharded._flat_state[key])
+    own = ShardedGMNOptimizer(other, weights=lopt, weight_decay=1e-2, impl=impl)   # and this rank's own shard
+    own.load_state_dict(sharded.state_dict())
+    for key in ("m", "v"):
+        assert torch.equal(own._flat_state[key], sharded._flat_state[key])
     # a non-finite gradient on one rank's rows skips the tensor on both ranks
     before = {name: p.to_local().clone() for name, p in sh_model.named_parameters()}
     sharded.zero_grad()
