@@ -11,6 +11,10 @@
    ``transformers`` is installed, GPT-2 small (124M) and medium (350M), as
    ratios to AdamW measured in the same run.
 3. Meta-training throughput on the device (tiny preset, batched runs).
+4. The sharded optimizer on the device: ``ShardedGMNOptimizer`` on an FSDP2
+   (``fully_shard``) model in a one-rank process group (NCCL on CUDA, gloo on
+   CPU) equals ``GMNOptimizer`` on the same model (the DTensor path on the
+   device's tensors).
 
 Prints one table per part and, with ``--json PATH``, writes every number.
 """
@@ -146,6 +150,45 @@ def device_matches_cpu(device: torch.device) -> dict:
     return out
 
 
+def fsdp_matches_unsharded(device: torch.device) -> dict:
+    """ShardedGMNOptimizer on a one-rank FSDP2 model equals GMNOptimizer (same device)."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from l2o.optim import ShardedGMNOptimizer
+    with tempfile.TemporaryDirectory() as tmp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                init_method=f"file://{os.path.join(tmp, 'init')}", rank=0, world_size=1)
+        try:
+            torch.manual_seed(0)
+            base = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, 10)).to(device)
+            models = [copy.deepcopy(base), copy.deepcopy(base)]
+            for layer in models[1]:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(models[1])
+            opts = [l2o.GMNOptimizer(models[0]), ShardedGMNOptimizer(models[1])]
+            x = torch.randn(16, 32, device=device)
+            for model, opt in zip(models, opts):
+                for _ in range(3):
+                    opt.zero_grad()
+                    model(x).pow(2).mean().backward()
+                    opt.step()
+            with torch.no_grad():
+                diff = max(float((a - b.full_tensor()).abs().max())
+                           for a, b in zip(models[0].parameters(), models[1].parameters()))
+        finally:
+            dist.destroy_process_group()
+    print(f"ShardedGMNOptimizer on FSDP2 (1 rank) vs GMNOptimizer on {device}: max |params| difference "
+          f"after 3 steps = {diff:.2e}")
+    return {"max_abs_diff": diff}
+
+
 def meta_throughput(device: torch.device, quick: bool) -> dict:
     import subprocess
     cmd = [sys.executable, str(Path(__file__).with_name("meta_train_throughput.py")), "--device", str(device),
@@ -180,6 +223,9 @@ def main() -> None:
     save()
     print("\n## 3. meta-training throughput")
     info["meta_throughput"] = meta_throughput(device, args.quick)
+    save()
+    print("\n## 4. sharded optimizer (FSDP2) on the device")
+    info["fsdp_matches_unsharded"] = fsdp_matches_unsharded(device)
     save()
 
 

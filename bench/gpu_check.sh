@@ -9,7 +9,8 @@
 #              every backend that applies there (forward; chunked forced onto the GPU;
 #              the fused kernels are CPU code)
 # 2. steps     bench/gpu_check.py: the CUDA step equals the CPU step; train-step time
-#              and peak memory vs AdamW up to GPT-2 medium; meta-training throughput
+#              and peak memory vs AdamW up to GPT-2 medium; meta-training throughput;
+#              ShardedGMNOptimizer on a one-rank FSDP2 model (NCCL) equals GMNOptimizer
 # 3. meta      a tiny meta-training (meta_train.py --preset tiny --device cuda)
 # 4. overhead  bench/step_overhead.py --device cuda (reference CNN and MLP vs Adam)
 #
