@@ -232,7 +232,9 @@ class ShardedGMNOptimizer(GMNOptimizer):
     and ``v`` ``[L]`` over the owned part of ``p``, flat, with ``shard`` =
     its (start, stop) within ``p``, and the replicated ``log_lr`` of the
     step-size controller, whose per-tensor sums are all-reduced like the
-    features'). ``load_state_dict`` takes this rank's own (same world size)
+    features'; with FSDP2, ``m`` ``[4, *p.shape]`` and ``v`` are DTensors
+    sharded as ``p`` is, so ``torch.distributed.checkpoint`` saves and
+    restores them, also at another world size). ``load_state_dict`` takes this rank's own (same world size)
     or a whole one, which :meth:`full_state_dict` gathers on one rank.
     ``add_param_group`` after construction is not supported.
     """
@@ -304,8 +306,12 @@ class ShardedGMNOptimizer(GMNOptimizer):
                 continue
             s, e = self._owned(k)
             i, start = self._shard.state_index(k, s), self.graph.tensor_slices[k].start
-            self.state[p] = {"step": self._steps[k], "m": self._flat_state["m"][:, i:i + e - s],
-                             "v": self._flat_state["v"][i:i + e - s], "shard": torch.tensor([s - start, e - start])}
+            m, v = self._flat_state["m"][:, i:i + e - s], self._flat_state["v"][i:i + e - s]
+            if self._fsdp:   # sharded like p: what torch.distributed.checkpoint saves and reshards
+                self.state[p] = {"step": self._steps[k], **optim_fsdp.state_like(p, m, v)}
+            else:
+                self.state[p] = {"step": self._steps[k], "m": m, "v": v,
+                                 "shard": torch.tensor([s - start, e - start])}
             if self._log_lr is not None:
                 self.state[p]["log_lr"] = self._log_lr[k]
 
@@ -345,7 +351,7 @@ class ShardedGMNOptimizer(GMNOptimizer):
             if id(p) in index_of:
                 sl = self.graph.tensor_slices[k]
                 entry = sd["state"][index_of[id(p)]]
-                del entry["shard"]
+                entry.pop("shard", None)
                 entry["m"] = whole[:num_momenta, sl].reshape(num_momenta, *p.shape).clone()
                 entry["v"] = whole[num_momenta, sl].reshape(p.shape).clone()
         return sd

@@ -68,3 +68,30 @@ def check_row_sharded(names: list[str], params: list[Tensor], world: int) -> Non
 def local(t: Tensor) -> Tensor:
     """A DTensor's local shard (a view: writing it writes the parameter)."""
     return t.to_local() if isinstance(t, dtensor_class()) else t
+
+
+def state_like(p: Tensor, m: Tensor, v: Tensor) -> dict[str, Tensor]:
+    """A row-sharded parameter's statistics as DTensors sharded as ``p`` is:
+    ``v`` of ``p``'s shape, ``m`` ``[num_momenta, *p.shape]`` (rows on dim 1),
+    their local parts views of the rank's flat ``m`` ``[num_momenta, L]`` and
+    ``v`` ``[L]`` over ``p``'s local entries."""
+    from torch.distributed.tensor import DTensor, Shard
+    shape = tuple(local(p).shape)
+    v_local, m_local = v.view(shape), m.reshape(m.shape[0], *shape)   # views: rows of the flat buffers
+    return {"m": DTensor.from_local(m_local, p.device_mesh, [Shard(1)], run_check=False,
+                                    shape=(m.shape[0], *p.shape), stride=_contiguous_stride((m.shape[0], *p.shape))),
+            "v": DTensor.from_local(v_local, p.device_mesh, [Shard(0)], run_check=False, shape=tuple(p.shape),
+                                    stride=_contiguous_stride(tuple(p.shape)))}
+
+
+def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
+    stride, out = 1, []
+    for size in reversed(shape):
+        out.append(stride)
+        stride *= max(size, 1)
+    return tuple(reversed(out))
+
+
+def local_flat(t: Tensor, rows: int) -> Tensor:
+    """A saved statistic's local part, flat per row of ``rows`` leading rows (1: ``v``)."""
+    return local(t).reshape(rows, -1) if rows > 1 else local(t).reshape(-1)

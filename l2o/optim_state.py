@@ -16,6 +16,8 @@ from itertools import chain
 import torch
 from torch import Tensor
 
+from . import optim_fsdp
+
 _OURS = ("step", "m", "v", "log_lr")
 
 
@@ -100,6 +102,7 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step, owned) -> tupl
     part kept here."""
     graph = opt.graph
     num_momenta = opt._flat_state["m"].shape[0]
+    dtensor = optim_fsdp.dtensor_class()
     m_parts, v_parts = [], []
     # float32 whatever the caller's default dtype (the step runs in float32)
     steps = torch.zeros(graph.num_tensors, dtype=torch.float32)
@@ -120,7 +123,14 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step, owned) -> tupl
             missing.append(k)
             continue
         m, v = entry["m"], entry["v"]
-        if "shard" in entry:   # one rank's part, flat
+        if dtensor is not None and isinstance(m, dtensor):   # this rank's rows (FSDP2; as saved, or resharded)
+            m, v = optim_fsdp.local_flat(m, num_momenta), optim_fsdp.local_flat(v, 1)
+            if tuple(m.shape) != (num_momenta, e - s) or tuple(v.shape) != (e - s,):
+                raise ValueError(f"optimizer state for {name!r} holds {v.numel()} entries on this rank, which "
+                                 f"owns {e - s} of the tensor: sharded another way than its parameter")
+            m_parts.append(m.to("cpu", torch.float32))
+            v_parts.append(v.to("cpu", torch.float32))
+        elif "shard" in entry:   # one rank's part, flat
             saved = [int(i) for i in entry["shard"]]
             if saved != [s, e] or tuple(m.shape) != (num_momenta, e - s) or tuple(v.shape) != (e - s,):
                 raise ValueError(

@@ -105,8 +105,11 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
         torch.testing.assert_close(b.full_tensor() - p0.detach(), a.detach() - p0.detach(), rtol=1e-4, atol=1e-7,
                                    msg=name)
     for p, q in zip(sh_model.parameters(), ref_model.parameters()):
-        s, e = sharded.state[p]["shard"].tolist()
-        assert e - s == p.to_local().numel() and sharded.state[p]["m"].shape == (4, e - s)
+        # the statistics sharded as the parameter is (what torch.distributed.checkpoint saves)
+        state = sharded.state[p]
+        assert state["m"].shape == (4, *p.shape) and state["v"].shape == p.shape and "shard" not in state
+        assert state["m"].placements[0].dim == 1 and state["v"].to_local().shape == p.to_local().shape
+        torch.testing.assert_close(state["v"].full_tensor(), ref.state[q]["v"], rtol=1e-3, atol=1e-5)
         if sharded.lopt.adapt:
             torch.testing.assert_close(sharded.state[p]["log_lr"], ref.state[q]["log_lr"], rtol=1e-5, atol=1e-6)
     whole = sharded.full_state_dict(to=0)
@@ -192,3 +195,65 @@ def _check_gpt2(rank: int):
                          ids=["native", "torch", "native-controller", "native-shipped-weights", "hf-gpt2"])
 def test_fsdp2_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native, weights):
     mp.spawn(_worker, args=(str(tmp_path / "init"), native, weights), nprocs=WORLD, join=True)
+
+
+def _fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+    model = _model()
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _dcp_worker(rank: int, world: int, init_file: str, ckpt: str, phase: str):
+    """``save``: 2 steps, the optimizer's state through torch.distributed.checkpoint and,
+    whole, through full_state_dict; ``load``: a fresh optimizer at this world size
+    restores the checkpoint and must hold the saved statistics."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from l2o.optim import ShardedGMNOptimizer
+    model = _fsdp_model(init_device_mesh("cpu", (world,)))
+    opt = ShardedGMNOptimizer(model)
+    if phase == "save":
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(2):
+            opt.zero_grad()
+            F.mse_loss(model(torch.randn(8, 24, generator=g)), torch.randn(8, 1, generator=g)).backward()
+            opt.step()
+        dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+        whole = opt.full_state_dict(to=0)
+        if rank == 0:
+            torch.save(whole["state"], os.path.join(ckpt, "whole.pt"))
+    else:
+        loaded = {"optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(loaded, checkpoint_id=ckpt)
+        set_optimizer_state_dict(model, opt, loaded["optim"])
+        whole = opt.full_state_dict(to=0)
+        if rank == 0:
+            saved = torch.load(os.path.join(ckpt, "whole.pt"))
+            assert float(saved[0]["v"].abs().sum()) > 0
+            for i, entry in whole["state"].items():
+                for key in ("m", "v", "step"):
+                    assert torch.equal(entry[key], saved[i][key]), (i, key)
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.parametrize("load_world", [2, 1])
+def test_fsdp2_state_goes_through_torch_distributed_checkpoint_and_reshards(tmp_path, load_world):
+    """The FSDP2 optimizer's state dict is DTensors sharded as the parameters:
+    saved by torch.distributed.checkpoint at 2 ranks, it restores exactly at 2
+    ranks and at 1 (DCP reshards it)."""
+    ckpt = str(tmp_path / "ckpt")
+    mp.spawn(_dcp_worker, args=(2, str(tmp_path / "init_save"), ckpt, "save"), nprocs=2, join=True)
+    mp.spawn(_dcp_worker, args=(load_world, str(tmp_path / "init_load"), ckpt, "load"), nprocs=load_world, join=True)
