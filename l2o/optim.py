@@ -236,20 +236,21 @@ class ShardedGMNOptimizer(GMNOptimizer):
     sharded as ``p`` is, so ``torch.distributed.checkpoint`` saves and
     restores them, also at another world size). ``load_state_dict`` takes this rank's own (same world size)
     or a whole one, which :meth:`full_state_dict` gathers on one rank.
+    ``edge_states`` as :class:`GMNOptimizer`'s, over the rank's own edges.
     ``add_param_group`` after construction is not supported.
     """
 
     def __init__(self, params, weights="pretrained", lr: float | Tensor = 1.0, example_inputs=None,
                  strict: bool = False, *, model: nn.Module | None = None, process_group=None,
                  weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                 graph_model: nn.Module | None = None, impl: str = "auto"):
+                 graph_model: nn.Module | None = None, impl: str = "auto", edge_states: str = "auto"):
         import torch.distributed as dist
         if impl not in ("auto", "chunked", "fused"):
             raise ValueError(f"ShardedGMNOptimizer runs the chunked step: impl 'auto', 'chunked' or 'fused', got {impl!r}")
         self._pg = process_group
         self._rank, self._world = dist.get_rank(process_group), dist.get_world_size(process_group)
         super().__init__(params, weights, lr, example_inputs, strict, model=model, weight_decay=weight_decay,
-                         betas=betas, graph_model=graph_model, impl=impl)
+                         betas=betas, graph_model=graph_model, impl=impl, edge_states=edge_states)
 
     def _all_reduce(self, t: Tensor) -> None:
         import torch.distributed as dist
@@ -289,7 +290,8 @@ class ShardedGMNOptimizer(GMNOptimizer):
             with float32_default():
                 # the torch ops' run length with the kernels too: shards are cut on run bounds
                 self.backend = make_backend(self.lopt, self.graph, self.graph.device, impl, lean=True,
-                                            chunk=plan_module.DEFAULT_CHUNK, cuts=self._cuts)
+                                            chunk=plan_module.DEFAULT_CHUNK, cuts=self._cuts,
+                                            **self._backend_options)
             self.graph = self.backend.graph
         if views:
             self._point_state_views()

@@ -47,7 +47,8 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
     from l2o.optim import ShardedGMNOptimizer
     plan_mod.DEFAULT_CHUNK = 64          # several runs per tensor and per shard
     impl = "fused" if native.enabled() and native.load(8, 8, 16) is not None else "chunked"
-    if weights == "pretrained":
+    edge_states = "float16" if weights == "pretrained-f16" else "recompute" if weights == "random" else "auto"
+    if weights.startswith("pretrained"):
         lopt = "pretrained"
     else:
         from lopt_helpers import seeded_weights
@@ -76,8 +77,8 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
             warnings.simplefilter("ignore")          # the graph builder's fallback warning on DTensors
             with pytest.raises(ValueError, match="'weight' is a DTensor placed"):
                 ShardedGMNOptimizer(replicated, weights=lopt)
-    ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2, impl=impl)
-    sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2, impl=impl)
+    ref = l2o.GMNOptimizer(ref_model, weights=lopt, weight_decay=1e-2, impl=impl, edge_states=edge_states)
+    sharded = ShardedGMNOptimizer(sh_model, weights=lopt, weight_decay=1e-2, impl=impl, edge_states=edge_states)
     assert ref.backend.name == sharded.backend.name == impl
     # the graph is the whole model's, as the unsharded optimizer's
     assert sharded.graph.num_edges == ref.graph.num_edges and sharded.graph.num_nodes == ref.graph.num_nodes
@@ -191,8 +192,9 @@ def _check_gpt2(rank: int):
 @pytest.mark.slow
 @pytest.mark.integration
 @pytest.mark.parametrize("native,weights", [("1", "random"), ("0", "random"), ("1", "adapt"), ("1", "pretrained"),
-                                            ("1", "gpt2")],
-                         ids=["native", "torch", "native-controller", "native-shipped-weights", "hf-gpt2"])
+                                            ("1", "pretrained-f16"), ("1", "gpt2")],
+                         ids=["native", "torch", "native-controller", "native-shipped-weights",
+                              "native-float16-states", "hf-gpt2"])
 def test_fsdp2_step_equals_the_unsharded_one_on_two_gloo_processes(tmp_path, native, weights):
     mp.spawn(_worker, args=(str(tmp_path / "init"), native, weights), nprocs=WORLD, join=True)
 

@@ -71,11 +71,11 @@ def _check_sharded_matches_unsharded(steps: int, chunk: int, weights: str):
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()     # the same data on both ranks: DDP-like gradients
             opt.step()
-    # float tolerance: the shards' sums add in another order, and the steps amplify it (up to 1.6e-4
-    # relative on one entry of 1,920 with the 8-lane kernels of an AVX2 machine); a missing or doubled
-    # all-reduce moves the updates by percents
+    # float tolerance: the shards' sums add in another order, and the random metanetwork's large steps
+    # amplify it (up to 4.3e-4 on one entry of 1,920 whose value is 0.19, with edge states kept in
+    # float32 on both sides; 3.6e-4 recomputed on both); a missing or doubled all-reduce moves them more
     for a, b in zip(ref_model.parameters(), sh_model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(b, a, rtol=3e-3, atol=5e-4)
     # the ranks agree exactly (each owned segment was broadcast by its owner)
     flat = torch.cat([p.detach().reshape(-1) for p in sh_model.parameters()])
     other = flat.clone()

@@ -52,11 +52,11 @@ from .shard import Shard, owned_runs
 # Where the edge states (edge_dim x E) live between passes: "recompute" (every
 # pass recomputes a run's edge states from its features: the step's memory
 # does not grow with the edge width), "float32" (kept: 32 bytes per edge at
-# width 8; the step as exact as recomputing), "float16" (kept as half floats:
+# width 8; the step of recomputing to float rounding), "float16" (kept as half floats:
 # 16 bytes per edge and less traffic, each state rounded to ~3 significant
 # digits and saturated at +-65504), "auto" ("float32" on graphs up to
-# STORE_EDGE_STATES_MAX_PARAMS parameters, "recompute" above). Sharded steps
-# always recompute. Times and memory: bench/gpt2_step.py, bench/memory.py.
+# STORE_EDGE_STATES_MAX_PARAMS parameters, "recompute" above; a sharded step
+# keeps its own edges' only). Times and memory: bench/gpt2_step.py, bench/memory.py.
 EDGE_STATES = ("auto", "recompute", "float32", "float16")
 STORE_EDGE_STATES_MAX_PARAMS = 4_000_000
 HALF_MAX = torch.finfo(torch.float16).max
@@ -101,8 +101,11 @@ class GMNChunkedStep:
                              "floats (l2o.fast.native.status()); use 'float32' or 'recompute'")
         # flat: run r's states are entries [De start_r, De stop_r), as [De, L] for the torch
         # ops and in the fused kernels' own order for a fused run
-        self.edge_states = (None if edge_states == "recompute" or shard is not None else
-                            plan.fixed("edge_states", (self.de * plan.num_edges,), self.dev, getattr(torch, edge_states)))
+        # a shard keeps its own edges' states: its edge tensors' spans, first in its statistics' order
+        owned_edges = plan.num_edges if shard is None else sum(
+            hi - lo for (lo, hi), t in zip(shard.spans, plan.tensor_slices) if t.stop <= plan.num_edges)
+        self.edge_states = (None if edge_states == "recompute" else
+                            plan.fixed("edge_states", (self.de * owned_edges,), self.dev, getattr(torch, edge_states)))
         self.w_enc = fold_input_scale(lopt.edge_feat.weight, self.inv_rms)                  # [T, De, F]
         self.static = StaticEdgeTerms(lopt, graph, lopt.edge_feat.bias + lopt.edge_time(self.t))
         self.w_msg = [conv.edge_lin.weight.contiguous() for conv in lopt.convs]
@@ -146,7 +149,8 @@ class GMNChunkedStep:
         run), or None when recomputed."""
         if self.edge_states is None:
             return None
-        kept = self.edge_states[self.de * run.start:self.de * run.stop]
+        at = self.entries.state_index(run.tensor, run.start)
+        kept = self.edge_states[self.de * at:self.de * (at + run.stop - run.start)]
         return kept if self.is_fused(run) else kept.view(self.de, -1)
 
     def is_fused(self, run) -> bool:
