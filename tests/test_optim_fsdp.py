@@ -53,12 +53,8 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
     else:
         from lopt_helpers import seeded_weights
         lopt = seeded_weights(l2o.GMNLOpt(adapt=weights == "adapt"), seed=3, scale=0.05)
-    ref_model, sh_model = _model(), _model()
     mesh = init_device_mesh("cpu", (WORLD,))
-    for layer in sh_model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(sh_model, mesh=mesh)
+    ref_model, sh_model = _model(), _fsdp_model(mesh)
     with pytest.raises(TypeError, match="ShardedGMNOptimizer"):
         l2o.GMNOptimizer(sh_model, weights=lopt)
     if weights == "random":   # layouts it does not take: named
@@ -122,11 +118,7 @@ def _check_fsdp_matches_unsharded(rank: int, weights: str):
     # the whole state restores into another FSDP2 optimizer, each rank keeping its rows
     got = [whole]
     dist.broadcast_object_list(got, src=0)
-    other = _model()
-    for layer in other:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(other, mesh=mesh)
+    other = _fsdp_model(mesh)
     restored = ShardedGMNOptimizer(other, weights=lopt, weight_decay=1e-2, impl=impl)
     restored.load_state_dict(got[0])
     for key in ("m", "v"):
