@@ -110,5 +110,13 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
+    """Leave the process group once every rank is done with it (a rank tearing
+    gloo down while another still talks to it can abort)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+
+
+def launched_with_ranks() -> bool:
+    """Whether this process is one of several ranks (torchrun sets ``WORLD_SIZE``)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
