@@ -86,7 +86,11 @@ def _rank(rank: int, world: int, layout: str, args: argparse.Namespace, init: st
     Path(out, f"{rank}.json").write_text(json.dumps(
         {"params": n, "state_b_per_param": state / n, "peak_mib": peak, "held_mib": _rss_mib() - model_rss}))
     dist.barrier()
-    dist.destroy_process_group()
+    # leave without interpreter teardown, where gloo's threads have aborted a rank
+    # after its work was done (meta_train.py does the same under torchrun)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
