@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -393,13 +392,7 @@ def cli(argv=None) -> int:
             print(f"meta_train.py: {message}", file=sys.stderr)
         return 130
     if D.launched_with_ranks():
-        # A finished rank leaves without the interpreter's teardown: there gloo's worker
-        # threads have aborted a rank (SIGABRT, "terminate called without an active
-        # exception") after the run and its files were complete, which torchrun then
-        # reports as a failed run. Everything is written and closed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        D.exit_finished_rank()
     return 0
 
 
