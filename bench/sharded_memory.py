@@ -48,6 +48,7 @@ def _rank(rank: int, world: int, layout: str, args: argparse.Namespace, init: st
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    from l2o.meta.dist import exit_finished_rank
     from l2o.optim import ShardedGMNOptimizer
 
     torch.manual_seed(0)
@@ -86,11 +87,7 @@ def _rank(rank: int, world: int, layout: str, args: argparse.Namespace, init: st
     Path(out, f"{rank}.json").write_text(json.dumps(
         {"params": n, "state_b_per_param": state / n, "peak_mib": peak, "held_mib": _rss_mib() - model_rss}))
     dist.barrier()
-    # leave without interpreter teardown, where gloo's threads have aborted a rank
-    # after its work was done (meta_train.py does the same under torchrun)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_finished_rank()   # no gloo teardown, as meta_train.py under torchrun
 
 
 def main() -> None:

@@ -153,7 +153,7 @@ class GMNOptimizer(LearnedOptimizerBase):
         # first read: l2o/graph/factored.py) the cache would keep them alive
         # beside the optimizer's lean copy
         large = sum(p.numel() for p in model.parameters()) >= LEAN_GRAPH_UNCACHED_PARAMS
-        fsdp = optim_fsdp.is_fsdp_model(model)
+        fsdp = optim_fsdp.has_dtensors(model.parameters())
         if fsdp and not isinstance(self, ShardedGMNOptimizer):
             raise TypeError("GMNOptimizer: the model's parameters are DTensors (FSDP2's fully_shard); use "
                             "l2o.optim.ShardedGMNOptimizer, which steps each rank's rows")
@@ -257,8 +257,7 @@ class ShardedGMNOptimizer(GMNOptimizer):
         dist.all_reduce(t, group=self._pg)
 
     def _initial_state(self, params: list[Tensor]) -> dict[str, Tensor]:
-        dtensor = optim_fsdp.dtensor_class()
-        self._fsdp = dtensor is not None and any(isinstance(p, dtensor) for p in self._flat_params)
+        self._fsdp = optim_fsdp.has_dtensors(self._flat_params)
         if self._fsdp:
             names = [self.graph.param_names[i] for i in self.graph.flat_order]
             optim_fsdp.check_row_sharded(names, self._flat_params, self._world)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import Tensor, nn
 
 
@@ -22,10 +23,10 @@ def dtensor_class():
     return DTensor
 
 
-def is_fsdp_model(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a DTensor (FSDP2, tensor parallel)."""
+def has_dtensors(tensors) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2, tensor parallel)."""
     cls = dtensor_class()
-    return cls is not None and any(isinstance(p, cls) for p in model.parameters())
+    return cls is not None and any(isinstance(t, cls) for t in tensors)
 
 
 @contextlib.contextmanager
@@ -78,20 +79,8 @@ def state_like(p: Tensor, m: Tensor, v: Tensor) -> dict[str, Tensor]:
     from torch.distributed.tensor import DTensor, Shard
     shape = tuple(local(p).shape)
     v_local, m_local = v.view(shape), m.reshape(m.shape[0], *shape)   # views: rows of the flat buffers
+    m_whole = torch.empty(m.shape[0], *p.shape, device="meta")          # the global shape and strides, no memory
     return {"m": DTensor.from_local(m_local, p.device_mesh, [Shard(1)], run_check=False,
-                                    shape=(m.shape[0], *p.shape), stride=_contiguous_stride((m.shape[0], *p.shape))),
-            "v": DTensor.from_local(v_local, p.device_mesh, [Shard(0)], run_check=False, shape=tuple(p.shape),
-                                    stride=_contiguous_stride(tuple(p.shape)))}
-
-
-def _contiguous_stride(shape: tuple[int, ...]) -> tuple[int, ...]:
-    stride, out = 1, []
-    for size in reversed(shape):
-        out.append(stride)
-        stride *= max(size, 1)
-    return tuple(reversed(out))
-
-
-def local_flat(t: Tensor, rows: int) -> Tensor:
-    """A saved statistic's local part, flat per row of ``rows`` leading rows (1: ``v``)."""
-    return local(t).reshape(rows, -1) if rows > 1 else local(t).reshape(-1)
+                                    shape=m_whole.shape, stride=m_whole.stride()),
+            "v": DTensor.from_local(v_local, p.device_mesh, [Shard(0)], run_check=False,
+                                    shape=m_whole.shape[1:], stride=m_whole.stride()[1:])}

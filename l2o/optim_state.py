@@ -124,7 +124,7 @@ def _flat_statistics(opt, raw: dict, saved_of: dict, legacy_step, owned) -> tupl
             continue
         m, v = entry["m"], entry["v"]
         if dtensor is not None and isinstance(m, dtensor):   # this rank's rows (FSDP2; as saved, or resharded)
-            m, v = optim_fsdp.local_flat(m, num_momenta), optim_fsdp.local_flat(v, 1)
+            m, v = optim_fsdp.local(m).reshape(num_momenta, -1), optim_fsdp.local(v).reshape(-1)
             if tuple(m.shape) != (num_momenta, e - s) or tuple(v.shape) != (e - s,):
                 raise ValueError(f"optimizer state for {name!r} holds {v.numel()} entries on this rank, which "
                                  f"owns {e - s} of the tensor: sharded another way than its parameter")

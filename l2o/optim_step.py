@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .fast.features import DirectApply
+from .fast.shard import param_starts
 
 # warnings.warn's stacklevel from the functions here to the code calling opt.step():
 # here <- _learned_step <- step <- torch.no_grad's wrapper <- torch.optim's step hook wrapper <- caller
@@ -194,8 +195,8 @@ def step_by_runs(opt, grads: list[Tensor | None], group_of: list[int], shard=Non
     state = step_state(opt, active, per_entry=False)
     params_1d = [p.detach().reshape(-1) for p in params]   # views where contiguous
     grads_1d = [g.reshape(-1) if g is not None else None for g in grads]
-    starts = shard.param_starts(opt.backend.plan) if shard is not None else [sl.start for sl in opt.graph.tensor_slices]
-    applier = UpdateApplier(params, starts, hyperparameters(opt, active, group_of), opt.backend.kernels)
+    applier = UpdateApplier(params, param_starts(opt.backend.plan, shard), hyperparameters(opt, active, group_of),
+                            opt.backend.kernels)
     with torch.autocast(device_type=opt.graph.device.type, enabled=False):
         opt.backend.step_entries(params_1d, grads_1d, state, applier, [g is not None for g in grads], shard)
     applier.finish()

@@ -34,7 +34,7 @@ from torch import Tensor
 from .. import features as F_
 from .kernel_calls import FusedKernels, RunState
 from .plan import ChunkPlan
-from .shard import Shard
+from .shard import Shard, param_starts
 
 NUM_FEATURES = F_.NUM_ENTRY_FEATURES
 
@@ -89,8 +89,7 @@ class Entries:
                  write: list[bool] | None = None, shard: Shard | None = None):
         self.plan, self.params, self.grads, self.shard = plan, params, grads, shard
         self.write = [True] * len(params) if write is None else write
-        # the flat index of each params[k]'s first entry
-        self.starts = shard.param_starts(plan) if shard is not None else [t.start for t in plan.tensor_slices]
+        self.starts = param_starts(plan, shard)
 
     def state_index(self, k: int, s: int) -> int:
         """Where entry ``s`` (flat index, of tensor ``k``) sits in the statistics."""

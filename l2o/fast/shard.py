@@ -56,9 +56,13 @@ class Shard:
         """Where owned entry ``s`` of tensor ``k`` sits in the rank's statistics."""
         return self.state_starts[k] + s - self.spans[k][0]
 
-    def param_starts(self, plan: ChunkPlan) -> list[int]:
-        """The flat index of each ``params[k]``'s first entry."""
-        return [lo for lo, _ in self.spans] if self.local_params else [sl.start for sl in plan.tensor_slices]
+
+def param_starts(plan: ChunkPlan, shard: Shard | None) -> list[int]:
+    """The flat index of each step's ``params[k]``'s first entry: the tensor's
+    own, or the owned span's where a shard's parameters are its local rows."""
+    if shard is not None and shard.local_params:
+        return [lo for lo, _ in shard.spans]
+    return [sl.start for sl in plan.tensor_slices]
 
 
 def owned_runs(plan: ChunkPlan, shard: Shard) -> list:
